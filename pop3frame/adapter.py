@@ -1,0 +1,205 @@
+"""The interface between the POP3 server and wherever the mail lives.
+
+Write one subclass of :class:`AdapterBase`.  The server calls it from many
+threads at once (one per connection), always synchronously; a call may block
+as long as it needs to (disk, database, HTTP), it only holds up its own
+session.
+
+The call sequence for one session is::
+
+    authenticate(user, password)      # or apop_secret(user) for APOP
+    # -- the server takes the mailbox lock for mailbox_id(user) here --
+    messages = list_messages(user)    # the session's snapshot, once
+    open_message(user, msg)           # any number of times: RETR / TOP
+    delete_messages(user, [msgs])     # only after QUIT, only if any were marked
+    close_mailbox(user)               # always, on every path, exactly once
+
+Between ``list_messages`` and ``close_mailbox`` the server holds an exclusive
+lock on ``mailbox_id(user)``, so per-mailbox state kept by the adapter is
+touched by one thread at a time.  Anything shared *between* mailboxes (a
+connection pool, a cache, a user table) must be thread-safe.
+
+Errors: raise a :class:`POP3Error` subclass to send the client a chosen
+``-ERR`` line with its RFC 2449/3206 response code.  Any other exception is
+logged with its traceback and the client sees only
+``-ERR [SYS/TEMP] internal server error``: no exception text ever reaches the
+wire.
+"""
+from __future__ import annotations
+
+from typing import Any, BinaryIO, Optional, Sequence, Union
+
+from . import protocol
+
+__all__ = [
+    "AdapterBase",
+    "MessageInfo",
+    "POP3Error",
+    "AuthenticationFailed",
+    "MailboxInUse",
+    "LoginDelayed",
+    "TemporaryFailure",
+    "PermanentFailure",
+]
+
+
+class MessageInfo:
+    """What the server needs to know about one message without reading it.
+
+    ``uid``: the RFC 1939 unique-id; stable across sessions, 1 to 70
+    characters in 0x21..0x7E.  ``size``: octets as sent on the wire with CRLF
+    line endings, before byte-stuffing (:func:`pop3frame.protocol.wire_size`
+    computes it from bytes).  ``key``: anything the adapter wants back in
+    ``open_message``/``delete_messages`` (a path, a row id); the server never
+    looks at it.
+    """
+
+    __slots__ = ("uid", "size", "key")
+
+    def __init__(self, uid: str, size: int, key: Any = None) -> None:
+        if not protocol.valid_uid(uid):
+            raise ValueError("invalid POP3 unique-id %r: need 1-70 chars in 0x21-0x7E" % (uid,))
+        if size < 0:
+            raise ValueError("negative message size")
+        self.uid = uid
+        self.size = int(size)
+        self.key = key
+
+    def __repr__(self) -> str:
+        return "MessageInfo(uid=%r, size=%d, key=%r)" % (self.uid, self.size, self.key)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, MessageInfo):
+            return NotImplemented
+        return (self.uid, self.size, self.key) == (other.uid, other.size, other.key)
+
+    def __hash__(self) -> int:
+        return hash(self.uid)
+
+
+class POP3Error(Exception):
+    """An error whose text is meant for the client.
+
+    The session answers ``-ERR [code] text``.  Keep the text short and free
+    of secrets; it is also logged.
+    """
+
+    code: Optional[str] = protocol.SYS_TEMP
+    default_text = "temporary failure, try again later"
+
+    def __init__(self, text: Optional[str] = None, code: Optional[str] = None) -> None:
+        super().__init__(text or self.default_text)
+        self.text = text or self.default_text
+        if code is not None:
+            self.code = code
+
+
+class AuthenticationFailed(POP3Error):
+    """Wrong user name or password (``-ERR [AUTH]``, RFC 3206 section 5)."""
+
+    code = protocol.AUTH
+    default_text = "invalid user name or password"
+
+
+class MailboxInUse(POP3Error):
+    """The mailbox is busy (``-ERR [IN-USE]``, RFC 2449 section 8.1.1)."""
+
+    code = protocol.IN_USE
+    default_text = "mailbox in use by another session"
+
+
+class LoginDelayed(POP3Error):
+    """The user logged in too recently (``-ERR [LOGIN-DELAY]``, RFC 2449 8.1.2)."""
+
+    code = protocol.LOGIN_DELAY
+    default_text = "login too soon after the previous one"
+
+
+class TemporaryFailure(POP3Error):
+    """The store is unavailable now; retrying later may work (``[SYS/TEMP]``)."""
+
+    code = protocol.SYS_TEMP
+
+
+class PermanentFailure(POP3Error):
+    """Retrying will not help without an administrator (``[SYS/PERM]``)."""
+
+    code = protocol.SYS_PERM
+    default_text = "permanent failure, contact the administrator"
+
+
+MessageBody = Union[bytes, BinaryIO]
+
+
+class AdapterBase:
+    """Base class for the object that serves mail to the POP3 server.
+
+    One instance serves every connection: see the module docstring for the
+    threading contract and the order of calls.  Subclasses must implement
+    :meth:`authenticate`, :meth:`list_messages` and :meth:`open_message`;
+    :meth:`delete_messages` is needed unless the adapter is read-only.
+    """
+
+    #: When true, DELE answers ``-ERR [SYS/PERM]`` and nothing is deleted.
+    read_only: bool = False
+
+    def authenticate(self, username: str, password: str) -> bool:
+        """Check a password.  Return False (or raise AuthenticationFailed) if wrong.
+
+        Called before any lock is taken, possibly concurrently for the same
+        user.  Compare secrets with :func:`hmac.compare_digest`.
+        """
+        raise NotImplementedError
+
+    def apop_secret(self, username: str) -> Optional[str]:
+        """Return the shared secret for APOP (RFC 1939 section 7), or None.
+
+        APOP needs the plaintext secret on the server; adapters that store
+        only password hashes return None, and APOP then fails for that user.
+        The server offers APOP (a timestamp in the greeting) only if a
+        subclass overrides this method.
+        """
+        return None
+
+    def mailbox_id(self, username: str) -> str:
+        """The name the mailbox lock is taken on; defaults to the user name.
+
+        Override when several login names share one mailbox (aliases,
+        case-insensitive names) so that they exclude each other.
+        """
+        return username
+
+    def list_messages(self, username: str) -> Sequence[MessageInfo]:
+        """Return the mailbox's messages, in order; message 1 comes first.
+
+        Called once per session, right after the lock is taken: this is the
+        session's snapshot (RFC 1939: the maildrop seen in a session does not
+        change).  Mail that arrives later appears in the next session.
+        Report sizes without reading message bodies if at all possible: STAT
+        and LIST must not cost a read of every message.
+        """
+        raise NotImplementedError
+
+    def open_message(self, username: str, message: MessageInfo) -> MessageBody:
+        """Return the message's raw bytes, or a binary file object to read them from.
+
+        A file object is read in chunks and closed by the server, so huge
+        messages never sit in memory whole.  LF or CRLF line endings are both
+        fine; the server converts to CRLF and byte-stuffs.  Raise
+        TemporaryFailure if the message vanished.
+        """
+        raise NotImplementedError
+
+    def delete_messages(self, username: str, messages: Sequence[MessageInfo]) -> None:
+        """Delete these messages, all or none (the RFC 1939 UPDATE state).
+
+        Called only after QUIT, only with a non-empty list.  Return normally
+        if all were deleted; raise to report failure, in which case the
+        adapter must leave every message in place (the client sees
+        ``-ERR`` and will fetch them again).
+        """
+        raise PermanentFailure("this mailbox is read-only")
+
+    def close_mailbox(self, username: str) -> None:
+        """Release per-session resources.  Called once on every path after
+        ``list_messages`` succeeded, before the lock is released."""

@@ -1,0 +1,76 @@
+"""Server options: one plain dataclass, validated on construction."""
+from __future__ import annotations
+
+import dataclasses
+import socket
+import time
+from typing import Callable, Optional
+
+__all__ = ["ServerConfig", "RFC1939_MIN_AUTOLOGOUT"]
+
+#: RFC 1939 section 3: an autologout timer "MUST be of at least 10 minutes".
+RFC1939_MIN_AUTOLOGOUT = 600.0
+
+
+@dataclasses.dataclass
+class ServerConfig:
+    """Everything a server needs to know besides the adapter and the sockets."""
+
+    #: Host name in the APOP timestamp ``<pid.clock@hostname>``.
+    hostname: str = dataclasses.field(default_factory=socket.gethostname)
+    #: Name used in the sign-off line; defaults to ``hostname``.
+    server_name: Optional[str] = None
+    #: Greeting text after ``+OK`` (the APOP timestamp is appended to it).
+    greeting: str = "POP3 server ready"
+    #: RFC 2449 IMPLEMENTATION capability; empty to hide it.
+    implementation: str = "pop3frame"
+    #: RFC 2449 EXPIRE capability: "NEVER" or days as a string.
+    expire: str = "NEVER"
+    #: RFC 2449 LOGIN-DELAY capability, seconds; enforced per mailbox.
+    login_delay: int = 0
+
+    #: Inactivity autologout in the TRANSACTION state, seconds (>= 600).
+    timeout: float = RFC1939_MIN_AUTOLOGOUT
+    #: Inactivity timeout before login, seconds (may be short).
+    auth_timeout: float = 60.0
+    #: How often an idle connection re-reads ``clock``: bounds how late a
+    #: timeout fires when the clock is not the wall clock (tests).
+    poll_interval: float = 30.0
+    #: Seconds allowed for writing one chunk to a client that stopped reading.
+    send_timeout: float = 60.0
+
+    #: Concurrent connections in total; excess ones get ``-ERR [SYS/TEMP]``.
+    max_connections: int = 1000
+    #: Concurrent connections per client address; 0 means no limit.
+    max_connections_per_ip: int = 0
+    #: Failed logins on one connection before it is closed.
+    max_auth_failures: int = 3
+
+    #: DELE refused for every mailbox (``-ERR [SYS/PERM]``).
+    read_only: bool = False
+    #: Offer APOP: None means "if the adapter overrides apop_secret".
+    apop: Optional[bool] = None
+
+    #: Stack size of connection threads in bytes; 0 keeps the interpreter default.
+    stack_size: int = 512 * 1024
+    #: Monotonic clock in seconds; injectable so tests can move time.
+    clock: Callable[[], float] = time.monotonic
+
+    def __post_init__(self) -> None:
+        if self.timeout < RFC1939_MIN_AUTOLOGOUT:
+            raise ValueError(
+                "timeout must be at least %d seconds (RFC 1939 section 3)" % RFC1939_MIN_AUTOLOGOUT
+            )
+        for name in ("auth_timeout", "poll_interval", "send_timeout"):
+            if getattr(self, name) <= 0:
+                raise ValueError("%s must be positive" % name)
+        for name in ("max_connections", "max_auth_failures"):
+            if getattr(self, name) < 1:
+                raise ValueError("%s must be at least 1" % name)
+        for name in ("max_connections_per_ip", "login_delay", "stack_size"):
+            if getattr(self, name) < 0:
+                raise ValueError("%s must not be negative" % name)
+        if self.expire != "NEVER" and not self.expire.isdigit():
+            raise ValueError("expire must be NEVER or a number of days")
+        if self.server_name is None:
+            self.server_name = self.hostname

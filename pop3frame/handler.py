@@ -1,0 +1,186 @@
+"""Socket I/O for one connection: read bounded lines, write buffered replies.
+
+The handler knows nothing of POP3 beyond "a command is a line"; it feeds
+lines to a :class:`~pop3frame.session.Session` and writes back what the
+session returns.  It owns every resource of the connection and releases
+them on every path: the session's lock through ``Session.finish()``, open
+message streams through generator ``close()``, the socket through
+socketserver's ``shutdown_request``.
+"""
+from __future__ import annotations
+
+import logging
+import socket
+import socketserver
+from typing import TYPE_CHECKING, Callable, Optional
+
+from . import protocol
+from .session import Session
+
+if TYPE_CHECKING:
+    from .server import POP3Server
+
+__all__ = ["POP3Handler", "Connection", "LineTooLong", "TimedOut"]
+
+logger = logging.getLogger("pop3frame.handler")
+
+#: A line longer than this, with no LF in sight, ends the connection: bytes
+#: are discarded while a too-long line is skipped, but not forever.
+MAX_DISCARD = 64 * 1024
+#: recv() size: plenty for a pipelined burst of commands.
+RECV_SIZE = 16 * 1024
+#: Replies smaller than this are gathered before a send; bigger ones go out.
+WRITE_BUFFER = 64 * 1024
+
+
+class LineTooLong(Exception):
+    """The client sent a line over the limit (its bytes were discarded)."""
+
+    def __init__(self, fatal: bool) -> None:
+        super().__init__("line too long")
+        self.fatal = fatal
+
+
+class TimedOut(Exception):
+    """No complete line arrived before the session's deadline."""
+
+
+class Connection:
+    """A socket with a line reader and a write buffer, all timeouts by ``clock``.
+
+    Timeouts are deadlines on an injectable clock rather than socket
+    timeouts alone, so tests can move time; the socket wakes up at least
+    every ``poll_interval`` seconds to look at the clock.
+    """
+
+    def __init__(self, sock: socket.socket, clock: Callable[[], float], poll_interval: float, send_timeout: float) -> None:
+        self.sock = sock
+        self.clock = clock
+        self.poll_interval = poll_interval
+        self.send_timeout = send_timeout
+        self._in = b""
+        self._out: list = []
+        self._out_size = 0
+        self.bytes_out = 0
+
+    def has_line(self) -> bool:
+        """A complete line is already buffered (the client is pipelining)."""
+        return b"\n" in self._in
+
+    def discard_input(self) -> None:
+        """Forget everything received but not yet read (STLS, RFC 2595 section 4)."""
+        self._in = b""
+
+    def read_line(self, max_len: int, timeout: float) -> Optional[bytes]:
+        """Return the next line including its LF, or None at end of stream.
+
+        Raises :class:`LineTooLong` if the line exceeds ``max_len`` (its
+        bytes are dropped as they arrive, so memory stays bounded) and
+        :class:`TimedOut` if no complete line arrives within ``timeout``.
+        """
+        deadline = self.clock() + timeout
+        discarded = 0
+        while True:
+            end = self._in.find(b"\n")
+            if end >= 0:
+                line, self._in = self._in[: end + 1], self._in[end + 1 :]
+                if discarded or len(line) > max_len:
+                    raise LineTooLong(fatal=False)
+                return line
+            if len(self._in) > max_len:
+                discarded += len(self._in)
+                self._in = b""
+                if discarded > MAX_DISCARD:
+                    raise LineTooLong(fatal=True)
+            remaining = deadline - self.clock()
+            if remaining <= 0:
+                raise TimedOut()
+            self.sock.settimeout(min(remaining, self.poll_interval))
+            try:
+                data = self.sock.recv(RECV_SIZE)
+            except socket.timeout:
+                continue
+            if not data:
+                return None
+            self._in += data
+
+    def write(self, data: bytes) -> None:
+        self._out.append(data)
+        self._out_size += len(data)
+        if self._out_size >= WRITE_BUFFER:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._out:
+            return
+        data = self._out[0] if len(self._out) == 1 else b"".join(self._out)
+        self._out.clear()
+        self._out_size = 0
+        # A client that stops reading must not hold the thread forever.
+        self.sock.settimeout(self.send_timeout)
+        self.sock.sendall(data)
+        self.bytes_out += len(data)
+
+
+class POP3Handler(socketserver.BaseRequestHandler):
+    """Drives one connection: greeting, then line in, reply out, until done."""
+
+    server: "POP3Server"
+    session_class = Session
+
+    def setup(self) -> None:
+        sock = self.request
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            # Replies are gathered by us; Nagle would only add a 40 ms stall
+            # when a small reply follows a send that is not yet acknowledged.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        config = self.server.context.config
+        self.conn = Connection(sock, config.clock, config.poll_interval, config.send_timeout)
+        self.session = self.session_class(
+            self.server.context, self.client_address[:2], secure=self.server.secure
+        )
+
+    def handle(self) -> None:
+        session, conn = self.session, self.conn
+        log = session.log
+        log.info("connect from %s port %s", *self.client_address[:2])
+        try:
+            conn.write(session.greeting())
+            conn.flush()
+            while not session.closing:
+                try:
+                    line = conn.read_line(session.max_line, session.timeout)
+                except LineTooLong as exc:
+                    log.warning("line too long%s", ", closing" if exc.fatal else "")
+                    conn.write(protocol.err("line too long"))
+                    if exc.fatal:
+                        break
+                    continue
+                if line is None:
+                    log.info("client closed the connection")
+                    break
+                self._reply(session.handle(line))
+                if not conn.has_line():
+                    conn.flush()
+            conn.flush()
+        except TimedOut:
+            # RFC 1939 section 3: on autologout, close without a response
+            # and without entering UPDATE.
+            log.info("autologout after %d s idle in %s", session.timeout, session.state.value)
+        except OSError as exc:
+            log.info("connection lost: %s", exc)
+        except Exception:
+            log.exception("unexpected error; closing the connection")
+        finally:
+            session.finish()
+            log.info("disconnect: %d octets sent", conn.bytes_out)
+
+    def _reply(self, reply) -> None:
+        write = self.conn.write
+        try:
+            for chunk in reply:
+                write(chunk)
+        finally:
+            close = getattr(reply, "close", None)
+            if close is not None:
+                close()

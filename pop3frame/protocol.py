@@ -1,0 +1,233 @@
+"""POP3 wire format as pure functions: no sockets, no threads, no clock.
+
+Everything here is testable with plain bytes, in the spirit of h11: the
+session decides *what* to say, this module decides *how it looks on the wire*.
+"""
+from __future__ import annotations
+
+import re
+from typing import BinaryIO, Iterator, List, NamedTuple, Optional
+
+#: RFC 2449 section 4: a command line is at most 255 octets including CRLF.
+MAX_COMMAND_LINE = 255
+#: RFC 2449 section 4: a response line is at most 512 octets including CRLF.
+MAX_RESPONSE_LINE = 512
+#: Chunk size for streaming message bodies: large enough that per-chunk
+#: Python overhead vanishes next to memcpy, small enough to bound memory.
+CHUNK_SIZE = 256 * 1024
+
+CRLF = b"\r\n"
+TERMINATOR = b".\r\n"
+
+# RFC 2449 section 8 / RFC 3206 extended response codes.
+IN_USE = "IN-USE"
+LOGIN_DELAY = "LOGIN-DELAY"
+SYS_TEMP = "SYS/TEMP"
+SYS_PERM = "SYS/PERM"
+AUTH = "AUTH"
+UTF8 = "UTF8"
+
+
+class ProtocolError(Exception):
+    """A command line that cannot be parsed; the text goes into ``-ERR``."""
+
+
+class Command(NamedTuple):
+    """One parsed command line: upper-cased keyword and its arguments.
+
+    ``rest`` is everything after the keyword's separating space, verbatim:
+    RFC 1939 section 7 lets PASS take a password that contains spaces.
+    """
+
+    name: str
+    args: List[str]
+    rest: str
+
+
+_KEYWORD = re.compile(r"[A-Za-z]{3,4}\Z")
+
+
+def parse_command(line: bytes, *, utf8: bool = False) -> Command:
+    """Parse one command line (with or without its CRLF).
+
+    RFC 1939 section 3: keywords are case-insensitive, three or four
+    characters, separated from arguments by a single space.  We accept runs
+    of spaces between arguments, as most servers do, but refuse control
+    characters, NUL and (unless ``utf8`` was negotiated, RFC 6856) any
+    non-ASCII octet.
+    """
+    if line.endswith(b"\n"):
+        line = line[:-2] if line.endswith(CRLF) else line[:-1]
+    if not line:
+        raise ProtocolError("empty command")
+    if b"\0" in line or b"\r" in line or b"\n" in line:
+        raise ProtocolError("invalid characters in command")
+    try:
+        text = line.decode("utf-8" if utf8 else "ascii")
+    except UnicodeDecodeError:
+        raise ProtocolError("non-ASCII octets in command" if not utf8 else "invalid UTF-8 in command") from None
+    if not text.isprintable():
+        raise ProtocolError("invalid characters in command")
+    keyword, _, rest = text.partition(" ")
+    if not _KEYWORD.match(keyword):
+        raise ProtocolError("invalid command")
+    return Command(keyword.upper(), rest.split(), rest)
+
+
+def _clean(text: str) -> str:
+    # Adapter-supplied texts end up here; a CR or LF in them would let the
+    # adapter (or whoever controls its data) inject a second response line.
+    return " ".join(text.replace("\0", " ").split())
+
+
+def status_line(ok: bool, text: str = "", code: Optional[str] = None) -> bytes:
+    """Format a ``+OK``/``-ERR`` line, clipped to the RFC 2449 limit."""
+    parts = ["+OK" if ok else "-ERR"]
+    if code:
+        parts.append("[%s]" % code)
+    text = _clean(text)
+    if text:
+        parts.append(text)
+    raw = " ".join(parts).encode("utf-8")
+    if len(raw) > MAX_RESPONSE_LINE - 2:
+        raw = raw[: MAX_RESPONSE_LINE - 2].decode("utf-8", "ignore").encode("utf-8")
+    return raw + CRLF
+
+
+def ok(text: str = "", code: Optional[str] = None) -> bytes:
+    return status_line(True, text, code)
+
+
+def err(text: str = "", code: Optional[str] = None) -> bytes:
+    return status_line(False, text, code)
+
+
+def multiline(first: bytes, lines: List[str]) -> bytes:
+    """A complete multi-line response made of short text lines (LIST, UIDL, CAPA).
+
+    The lines are ours (numbers, uids, capability names), never message
+    content, but they still get byte-stuffed so the framing can't break.
+    """
+    body = "".join(
+        ("." + line if line.startswith(".") else line) + "\r\n" for line in lines
+    )
+    return first + body.encode("utf-8") + TERMINATOR
+
+
+class Stuffer:
+    """Streaming converter from stored message bytes to POP3 wire bytes.
+
+    RFC 1939 section 3: lines end in CRLF and a line starting with "." gets
+    an extra "." prepended.  Stored messages may use LF or CRLF line endings
+    (mixed is fine); bare CR is passed through.  The state carried between
+    chunks is exactly the two facts that span a boundary: a CR held back in
+    case the next chunk starts with LF, and whether the output so far ends at
+    a line start.  Work per chunk is a handful of ``bytes.replace`` calls,
+    never a Python loop over lines.
+    """
+
+    __slots__ = ("_held_cr", "_at_line_start")
+
+    def __init__(self) -> None:
+        self._held_cr = False
+        self._at_line_start = True
+
+    def feed(self, chunk: bytes) -> bytes:
+        if self._held_cr:
+            chunk = b"\r" + chunk
+            self._held_cr = False
+        if not chunk:
+            return b""
+        if chunk.endswith(b"\r"):
+            chunk = chunk[:-1]
+            self._held_cr = True
+            if not chunk:
+                return b""
+        if b"\r" in chunk:
+            chunk = chunk.replace(CRLF, b"\n")
+        chunk = chunk.replace(b"\n", CRLF)
+        if b"\n." in chunk:
+            chunk = chunk.replace(b"\n.", b"\n..")
+        if self._at_line_start and chunk.startswith(b"."):
+            chunk = b"." + chunk
+        self._at_line_start = chunk.endswith(b"\n")
+        return chunk
+
+    def finish(self) -> bytes:
+        """Close the message: end its last line if needed, then ``.CRLF``."""
+        if self._held_cr:
+            # A message ending in a lone CR: treat it as the final line end.
+            self._held_cr = False
+            return CRLF + TERMINATOR
+        return TERMINATOR if self._at_line_start else CRLF + TERMINATOR
+
+
+def stuff(data: bytes) -> bytes:
+    """Whole-message form of :class:`Stuffer`: wire bytes including ``.CRLF``."""
+    s = Stuffer()
+    return s.feed(data) + s.finish()
+
+
+def wire_size(data: bytes) -> int:
+    """Size in octets of ``data`` as POP3 transmits it, before byte-stuffing.
+
+    RFC 1939 section 11: sizes reported by STAT/LIST count CRLF line endings.
+    A missing final line end counts as the CRLF the server adds.
+    """
+    n = len(data) + data.count(b"\n") - data.count(CRLF)
+    if data and not data.endswith(b"\n"):
+        n += 2 if not data.endswith(b"\r") else 1
+    return n
+
+
+def iter_message(stream: BinaryIO, chunk_size: int = CHUNK_SIZE) -> Iterator[bytes]:
+    """Wire bytes of a whole message read from ``stream`` (RETR)."""
+    s = Stuffer()
+    read = stream.read
+    while True:
+        chunk = read(chunk_size)
+        if not chunk:
+            break
+        out = s.feed(chunk)
+        if out:
+            yield out
+    yield s.finish()
+
+
+#: Longest line TOP keeps whole; a longer one is streamed in pieces.
+_TOP_LINE_PIECE = 64 * 1024
+
+
+def iter_top(stream: BinaryIO, body_lines: int) -> Iterator[bytes]:
+    """Wire bytes of the header, the blank line and ``body_lines`` body lines (TOP).
+
+    RFC 1939 section 7: TOP n 0 sends the headers and the separating blank
+    line.  Reading stops as soon as enough lines went out, so TOP of a huge
+    message reads only its beginning.  TOP is not a hot path, so a per-line
+    loop is acceptable here.
+    """
+    s = Stuffer()
+    in_headers = True
+    remaining = body_lines
+    line_start = True
+    while in_headers or remaining > 0:
+        piece = stream.readline(_TOP_LINE_PIECE)
+        if not piece:
+            break
+        yield s.feed(piece)
+        complete = piece.endswith(b"\n")
+        if complete:
+            if in_headers:
+                in_headers = not (line_start and piece in (b"\n", b"\r\n"))
+            else:
+                remaining -= 1
+        line_start = complete
+    yield s.finish()
+
+
+_UID_CHARS = re.compile(r"[\x21-\x7e]{1,70}\Z")
+
+
+def valid_uid(uid: str) -> bool:
+    """RFC 1939 section 7: a unique-id is 1 to 70 characters in 0x21..0x7E."""
+    return bool(_UID_CHARS.match(uid))

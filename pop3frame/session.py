@@ -1,0 +1,428 @@
+"""The POP3 state machine of one connection, with no socket in sight.
+
+A :class:`Session` takes one command line at a time and returns the bytes
+to send back (an iterable, so RETR can stream).  The connection handler owns
+the socket; this module owns the protocol: states, the dispatch table,
+argument checking, the mailbox lock and the RFC 1939 UPDATE rules.
+"""
+from __future__ import annotations
+
+import enum
+import hashlib
+import hmac
+import io
+import itertools
+import logging
+import os
+import re
+import time
+from typing import Callable, Dict, FrozenSet, Iterable, Iterator, List, NamedTuple, Optional, Set, Tuple
+
+from . import __version__, protocol
+from .adapter import (
+    AdapterBase,
+    AuthenticationFailed,
+    LoginDelayed,
+    MailboxInUse,
+    MessageInfo,
+    POP3Error,
+    PermanentFailure,
+)
+from .auth import LoginDelayTracker
+from .config import ServerConfig
+from .locks import Lock, LockManager
+
+__all__ = ["Session", "SessionContext", "State", "COMMANDS"]
+
+logger = logging.getLogger("pop3frame.session")
+
+Reply = Iterable[bytes]
+
+
+class State(enum.Enum):
+    AUTHORIZATION = "AUTHORIZATION"
+    TRANSACTION = "TRANSACTION"
+    UPDATE = "UPDATE"
+
+
+AUTHORIZATION = frozenset({State.AUTHORIZATION})
+TRANSACTION = frozenset({State.TRANSACTION})
+BOTH = AUTHORIZATION | TRANSACTION
+
+
+class CommandSpec(NamedTuple):
+    """One row of the dispatch table."""
+
+    method: str
+    states: FrozenSet[State]
+    min_args: int
+    max_args: int
+
+
+#: The dispatch table: command -> (Session method, states it is valid in,
+#: argument count).  Subclasses extend it by copying and adding rows.
+COMMANDS: Dict[str, CommandSpec] = {
+    "USER": CommandSpec("do_user", AUTHORIZATION, 1, 1),
+    # PASS takes its whole argument verbatim (spaces included), so no max.
+    "PASS": CommandSpec("do_pass", AUTHORIZATION, 1, 255),
+    "APOP": CommandSpec("do_apop", AUTHORIZATION, 2, 2),
+    "CAPA": CommandSpec("do_capa", BOTH, 0, 0),
+    "QUIT": CommandSpec("do_quit", BOTH, 0, 0),
+    "STAT": CommandSpec("do_stat", TRANSACTION, 0, 0),
+    "LIST": CommandSpec("do_list", TRANSACTION, 0, 1),
+    "RETR": CommandSpec("do_retr", TRANSACTION, 1, 1),
+    "DELE": CommandSpec("do_dele", TRANSACTION, 1, 1),
+    "NOOP": CommandSpec("do_noop", TRANSACTION, 0, 0),
+    "RSET": CommandSpec("do_rset", TRANSACTION, 0, 0),
+    "TOP": CommandSpec("do_top", TRANSACTION, 2, 2),
+    "UIDL": CommandSpec("do_uidl", TRANSACTION, 0, 1),
+}
+
+
+class SessionContext:
+    """What every session of one server shares: adapter, locks, options."""
+
+    def __init__(
+        self,
+        adapter: AdapterBase,
+        config: Optional[ServerConfig] = None,
+        locks: Optional[LockManager] = None,
+    ) -> None:
+        from .locks import InProcessLockManager
+
+        self.adapter = adapter
+        self.config = config or ServerConfig()
+        self.locks = locks or InProcessLockManager()
+        self.login_delays = LoginDelayTracker(self.config.login_delay, self.config.clock)
+        apop = self.config.apop
+        if apop is None:
+            apop = type(adapter).apop_secret is not AdapterBase.apop_secret
+        self.apop = apop
+        self.read_only = self.config.read_only or adapter.read_only
+
+
+class CommandError(POP3Error):
+    """A bad argument: plain ``-ERR``, no response code applies."""
+
+    code = None
+
+
+_session_ids = itertools.count(1)
+_NUMBER = re.compile(r"[0-9]{1,18}\Z")
+
+
+class SessionLog(logging.LoggerAdapter):
+    """Prefixes every record with the session id, so one grep finds a session."""
+
+    def process(self, msg, kwargs):
+        return "[%s] %s" % (self.extra["session"], msg), kwargs
+
+
+class Session:
+    """One POP3 conversation.  Not thread-safe: one connection thread drives it.
+
+    Call :meth:`greeting` once, :meth:`handle` for each command line, and
+    :meth:`finish` exactly once at the end whatever happened (it releases
+    the lock and never deletes anything unless QUIT already did).
+    """
+
+    commands = COMMANDS
+
+    def __init__(
+        self,
+        context: SessionContext,
+        peer: Tuple[str, int] = ("", 0),
+        *,
+        secure: bool = False,
+        session_id: Optional[str] = None,
+    ) -> None:
+        self.context = context
+        self.adapter = context.adapter
+        self.config = context.config
+        self.peer = peer
+        self.secure = secure
+        self.id = session_id or "%x-%x" % (os.getpid(), next(_session_ids))
+        self.log = SessionLog(logger, {"session": self.id})
+        self.state = State.AUTHORIZATION
+        #: Set when the connection must close after the current reply.
+        self.closing = False
+        self.user: Optional[str] = None
+        self.utf8 = False
+        self._pending_user: Optional[str] = None
+        self._previous_user: Optional[str] = None
+        self._failures = 0
+        self._lock: Optional[Lock] = None
+        self._messages: List[MessageInfo] = []
+        self._deleted: Set[int] = set()
+        self._timestamp = ""
+        self.retrieved = 0
+        self.deleted_count = 0
+
+    # -- connection lifecycle -------------------------------------------------
+
+    def greeting(self) -> bytes:
+        """The ``+OK`` banner; carries the APOP timestamp when APOP is offered."""
+        text = self.config.greeting
+        if self.context.apop:
+            # RFC 1939 section 7: <process-ID.clock@hostname>, unique per banner.
+            self._timestamp = "<%d.%d@%s>" % (os.getpid(), time.time_ns(), self.config.hostname)
+            text = "%s %s" % (text, self._timestamp)
+        return protocol.ok(text)
+
+    @property
+    def timeout(self) -> float:
+        """Inactivity limit for the current state, in seconds."""
+        if self.state is State.TRANSACTION:
+            return self.config.timeout
+        return self.config.auth_timeout
+
+    @property
+    def max_line(self) -> int:
+        """Longest command line accepted now, in octets including CRLF."""
+        return protocol.MAX_COMMAND_LINE
+
+    def finish(self) -> None:
+        """End the session: close the mailbox and release its lock. Idempotent.
+
+        Reached after QUIT, but also on disconnect, timeout, shutdown and
+        errors; none of those apply deletions (RFC 1939 section 6).
+        """
+        if self._lock is None:
+            return
+        lock, self._lock = self._lock, None
+        try:
+            self.adapter.close_mailbox(self.user or "")
+        except Exception:
+            self.log.exception("adapter.close_mailbox failed")
+        finally:
+            lock.release()
+
+    # -- dispatch -------------------------------------------------------------
+
+    def handle(self, line: bytes) -> Reply:
+        """Answer one command line; returns the bytes to send, in order."""
+        self._previous_user, self._pending_user = self._pending_user, None
+        try:
+            cmd = protocol.parse_command(line, utf8=self.utf8)
+        except protocol.ProtocolError as exc:
+            return [protocol.err(str(exc))]
+        spec = self.commands.get(cmd.name)
+        if spec is None:
+            return [protocol.err("unknown command")]
+        if self.state not in spec.states:
+            return [protocol.err("%s not valid in the %s state" % (cmd.name, self.state.value))]
+        if len(cmd.args) < spec.min_args:
+            return [protocol.err("missing argument")]
+        if len(cmd.args) > spec.max_args:
+            return [protocol.err("too many arguments")]
+        try:
+            return getattr(self, spec.method)(cmd)
+        except POP3Error as exc:
+            self.log.info("%s refused: %s", cmd.name, exc.text)
+            return [protocol.err(exc.text, exc.code)]
+        except Exception:
+            self.log.exception("%s failed in the adapter", cmd.name)
+            return [protocol.err("internal server error", protocol.SYS_TEMP)]
+
+    # -- AUTHORIZATION --------------------------------------------------------
+
+    @property
+    def plaintext_allowed(self) -> bool:
+        """Whether USER/PASS may be used on this connection."""
+        return True
+
+    def do_user(self, cmd: protocol.Command) -> Reply:
+        if not self.plaintext_allowed:
+            return [protocol.err("plaintext authentication disallowed on non-secure connections", protocol.AUTH)]
+        self._pending_user = cmd.args[0]
+        # Same answer for every name: USER must not reveal which users exist.
+        return [protocol.ok("send PASS")]
+
+    def do_pass(self, cmd: protocol.Command) -> Reply:
+        user = self._previous_user
+        if user is None:
+            return [protocol.err("PASS must follow USER")]
+        password = cmd.rest
+        return self._login(user, lambda: self.adapter.authenticate(user, password))
+
+    def do_apop(self, cmd: protocol.Command) -> Reply:
+        if not self.context.apop:
+            return [protocol.err("APOP not supported")]
+        user, digest = cmd.args
+
+        def check() -> bool:
+            secret = self.adapter.apop_secret(user)
+            if secret is None:
+                return False
+            expected = hashlib.md5((self._timestamp + secret).encode("utf-8")).hexdigest()
+            return hmac.compare_digest(expected.encode(), digest.lower().encode("utf-8", "replace"))
+
+        return self._login(user, check)
+
+    def _login(self, user: str, check: Callable[[], bool]) -> Reply:
+        """Shared tail of every authentication command: verify, lock, open."""
+        try:
+            if not check():
+                raise AuthenticationFailed()
+        except AuthenticationFailed:
+            self._failures += 1
+            self.log.info("login failed for %r from %s (%d)", user, self.peer[0], self._failures)
+            if self._failures >= self.config.max_auth_failures:
+                self.closing = True
+            raise
+        mailbox = self.adapter.mailbox_id(user)
+        # The lock comes only after the password was verified, so nobody can
+        # lock a victim out (or free the victim's lock) by naming it in USER.
+        lock = self.context.locks.try_acquire(mailbox)
+        if lock is None:
+            raise MailboxInUse()
+        try:
+            if not self.context.login_delays.check_and_record(mailbox):
+                raise LoginDelayed()
+            messages = list(self.adapter.list_messages(user))
+        except BaseException:
+            lock.release()
+            raise
+        self._lock = lock
+        self.user = user
+        self._messages = messages
+        self.state = State.TRANSACTION
+        count, size = len(messages), sum(m.size for m in messages)
+        self.log.info("login %r from %s: %d messages, %d octets", user, self.peer[0], count, size)
+        return [protocol.ok("%s's maildrop has %d message%s (%d octets)" % (user, count, _s(count), size))]
+
+    # -- TRANSACTION ----------------------------------------------------------
+
+    def _live(self) -> Iterator[Tuple[int, MessageInfo]]:
+        """(1-based number, message) of every message not marked deleted."""
+        deleted = self._deleted
+        return ((i + 1, m) for i, m in enumerate(self._messages) if i not in deleted)
+
+    def _message(self, arg: str) -> Tuple[int, MessageInfo]:
+        """Resolve a message-number argument, refusing anything RFC 1939 forbids."""
+        if not _NUMBER.match(arg):
+            raise CommandError("invalid message number")
+        number = int(arg)
+        if not 1 <= number <= len(self._messages):
+            raise CommandError("no such message")
+        if number - 1 in self._deleted:
+            raise CommandError("message %d already deleted" % number)
+        return number, self._messages[number - 1]
+
+    def _totals(self) -> Tuple[int, int]:
+        count = size = 0
+        for _, m in self._live():
+            count += 1
+            size += m.size
+        return count, size
+
+    def do_stat(self, cmd: protocol.Command) -> Reply:
+        return [protocol.ok("%d %d" % self._totals())]
+
+    def do_list(self, cmd: protocol.Command) -> Reply:
+        if cmd.args:
+            number, msg = self._message(cmd.args[0])
+            return [protocol.ok("%d %d" % (number, msg.size))]
+        count, size = self._totals()
+        first = protocol.ok("%d message%s (%d octets)" % (count, _s(count), size))
+        return [protocol.multiline(first, ["%d %d" % (n, m.size) for n, m in self._live()])]
+
+    def do_uidl(self, cmd: protocol.Command) -> Reply:
+        if cmd.args:
+            number, msg = self._message(cmd.args[0])
+            return [protocol.ok("%d %s" % (number, msg.uid))]
+        return [protocol.multiline(protocol.ok(), ["%d %s" % (n, m.uid) for n, m in self._live()])]
+
+    def do_retr(self, cmd: protocol.Command) -> Reply:
+        number, msg = self._message(cmd.args[0])
+        stream = self._open(msg)
+        self.retrieved += 1
+        return self._stream(protocol.ok("%d octets" % msg.size), protocol.iter_message(stream), stream)
+
+    def do_top(self, cmd: protocol.Command) -> Reply:
+        number, msg = self._message(cmd.args[0])
+        if not _NUMBER.match(cmd.args[1]):
+            return [protocol.err("invalid number of lines")]
+        stream = self._open(msg)
+        return self._stream(protocol.ok(), protocol.iter_top(stream, int(cmd.args[1])), stream)
+
+    def _open(self, msg: MessageInfo):
+        body = self.adapter.open_message(self.user or "", msg)
+        if isinstance(body, (bytes, bytearray, memoryview)):
+            return io.BytesIO(body)
+        return body
+
+    def _stream(self, first: bytes, chunks: Iterator[bytes], stream) -> Iterator[bytes]:
+        """Status line plus body; the stream is closed even if the client vanishes."""
+        try:
+            # The status line travels with the first chunk: one send, not two.
+            yield first + next(chunks, b"")
+            yield from chunks
+        finally:
+            stream.close()
+
+    def do_dele(self, cmd: protocol.Command) -> Reply:
+        if self.context.read_only:
+            raise PermanentFailure("mailbox is read-only")
+        number, _ = self._message(cmd.args[0])
+        self._deleted.add(number - 1)
+        return [protocol.ok("message %d deleted" % number)]
+
+    def do_noop(self, cmd: protocol.Command) -> Reply:
+        return [protocol.ok()]
+
+    def do_rset(self, cmd: protocol.Command) -> Reply:
+        self._deleted.clear()
+        count, size = self._totals()
+        return [protocol.ok("maildrop has %d message%s (%d octets)" % (count, _s(count), size))]
+
+    # -- both states ----------------------------------------------------------
+
+    def capabilities(self) -> List[str]:
+        """RFC 2449 section 5: the CAPA list for the current state."""
+        caps = ["TOP"]
+        if self.plaintext_allowed:
+            caps.append("USER")
+        caps += [
+            "UIDL",
+            "RESP-CODES",
+            "AUTH-RESP-CODE",
+            "PIPELINING",
+            "EXPIRE %s" % self.config.expire,
+            "LOGIN-DELAY %d" % self.config.login_delay,
+        ]
+        if self.config.implementation:
+            caps.append("IMPLEMENTATION %s-%s" % (self.config.implementation, __version__))
+        return caps
+
+    def do_capa(self, cmd: protocol.Command) -> Reply:
+        return [protocol.multiline(protocol.ok("Capability list follows"), self.capabilities())]
+
+    def do_quit(self, cmd: protocol.Command) -> Reply:
+        self.closing = True
+        signoff = "%s POP3 server signing off" % self.config.server_name
+        if self.state is State.AUTHORIZATION:
+            return [protocol.ok(signoff)]
+        self.state = State.UPDATE
+        try:
+            doomed = [self._messages[i] for i in sorted(self._deleted)]
+            if doomed:
+                try:
+                    self.adapter.delete_messages(self.user or "", doomed)
+                except POP3Error as exc:
+                    self.log.warning("deletion failed: %s", exc.text)
+                    return [protocol.err("some deleted messages not removed: %s" % exc.text, exc.code)]
+                except Exception:
+                    self.log.exception("adapter.delete_messages failed")
+                    return [protocol.err("some deleted messages not removed", protocol.SYS_TEMP)]
+                self.deleted_count = len(doomed)
+            left = len(self._messages) - len(doomed)
+        finally:
+            self.finish()
+        self.log.info("quit %r: %d retrieved, %d deleted", self.user, self.retrieved, self.deleted_count)
+        suffix = "maildrop empty" if left == 0 else "%d message%s left" % (left, _s(left))
+        return [protocol.ok("%s (%s)" % (signoff, suffix))]
+
+
+def _s(n: int) -> str:
+    return "" if n == 1 else "s"

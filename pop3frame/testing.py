@@ -1,0 +1,102 @@
+"""Run a real server in a background thread, for tests (like aiosmtpd's Controller).
+
+::
+
+    with Controller(MemoryAdapter({"alice": "pw"})) as server:
+        client = server.pop3()          # a poplib.POP3, already connected
+        client.user("alice"); client.pass_("pw")
+
+The server listens on 127.0.0.1 (or ``host``) on a port the OS picks.
+"""
+from __future__ import annotations
+
+import dataclasses
+import poplib
+import socket
+from typing import Any, Optional, Tuple, Union
+
+from .adapter import AdapterBase
+from .config import ServerConfig
+from .locks import LockManager
+from .server import POP3Server, ServerGroup
+from .session import SessionContext
+
+__all__ = ["Controller", "ManualClock"]
+
+
+class ManualClock:
+    """A clock that moves only when told to; pass it as ``ServerConfig.clock``."""
+
+    def __init__(self, start: float = 1000.0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+class Controller:
+    """Start a :class:`~pop3frame.server.ServerGroup` in threads; stop it on exit.
+
+    Extra keyword arguments become :class:`ServerConfig` fields, e.g.
+    ``Controller(adapter, login_delay=60, clock=clock)``.
+    """
+
+    def __init__(
+        self,
+        adapter: Union[AdapterBase, SessionContext],
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        config: Optional[ServerConfig] = None,
+        locks: Optional[LockManager] = None,
+        secure: bool = False,
+        **options: Any,
+    ) -> None:
+        if options:
+            config = dataclasses.replace(config or ServerConfig(hostname="localhost"), **options)
+        self.group = ServerGroup(adapter, config or ServerConfig(hostname="localhost"), locks=locks)
+        self.server: POP3Server = self.group.add_listener((host, port), secure=secure)
+
+    @property
+    def context(self) -> SessionContext:
+        return self.group.context
+
+    @property
+    def address(self) -> Tuple[str, int]:
+        return self.server.server_address[:2]
+
+    @property
+    def host(self) -> str:
+        return self.address[0]
+
+    @property
+    def port(self) -> int:
+        return self.address[1]
+
+    def start(self) -> "Controller":
+        self.group.start()
+        return self
+
+    def stop(self) -> None:
+        self.group.shutdown()
+
+    def __enter__(self) -> "Controller":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def pop3(self, timeout: float = 10.0) -> poplib.POP3:
+        """A connected ``poplib.POP3`` client (greeting already read)."""
+        return poplib.POP3(self.host, self.port, timeout=timeout)
+
+    def connect(self, timeout: float = 10.0) -> socket.socket:
+        """A raw connected socket; the greeting is still unread."""
+        return socket.create_connection(self.address, timeout=timeout)
+
+    def wait_for_connections(self, at_most: int = 0, timeout: float = 10.0) -> bool:
+        """Wait until at most ``at_most`` sessions are live (their locks released)."""
+        return self.group.tracker.wait_until_at_most(at_most, timeout)
