@@ -1,0 +1,95 @@
+"""Small client-side helpers shared by the tests: raw-socket POP3 talk."""
+from __future__ import annotations
+
+import socket
+from typing import List, Tuple
+
+CRLF = b"\r\n"
+
+
+class RawClient:
+    """A POP3 client on a raw socket, for asserting exact bytes."""
+
+    def __init__(self, address: Tuple[str, int], timeout: float = 10.0) -> None:
+        self.sock = socket.create_connection(address, timeout=timeout)
+        self.buf = b""
+        self.greeting = self.line()
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def _fill(self) -> bool:
+        data = self.sock.recv(1 << 16)
+        if not data:
+            return False
+        self.buf += data
+        return True
+
+    def line(self) -> bytes:
+        """One response line including CRLF (b'' at end of stream)."""
+        while CRLF not in self.buf:
+            if not self._fill():
+                rest, self.buf = self.buf, b""
+                return rest
+        i = self.buf.index(CRLF) + 2
+        out, self.buf = self.buf[:i], self.buf[i:]
+        return out
+
+    def multiline(self) -> bytes:
+        """Everything up to and including the terminating '.CRLF', verbatim."""
+        while True:
+            if self.buf.startswith(b".\r\n"):
+                end = 3
+                break
+            i = self.buf.find(b"\r\n.\r\n")
+            if i >= 0:
+                end = i + 5
+                break
+            if not self._fill():
+                raise EOFError("connection closed inside a multi-line response")
+        out, self.buf = self.buf[:end], self.buf[end:]
+        return out
+
+    def cmd(self, line: str) -> bytes:
+        self.send(line.encode() + CRLF)
+        return self.line()
+
+    def login(self, user: str, password: str) -> bytes:
+        assert self.cmd("USER " + user).startswith(b"+OK")
+        return self.cmd("PASS " + password)
+
+    def read_all(self) -> bytes:
+        """Read until the server closes the connection."""
+        while self._fill():
+            pass
+        out, self.buf = self.buf, b""
+        return out
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __enter__(self) -> "RawClient":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def unstuff(wire: bytes) -> bytes:
+    """Undo byte-stuffing of a multi-line body (status line already removed)."""
+    assert wire.endswith(b".\r\n")
+    body = wire[:-3]
+    lines = body.split(CRLF)
+    return CRLF.join(l[1:] if l.startswith(b".") else l for l in lines)
+
+
+def retr_lines_to_bytes(lines: List[bytes]) -> bytes:
+    """poplib's RETR line list back to the CRLF message it transmitted."""
+    return b"".join(l + CRLF for l in lines)
+
+
+def drop(client) -> None:
+    """Drop a poplib client's connection without QUIT (its makefile keeps the fd alive)."""
+    client.sock.shutdown(socket.SHUT_RDWR)
+    client.file.close()
+    client.sock.close()
