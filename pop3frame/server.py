@@ -233,11 +233,18 @@ class ServerGroup:
     def addresses(self) -> Sequence[Tuple[str, int]]:
         return [s.server_address[:2] for s in self.servers]
 
-    def start(self) -> None:
-        """Serve every listener in a background thread."""
+    def start(self, poll_interval: float = 0.5) -> None:
+        """Serve every listener in a background thread.
+
+        ``poll_interval`` bounds how long ``shutdown()`` waits for a listener
+        to notice; tests pass a small one.
+        """
         for server in self.servers:
             thread = threading.Thread(
-                target=server.serve_forever, name="pop3-listen-%s:%s" % server.server_address[:2], daemon=True
+                target=server.serve_forever,
+                args=(poll_interval,),
+                name="pop3-listen-%s:%s" % server.server_address[:2],
+                daemon=True,
             )
             thread.start()
             self._threads.append(thread)

@@ -77,7 +77,7 @@ class Controller:
         return self.address[1]
 
     def start(self) -> "Controller":
-        self.group.start()
+        self.group.start(poll_interval=0.05)
         return self
 
     def stop(self) -> None:
