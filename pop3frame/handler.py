@@ -20,7 +20,7 @@ from .session import Session
 if TYPE_CHECKING:
     from .server import POP3Server
 
-__all__ = ["POP3Handler", "Connection", "LineTooLong", "TimedOut"]
+__all__ = ["POP3Handler", "Connection", "LineTooLong", "TimedOut", "ReplyFailed"]
 
 logger = logging.getLogger("pop3frame.handler")
 
@@ -43,6 +43,15 @@ class LineTooLong(Exception):
 
 class TimedOut(Exception):
     """No complete line arrived before the session's deadline."""
+
+
+class ReplyFailed(Exception):
+    """Producing a reply failed part-way (e.g. the adapter's stream broke).
+
+    Kept apart from OSError so a failing disk is not logged as a client
+    hanging up.  After a partial multi-line reply the only honest signal
+    left is closing the connection: the client sees no terminating dot.
+    """
 
 
 class Connection:
@@ -126,7 +135,6 @@ class POP3Handler(socketserver.BaseRequestHandler):
     """Drives one connection: greeting, then line in, reply out, until done."""
 
     server: "POP3Server"
-    session_class = Session
 
     def setup(self) -> None:
         sock = self.request
@@ -136,9 +144,8 @@ class POP3Handler(socketserver.BaseRequestHandler):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         config = self.server.context.config
         self.conn = Connection(sock, config.clock, config.poll_interval, config.send_timeout)
-        self.session = self.session_class(
-            self.server.context, self.client_address[:2], secure=self.server.secure
-        )
+        context = self.server.context
+        self.session: Session = context.session_class(context, self.client_address[:2], secure=self.server.secure)
 
     def handle(self) -> None:
         session, conn = self.session, self.conn
@@ -155,14 +162,17 @@ class POP3Handler(socketserver.BaseRequestHandler):
                     conn.write(protocol.err("line too long"))
                     if exc.fatal:
                         break
-                    continue
-                if line is None:
-                    log.info("client closed the connection")
-                    break
-                self._reply(session.handle(line))
+                else:
+                    if line is None:
+                        log.info("client closed the connection")
+                        break
+                    self._reply(session.handle(line))
+                # Pipelined commands get their replies in one send.
                 if not conn.has_line():
                     conn.flush()
             conn.flush()
+        except ReplyFailed:
+            log.exception("reply failed part-way; closing the connection")
         except TimedOut:
             # RFC 1939 section 3: on autologout, close without a response
             # and without entering UPDATE.
@@ -177,8 +187,15 @@ class POP3Handler(socketserver.BaseRequestHandler):
 
     def _reply(self, reply) -> None:
         write = self.conn.write
+        chunks = iter(reply)
         try:
-            for chunk in reply:
+            while True:
+                try:
+                    chunk = next(chunks)
+                except StopIteration:
+                    break
+                except Exception as exc:
+                    raise ReplyFailed() from exc
                 write(chunk)
         finally:
             close = getattr(reply, "close", None)

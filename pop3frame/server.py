@@ -111,8 +111,8 @@ class POP3Server(socketserver.ThreadingTCPServer):
     ``POP3Server(("127.0.0.1", 1100), MyAdapter())`` then ``serve_forever()``.
     The address family follows the host: an IPv6 literal gives an IPv6
     socket (IPv6-only, so ``::`` and ``0.0.0.0`` can share a port).
-    Override points: ``handler_class`` (socket I/O) and, through it,
-    ``POP3Handler.session_class`` (protocol).
+    Override points: ``handler_class`` (socket I/O) and
+    ``SessionContext.session_class`` (protocol).
     """
 
     daemon_threads = True

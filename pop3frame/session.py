@@ -80,16 +80,22 @@ COMMANDS: Dict[str, CommandSpec] = {
 
 
 class SessionContext:
-    """What every session of one server shares: adapter, locks, options."""
+    """What every session of one server shares: adapter, locks, options.
+
+    ``session_class`` is the override point for protocol behaviour: set it
+    to a :class:`Session` subclass to add commands or change replies.
+    """
 
     def __init__(
         self,
         adapter: AdapterBase,
         config: Optional[ServerConfig] = None,
         locks: Optional[LockManager] = None,
+        session_class: Optional[type] = None,
     ) -> None:
         from .locks import InProcessLockManager
 
+        self.session_class = session_class or Session
         self.adapter = adapter
         self.config = config or ServerConfig()
         self.locks = locks or InProcessLockManager()
@@ -164,10 +170,13 @@ class Session:
         """The ``+OK`` banner; carries the APOP timestamp when APOP is offered."""
         text = self.config.greeting
         if self.context.apop:
-            # RFC 1939 section 7: <process-ID.clock@hostname>, unique per banner.
-            self._timestamp = "<%d.%d@%s>" % (os.getpid(), time.time_ns(), self.config.hostname)
+            self._timestamp = self.apop_timestamp()
             text = "%s %s" % (text, self._timestamp)
         return protocol.ok(text)
+
+    def apop_timestamp(self) -> str:
+        """RFC 1939 section 7: ``<process-ID.clock@hostname>``, unique per banner."""
+        return "<%d.%d@%s>" % (os.getpid(), time.time_ns(), self.config.hostname)
 
     @property
     def timeout(self) -> float:

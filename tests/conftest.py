@@ -1,0 +1,26 @@
+"""Fixtures shared by the core tests."""
+from __future__ import annotations
+
+import pytest
+from freezegun import freeze_time
+
+from pop3frame.adapters.memory import MemoryAdapter
+
+
+@pytest.fixture
+def frozen():
+    """freezegun's frozen time.  Pass ``clock=lambda: frozen().timestamp()``
+    to the server: freezegun leaves server threads on real time, so the
+    server reads the frozen clock through this function instead (see
+    shared/PITFALLS.md); ``frozen.tick(seconds)`` moves it."""
+    with freeze_time("2026-11-25 12:00:00") as factory:
+        yield factory
+
+
+@pytest.fixture
+def adapter():
+    a = MemoryAdapter({"alice": "alice-pw", "bob": "bob-pw"}, apop=True)
+    a.deliver("alice", b"Subject: one\r\n\r\nfirst\r\n", uid="uid-one")
+    a.deliver("alice", b"Subject: two\r\n\r\n.dotted\r\nsecond\r\n", uid="uid-two")
+    a.deliver("alice", b"Subject: three\n\nthird\n", uid="uid-three")
+    return a

@@ -1,0 +1,178 @@
+"""Socket-free tests of the wire format (pop3frame.protocol)."""
+from __future__ import annotations
+
+import io
+
+import pytest
+from hypothesis import given, strategies as st
+
+from pop3frame import protocol
+from pop3frame.protocol import Stuffer, iter_message, iter_top, parse_command, stuff, wire_size
+
+
+def unstuff(wire: bytes) -> bytes:
+    assert wire.endswith(b".\r\n")
+    lines = wire[:-3].split(b"\r\n")
+    return b"\r\n".join(l[1:] if l.startswith(b".") else l for l in lines)
+
+
+# -- command parsing (RFC 1939 section 3, RFC 2449 section 3) -----------------
+
+
+def test_keywords_are_case_insensitive():
+    """RFC 1939 section 3: keywords are case-insensitive."""
+    assert parse_command(b"uidl 3\r\n") == ("UIDL", ["3"], "3")
+    assert parse_command(b"StAt\r\n").name == "STAT"
+
+
+def test_pass_keeps_spaces_verbatim():
+    """RFC 1939 section 7 (PASS): the server may treat spaces as part of the password."""
+    cmd = parse_command(b"PASS  two  spaces \r\n")
+    assert cmd.rest == " two  spaces "
+
+
+@pytest.mark.parametrize(
+    "line",
+    [b"\r\n", b"", b"ST\x00AT\r\n", b"STAT\rX\r\n", b"TOOLONG\r\n", b"12\r\n", b"US\xffR\r\n", b"USER \xe9\r\n", b"USER\ta\r\n"],
+)
+def test_bad_lines_raise(line):
+    """RFC 1939 section 3: keywords are 3-4 printable ASCII characters."""
+    with pytest.raises(protocol.ProtocolError):
+        parse_command(line)
+
+
+def test_utf8_arguments_only_after_utf8():
+    """RFC 6856 section 2: UTF-8 in arguments only once UTF8 mode is on."""
+    with pytest.raises(protocol.ProtocolError):
+        parse_command("USER jürgen\r\n".encode())
+    assert parse_command("USER jürgen\r\n".encode(), utf8=True).args == ["jürgen"]
+
+
+def test_bare_lf_terminator_accepted():
+    assert parse_command(b"NOOP\n").name == "NOOP"
+
+
+# -- status lines (RFC 2449 sections 4 and 8) -------------------------------
+
+
+def test_status_line_with_code():
+    """RFC 2449 section 8: the response code is in brackets right after the status."""
+    assert protocol.err("in use", protocol.IN_USE) == b"-ERR [IN-USE] in use\r\n"
+    assert protocol.ok() == b"+OK\r\n"
+
+
+def test_status_line_cannot_be_split_by_injected_crlf():
+    assert protocol.err("a\r\n+OK fake\r\n") == b"-ERR a +OK fake\r\n"
+
+
+def test_status_line_clipped_to_512_octets():
+    """RFC 2449 section 4: responses are at most 512 octets including CRLF."""
+    line = protocol.ok("é" * 600)
+    assert len(line) <= 512 and line.endswith(b"\r\n")
+    line.decode("utf-8")  # clipping never splits a UTF-8 sequence
+
+
+def test_multiline_stuffs_its_lines():
+    assert protocol.multiline(b"+OK\r\n", ["a", ".b"]) == b"+OK\r\na\r\n..b\r\n.\r\n"
+
+
+# -- byte-stuffing and line endings (RFC 1939 section 3) -----------------------
+
+
+def test_dot_at_message_start_is_stuffed():
+    assert stuff(b".hidden\r\n") == b"..hidden\r\n.\r\n"
+
+
+def test_lone_dot_line_is_stuffed():
+    assert stuff(b"a\r\n.\r\nb\r\n") == b"a\r\n..\r\nb\r\n.\r\n"
+
+
+def test_lf_and_mixed_endings_become_crlf_without_doubling_cr():
+    assert stuff(b"a\nb\r\nc\n") == b"a\r\nb\r\nc\r\n.\r\n"
+    assert b"\r\r" not in stuff(b"x\r\ny\r\n")
+
+
+def test_missing_final_newline_is_added():
+    assert stuff(b"no newline") == b"no newline\r\n.\r\n"
+    assert stuff(b"") == b".\r\n"
+
+
+def test_dot_exactly_at_chunk_boundary():
+    s = Stuffer()
+    out = s.feed(b"line one\n") + s.feed(b".dot after boundary\n") + s.finish()
+    assert out == b"line one\r\n..dot after boundary\r\n.\r\n"
+
+
+def test_crlf_split_across_chunks():
+    s = Stuffer()
+    out = s.feed(b"a\r") + s.feed(b"\n.b\r") + s.feed(b"\n") + s.finish()
+    assert out == b"a\r\n..b\r\n.\r\n"
+
+
+def test_bare_cr_passes_through():
+    assert stuff(b"a\rb\n") == b"a\rb\r\n.\r\n"
+
+
+messages = st.lists(
+    st.sampled_from([b"a", b".", b"\r\n", b"\n", b"\r", b"..", b"x\x00\xff", b"From "]), max_size=60
+).map(b"".join)
+
+
+@given(messages, st.integers(min_value=1, max_value=7))
+def test_chunked_equals_whole_and_round_trips(data, chunk):
+    """Any chunking gives the same wire bytes; unstuffing restores the CRLF message."""
+    whole = stuff(data)
+    assert b"".join(iter_message(io.BytesIO(data), chunk_size=chunk)) == whole
+    body = unstuff(whole)
+    assert len(body) == wire_size(data)
+    # The first end-of-response marker a client can see is the real one.
+    assert (b"\r\n" + whole).find(b"\r\n.\r\n") == len(whole) - 3
+    # Every LF on the wire is part of CRLF.
+    assert whole.count(b"\n") == whole.count(b"\r\n")
+
+
+def test_wire_size_counts_crlf():
+    """RFC 1939 section 11: sizes count CRLF line endings."""
+    assert wire_size(b"a\nb\n") == 6
+    assert wire_size(b"a\r\nb\r\n") == 6
+    assert wire_size(b"abc") == 5
+
+
+# -- TOP (RFC 1939 section 7) ---------------------------------------------------
+
+MSG = b"H1: a\nH2: b\n\nbody1\n.body2\nbody3\n"
+
+
+def test_top_zero_lines_sends_headers_and_blank_line():
+    """RFC 1939 section 7 (TOP): n 0 gives the headers and the blank line."""
+    assert b"".join(iter_top(io.BytesIO(MSG), 0)) == b"H1: a\r\nH2: b\r\n\r\n.\r\n"
+
+
+def test_top_counts_body_lines_and_stuffs():
+    assert b"".join(iter_top(io.BytesIO(MSG), 2)) == b"H1: a\r\nH2: b\r\n\r\nbody1\r\n..body2\r\n.\r\n"
+
+
+def test_top_more_lines_than_body():
+    assert b"".join(iter_top(io.BytesIO(MSG), 99)) == stuff(MSG)
+
+
+def test_top_stops_reading_early():
+    """TOP of a huge message reads only what it sends."""
+    stream = io.BytesIO(b"H: x\n\n" + b"line\n" * 1_000_000)
+    b"".join(iter_top(stream, 3))
+    assert stream.tell() < 100
+
+
+def test_top_long_header_line_is_not_mistaken_for_blank():
+    long_line = b"X: " + b"y" * (70 * 1024) + b"\n"
+    msg = long_line + b"\nbody\n"
+    out = b"".join(iter_top(io.BytesIO(msg), 0))
+    assert out == stuff(long_line + b"\n")
+
+
+def test_valid_uid():
+    """RFC 1939 section 7 (UIDL): 1-70 characters in 0x21..0x7E."""
+    assert protocol.valid_uid("a" * 70)
+    assert not protocol.valid_uid("a" * 71)
+    assert not protocol.valid_uid("has space")
+    assert not protocol.valid_uid("")
