@@ -71,6 +71,10 @@ class Connection:
         self._out: list = []
         self._out_size = 0
         self.bytes_out = 0
+        #: When the last complete line arrived: idle time counts from here,
+        #: so a client trickling bytes (slowloris) gains nothing, and a reply
+        #: the client has already seen cannot postpone the deadline.
+        self.last_line_at = clock()
 
     def has_line(self) -> bool:
         """A complete line is already buffered (the client is pipelining)."""
@@ -85,13 +89,15 @@ class Connection:
 
         Raises :class:`LineTooLong` if the line exceeds ``max_len`` (its
         bytes are dropped as they arrive, so memory stays bounded) and
-        :class:`TimedOut` if no complete line arrives within ``timeout``.
+        :class:`TimedOut` if ``timeout`` seconds pass after the previous
+        line without a new one.
         """
-        deadline = self.clock() + timeout
+        deadline = self.last_line_at + timeout
         discarded = 0
         while True:
             end = self._in.find(b"\n")
             if end >= 0:
+                self.last_line_at = self.clock()
                 line, self._in = self._in[: end + 1], self._in[end + 1 :]
                 if discarded or len(line) > max_len:
                     raise LineTooLong(fatal=False)

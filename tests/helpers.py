@@ -10,8 +10,8 @@ CRLF = b"\r\n"
 class RawClient:
     """A POP3 client on a raw socket, for asserting exact bytes."""
 
-    def __init__(self, address: Tuple[str, int], timeout: float = 10.0) -> None:
-        self.sock = socket.create_connection(address, timeout=timeout)
+    def __init__(self, address: Tuple[str, int], timeout: float = 10.0, source: str = "") -> None:
+        self.sock = socket.create_connection(address, timeout=timeout, source_address=(source, 0) if source else None)
         self.buf = b""
         self.greeting = self.line()
 

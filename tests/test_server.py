@@ -1,0 +1,281 @@
+"""Listeners, limits, timeouts and shutdown, through real sockets."""
+from __future__ import annotations
+
+import os
+import poplib
+import socket
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from pop3frame import ServerConfig
+from pop3frame.adapters.memory import MemoryAdapter
+from pop3frame.locks import FileLockManager, InProcessLockManager
+from pop3frame.server import ServerGroup
+from pop3frame.testing import Controller
+from tests.helpers import RawClient
+
+
+def frozen_clock(frozen):
+    return lambda: frozen().timestamp()
+
+
+# -- timeouts (RFC 1939 section 3) -----------------------------------------------
+
+
+def test_autologout_below_ten_minutes_is_refused():
+    """RFC 1939 section 3: the autologout timer MUST be at least 10 minutes."""
+    with pytest.raises(ValueError, match="RFC 1939"):
+        ServerConfig(timeout=300)
+    assert ServerConfig().timeout >= 600
+
+
+def test_transaction_autologout_closes_silently_and_deletes_nothing(adapter, frozen):
+    """RFC 1939 section 3: on autologout the server closes without a response and without UPDATE."""
+    with Controller(adapter, clock=frozen_clock(frozen), poll_interval=0.01) as server:
+        with RawClient(server.address) as c:
+            c.login("alice", "alice-pw")
+            assert c.cmd("DELE 1") == b"+OK message 1 deleted\r\n"
+            frozen.tick(599)
+            assert c.cmd("NOOP") == b"+OK\r\n"  # activity resets the timer
+            frozen.tick(599)
+            assert c.cmd("NOOP") == b"+OK\r\n"
+            frozen.tick(601)
+            assert c.read_all() == b""
+        assert server.wait_for_connections(0)
+        assert not server.context.locks.held_names()
+    assert len(adapter.messages("alice")) == 3
+
+
+def test_preauth_timeout_is_shorter_and_counts_whole_lines(adapter, frozen):
+    """A client trickling bytes without finishing a line (slowloris) is still timed out."""
+    with Controller(adapter, clock=frozen_clock(frozen), poll_interval=0.01, auth_timeout=30) as server:
+        with RawClient(server.address) as c:
+            c.send(b"US")
+            frozen.tick(20)
+            c.send(b"ER")
+            frozen.tick(11)
+            assert c.read_all() == b""
+        assert server.wait_for_connections(0)
+
+
+def test_lock_released_after_timeout(adapter, frozen):
+    with Controller(adapter, clock=frozen_clock(frozen), poll_interval=0.01) as server:
+        first = server.pop3()
+        first.user("alice")
+        first.pass_("alice-pw")
+        frozen.tick(601)
+        assert server.wait_for_connections(0)
+        second = server.pop3()
+        second.user("alice")
+        assert second.pass_("alice-pw").startswith(b"+OK")
+        second.quit()
+
+
+def test_login_delay_enforced_per_mailbox(adapter, frozen):
+    """RFC 2449 section 6.5 / 8.1.2: LOGIN-DELAY advertised and enforced with [LOGIN-DELAY]."""
+    with Controller(adapter, clock=frozen_clock(frozen), login_delay=300) as server:
+        client = server.pop3()
+        assert client.capa()["LOGIN-DELAY"] == ["300"]
+        client.user("alice")
+        client.pass_("alice-pw")
+        client.quit()
+        again = server.pop3()
+        again.user("alice")
+        with pytest.raises(poplib.error_proto, match=r"\[LOGIN-DELAY\]"):
+            again.pass_("alice-pw")
+        bob = server.pop3()
+        bob.user("bob")
+        assert bob.pass_("bob-pw").startswith(b"+OK")  # another mailbox is unaffected
+        bob.quit()
+        frozen.tick(301)
+        again.user("alice")
+        assert again.pass_("alice-pw").startswith(b"+OK")
+        again.quit()
+
+
+# -- limits -------------------------------------------------------------------------
+
+
+def test_connection_cap(adapter):
+    with Controller(adapter, max_connections=2) as server:
+        a, b = RawClient(server.address), RawClient(server.address)
+        with RawClient(server.address) as c:
+            assert c.greeting == b"-ERR [SYS/TEMP] too many connections\r\n"
+            assert c.read_all() == b""
+        a.cmd("QUIT")
+        a.close()
+        assert server.wait_for_connections(1)
+        with RawClient(server.address) as d:
+            assert d.greeting.startswith(b"+OK")
+        b.close()
+
+
+def test_per_ip_cap_uses_two_loopback_addresses(adapter):
+    with Controller(adapter, host="0.0.0.0", max_connections_per_ip=1) as server:
+        port = server.port
+        a = RawClient(("127.0.0.1", port), source="127.0.0.1")
+        with RawClient(("127.0.0.1", port), source="127.0.0.1") as refused:
+            assert refused.greeting == b"-ERR [SYS/TEMP] too many connections from your address\r\n"
+        with RawClient(("127.0.0.2", port), source="127.0.0.2") as other:
+            assert other.greeting.startswith(b"+OK")
+        a.close()
+
+
+def test_fifty_concurrent_full_sessions():
+    store = MemoryAdapter(apop=False)
+    users = ["user%02d" % i for i in range(50)]
+    for u in users:
+        store.add_user(u, "pw")
+        for j in range(3):
+            store.deliver(u, b"Subject: %s %d\r\n\r\nhello\r\n" % (u.encode(), j))
+    errors = []
+
+    def session(u):
+        try:
+            client = poplib.POP3("127.0.0.1", server.port, timeout=20)
+            client.user(u)
+            client.pass_("pw")
+            assert client.stat()[0] == 3
+            assert client.retr(2)[1][0] == b"Subject: %s 1" % u.encode()
+            client.dele(1)
+            client.quit()
+        except Exception as exc:  # collected and asserted below
+            errors.append((u, exc))
+
+    with Controller(store) as server:
+        threads = [threading.Thread(target=session, args=(u,)) for u in users]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert server.wait_for_connections(0)
+    assert errors == []
+    assert all(len(store.messages(u)) == 2 for u in users)
+
+
+# -- listeners ----------------------------------------------------------------------
+
+
+def test_ipv6_listener(adapter):
+    if not socket.has_ipv6:
+        pytest.fail("this machine has no IPv6 support")
+    with Controller(adapter, host="::1") as server:
+        with RawClient(("::1", server.port)) as c:
+            assert c.greeting.startswith(b"+OK")
+            assert c.login("alice", "alice-pw").startswith(b"+OK")
+
+
+def test_several_listeners_share_locks_and_budget(adapter):
+    group = ServerGroup(adapter, ServerConfig(hostname="localhost"))
+    a = group.add_listener(("127.0.0.1", 0))
+    b = group.add_listener(("127.0.0.1", 0))
+    group.start(poll_interval=0.05)
+    try:
+        first = poplib.POP3("127.0.0.1", a.port, timeout=10)
+        first.user("alice")
+        first.pass_("alice-pw")
+        second = poplib.POP3("127.0.0.1", b.port, timeout=10)
+        second.user("alice")
+        with pytest.raises(poplib.error_proto, match="IN-USE"):
+            second.pass_("alice-pw")
+        assert group.tracker.count() == 2
+        first.quit()
+        second.quit()
+    finally:
+        group.shutdown()
+
+
+def test_shutdown_ends_sessions_without_applying_deletions(adapter):
+    server = Controller(adapter).start()
+    client = RawClient(server.address)
+    client.login("alice", "alice-pw")
+    client.cmd("DELE 1")
+    server.stop()
+    assert client.read_all() == b""
+    client.close()
+    assert len(adapter.messages("alice")) == 3
+    assert server.group.tracker.count() == 0
+    with pytest.raises(OSError):
+        socket.create_connection(server.address, timeout=2)
+
+
+def test_bad_client_does_not_disturb_the_next(adapter):
+    with Controller(adapter) as server:
+        with RawClient(server.address) as bad:
+            bad.send(b"\x00\xff" * 200 + b"\r\n" + b"\x16\x03\x01\x00\xa5")  # junk + a TLS hello
+            assert bad.line().startswith(b"-ERR")
+        good = server.pop3()
+        good.user("alice")
+        assert good.pass_("alice-pw").startswith(b"+OK")
+        good.quit()
+
+
+def test_threads_and_fds_return_to_baseline(adapter):
+    def fds():
+        return len(os.listdir("/proc/self/fd"))
+
+    with Controller(adapter) as server:
+        before_threads, before_fds = threading.active_count(), fds()
+        for _ in range(30):
+            client = server.pop3()
+            client.user("alice")
+            client.pass_("alice-pw")
+            client.retr(1)
+            client.quit()
+        assert server.wait_for_connections(0)
+        assert threading.active_count() == before_threads
+        assert fds() == before_fds
+
+
+# -- lock managers --------------------------------------------------------------------
+
+
+def test_in_process_lock_manager():
+    locks = InProcessLockManager()
+    lock = locks.try_acquire("alice")
+    assert lock is not None and locks.try_acquire("alice") is None
+    assert locks.try_acquire("bob") is not None
+    lock.release()
+    lock.release()  # idempotent
+    assert locks.try_acquire("alice") is not None
+
+
+def test_file_lock_manager_across_processes(tmp_path):
+    """Several server processes on one host exclude each other; a dead process frees its locks."""
+    locks = FileLockManager(str(tmp_path))
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys; from pop3frame.locks import FileLockManager;"
+         "l = FileLockManager(sys.argv[1]).try_acquire('alice/../x');"
+         "print('held' if l else 'busy', flush=True); sys.stdin.read()",
+         str(tmp_path)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert locks.try_acquire("alice/../x") is None
+        assert locks.try_acquire("bob") is not None
+    finally:
+        holder.kill()
+        holder.wait()
+    lock = locks.try_acquire("alice/../x")
+    assert lock is not None
+    assert locks.try_acquire("alice/../x") is None  # also exclusive within one process
+    lock.release()
+    assert not locks.is_locked("alice/../x")
+
+
+def test_file_locks_serve_a_real_server(adapter, tmp_path):
+    with Controller(adapter, locks=FileLockManager(str(tmp_path))) as server:
+        a = server.pop3()
+        a.user("alice")
+        a.pass_("alice-pw")
+        b = server.pop3()
+        b.user("alice")
+        with pytest.raises(poplib.error_proto, match="IN-USE"):
+            b.pass_("alice-pw")
+        a.quit()
+        b.quit()
