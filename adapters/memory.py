@@ -55,6 +55,9 @@ class MemoryAdapter(AdapterBase):
     def apop_secret(self, username: str) -> Optional[str]:
         return self._passwords.get(username) if self._apop else None
 
+    def offers_apop(self) -> bool:
+        return self._apop
+
     def list_messages(self, username: str) -> Sequence[MessageInfo]:
         with self._mutex:
             box = self._boxes.get(username, [])

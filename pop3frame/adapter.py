@@ -156,10 +156,19 @@ class AdapterBase:
 
         APOP needs the plaintext secret on the server; adapters that store
         only password hashes return None, and APOP then fails for that user.
-        The server offers APOP (a timestamp in the greeting) only if a
-        subclass overrides this method.
+        The server offers APOP (a timestamp in the greeting) only if
+        :meth:`offers_apop` says so.
         """
         return None
+
+    def offers_apop(self) -> bool:
+        """Whether to offer APOP at all; by default, if apop_secret is overridden.
+
+        Clients such as curl prefer APOP when the greeting carries a
+        timestamp, so an adapter that overrides ``apop_secret`` but has no
+        secrets for this configuration must return False here.
+        """
+        return type(self).apop_secret is not AdapterBase.apop_secret
 
     def mailbox_id(self, username: str) -> str:
         """The name the mailbox lock is taken on; defaults to the user name.

@@ -102,7 +102,7 @@ class SessionContext:
         self.login_delays = LoginDelayTracker(self.config.login_delay, self.config.clock)
         apop = self.config.apop
         if apop is None:
-            apop = type(adapter).apop_secret is not AdapterBase.apop_secret
+            apop = adapter.offers_apop()
         self.apop = apop
         self.read_only = self.config.read_only or adapter.read_only
 
