@@ -1,6 +1,8 @@
 """Fixtures shared by the core tests."""
 from __future__ import annotations
 
+import os
+
 import pytest
 from freezegun import freeze_time
 
@@ -24,3 +26,18 @@ def adapter():
     a.deliver("alice", b"Subject: two\r\n\r\n.dotted\r\nsecond\r\n", uid="uid-two")
     a.deliver("alice", b"Subject: three\n\nthird\n", uid="uid-three")
     return a
+
+
+_skipped = []
+
+
+def pytest_runtest_logreport(report):
+    if report.skipped:
+        _skipped.append(report.nodeid)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Under CI=true a skipped test is a failure: CI installs every back end."""
+    if os.environ.get("CI") == "true" and _skipped:
+        print("\nCI=true but %d test(s) were skipped:\n  %s" % (len(_skipped), "\n  ".join(_skipped)))
+        session.exitstatus = 1
