@@ -117,7 +117,10 @@ class POP3Server(socketserver.ThreadingTCPServer):
 
     daemon_threads = True
     allow_reuse_address = True
-    request_queue_size = 128
+    # A burst of connects beyond the backlog is not refused but silently
+    # stalled (Linux drops the handshake's last ACK), and a POP3 client then
+    # waits for a greeting that never comes.  The kernel caps this at somaxconn.
+    request_queue_size = 1024
     handler_class = POP3Handler
 
     def __init__(
