@@ -1,0 +1,273 @@
+"""SQLite store: pop3frame's embedded default (``pop3frame serve`` with no store flag).
+
+One file holds users (with ``{SCHEME}`` password hashes) and their mail.
+Scripts drop mail in while the server runs, from any process::
+
+    from pop3frame.adapters.sqlite import SQLiteStore
+    SQLiteStore("pop3frame.db").deliver("ops", b"Subject: backup done\\r\\n\\r\\nok\\r\\n")
+
+Bodies are stored in 256 KiB chunks, so RETR streams a message without
+loading it whole.  Concurrency: WAL mode (readers never block the writer),
+a busy timeout for writers, and a connection per session (opened at login,
+closed at logout; sqlite3 connections stay in their thread).  Management
+calls (``deliver``, ``add_user`` ...) open a short-lived connection each, so
+one store object may be used from any thread.
+"""
+from __future__ import annotations
+
+import io
+import logging
+import os
+import secrets
+import sqlite3
+import threading
+import time
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from pop3frame import AdapterBase, MessageInfo, TemporaryFailure
+from pop3frame.passwords import hash_password, verify_password
+from pop3frame.protocol import wire_size
+
+__all__ = ["SQLiteStore", "UnknownUser"]
+
+logger = logging.getLogger("pop3frame.adapters.sqlite")
+
+CHUNK = 256 * 1024
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS users (
+    id INTEGER PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    password TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS messages (
+    id INTEGER PRIMARY KEY,
+    user_id INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+    uid TEXT NOT NULL UNIQUE,
+    size INTEGER NOT NULL,
+    delivered REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS messages_by_user ON messages(user_id, id);
+CREATE TABLE IF NOT EXISTS chunks (
+    message_id INTEGER NOT NULL REFERENCES messages(id) ON DELETE CASCADE,
+    seq INTEGER NOT NULL,
+    data BLOB NOT NULL,
+    PRIMARY KEY (message_id, seq)
+) WITHOUT ROWID;
+"""
+
+
+class UnknownUser(LookupError):
+    """Raised by the management API for a user that does not exist."""
+
+
+def _check_name(name: str) -> str:
+    if not name or any(ord(c) < 32 or c == "\x7f" for c in name) or len(name) > 255:
+        raise ValueError("invalid user name %r" % (name,))
+    return name
+
+
+class _ChunkReader(io.RawIOBase):
+    """A message body read one stored chunk at a time."""
+
+    def __init__(self, conn: sqlite3.Connection, message_id: int) -> None:
+        self._conn = conn
+        self._id = message_id
+        self._seq = 0
+        self._buf = memoryview(b"")
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        if not self._buf:
+            row = self._conn.execute(
+                "SELECT data FROM chunks WHERE message_id = ? AND seq = ?", (self._id, self._seq)
+            ).fetchone()
+            if row is None:
+                return 0
+            self._seq += 1
+            self._buf = memoryview(row[0])
+        n = min(len(b), len(self._buf))
+        b[:n] = self._buf[:n]
+        self._buf = self._buf[n:]
+        return n
+
+
+class SQLiteStore(AdapterBase):
+    """Users and mail in one SQLite file; an adapter and a management API.
+
+    Thread-safety: any method may be called from any thread.  Session
+    methods (``list_messages`` ... ``close_mailbox``) use a connection owned
+    by that session, which the server's mailbox lock keeps to one thread.
+    """
+
+    def __init__(self, path: str = "pop3frame.db", *, busy_timeout: float = 10.0) -> None:
+        self.path = path
+        self.busy_timeout = busy_timeout
+        self._sessions: Dict[str, sqlite3.Connection] = {}
+        self._mutex = threading.Lock()
+        self._dummy_hash: Optional[str] = None
+        parent = os.path.dirname(os.path.abspath(path))
+        os.makedirs(parent, exist_ok=True)
+        with self._connect() as conn:
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise RuntimeError("%s has schema version %d; this pop3frame knows %d" % (path, version, SCHEMA_VERSION))
+            conn.executescript(_SCHEMA)
+            conn.execute("INSERT OR IGNORE INTO meta VALUES ('store_id', ?)", (secrets.token_hex(4),))
+            conn.execute("PRAGMA user_version = %d" % SCHEMA_VERSION)
+            # UIDs carry a random per-database prefix: a recreated database
+            # never hands out a UID that a client remembers from the old one.
+            self._store_id = conn.execute("SELECT value FROM meta WHERE key = 'store_id'").fetchone()[0]
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None)
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("PRAGMA foreign_keys = ON")
+        conn.execute("PRAGMA synchronous = NORMAL")
+        return _Closing(conn)
+
+    # -- management API -------------------------------------------------------
+
+    def add_user(self, name: str, password: str, scheme: str = "") -> None:
+        """Create a user; ValueError if the name is taken or invalid."""
+        hashed = hash_password(password, scheme)
+        with self._connect() as conn:
+            try:
+                conn.execute("INSERT INTO users (name, password) VALUES (?, ?)", (_check_name(name), hashed))
+            except sqlite3.IntegrityError:
+                raise ValueError("user %r already exists" % name) from None
+
+    def set_password(self, name: str, password: str, scheme: str = "") -> None:
+        hashed = hash_password(password, scheme)
+        with self._connect() as conn:
+            if conn.execute("UPDATE users SET password = ? WHERE name = ?", (hashed, name)).rowcount == 0:
+                raise UnknownUser(name)
+
+    def delete_user(self, name: str) -> None:
+        """Remove a user and all of their mail."""
+        with self._connect() as conn:
+            if conn.execute("DELETE FROM users WHERE name = ?", (name,)).rowcount == 0:
+                raise UnknownUser(name)
+
+    def list_users(self) -> List[Tuple[str, int, int]]:
+        """(name, message count, octets) for every user, by name."""
+        with self._connect() as conn:
+            return conn.execute(
+                "SELECT u.name, COUNT(m.id), COALESCE(SUM(m.size), 0) FROM users u"
+                " LEFT JOIN messages m ON m.user_id = u.id GROUP BY u.id ORDER BY u.name"
+            ).fetchall()
+
+    def deliver(self, name: str, message: bytes) -> str:
+        """Append a message to a user's mailbox; returns its unique-id."""
+        message = bytes(message)
+        with self._connect() as conn:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                row = conn.execute("SELECT id FROM users WHERE name = ?", (name,)).fetchone()
+                if row is None:
+                    raise UnknownUser(name)
+                cur = conn.execute(
+                    "INSERT INTO messages (user_id, uid, size, delivered) VALUES (?, '', ?, ?)",
+                    (row[0], wire_size(message), time.time()),
+                )
+                message_id = cur.lastrowid
+                uid = "%s.%d" % (self._store_id, message_id)
+                conn.execute("UPDATE messages SET uid = ? WHERE id = ?", (uid, message_id))
+                conn.executemany(
+                    "INSERT INTO chunks (message_id, seq, data) VALUES (?, ?, ?)",
+                    ((message_id, i, message[off:off + CHUNK]) for i, off in enumerate(range(0, len(message), CHUNK))),
+                )
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+        return uid
+
+    def ensure_demo(self) -> bool:
+        """Seed user ``demo`` (password ``demo``) and sample mail into an empty store."""
+        from .memory import DEMO_MESSAGES
+
+        with self._connect() as conn:
+            if conn.execute("SELECT 1 FROM users LIMIT 1").fetchone():
+                return False
+        self.add_user("demo", "demo")
+        for message in DEMO_MESSAGES:
+            self.deliver("demo", message)
+        return True
+
+    # -- adapter --------------------------------------------------------------
+
+    def authenticate(self, username: str, password: str) -> bool:
+        with self._connect() as conn:
+            row = conn.execute("SELECT password FROM users WHERE name = ?", (username,)).fetchone()
+        if row is None:
+            # Spend the time a real check would, so timing does not reveal
+            # which names exist.
+            if self._dummy_hash is None:
+                self._dummy_hash = hash_password(secrets.token_hex(8))
+            verify_password(self._dummy_hash, password)
+            return False
+        return verify_password(row[0], password)
+
+    def list_messages(self, username: str) -> Sequence[MessageInfo]:
+        conn = self._connect()
+        try:
+            rows = conn.execute(
+                "SELECT m.id, m.uid, m.size FROM messages m JOIN users u ON u.id = m.user_id"
+                " WHERE u.name = ? ORDER BY m.id",
+                (username,),
+            ).fetchall()
+        except BaseException:
+            conn.close()
+            raise
+        with self._mutex:
+            self._sessions[username] = conn
+        return [MessageInfo(uid, size, key=message_id) for message_id, uid, size in rows]
+
+    def _session(self, username: str) -> sqlite3.Connection:
+        with self._mutex:
+            return self._sessions[username]
+
+    def open_message(self, username: str, message: MessageInfo):
+        conn = self._session(username)
+        if conn.execute("SELECT 1 FROM messages WHERE id = ?", (message.key,)).fetchone() is None:
+            raise TemporaryFailure("message no longer exists")
+        return io.BufferedReader(_ChunkReader(conn, message.key), CHUNK)
+
+    def delete_messages(self, username: str, messages: Sequence[MessageInfo]) -> None:
+        conn = self._session(username)
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.executemany("DELETE FROM messages WHERE id = ?", [(m.key,) for m in messages])
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+    def close_mailbox(self, username: str) -> None:
+        with self._mutex:
+            conn = self._sessions.pop(username, None)
+        if conn is not None:
+            conn.close()
+
+
+class _Closing:
+    """A sqlite3 connection whose ``with`` block closes it (sqlite3's only commits)."""
+
+    __slots__ = ("_conn",)
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+
+    def __getattr__(self, name):
+        return getattr(self._conn, name)
+
+    def __enter__(self) -> sqlite3.Connection:
+        return self._conn
+
+    def __exit__(self, *exc) -> None:
+        self._conn.close()
