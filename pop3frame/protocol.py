@@ -184,6 +184,24 @@ def wire_size(data: bytes) -> int:
     return n
 
 
+def stream_wire_size(stream: BinaryIO, chunk_size: int = CHUNK_SIZE) -> int:
+    """:func:`wire_size` of a stream read in chunks (bounded memory)."""
+    n = newlines = crlfs = 0
+    last = b""
+    read = stream.read
+    while True:
+        chunk = read(chunk_size)
+        if not chunk:
+            break
+        n += len(chunk)
+        newlines += chunk.count(b"\n")
+        crlfs += chunk.count(CRLF) + (last == b"\r" and chunk[:1] == b"\n")
+        last = chunk[-1:]
+    if n and last != b"\n":
+        n += 1 if last == b"\r" else 2
+    return n + newlines - crlfs
+
+
 def iter_message(stream: BinaryIO, chunk_size: int = CHUNK_SIZE) -> Iterator[bytes]:
     """Wire bytes of a whole message read from ``stream`` (RETR)."""
     s = Stuffer()

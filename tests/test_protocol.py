@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, strategies as st
 
 from pop3frame import protocol
-from pop3frame.protocol import Stuffer, iter_message, iter_top, parse_command, stuff, wire_size
+from pop3frame.protocol import Stuffer, iter_message, iter_top, parse_command, stream_wire_size, stuff, wire_size
 
 
 def unstuff(wire: bytes) -> bytes:
@@ -125,6 +125,7 @@ def test_chunked_equals_whole_and_round_trips(data, chunk):
     assert b"".join(iter_message(io.BytesIO(data), chunk_size=chunk)) == whole
     body = unstuff(whole)
     assert len(body) == wire_size(data)
+    assert stream_wire_size(io.BytesIO(data), chunk_size=chunk) == wire_size(data)
     # The first end-of-response marker a client can see is the real one.
     assert (b"\r\n" + whole).find(b"\r\n.\r\n") == len(whole) - 3
     # Every LF on the wire is part of CRLF.
