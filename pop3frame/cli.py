@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import argparse
+import getpass
 import logging
+import os
 import signal
 import sys
 import threading
-from typing import List, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 from . import __version__
 from .config import ServerConfig
@@ -17,6 +19,7 @@ __all__ = ["main", "parse_address"]
 logger = logging.getLogger("pop3frame.cli")
 
 DEFAULT_LISTEN = "127.0.0.1:1100"
+DEFAULT_DB = "pop3frame.db"
 
 
 def parse_address(text: str) -> Tuple[str, int]:
@@ -38,11 +41,48 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="run the POP3 server")
     serve.add_argument("--listen", action="append", type=parse_address, metavar="HOST:PORT",
                        help="plain POP3 listener (repeatable; default %s)" % DEFAULT_LISTEN)
-    serve.add_argument("--demo", action="store_true",
+    store = serve.add_mutually_exclusive_group()
+    store.add_argument("--demo", action="store_true",
                        help="serve an in-memory demo mailbox (user demo, password demo)")
+    store.add_argument("--sqlite", metavar="PATH",
+                       help="SQLite store (the default: %s, created and seeded with a demo user)" % DEFAULT_DB)
+    store.add_argument("--maildir", metavar="ROOT", help="serve ROOT/<user>/ Maildirs (needs --passwd)")
+    serve.add_argument("--passwd", metavar="FILE", help="Dovecot-style passwd-file with the users")
+    serve.add_argument("--read-only", action="store_true", help="refuse DELE for every mailbox")
+    serve.add_argument("--lock-dir", metavar="DIR",
+                       help="file locks in DIR, so several server processes on one host exclude each other")
     serve.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     serve.set_defaults(func=cmd_serve)
+
+    user = commands.add_parser("user", help="manage users of the SQLite store")
+    user.add_argument("--sqlite", metavar="PATH", default=DEFAULT_DB)
+    actions = user.add_subparsers(dest="action", metavar="ACTION")
+    actions.required = True
+    for name, text in (("add", "create a user"), ("passwd", "change a password")):
+        action = actions.add_parser(name, help=text)
+        action.add_argument("name")
+        action.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
+        action.add_argument("--scheme", default="", help="password scheme (default: strongest available)")
+    actions.add_parser("del", help="delete a user and their mail").add_argument("name")
+    actions.add_parser("list", help="list users with message counts")
+    user.set_defaults(func=cmd_user)
+
+    deliver = commands.add_parser("deliver", help="add a message (read from stdin) to a user's mailbox")
+    deliver.add_argument("name")
+    deliver.add_argument("--sqlite", metavar="PATH", default=DEFAULT_DB)
+    deliver.set_defaults(func=cmd_deliver)
+
+    passwd = commands.add_parser("passwd", help="add a user to a passwd-file or change their password")
+    passwd.add_argument("file")
+    passwd.add_argument("name")
+    passwd.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
+    passwd.add_argument("--scheme", default="", help="password scheme (default: strongest available)")
+    passwd.set_defaults(func=cmd_passwd)
     return parser
+
+
+class UsageError(Exception):
+    """An operator mistake: reported as one line, exit code 2, no traceback."""
 
 
 def make_adapter(args: argparse.Namespace):
@@ -50,7 +90,33 @@ def make_adapter(args: argparse.Namespace):
         from pop3frame.adapters.memory import demo_adapter
 
         return demo_adapter()
-    raise SystemExit("pop3frame: no mail store given (try --demo)")
+    if args.maildir:
+        if not args.passwd:
+            raise UsageError("--maildir needs --passwd FILE (the users and their passwords)")
+        from pop3frame.adapters.maildir import MaildirAdapter
+        from pop3frame.adapters.passwdfile import PasswdFile
+
+        if not os.path.isfile(args.passwd):
+            raise UsageError("--passwd: no such file: %s" % args.passwd)
+        return MaildirAdapter(args.maildir, PasswdFile(args.passwd))
+    from pop3frame.adapters.sqlite import SQLiteStore
+
+    store = SQLiteStore(args.sqlite or DEFAULT_DB)
+    if store.ensure_demo():
+        logger.info("new store %s: added user 'demo' (password 'demo') with sample mail", store.path)
+    return store
+
+
+def read_password(args: argparse.Namespace) -> str:
+    if args.password_stdin or not sys.stdin.isatty():
+        password = sys.stdin.readline().rstrip("\r\n")
+    else:
+        password = getpass.getpass("Password: ")
+        if getpass.getpass("Again: ") != password:
+            raise UsageError("passwords do not match")
+    if not password:
+        raise UsageError("empty password")
+    return password
 
 
 def serve_until_signalled(group: ServerGroup) -> None:
@@ -73,15 +139,62 @@ def serve_until_signalled(group: ServerGroup) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from .locks import FileLockManager
+
     adapter = make_adapter(args)
-    group = ServerGroup(adapter, ServerConfig())
+    locks = FileLockManager(args.lock_dir) if args.lock_dir else None
+    group = ServerGroup(adapter, ServerConfig(read_only=args.read_only), locks=locks)
     for address in args.listen or [parse_address(DEFAULT_LISTEN)]:
         try:
             group.add_listener(address)
         except OSError as exc:
-            print("pop3frame: cannot listen on %s:%d: %s" % (address[0], address[1], exc.strerror), file=sys.stderr)
-            return 2
+            raise UsageError("cannot listen on %s:%d: %s" % (address[0], address[1], exc.strerror)) from None
     serve_until_signalled(group)
+    return 0
+
+
+def cmd_user(args: argparse.Namespace) -> int:
+    from pop3frame.adapters.sqlite import SQLiteStore, UnknownUser
+
+    store = SQLiteStore(args.sqlite)
+    try:
+        if args.action == "add":
+            store.add_user(args.name, read_password(args), args.scheme)
+        elif args.action == "passwd":
+            store.set_password(args.name, read_password(args), args.scheme)
+        elif args.action == "del":
+            store.delete_user(args.name)
+        else:
+            for name, count, size in store.list_users():
+                print("%s\t%d messages\t%d octets" % (name, count, size))
+    except UnknownUser:
+        raise UsageError("no such user: %s" % args.name) from None
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    return 0
+
+
+def cmd_deliver(args: argparse.Namespace) -> int:
+    from pop3frame.adapters.sqlite import SQLiteStore, UnknownUser
+
+    message = sys.stdin.buffer.read()
+    if not message:
+        raise UsageError("no message on standard input")
+    try:
+        uid = SQLiteStore(args.sqlite).deliver(args.name, message)
+    except UnknownUser:
+        raise UsageError("no such user: %s" % args.name) from None
+    logger.info("delivered %d octets to %s as %s", len(message), args.name, uid)
+    return 0
+
+
+def cmd_passwd(args: argparse.Namespace) -> int:
+    from pop3frame.adapters.passwdfile import set_password
+
+    try:
+        set_password(args.file, args.name, read_password(args), args.scheme)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     return 0
 
 
@@ -91,4 +204,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         level=getattr(args, "log_level", "INFO"),
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
     )
-    return args.func(args)
+    try:
+        return args.func(args)
+    except UsageError as exc:
+        print("pop3frame: %s" % exc, file=sys.stderr)
+        return 2

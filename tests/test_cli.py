@@ -12,10 +12,10 @@ import pytest
 from tests.helpers import RawClient
 
 
-def start_server(*args: str) -> "tuple[subprocess.Popen, int]":
+def start_server(*args: str, cwd=None) -> "tuple[subprocess.Popen, int]":
     proc = subprocess.Popen(
         [sys.executable, "-m", "pop3frame", "serve", *args],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=cwd,
     )
     for line in proc.stderr:
         m = re.search(r"listening on \S+ port (\d+)", line)
@@ -72,3 +72,67 @@ def test_bad_listen_address_is_a_one_line_error():
     assert out.returncode == 2
     assert "expected HOST:PORT" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def pop3frame(*args, input=None, cwd=None):
+    return subprocess.run([sys.executable, "-m", "pop3frame", *args], input=input, capture_output=True,
+                          cwd=cwd, timeout=60)
+
+
+def test_default_store_is_sqlite_seeded_with_demo(tmp_path):
+    proc, port = start_server("--listen", "127.0.0.1:0", cwd=str(tmp_path))
+    try:
+        with RawClient(("127.0.0.1", port)) as c:
+            assert c.login("demo", "demo") == b"+OK demo's maildrop has 3 messages (683 octets)\r\n"
+            c.cmd("QUIT")
+    finally:
+        assert stop_server(proc) == 0
+    assert (tmp_path / "pop3frame.db").exists()
+
+
+def test_log_lines_become_email(tmp_path):
+    """The README example: a script adds a user and delivers; a POP3 client reads it."""
+    db = str(tmp_path / "logs.db")
+    assert pop3frame("user", "--sqlite", db, "add", "ops", "--password-stdin", input=b"s3cret\n").returncode == 0
+    message = b"Subject: backup finished\n\n2026-11-25 03:00 backup ok\n"
+    assert pop3frame("deliver", "--sqlite", db, "ops", input=message).returncode == 0
+    listing = pop3frame("user", "--sqlite", db, "list")
+    assert listing.stdout == b"ops\t1 messages\t56 octets\n"
+    proc, port = start_server("--sqlite", db, "--listen", "127.0.0.1:0")
+    try:
+        with RawClient(("127.0.0.1", port)) as c:
+            assert c.login("ops", "s3cret").startswith(b"+OK ops's maildrop has 1 message")
+            c.send(b"RETR 1\r\n")
+            assert c.multiline() == b"+OK 56 octets\r\n" + message.replace(b"\n", b"\r\n") + b".\r\n"
+    finally:
+        assert stop_server(proc) == 0
+
+
+def test_maildir_with_passwd_file(tmp_path):
+    passwd = str(tmp_path / "passwd")
+    assert pop3frame("passwd", passwd, "alice", "--password-stdin", input=b"pw\n").returncode == 0
+    os.makedirs(tmp_path / "mail" / "alice" / "new")
+    (tmp_path / "mail" / "alice" / "new" / "1700000000.M1.host").write_bytes(b"Subject: md\n\nx\n")
+    proc, port = start_server("--listen", "127.0.0.1:0", "--maildir", str(tmp_path / "mail"), "--passwd", passwd,
+                              "--read-only")
+    try:
+        with RawClient(("127.0.0.1", port)) as c:
+            assert c.login("alice", "pw").startswith(b"+OK alice's maildrop has 1 message")
+            assert c.cmd("UIDL 1") == b"+OK 1 1700000000.M1.host\r\n"
+            assert c.cmd("DELE 1") == b"-ERR [SYS/PERM] mailbox is read-only\r\n"
+    finally:
+        assert stop_server(proc) == 0
+
+
+@pytest.mark.parametrize("args,message", [
+    (("serve", "--maildir", "/nonexistent"), "--maildir needs --passwd FILE"),
+    (("serve", "--maildir", "/tmp", "--passwd", "/nonexistent/passwd"), "--passwd: no such file"),
+    (("deliver", "nobody"), "no such user: nobody"),
+    (("user", "del", "nobody"), "no such user: nobody"),
+])
+def test_operator_mistakes_are_one_line(tmp_path, args, message):
+    out = pop3frame(*args, input=b"Subject: x\n\nx\n", cwd=str(tmp_path))
+    assert out.returncode == 2
+    assert out.stderr.decode().startswith("pop3frame: ") and message in out.stderr.decode()
+    assert b"Traceback" not in out.stderr
+    assert len(out.stderr.decode().strip().splitlines()) == 1
