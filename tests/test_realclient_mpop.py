@@ -1,0 +1,57 @@
+"""A real POP3 client from Debian (mpop) fetching a Maildir served by pop3frame."""
+from __future__ import annotations
+
+import base64
+import os
+import shutil
+import subprocess
+
+import pytest
+
+from pop3frame.adapters.maildir import MaildirAdapter
+from pop3frame.adapters.passwdfile import PasswdFile, set_password
+from pop3frame.testing import Controller
+from tests.harness_maildir import deliver_like_an_mda
+
+MPOP = shutil.which("mpop")
+
+MESSAGES = [
+    b"From: a@example.org\nSubject: dots\n\n.starts with a dot\n.\n..two\nlast\n",
+    "From: Jürgen <j@example.org>\nSubject: Grüße aus Köln\n\nUTF-8 header bytes, raw.\n".encode(),
+    b"Subject: attachment\nMIME-Version: 1.0\nContent-Type: multipart/mixed; boundary=b\n\n--b\n"
+    b"Content-Type: application/octet-stream\nContent-Transfer-Encoding: base64\n\n"
+    + base64.encodebytes(os.urandom(5 * 1024 * 1024)) + b"--b--\n",
+]
+
+
+@pytest.fixture(autouse=True)
+def need_mpop():
+    if MPOP is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("mpop is missing under CI; .ci/run installs it")
+        pytest.skip("mpop not installed")
+
+
+def test_mpop_fetches_maildir_byte_exact(tmp_path):
+    passwd = str(tmp_path / "passwd")
+    set_password(passwd, "alice", "pw", scheme="PLAIN")
+    mail = str(tmp_path / "mail")
+    for m in MESSAGES:
+        deliver_like_an_mda(mail, "alice", m)
+    out = tmp_path / "out"
+    for sub in ("new", "cur", "tmp"):
+        (out / sub).mkdir(parents=True)
+    with Controller(MaildirAdapter(mail, PasswdFile(passwd))) as server:
+        result = subprocess.run(
+            [MPOP, "-C", "/dev/null", "--host=127.0.0.1", "--port=%d" % server.port, "--auth=user",
+             "--user=alice", "--passwordeval=echo pw", "--tls=off", "--delivery=maildir,%s" % out,
+             "--uidls-file=%s" % (tmp_path / "uidls"), "--keep=off", "--received-header=off", "-q"],
+            capture_output=True, text=True, timeout=120,
+        )
+        assert result.returncode == 0, result.stderr
+        assert server.wait_for_connections(0)
+    delivered = sorted((out / "new" / name).read_bytes() for name in os.listdir(out / "new"))
+    assert delivered == sorted(MESSAGES)
+    # --keep=off: mpop deleted what it fetched, through DELE + QUIT.
+    assert os.listdir(os.path.join(mail, "alice", "new")) == []
+    assert os.listdir(os.path.join(mail, "alice", "cur")) == []
