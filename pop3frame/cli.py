@@ -47,6 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
     store.add_argument("--sqlite", metavar="PATH",
                        help="SQLite store (the default: %s, created and seeded with a demo user)" % DEFAULT_DB)
     store.add_argument("--maildir", metavar="ROOT", help="serve ROOT/<user>/ Maildirs (needs --passwd)")
+    store.add_argument("--mbox", metavar="TEMPLATE",
+                       help="serve mbox files: a directory, or a path with {user} (needs --passwd)")
+    store.add_argument("--directory", metavar="ROOT",
+                       help="serve every file in ROOT/<user>/ as a message (needs --passwd)")
     serve.add_argument("--passwd", metavar="FILE", help="Dovecot-style passwd-file with the users")
     serve.add_argument("--read-only", action="store_true", help="refuse DELE for every mailbox")
     serve.add_argument("--lock-dir", metavar="DIR",
@@ -90,15 +94,21 @@ def make_adapter(args: argparse.Namespace):
         from pop3frame.adapters.memory import demo_adapter
 
         return demo_adapter()
-    if args.maildir:
+    file_stores = {"maildir": "MaildirAdapter", "mbox": "MboxAdapter", "directory": "DirectoryAdapter"}
+    for option, class_name in file_stores.items():
+        location = getattr(args, option)
+        if not location:
+            continue
         if not args.passwd:
-            raise UsageError("--maildir needs --passwd FILE (the users and their passwords)")
-        from pop3frame.adapters.maildir import MaildirAdapter
-        from pop3frame.adapters.passwdfile import PasswdFile
-
+            raise UsageError("--%s needs --passwd FILE (the users and their passwords)" % option)
         if not os.path.isfile(args.passwd):
             raise UsageError("--passwd: no such file: %s" % args.passwd)
-        return MaildirAdapter(args.maildir, PasswdFile(args.passwd))
+        import importlib
+
+        from pop3frame.adapters.passwdfile import PasswdFile
+
+        module = importlib.import_module("pop3frame.adapters." + option)
+        return getattr(module, class_name)(location, PasswdFile(args.passwd))
     from pop3frame.adapters.sqlite import SQLiteStore
 
     store = SQLiteStore(args.sqlite or DEFAULT_DB)

@@ -136,3 +136,22 @@ def test_operator_mistakes_are_one_line(tmp_path, args, message):
     assert out.stderr.decode().startswith("pop3frame: ") and message in out.stderr.decode()
     assert b"Traceback" not in out.stderr
     assert len(out.stderr.decode().strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("store", ["mbox", "directory"])
+def test_mbox_and_directory_stores(tmp_path, store):
+    passwd = str(tmp_path / "passwd")
+    assert pop3frame("passwd", passwd, "alice", "--password-stdin", "--scheme", "PLAIN", input=b"pw\n").returncode == 0
+    if store == "mbox":
+        (tmp_path / "alice").write_bytes(b"From a@b Mon Jan  1 00:00:00 2026\nSubject: m\n\n>From x\n\n")
+    else:
+        (tmp_path / "alice").mkdir()
+        (tmp_path / "alice" / "report.txt").write_bytes(b"Subject: m\n\nFrom x\n")
+    proc, port = start_server("--listen", "127.0.0.1:0", "--" + store, str(tmp_path), "--passwd", passwd)
+    try:
+        with RawClient(("127.0.0.1", port)) as c:
+            assert c.login("alice", "pw").startswith(b"+OK alice's maildrop has 1 message")
+            c.send(b"RETR 1\r\n")
+            assert c.multiline() == b"+OK 20 octets\r\nSubject: m\r\n\r\nFrom x\r\n.\r\n"
+    finally:
+        assert stop_server(proc) == 0
