@@ -152,6 +152,6 @@ def test_mbox_and_directory_stores(tmp_path, store):
         with RawClient(("127.0.0.1", port)) as c:
             assert c.login("alice", "pw").startswith(b"+OK alice's maildrop has 1 message")
             c.send(b"RETR 1\r\n")
-            assert c.multiline() == b"+OK 20 octets\r\nSubject: m\r\n\r\nFrom x\r\n.\r\n"
+            assert c.multiline() == b"+OK 22 octets\r\nSubject: m\r\n\r\nFrom x\r\n.\r\n"
     finally:
         assert stop_server(proc) == 0
