@@ -402,6 +402,10 @@ class Session:
         ]
         if self.config.implementation:
             caps.append("IMPLEMENTATION %s-%s" % (self.config.implementation, __version__))
+        if self.context.read_only:
+            # No standard capability says this; RFC 2449 section 8 leaves
+            # names starting with X for private use.
+            caps.append("X-READ-ONLY")
         return caps
 
     def do_capa(self, cmd: protocol.Command) -> Reply:

@@ -455,10 +455,14 @@ def test_stream_failing_mid_retr_closes_connection_and_frees_lock():
 
 
 def test_read_only_refuses_dele(adapter):
-    """RFC 3206 section 4: [SYS/PERM] when retrying cannot help."""
+    """RFC 3206 section 4: [SYS/PERM] when retrying cannot help; CAPA says X-READ-ONLY (RFC 2449 section 8)."""
     with Controller(adapter, read_only=True) as server, RawClient(server.address) as c:
+        c.send(b"CAPA\r\n")
+        assert b"\r\nX-READ-ONLY\r\n" in c.multiline()
         c.login("alice", "alice-pw")
         assert c.cmd("DELE 1") == b"-ERR [SYS/PERM] mailbox is read-only\r\n"
+        c.send(b"CAPA\r\n")
+        assert b"\r\nX-READ-ONLY\r\n" in c.multiline()
 
 
 def test_invalid_uid_from_adapter_is_rejected_early():
