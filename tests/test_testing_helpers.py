@@ -1,0 +1,37 @@
+"""The testing helpers users get: Controller and the pytest fixture."""
+from __future__ import annotations
+
+import socket
+
+from pop3frame.adapters.memory import MemoryAdapter
+from pop3frame.testing import Controller, ManualClock
+
+
+def test_fixture_starts_and_stops_servers(pop3_controller_factory):
+    store = MemoryAdapter({"u": "p"}, apop=False)
+    store.deliver("u", b"Subject: s\r\n\r\nx\r\n")
+    server = pop3_controller_factory(store)
+    assert server.host == "127.0.0.1" and server.port > 0
+    client = server.pop3()
+    client.user("u")
+    client.pass_("p")
+    assert client.stat() == (1, 17)
+    client.quit()
+
+
+def test_controller_stop_closes_the_port():
+    controller = Controller(MemoryAdapter()).start()
+    address = controller.address
+    controller.stop()
+    try:
+        socket.create_connection(address, timeout=2).close()
+        refused = False
+    except OSError:
+        refused = True
+    assert refused
+
+
+def test_manual_clock():
+    clock = ManualClock(start=5)
+    clock.advance(2.5)
+    assert clock() == 7.5
