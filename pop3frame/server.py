@@ -42,6 +42,10 @@ class ConnectionTracker:
         self._live: Dict[socket.socket, Tuple[str, "POP3Server", Optional[threading.Thread]]] = {}
         self._per_ip: Dict[str, int] = {}
 
+    @classmethod
+    def for_config(cls, config: ServerConfig) -> "ConnectionTracker":
+        return cls(config.max_connections, config.max_connections_per_ip)
+
     def admit(self, sock: socket.socket, ip: str, server: "POP3Server") -> Optional[str]:
         """Register a connection, or return why it must be refused."""
         with self._mutex:
@@ -105,6 +109,15 @@ class ConnectionTracker:
                 thread.join(timeout)
 
 
+def _context(
+    adapter: Union[AdapterBase, SessionContext], config: Optional[ServerConfig], locks: Optional[LockManager]
+) -> SessionContext:
+    """Servers accept a ready context (shared between listeners) or its parts."""
+    if isinstance(adapter, SessionContext):
+        return adapter
+    return SessionContext(adapter, config, locks)
+
+
 class POP3Server(socketserver.ThreadingTCPServer):
     """A POP3 listener.
 
@@ -134,12 +147,8 @@ class POP3Server(socketserver.ThreadingTCPServer):
         secure: bool = False,
         bind_and_activate: bool = True,
     ) -> None:
-        if isinstance(adapter, SessionContext):
-            self.context = adapter
-        else:
-            self.context = SessionContext(adapter, config, locks)
-        cfg = self.context.config
-        self.tracker = tracker or ConnectionTracker(cfg.max_connections, cfg.max_connections_per_ip)
+        self.context = _context(adapter, config, locks)
+        self.tracker = tracker or ConnectionTracker.for_config(self.context.config)
         #: Whether connections on this listener are encrypted from the start.
         self.secure = secure
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
@@ -217,12 +226,8 @@ class ServerGroup:
         *,
         locks: Optional[LockManager] = None,
     ) -> None:
-        if isinstance(adapter, SessionContext):
-            self.context = adapter
-        else:
-            self.context = SessionContext(adapter, config, locks)
-        cfg = self.context.config
-        self.tracker = ConnectionTracker(cfg.max_connections, cfg.max_connections_per_ip)
+        self.context = _context(adapter, config, locks)
+        self.tracker = ConnectionTracker.for_config(self.context.config)
         self.servers: List[POP3Server] = []
         self._threads: List[threading.Thread] = []
 

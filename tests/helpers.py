@@ -1,8 +1,12 @@
 """Small client-side helpers shared by the tests: raw-socket POP3 talk."""
 from __future__ import annotations
 
+import os
+import shutil
 import socket
 from typing import List, Tuple
+
+import pytest
 
 CRLF = b"\r\n"
 
@@ -93,3 +97,13 @@ def drop(client) -> None:
     client.sock.shutdown(socket.SHUT_RDWR)
     client.file.close()
     client.sock.close()
+
+
+def require_program(name: str) -> str:
+    """Path of a Debian client the test drives; a missing one fails under CI (which installs it)."""
+    path = shutil.which(name)
+    if path is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("%s is missing under CI; .ci/run installs it" % name)
+        pytest.skip("%s not installed" % name)
+    return path

@@ -3,23 +3,14 @@ from __future__ import annotations
 
 import base64
 import os
-import shutil
 import subprocess
 
 import pytest
 
 from pop3frame.adapters.memory import MemoryAdapter
 from pop3frame.testing import Controller
+from tests.helpers import require_program
 
-CURL = shutil.which("curl")
-
-
-@pytest.fixture(autouse=True)
-def need_curl():
-    if CURL is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("curl is missing under CI; .ci/run installs it")
-        pytest.skip("curl not installed")
 
 
 ATTACHMENT = os.urandom(5 * 1024 * 1024)
@@ -35,7 +26,7 @@ MESSAGES = [
 
 def curl(server, path="", *args, user="alice:pw"):
     out = subprocess.run(
-        [CURL, "-sS", "--max-time", "60", "-u", user, "pop3://127.0.0.1:%d/%s" % (server.port, path), *args],
+        [require_program("curl"), "-sS", "--max-time", "60", "-u", user, "pop3://127.0.0.1:%d/%s" % (server.port, path), *args],
         capture_output=True, timeout=90,
     )
     assert out.returncode == 0, out.stderr
@@ -70,6 +61,6 @@ def test_curl_list_retr_uidl_dele(server):
 
 def test_curl_wrong_password_fails(server):
     out = subprocess.run(
-        [CURL, "-sS", "-u", "alice:nope", "pop3://127.0.0.1:%d/" % server.port], capture_output=True, timeout=60
+        [require_program("curl"), "-sS", "-u", "alice:nope", "pop3://127.0.0.1:%d/" % server.port], capture_output=True, timeout=60
     )
     assert out.returncode == 67  # CURLE_LOGIN_DENIED

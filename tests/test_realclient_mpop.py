@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import base64
 import os
-import shutil
 import subprocess
 
 import pytest
@@ -11,9 +10,9 @@ import pytest
 from pop3frame.adapters.maildir import MaildirAdapter
 from pop3frame.adapters.passwdfile import PasswdFile, set_password
 from pop3frame.testing import Controller
+from tests.helpers import require_program
 from tests.harness_maildir import deliver_like_an_mda
 
-MPOP = shutil.which("mpop")
 
 MESSAGES = [
     b"From: a@example.org\nSubject: dots\n\n.starts with a dot\n.\n..two\nlast\n",
@@ -22,14 +21,6 @@ MESSAGES = [
     b"Content-Type: application/octet-stream\nContent-Transfer-Encoding: base64\n\n"
     + base64.encodebytes(os.urandom(5 * 1024 * 1024)) + b"--b--\n",
 ]
-
-
-@pytest.fixture(autouse=True)
-def need_mpop():
-    if MPOP is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("mpop is missing under CI; .ci/run installs it")
-        pytest.skip("mpop not installed")
 
 
 def test_mpop_fetches_maildir_byte_exact(tmp_path):
@@ -43,7 +34,7 @@ def test_mpop_fetches_maildir_byte_exact(tmp_path):
         (out / sub).mkdir(parents=True)
     with Controller(MaildirAdapter(mail, PasswdFile(passwd))) as server:
         result = subprocess.run(
-            [MPOP, "-C", "/dev/null", "--host=127.0.0.1", "--port=%d" % server.port, "--auth=user",
+            [require_program("mpop"), "-C", "/dev/null", "--host=127.0.0.1", "--port=%d" % server.port, "--auth=user",
              "--user=alice", "--passwordeval=echo pw", "--tls=off", "--delivery=maildir,%s" % out,
              "--uidls-file=%s" % (tmp_path / "uidls"), "--keep=off", "--received-header=off", "-q"],
             capture_output=True, text=True, timeout=120,
