@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 import socket
 import time
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 __all__ = ["ServerConfig", "RFC1939_MIN_AUTOLOGOUT"]
 
@@ -45,6 +45,18 @@ class ServerConfig:
     max_connections_per_ip: int = 0
     #: Failed logins on one connection before it is closed.
     max_auth_failures: int = 3
+    #: Failed logins per client address that cost nothing; each further one
+    #: shuts the address out for 1, 2, 4 ... seconds, up to the maximum.
+    free_auth_failures: int = 3
+    max_auth_failure_delay: float = 60.0
+
+    #: Allow USER/PASS and SASL PLAIN/LOGIN on unencrypted connections from
+    #: anywhere.  Off by default, as Dovecot's disable_plaintext_auth.
+    allow_plaintext_auth: bool = False
+    #: Networks where plaintext authentication is allowed without TLS.
+    trusted_networks: Sequence[str] = ("127.0.0.0/8", "::1/128")
+    #: Seconds a client gets to finish a TLS handshake.
+    tls_handshake_timeout: float = 30.0
 
     #: DELE refused for every mailbox (``-ERR [SYS/PERM]``).
     read_only: bool = False
@@ -61,13 +73,14 @@ class ServerConfig:
             raise ValueError(
                 "timeout must be at least %d seconds (RFC 1939 section 3)" % RFC1939_MIN_AUTOLOGOUT
             )
-        for name in ("auth_timeout", "poll_interval", "send_timeout"):
+        for name in ("auth_timeout", "poll_interval", "send_timeout", "tls_handshake_timeout"):
             if getattr(self, name) <= 0:
                 raise ValueError("%s must be positive" % name)
         for name in ("max_connections", "max_auth_failures"):
             if getattr(self, name) < 1:
                 raise ValueError("%s must be at least 1" % name)
-        for name in ("max_connections_per_ip", "login_delay", "stack_size"):
+        for name in ("max_connections_per_ip", "login_delay", "stack_size", "free_auth_failures",
+                     "max_auth_failure_delay"):
             if getattr(self, name) < 0:
                 raise ValueError("%s must not be negative" % name)
         if self.expire != "NEVER" and not self.expire.isdigit():

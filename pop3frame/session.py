@@ -7,10 +7,13 @@ argument checking, the mailbox lock and the RFC 1939 UPDATE rules.
 """
 from __future__ import annotations
 
+import base64
+import binascii
 import enum
 import hashlib
 import hmac
 import io
+import ipaddress
 import itertools
 import logging
 import os
@@ -18,7 +21,7 @@ import re
 import time
 from typing import Callable, Dict, FrozenSet, Iterable, Iterator, List, NamedTuple, Optional, Set, Tuple
 
-from . import __version__, protocol
+from . import __version__, protocol, sasl
 from .adapter import (
     AdapterBase,
     AuthenticationFailed,
@@ -28,9 +31,10 @@ from .adapter import (
     POP3Error,
     PermanentFailure,
 )
-from .auth import LoginDelayTracker
+from .auth import FailureThrottle, LoginDelayTracker
 from .config import ServerConfig
 from .locks import Lock, LockManager
+from .tls import TLSCertificates
 
 __all__ = ["Session", "SessionContext", "State", "COMMANDS"]
 
@@ -76,7 +80,14 @@ COMMANDS: Dict[str, CommandSpec] = {
     "RSET": CommandSpec("do_rset", TRANSACTION, 0, 0),
     "TOP": CommandSpec("do_top", TRANSACTION, 2, 2),
     "UIDL": CommandSpec("do_uidl", TRANSACTION, 0, 1),
+    "AUTH": CommandSpec("do_auth", AUTHORIZATION, 0, 2),
+    "STLS": CommandSpec("do_stls", AUTHORIZATION, 0, 0),
+    "UTF8": CommandSpec("do_utf8", AUTHORIZATION, 0, 0),
+    "LANG": CommandSpec("do_lang", BOTH, 0, 1),
 }
+
+#: RFC 5034 section 4: SASL responses are not bound by the 255-octet limit.
+MAX_SASL_LINE = 8192
 
 
 class SessionContext:
@@ -92,19 +103,35 @@ class SessionContext:
         config: Optional[ServerConfig] = None,
         locks: Optional[LockManager] = None,
         session_class: Optional[type] = None,
+        tls: Optional[TLSCertificates] = None,
     ) -> None:
         from .locks import InProcessLockManager
 
         self.session_class = session_class or Session
+        #: Certificates for STLS and implicit-TLS listeners, or None.
+        self.tls = tls
         self.adapter = adapter
         self.config = config or ServerConfig()
         self.locks = locks or InProcessLockManager()
         self.login_delays = LoginDelayTracker(self.config.login_delay, self.config.clock)
+        self.failures = FailureThrottle(
+            self.config.free_auth_failures, self.config.max_auth_failure_delay, self.config.clock
+        )
+        self.trusted_networks = [ipaddress.ip_network(n, strict=False) for n in self.config.trusted_networks]
         apop = self.config.apop
         if apop is None:
             apop = adapter.offers_apop()
         self.apop = apop
         self.read_only = self.config.read_only or adapter.read_only
+
+    def is_trusted(self, address: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(address.split("%", 1)[0])
+        except ValueError:
+            return False
+        if ip.version == 6 and ip.ipv4_mapped:
+            ip = ip.ipv4_mapped
+        return any(ip in net for net in self.trusted_networks)
 
 
 class CommandError(POP3Error):
@@ -152,6 +179,9 @@ class Session:
         self.state = State.AUTHORIZATION
         #: Set when the connection must close after the current reply.
         self.closing = False
+        #: Set by STLS: the handler must start TLS after sending the reply.
+        self.starttls = False
+        self._sasl = None
         self.user: Optional[str] = None
         self.utf8 = False
         self._pending_user: Optional[str] = None
@@ -188,7 +218,7 @@ class Session:
     @property
     def max_line(self) -> int:
         """Longest command line accepted now, in octets including CRLF."""
-        return protocol.MAX_COMMAND_LINE
+        return MAX_SASL_LINE if self._sasl is not None else protocol.MAX_COMMAND_LINE
 
     def finish(self) -> None:
         """End the session: close the mailbox and release its lock. Idempotent.
@@ -211,6 +241,8 @@ class Session:
     def handle(self, line: bytes) -> Reply:
         """Answer one command line; returns the bytes to send, in order."""
         self._previous_user, self._pending_user = self._pending_user, None
+        if self._sasl is not None:
+            return self._sasl_continue(line)
         try:
             cmd = protocol.parse_command(line, utf8=self.utf8)
         except protocol.ProtocolError as exc:
@@ -237,12 +269,16 @@ class Session:
 
     @property
     def plaintext_allowed(self) -> bool:
-        """Whether USER/PASS may be used on this connection."""
-        return True
+        """Whether passwords may travel on this connection (USER/PASS, PLAIN, LOGIN).
+
+        Yes on TLS, from trusted networks, or when the operator allowed it
+        everywhere; as Dovecot's ``disable_plaintext_auth``.
+        """
+        return self.secure or self.config.allow_plaintext_auth or self.context.is_trusted(self.peer[0])
 
     def do_user(self, cmd: protocol.Command) -> Reply:
         if not self.plaintext_allowed:
-            return [protocol.err("plaintext authentication disallowed on non-secure connections", protocol.AUTH)]
+            return [protocol.err(PLAINTEXT_REFUSED, protocol.AUTH)]
         self._pending_user = cmd.args[0]
         # Same answer for every name: USER must not reveal which users exist.
         return [protocol.ok("send PASS")]
@@ -270,15 +306,22 @@ class Session:
 
     def _login(self, user: str, check: Callable[[], bool]) -> Reply:
         """Shared tail of every authentication command: verify, lock, open."""
+        address = self.peer[0]
         try:
+            wait = self.context.failures.blocked_for(address)
+            if wait > 0:
+                # The password is not even looked at: guessing costs time.
+                raise AuthenticationFailed("too many failed logins; try again in %d seconds" % (wait + 0.999))
             if not check():
+                self.context.failures.failure(address)
                 raise AuthenticationFailed()
         except AuthenticationFailed:
             self._failures += 1
-            self.log.info("login failed for %r from %s (%d)", user, self.peer[0], self._failures)
+            self.log.info("login failed for %r from %s (%d)", user, address, self._failures)
             if self._failures >= self.config.max_auth_failures:
                 self.closing = True
             raise
+        self.context.failures.success(address)
         mailbox = self.adapter.mailbox_id(user)
         # The lock comes only after the password was verified, so nobody can
         # lock a victim out (or free the victim's lock) by naming it in USER.
@@ -392,6 +435,12 @@ class Session:
         caps = ["TOP"]
         if self.plaintext_allowed:
             caps.append("USER")
+        if self.state is State.AUTHORIZATION:
+            mechanisms = self.mechanisms()
+            if mechanisms:
+                caps.append("SASL " + " ".join(mechanisms))
+            if self.context.tls is not None and not self.secure:
+                caps.append("STLS")
         caps += [
             "UIDL",
             "RESP-CODES",
@@ -399,6 +448,8 @@ class Session:
             "PIPELINING",
             "EXPIRE %s" % self.config.expire,
             "LOGIN-DELAY %d" % self.config.login_delay,
+            "UTF8",
+            "LANG",
         ]
         if self.config.implementation:
             caps.append("IMPLEMENTATION %s-%s" % (self.config.implementation, __version__))
@@ -407,6 +458,95 @@ class Session:
             # names starting with X for private use.
             caps.append("X-READ-ONLY")
         return caps
+
+    # -- SASL (RFC 5034), STLS (RFC 2595), UTF8 and LANG (RFC 6856) ------------
+
+    def mechanisms(self) -> List[str]:
+        """SASL mechanisms usable on this connection now."""
+        names = [n for n in sasl.MECHANISMS if self.plaintext_allowed or n not in sasl.PLAINTEXT_MECHANISMS]
+        if self.context.apop:
+            names.append("CRAM-MD5")
+        return names
+
+    def do_auth(self, cmd: protocol.Command) -> Reply:
+        if not cmd.args:
+            # Not in RFC 5034, but RFC 1734 clients (and Dovecot) list mechanisms so.
+            return [protocol.multiline(protocol.ok(), self.mechanisms())]
+        name = cmd.args[0].upper()
+        if name in sasl.PLAINTEXT_MECHANISMS and not self.plaintext_allowed:
+            return [protocol.err(PLAINTEXT_REFUSED, protocol.AUTH)]
+        if name not in self.mechanisms():
+            return [protocol.err("unsupported authentication mechanism")]
+        initial = None
+        if len(cmd.args) == 2:
+            # RFC 5034 section 4: "=" is an initial response of zero length.
+            initial = b"" if cmd.args[1] == "=" else _b64decode(cmd.args[1])
+            if initial is None:
+                return [protocol.err("invalid base64 in initial response")]
+        if name == "CRAM-MD5":
+            exchange = sasl.cram_md5(self.apop_timestamp())(initial)
+        else:
+            exchange = sasl.MECHANISMS[name](initial)
+        return self._sasl_step(exchange, None)
+
+    def _sasl_step(self, exchange, response: Optional[bytes]) -> Reply:
+        try:
+            challenge = exchange.send(response) if response is not None else next(exchange)
+        except StopIteration as done:
+            self._sasl = None
+            user, verify = done.value
+            return self._login(user, lambda: verify(self.adapter))
+        except sasl.SASLError as exc:
+            self._sasl = None
+            return [protocol.err(str(exc))]
+        self._sasl = exchange
+        return [b"+ " + base64.b64encode(challenge) + protocol.CRLF]
+
+    def _sasl_continue(self, line: bytes) -> Reply:
+        exchange = self._sasl
+        text = line.rstrip(b"\r\n")
+        if text == b"*":
+            self._sasl = None
+            return [protocol.err("authentication aborted")]
+        response = _b64decode(text.decode("ascii", "replace"))
+        if response is None:
+            self._sasl = None
+            return [protocol.err("invalid base64 in response")]
+        try:
+            return self._sasl_step(exchange, response)
+        except POP3Error as exc:
+            return [protocol.err(exc.text, exc.code)]
+        except Exception:
+            self.log.exception("AUTH failed in the adapter")
+            return [protocol.err("internal server error", protocol.SYS_TEMP)]
+
+    def do_stls(self, cmd: protocol.Command) -> Reply:
+        if self.context.tls is None:
+            return [protocol.err("TLS is not configured")]
+        if self.secure:
+            return [protocol.err("already using TLS")]
+        self.starttls = True
+        return [protocol.ok("Begin TLS negotiation")]
+
+    def tls_started(self) -> None:
+        """After STLS: RFC 2595 section 4, forget what the client said before."""
+        self.starttls = False
+        self.secure = True
+        self._pending_user = self._previous_user = None
+
+    def do_utf8(self, cmd: protocol.Command) -> Reply:
+        self.utf8 = True
+        return [protocol.ok("UTF8 enabled")]
+
+    def do_lang(self, cmd: protocol.Command) -> Reply:
+        if not cmd.args:
+            return [protocol.multiline(protocol.ok("Language listing follows"), ["en English"])]
+        tag = cmd.args[0]
+        if tag == "*":
+            return [protocol.ok("en Language changed")]
+        if tag.lower() == "en":
+            return [protocol.ok("Language changed")]
+        return [protocol.err("invalid language")]
 
     def do_capa(self, cmd: protocol.Command) -> Reply:
         return [protocol.multiline(protocol.ok("Capability list follows"), self.capabilities())]
@@ -435,6 +575,16 @@ class Session:
         self.log.info("quit %r: %d retrieved, %d deleted", self.user, self.retrieved, self.deleted_count)
         suffix = "maildrop empty" if left == 0 else "%d message%s left" % (left, _s(left))
         return [protocol.ok("%s (%s)" % (signoff, suffix))]
+
+
+PLAINTEXT_REFUSED = "Plaintext authentication disallowed on non-secure (SSL/TLS) connections."
+
+
+def _b64decode(text: str) -> Optional[bytes]:
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        return None
 
 
 def _s(n: int) -> str:
