@@ -10,8 +10,10 @@ socketserver's ``shutdown_request``.
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import socketserver
+import ssl
 from typing import TYPE_CHECKING, Callable, Optional
 
 from . import protocol
@@ -158,6 +160,8 @@ class POP3Handler(socketserver.BaseRequestHandler):
         log = session.log
         log.info("connect from %s port %s", *self.client_address[:2])
         try:
+            if self.server.secure and not self._start_tls():
+                return
             conn.write(session.greeting())
             conn.flush()
             while not session.closing:
@@ -173,6 +177,15 @@ class POP3Handler(socketserver.BaseRequestHandler):
                         log.info("client closed the connection")
                         break
                     self._reply(session.handle(line))
+                    if session.starttls:
+                        conn.flush()
+                        # RFC 2595 section 4 and CVE-2011-0411: anything the
+                        # client sent after STLS was sent in clear text and is
+                        # dropped, never executed inside the TLS session.
+                        conn.discard_input()
+                        if not self._start_tls():
+                            break
+                        session.tls_started()
                 # Pipelined commands get their replies in one send.
                 if not conn.has_line():
                     conn.flush()
@@ -189,7 +202,35 @@ class POP3Handler(socketserver.BaseRequestHandler):
             log.exception("unexpected error; closing the connection")
         finally:
             session.finish()
+            if conn.sock is not self.request:
+                conn.sock.close()
             log.info("disconnect: %d octets sent", conn.bytes_out)
+
+    def _start_tls(self) -> bool:
+        """Handshake in this connection's thread, within the configured time.
+
+        The TLS socket wraps a duplicate descriptor: the original socket
+        stays valid, so the server's shutdown() can still cut the connection
+        and socketserver closes it as usual.
+        """
+        context = self.server.context
+        if context.tls is None:
+            self.session.log.error("TLS listener without certificates")
+            return False
+        raw = socket.socket(self.request.family, self.request.type, self.request.proto,
+                            fileno=os.dup(self.request.fileno()))
+        tls = context.tls.context.wrap_socket(raw, server_side=True, do_handshake_on_connect=False)
+        tls.settimeout(context.config.tls_handshake_timeout)
+        try:
+            tls.do_handshake()
+        except (ssl.SSLError, OSError) as exc:
+            self.session.log.info("TLS handshake failed: %s", exc)
+            tls.close()
+            return False
+        self.conn.sock = tls
+        self.session.secure = True
+        self.session.log.info("TLS established: %s %s", tls.version(), tls.cipher()[0])
+        return True
 
     def _reply(self, reply) -> None:
         write = self.conn.write

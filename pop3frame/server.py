@@ -19,6 +19,7 @@ from .config import ServerConfig
 from .handler import POP3Handler
 from .locks import LockManager
 from .session import SessionContext
+from .tls import TLSCertificates
 
 __all__ = ["POP3Server", "ServerGroup", "ConnectionTracker"]
 
@@ -110,18 +111,23 @@ class ConnectionTracker:
 
 
 def _context(
-    adapter: Union[AdapterBase, SessionContext], config: Optional[ServerConfig], locks: Optional[LockManager]
+    adapter: Union[AdapterBase, SessionContext],
+    config: Optional[ServerConfig],
+    locks: Optional[LockManager],
+    tls: Optional[TLSCertificates],
 ) -> SessionContext:
     """Servers accept a ready context (shared between listeners) or its parts."""
     if isinstance(adapter, SessionContext):
         return adapter
-    return SessionContext(adapter, config, locks)
+    return SessionContext(adapter, config, locks, tls=tls)
 
 
 class POP3Server(socketserver.ThreadingTCPServer):
     """A POP3 listener.
 
     ``POP3Server(("127.0.0.1", 1100), MyAdapter())`` then ``serve_forever()``.
+    With ``tls=TLSCertificates(cert, key)`` the listener offers STLS, or,
+    with ``secure=True`` as well, speaks implicit TLS (POP3S, RFC 8314).
     The address family follows the host: an IPv6 literal gives an IPv6
     socket (IPv6-only, so ``::`` and ``0.0.0.0`` can share a port).
     Override points: ``handler_class`` (socket I/O) and
@@ -143,11 +149,12 @@ class POP3Server(socketserver.ThreadingTCPServer):
         config: Optional[ServerConfig] = None,
         *,
         locks: Optional[LockManager] = None,
+        tls: Optional[TLSCertificates] = None,
         tracker: Optional[ConnectionTracker] = None,
         secure: bool = False,
         bind_and_activate: bool = True,
     ) -> None:
-        self.context = _context(adapter, config, locks)
+        self.context = _context(adapter, config, locks, tls)
         self.tracker = tracker or ConnectionTracker.for_config(self.context.config)
         #: Whether connections on this listener are encrypted from the start.
         self.secure = secure
@@ -225,8 +232,9 @@ class ServerGroup:
         config: Optional[ServerConfig] = None,
         *,
         locks: Optional[LockManager] = None,
+        tls: Optional[TLSCertificates] = None,
     ) -> None:
-        self.context = _context(adapter, config, locks)
+        self.context = _context(adapter, config, locks, tls)
         self.tracker = ConnectionTracker.for_config(self.context.config)
         self.servers: List[POP3Server] = []
         self._threads: List[threading.Thread] = []

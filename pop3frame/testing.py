@@ -20,6 +20,7 @@ from .config import ServerConfig
 from .locks import LockManager
 from .server import POP3Server, ServerGroup
 from .session import SessionContext
+from .tls import TLSCertificates
 
 __all__ = ["Controller", "ManualClock"]
 
@@ -53,11 +54,12 @@ class Controller:
         config: Optional[ServerConfig] = None,
         locks: Optional[LockManager] = None,
         secure: bool = False,
+        tls: Optional[TLSCertificates] = None,
         **options: Any,
     ) -> None:
         if options:
             config = dataclasses.replace(config or ServerConfig(hostname="localhost"), **options)
-        self.group = ServerGroup(adapter, config or ServerConfig(hostname="localhost"), locks=locks)
+        self.group = ServerGroup(adapter, config or ServerConfig(hostname="localhost"), locks=locks, tls=tls)
         self.server: POP3Server = self.group.add_listener((host, port), secure=secure)
 
     @property
