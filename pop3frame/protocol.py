@@ -44,7 +44,8 @@ class Command(NamedTuple):
     rest: str
 
 
-_KEYWORD = re.compile(r"[A-Za-z]{3,4}\Z")
+#: RFC 2449 section 3: keyword = 3*4VCHAR (so UTF8 is a keyword too).
+_KEYWORD = re.compile(r"[\x21-\x7e]{3,4}\Z")
 
 
 def parse_command(line: bytes, *, utf8: bool = False) -> Command:

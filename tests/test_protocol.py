@@ -48,6 +48,14 @@ def test_utf8_arguments_only_after_utf8():
     assert parse_command("USER jürgen\r\n".encode(), utf8=True).args == ["jürgen"]
 
 
+def test_keyword_grammar_is_3_to_4_vchar():
+    """RFC 2449 section 3: keyword = 3*4VCHAR; UTF8 (RFC 6856) contains a digit."""
+    assert parse_command(b"utf8\r\n").name == "UTF8"
+    for bad in (b"AB\r\n", b"ABCDE\r\n", b"\xc3\xa9t\xc3\xa9\r\n"):
+        with pytest.raises(protocol.ProtocolError):
+            parse_command(bad, utf8=True)
+
+
 def test_bare_lf_terminator_accepted():
     assert parse_command(b"NOOP\n").name == "NOOP"
 
