@@ -6,6 +6,7 @@ import getpass
 import logging
 import os
 import signal
+import ssl
 import sys
 import threading
 from typing import Optional, Sequence, Tuple
@@ -13,6 +14,7 @@ from typing import Optional, Sequence, Tuple
 from . import __version__
 from .config import ServerConfig
 from .server import ServerGroup
+from .tls import TLSCertificates
 
 __all__ = ["main", "parse_address"]
 
@@ -52,6 +54,14 @@ def build_parser() -> argparse.ArgumentParser:
     store.add_argument("--directory", metavar="ROOT",
                        help="serve every file in ROOT/<user>/ as a message (needs --passwd)")
     serve.add_argument("--passwd", metavar="FILE", help="Dovecot-style passwd-file with the users")
+    serve.add_argument("--tls-listen", action="append", type=parse_address, metavar="HOST:PORT",
+                       help="implicit-TLS (POP3S) listener (repeatable; needs --cert and --key)")
+    serve.add_argument("--cert", metavar="FILE", help="TLS certificate chain (PEM); plain listeners then offer STLS")
+    serve.add_argument("--key", metavar="FILE", help="TLS private key (PEM)")
+    serve.add_argument("--allow-plaintext-auth", action="store_true",
+                       help="allow passwords without TLS from any address (default: only trusted networks)")
+    serve.add_argument("--trusted-network", action="append", metavar="CIDR",
+                       help="network where passwords may travel without TLS (repeatable; default loopback)")
     serve.add_argument("--read-only", action="store_true", help="refuse DELE for every mailbox")
     serve.add_argument("--lock-dir", metavar="DIR",
                        help="file locks in DIR, so several server processes on one host exclude each other")
@@ -130,18 +140,34 @@ def read_password(args: argparse.Namespace) -> str:
 
 
 def serve_until_signalled(group: ServerGroup) -> None:
-    """Serve until SIGINT/SIGTERM; then end sessions without applying deletions."""
+    """Serve until SIGINT/SIGTERM; then end sessions without applying deletions.
+
+    SIGHUP re-reads the TLS certificate and key without dropping sessions.
+    """
     stop = threading.Event()
 
     def on_signal(signum, frame):
         logger.info("signal %d: shutting down", signum)
         stop.set()
 
+    def on_hangup(signum, frame):
+        tls = group.context.tls
+        if tls is None:
+            return
+        try:
+            tls.reload()
+            logger.info("SIGHUP: TLS certificate reloaded from %s", tls.certfile)
+        except (OSError, ssl.SSLError) as exc:
+            logger.error("SIGHUP: keeping the old TLS certificate: %s", exc)
+
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGHUP, on_hangup)
     group.start()
-    for host, port in group.addresses:
-        logger.info("listening on %s port %d", host, port)
+    for server in group.servers:
+        host, port = server.server_address[:2]
+        logger.info("listening on %s port %d%s", host, port,
+                    " (TLS)" if server.secure else " (STLS offered)" if group.context.tls else "")
     # Event.wait with a timeout keeps the main thread responsive to signals.
     while not stop.wait(3600):
         pass
@@ -151,12 +177,30 @@ def serve_until_signalled(group: ServerGroup) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     from .locks import FileLockManager
 
+    tls = None
+    if args.cert or args.key or args.tls_listen:
+        if not (args.cert and args.key):
+            raise UsageError("TLS needs both --cert FILE and --key FILE")
+        try:
+            tls = TLSCertificates(args.cert, args.key)
+        except (OSError, ssl.SSLError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+            raise UsageError("cannot load --cert/--key: %s" % reason) from None
+    options = {"read_only": args.read_only, "allow_plaintext_auth": args.allow_plaintext_auth}
+    if args.trusted_network:
+        options["trusted_networks"] = tuple(args.trusted_network)
+    try:
+        config = ServerConfig(**options)
+    except ValueError as exc:
+        raise UsageError("--trusted-network: %s" % exc) from None
     adapter = make_adapter(args)
     locks = FileLockManager(args.lock_dir) if args.lock_dir else None
-    group = ServerGroup(adapter, ServerConfig(read_only=args.read_only), locks=locks)
-    for address in args.listen or [parse_address(DEFAULT_LISTEN)]:
+    group = ServerGroup(adapter, config, locks=locks, tls=tls)
+    listeners = [(a, False) for a in args.listen or ([] if args.tls_listen else [parse_address(DEFAULT_LISTEN)])]
+    listeners += [(a, True) for a in args.tls_listen or []]
+    for address, secure in listeners:
         try:
-            group.add_listener(address)
+            group.add_listener(address, secure=secure)
         except OSError as exc:
             raise UsageError("cannot listen on %s:%d: %s" % (address[0], address[1], exc.strerror)) from None
     serve_until_signalled(group)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import socket
 import time
 from typing import Callable, Optional, Sequence
@@ -85,5 +86,7 @@ class ServerConfig:
                 raise ValueError("%s must not be negative" % name)
         if self.expire != "NEVER" and not self.expire.isdigit():
             raise ValueError("expire must be NEVER or a number of days")
+        for network in self.trusted_networks:
+            ipaddress.ip_network(network, strict=False)  # ValueError names the bad one
         if self.server_name is None:
             self.server_name = self.hostname

@@ -12,15 +12,19 @@ import pytest
 from tests.helpers import RawClient
 
 
-def start_server(*args: str, cwd=None) -> "tuple[subprocess.Popen, int]":
+def start_server(*args: str, cwd=None, listeners: int = 1):
+    """Start ``pop3frame serve``; returns (process, port) or (process, [ports])."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "pop3frame", "serve", *args],
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=cwd,
     )
+    ports = []
     for line in proc.stderr:
         m = re.search(r"listening on \S+ port (\d+)", line)
         if m:
-            return proc, int(m.group(1))
+            ports.append(int(m.group(1)))
+            if len(ports) == listeners:
+                return proc, (ports[0] if listeners == 1 else ports)
     proc.wait(10)
     pytest.fail("server did not start (exit %s)" % proc.returncode)
 
@@ -153,5 +157,45 @@ def test_mbox_and_directory_stores(tmp_path, store):
             assert c.login("alice", "pw").startswith(b"+OK alice's maildrop has 1 message")
             c.send(b"RETR 1\r\n")
             assert c.multiline() == b"+OK 22 octets\r\nSubject: m\r\n\r\nFrom x\r\n.\r\n"
+    finally:
+        assert stop_server(proc) == 0
+
+
+def test_tls_listeners_stls_and_sighup_reload(tmp_path):
+    import poplib
+    import ssl
+
+    import trustme
+
+    ca = trustme.CA()
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    issued = ca.issue_cert("localhost", "127.0.0.1")
+    issued.cert_chain_pems[0].write_to_path(str(cert))
+    issued.private_key_pem.write_to_path(str(key))
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+    proc, (plain, secure) = start_server("--demo", "--listen", "127.0.0.1:0", "--tls-listen", "127.0.0.1:0",
+                                         "--cert", str(cert), "--key", str(key), listeners=2)
+    try:
+        client = poplib.POP3("127.0.0.1", plain, timeout=10)
+        assert "STLS" in client.capa()
+        client.stls(context)
+        client.user("demo")
+        client.pass_("demo")
+        pops = poplib.POP3_SSL("127.0.0.1", secure, context=context, timeout=10)
+        first = pops.sock.getpeercert(binary_form=True)
+        pops.quit()
+        reissued = ca.issue_cert("localhost", "127.0.0.1")
+        reissued.cert_chain_pems[0].write_to_path(str(cert))
+        reissued.private_key_pem.write_to_path(str(key))
+        proc.send_signal(signal.SIGHUP)
+        for line in proc.stderr:
+            if "TLS certificate reloaded" in line:
+                break
+        pops = poplib.POP3_SSL("127.0.0.1", secure, context=context, timeout=10)
+        assert pops.sock.getpeercert(binary_form=True) != first
+        pops.quit()
+        assert client.stat()[0] == 3  # the STLS session survived the reload
+        client.quit()
     finally:
         assert stop_server(proc) == 0
