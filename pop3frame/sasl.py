@@ -9,11 +9,14 @@ aborts, the mailbox lock.
 """
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import hmac
 from typing import Callable, Dict, Generator, Optional, Tuple
 
-__all__ = ["SASLError", "MECHANISMS", "PLAINTEXT_MECHANISMS", "plain", "login", "cram_md5", "parse_plain"]
+__all__ = ["SASLError", "MECHANISMS", "PLAINTEXT_MECHANISMS", "plain", "login", "cram_md5", "scram_sha_256",
+           "parse_plain"]
 
 Verify = Callable[[object], bool]
 Exchange = Generator[bytes, bytes, Tuple[str, Verify]]
@@ -84,6 +87,81 @@ def cram_md5(challenge: str) -> Callable[[Optional[bytes]], Exchange]:
             return hmac.compare_digest(expected, digest.lower())
 
         return user, verify
+
+    return exchange
+
+
+def _scram_attributes(text: str) -> Dict[str, str]:
+    attributes = {}
+    for part in text.split(","):
+        key, sep, value = part.partition("=")
+        if not sep or len(key) != 1 or key in attributes:
+            raise SASLError("malformed SCRAM message")
+        attributes[key] = value
+    return attributes
+
+
+def _saslname(name: str) -> str:
+    """RFC 5802 section 5.1: '=2C' is ',' and '=3D' is '='; any other '=' is invalid."""
+    if "=" in name.replace("=2C", "").replace("=3D", ""):
+        raise SASLError("malformed SCRAM user name")
+    return name.replace("=2C", ",").replace("=3D", "=")
+
+
+def scram_sha_256(
+    secret: Callable[[str], Optional[str]],
+    nonce: Callable[[], str],
+    salt: Callable[[], bytes],
+    iterations: int = 4096,
+) -> Callable[[Optional[bytes]], Exchange]:
+    """RFC 7677 SCRAM-SHA-256 (RFC 5802 message flow), without channel binding.
+
+    ``secret(user)`` gives the plaintext secret (the adapter's apop_secret)
+    or None; an unknown user still gets a full exchange and fails at the
+    proof, so the exchange does not reveal which names exist.  ``nonce`` and
+    ``salt`` are injectable for the RFC test vector.
+    """
+
+    def exchange(initial: Optional[bytes]) -> Exchange:
+        client_first = _text(initial if initial is not None else (yield b""))
+        cbind, _, rest = client_first.partition(",")
+        authzid, _, bare = rest.partition(",")
+        if cbind not in ("n", "y") or not bare:
+            raise SASLError("channel binding is not supported")
+        first = _scram_attributes(bare)
+        if "m" in first or not first.get("n") or not first.get("r"):
+            raise SASLError("malformed SCRAM client-first message")
+        user = _saslname(first["n"])
+        if authzid and _saslname(authzid[2:]) != user:
+            raise SASLError("authorization identity not supported")
+        combined = first["r"] + nonce()
+        user_salt = salt()
+        server_first = "r=%s,s=%s,i=%d" % (combined, base64.b64encode(user_salt).decode(), iterations)
+        final = _text((yield server_first.encode()))
+        without_proof, sep, proof = final.rpartition(",p=")
+        attributes = _scram_attributes(without_proof)
+        if not sep or attributes.get("r") != combined or "c" not in attributes:
+            raise SASLError("malformed SCRAM client-final message")
+        password = secret(user)
+        key_source = password if password is not None else base64.b64encode(user_salt).decode()
+        salted = hashlib.pbkdf2_hmac("sha256", key_source.encode("utf-8"), user_salt, iterations)
+        client_key = hmac.new(salted, b"Client Key", hashlib.sha256).digest()
+        auth_message = ("%s,%s,%s" % (bare, server_first, without_proof)).encode("utf-8")
+        signature = hmac.new(hashlib.sha256(client_key).digest(), auth_message, hashlib.sha256).digest()
+        try:
+            given = base64.b64decode(proof, validate=True)
+        except (binascii.Error, ValueError):
+            raise SASLError("malformed SCRAM proof") from None
+        expected = bytes(a ^ b for a, b in zip(client_key, signature))
+        if password is None or not hmac.compare_digest(given, expected):
+            return user, lambda adapter: False
+        server_key = hmac.new(salted, b"Server Key", hashlib.sha256).digest()
+        verifier = hmac.new(server_key, auth_message, hashlib.sha256).digest()
+        # RFC 5034 section 4: server data on success goes in a last challenge,
+        # answered by an empty line before the +OK.
+        if (yield b"v=" + base64.b64encode(verifier)):
+            raise SASLError("unexpected data after SCRAM server-final message")
+        return user, lambda adapter: True
 
     return exchange
 

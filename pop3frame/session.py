@@ -18,6 +18,7 @@ import itertools
 import logging
 import os
 import re
+import secrets
 import time
 from typing import Callable, Dict, FrozenSet, Iterable, Iterator, List, NamedTuple, Optional, Set, Tuple
 
@@ -465,7 +466,8 @@ class Session:
         """SASL mechanisms usable on this connection now."""
         names = [n for n in sasl.MECHANISMS if self.plaintext_allowed or n not in sasl.PLAINTEXT_MECHANISMS]
         if self.context.apop:
-            names.append("CRAM-MD5")
+            # Both need the shared secret that APOP uses.
+            names += ["CRAM-MD5", "SCRAM-SHA-256"]
         return names
 
     def do_auth(self, cmd: protocol.Command) -> Reply:
@@ -485,6 +487,10 @@ class Session:
                 return [protocol.err("invalid base64 in initial response")]
         if name == "CRAM-MD5":
             exchange = sasl.cram_md5(self.apop_timestamp())(initial)
+        elif name == "SCRAM-SHA-256":
+            exchange = sasl.scram_sha_256(
+                self.adapter.apop_secret, lambda: secrets.token_urlsafe(18), lambda: secrets.token_bytes(16)
+            )(initial)
         else:
             exchange = sasl.MECHANISMS[name](initial)
         return self._sasl_step(exchange, None)

@@ -132,7 +132,7 @@ def test_auth_abort_bad_base64_unknown_and_wrong(server):
 def test_auth_without_mechanism_lists_them(server):
     with RawClient(server.address) as c:
         c.send(b"AUTH\r\n")
-        assert c.multiline() == b"+OK\r\nPLAIN\r\nLOGIN\r\nCRAM-MD5\r\n.\r\n"
+        assert c.multiline() == b"+OK\r\nPLAIN\r\nLOGIN\r\nCRAM-MD5\r\nSCRAM-SHA-256\r\n.\r\n"
 
 
 def test_long_sasl_response_line_accepted(server):
@@ -150,3 +150,70 @@ def test_curl_sasl(server, mechanism):
         capture_output=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout == b"Subject: x\r\n\r\ny\r\n"
+
+
+def test_scram_sha_256_rfc7677_vector():
+    """RFC 7677 section 3: the complete example exchange, byte for byte."""
+    exchange = sasl.scram_sha_256(
+        {"user": "pencil"}.get,
+        nonce=lambda: "%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0",
+        salt=lambda: base64.b64decode("W22ZaJ0SNY7soEsUEjb6gQ=="),
+    )(b"n,,n=user,r=rOprNGfwEbeRWgbNEkqO")
+    assert next(exchange) == (b"r=rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0,"
+                              b"s=W22ZaJ0SNY7soEsUEjb6gQ==,i=4096")
+    final = exchange.send(b"c=biws,r=rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0,"
+                          b"p=dHzbZapWIk4jUhN+Ute9ytag9zjfMHgsqmmiz7AndVQ=")
+    assert final == b"v=6rriTRBi23WpRR/wtup+mMhUZUn/dB5nLTJRsjl95G4="
+    with pytest.raises(StopIteration) as done:
+        exchange.send(b"")
+    user, verify = done.value.value
+    assert user == "user" and verify(None)
+
+
+def test_scram_wrong_proof_and_unknown_user_fail_at_the_end():
+    for secrets_map in ({"user": "other"}, {}):
+        exchange = sasl.scram_sha_256(secrets_map.get, nonce=lambda: "abc", salt=lambda: b"salt")(
+            b"n,,n=user,r=xyz")
+        next(exchange)
+        with pytest.raises(StopIteration) as done:
+            exchange.send(b"c=biws,r=xyzabc,p=" + base64.b64encode(b"x" * 32))
+        assert done.value.value[1](None) is False
+
+
+@pytest.mark.parametrize("first", [b"p=tls-unique,,n=user,r=x", b"n,,r=x", b"n,,n=us=er,r=x", b"garbage"])
+def test_scram_malformed_client_first(first):
+    exchange = sasl.scram_sha_256({}.get, nonce=lambda: "n", salt=lambda: b"s")(first)
+    with pytest.raises(sasl.SASLError):
+        next(exchange)
+
+
+def scram_client(c, user, password):
+    """A SCRAM-SHA-256 client written from RFC 5802 section 3, over a RawClient."""
+    client_nonce = "clientnonce123"
+    bare = "n=%s,r=%s" % (user, client_nonce)
+    reply = c.cmd("AUTH SCRAM-SHA-256 " + b64(("n,," + bare).encode()))
+    server_first = base64.b64decode(reply[2:].strip()).decode()
+    attrs = dict(part.split("=", 1) for part in server_first.split(","))
+    salted = hashlib.pbkdf2_hmac("sha256", password.encode(), base64.b64decode(attrs["s"]), int(attrs["i"]))
+    client_key = hmac.new(salted, b"Client Key", hashlib.sha256).digest()
+    without_proof = "c=biws,r=" + attrs["r"]
+    auth_message = ",".join((bare, server_first, without_proof)).encode()
+    signature = hmac.new(hashlib.sha256(client_key).digest(), auth_message, hashlib.sha256).digest()
+    proof = bytes(a ^ b for a, b in zip(client_key, signature))
+    reply = c.cmd(b64((without_proof + ",p=" + base64.b64encode(proof).decode()).encode()))
+    if reply.startswith(b"-ERR"):
+        return reply, None
+    server_key = hmac.new(salted, b"Server Key", hashlib.sha256).digest()
+    expected = b"v=" + base64.b64encode(hmac.new(server_key, auth_message, hashlib.sha256).digest())
+    return c.cmd(""), base64.b64decode(reply[2:].strip()) == expected
+
+
+def test_scram_sha_256_end_to_end(server):
+    """RFC 7677 over RFC 5034: the server proves it knows the secret, then +OK."""
+    with RawClient(server.address) as c:
+        reply, server_verified = scram_client(c, "tim", "tanstaaftanstaaf")
+        assert server_verified is True
+        assert reply.startswith(b"+OK tim's maildrop has 1 message")
+    with RawClient(server.address) as c:
+        reply, _ = scram_client(c, "tim", "wrong")
+        assert reply == b"-ERR [AUTH] invalid user name or password\r\n"

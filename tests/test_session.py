@@ -242,7 +242,7 @@ def test_unknown_command_keeps_session(logged_in):
 
 # -- CAPA (RFC 2449 section 5) ----------------------------------------------------
 
-CAPS = [b"TOP", b"USER", b"SASL PLAIN LOGIN CRAM-MD5", b"UIDL", b"RESP-CODES", b"AUTH-RESP-CODE", b"PIPELINING",
+CAPS = [b"TOP", b"USER", b"SASL PLAIN LOGIN CRAM-MD5 SCRAM-SHA-256", b"UIDL", b"RESP-CODES", b"AUTH-RESP-CODE", b"PIPELINING",
         b"EXPIRE NEVER", b"LOGIN-DELAY 0", b"UTF8", b"LANG", b"IMPLEMENTATION pop3frame-0.1.0"]
 
 
