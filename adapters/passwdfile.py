@@ -3,125 +3,254 @@
 Each line is ``user:{SCHEME}hash[:uid:gid:gecos:home:shell:extra]``; blank
 lines and lines starting with ``#`` are ignored.  Schemes are those of
 :mod:`pop3frame.passwords` (PLAIN, SHA512-CRYPT, BLF-CRYPT/BCRYPT, ARGON2ID,
-SCRYPT), so a file written for Dovecot works unchanged.
+SCRYPT), so a file written for Dovecot works unchanged.  Like Dovecot, the
+first line for a user wins (a duplicate is logged).
+
+A password field without ``{SCHEME}`` is recognised by its crypt prefix
+(``$6$``, ``$2y$``, ``$argon2id$``, ``$scrypt$``); anything else without a
+scheme, and an empty field, never verifies: a ``*``, ``!`` or ``x`` placeholder
+copied from ``/etc/shadow`` must not become a working password.
 
 The file is re-read when it changes (mtime, size or inode), so
 ``pop3frame passwd`` or another tool can edit it while the server runs.
+:func:`set_password` and :func:`delete_user` replace the file atomically and
+serialise concurrent editors with ``flock`` on ``<file>.lock``.
 """
 from __future__ import annotations
 
+import collections
+import fcntl
 import logging
 import os
+import re
 import secrets
 import tempfile
 import threading
-from typing import Dict, List, Optional, Tuple
+import time
+from typing import Callable, Dict, List, Optional, Tuple
 
-from pop3frame.passwords import hash_password, verify_password
+from pop3frame import TemporaryFailure
+from pop3frame.passwords import hash_password, split_scheme, verify_password
 
 __all__ = ["PasswdFile", "set_password", "delete_user", "read_entries"]
 
 logger = logging.getLogger("pop3frame.adapters.passwdfile")
 
+#: Crypt-style hashes recognised without a {SCHEME} prefix (Dovecot's CRYPT).
+_CRYPT_PREFIXES = (
+    ("$6$", "SHA512-CRYPT"),
+    ("$2y$", "BLF-CRYPT"),
+    ("$2b$", "BLF-CRYPT"),
+    ("$2a$", "BLF-CRYPT"),
+    ("$argon2id$", "ARGON2ID"),
+    ("$scrypt$", "SCRYPT"),
+)
+_RACY_NS = 2_000_000_000
+_SCHEME_PREFIX = re.compile(r"\{[A-Za-z0-9.-]+\}")
 
-def read_entries(path: str) -> Dict[str, str]:
-    """``{user: "{SCHEME}hash"}`` from a passwd-file; malformed lines are skipped and logged."""
+
+def _normalise(value: str) -> Optional[str]:
+    """``{SCHEME}data`` for a password field, or None if it can never verify."""
+    if _SCHEME_PREFIX.match(value):
+        return value if split_scheme(value)[1] else None
+    for prefix, scheme in _CRYPT_PREFIXES:
+        if value.startswith(prefix):
+            return "{%s}%s" % (scheme, value)
+    return None
+
+
+def _parse(data: bytes, path: str) -> Dict[str, str]:
     entries: Dict[str, str] = {}
-    with open(path, "r", encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            line = line.rstrip("\r\n")
-            if not line.strip() or line.lstrip().startswith("#"):
-                continue
-            fields = line.split(":")
-            if len(fields) < 2 or not fields[0]:
-                logger.warning("%s:%d: malformed line skipped", path, number)
-                continue
-            entries[fields[0]] = fields[1]
+    # surrogateescape: a stray non-UTF-8 byte spoils its own line, not the file.
+    for number, line in enumerate(data.decode("utf-8", "surrogateescape").splitlines(), 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        fields = line.split(":")
+        if len(fields) < 2 or not fields[0]:
+            logger.warning("%s:%d: malformed line skipped", path, number)
+            continue
+        if fields[0] in entries:
+            logger.warning("%s:%d: user %r listed again; the first line wins", path, number, fields[0])
+            continue
+        entries[fields[0]] = fields[1]
     return entries
 
 
+def read_entries(path: str) -> Dict[str, str]:
+    """``{user: password field}`` from a passwd-file, as written; malformed lines are skipped and logged."""
+    with open(path, "rb") as f:
+        return _parse(f.read(), path)
+
+
 class PasswdFile:
-    """Password checks against a passwd-file; safe to share between threads."""
+    """Password checks against a passwd-file; one instance is safe to share between threads.
+
+    ``authenticate`` raises :class:`pop3frame.TemporaryFailure` (the client
+    sees ``-ERR [SYS/TEMP]``, not a wrong-password reply) when the file cannot
+    be read, and keeps serving the last good copy if a reload fails halfway.
+    """
 
     def __init__(self, path: str) -> None:
-        self.path = path
+        self.path = os.fspath(path)
         self._mutex = threading.Lock()
-        self._stamp: Optional[Tuple[int, int, int]] = None
-        self._entries: Dict[str, str] = {}
-        self._dummy = hash_password(secrets.token_hex(8))
+        self._stamp: Optional[Tuple[int, int, int, int]] = None
+        self._entries: Dict[str, Optional[str]] = {}
+        self._dummy: Optional[str] = None
+        self._raw = b""
 
-    def _current(self) -> Dict[str, str]:
-        st = os.stat(self.path)
-        stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
+    def _current(self) -> Tuple[Dict[str, Optional[str]], str]:
+        try:
+            st = os.stat(self.path)
+        except OSError as exc:
+            logger.error("cannot read passwd-file %s: %s", self.path, exc.strerror or exc)
+            raise TemporaryFailure("user database unavailable") from None
+        stamp = (st.st_mtime_ns, st.st_size, st.st_ino, st.st_dev)
+        # File times tick in coarse steps and a replaced file may get the old
+        # inode back, so two edits in one tick can share a stamp ("racy git"):
+        # a recently changed file is compared by content too.
+        racy = time.time_ns() - st.st_mtime_ns < _RACY_NS
         with self._mutex:
-            if stamp != self._stamp:
-                self._entries = read_entries(self.path)
+            if stamp != self._stamp or racy:
+                try:
+                    with open(self.path, "rb") as f:
+                        raw = f.read()
+                except OSError as exc:
+                    logger.error("cannot read passwd-file %s: %s", self.path, exc.strerror or exc)
+                    raise TemporaryFailure("user database unavailable") from None
+                if raw != self._raw or self._stamp is None:
+                    self._entries = {user: _normalise(value) for user, value in _parse(raw, self.path).items()}
+                    unusable = sorted(u for u, v in self._entries.items() if v is None)
+                    if unusable:
+                        logger.warning("%s: no usable password for %s; they cannot log in",
+                                       self.path, ", ".join(map(repr, unusable)))
+                    self._dummy = self._pick_dummy()
+                    self._raw = raw
+                    logger.info("loaded %d users from %s", len(self._entries), self.path)
                 self._stamp = stamp
-                logger.info("loaded %d users from %s", len(self._entries), self.path)
-            return self._entries
+            return self._entries, self._dummy or ""
+
+    def _pick_dummy(self) -> str:
+        """A hash for unknown users to be checked against.
+
+        A real user's hash of the most common scheme costs exactly what a
+        real check costs (same scheme, same rounds/memory), so the reply time
+        does not tell an attacker whether a name exists.  The result of that
+        check is ignored: unknown users never log in.
+        """
+        hashes = [h for h in self._entries.values() if h is not None]
+        if not hashes:
+            return hash_password(secrets.token_hex(16))
+        counts = collections.Counter(split_scheme(h)[0] for h in hashes)
+        scheme = counts.most_common(1)[0][0]
+        return next(h for h in hashes if split_scheme(h)[0] == scheme)
 
     def users(self) -> List[str]:
-        return sorted(self._current())
+        """Every user name in the file, sorted."""
+        return sorted(self._current()[0])
 
     def authenticate(self, username: str, password: str) -> bool:
-        hashed = self._current().get(username)
+        entries, dummy = self._current()
+        hashed = entries.get(username)
         if hashed is None:
             # Same work as a real check, so response time does not reveal names.
-            verify_password(self._dummy, password)
+            verify_password(dummy, password)
             return False
         return verify_password(hashed, password)
 
+    __call__ = authenticate
 
-def _rewrite(path: str, user: str, new_line: Optional[str]) -> bool:
-    """Replace (or drop, or append) ``user``'s line atomically; True if it existed."""
-    if ":" in user or "\n" in user or not user:
+
+def _check_user(user: str) -> None:
+    if not user or ":" in user or user.startswith("#") or any(c < " " or c == "\x7f" for c in user):
         raise ValueError("invalid user name %r" % (user,))
+
+
+def _edit(path: str, change: Callable[[List[str]], Tuple[List[str], bool]]) -> bool:
+    """Rewrite the file through ``change(lines) -> (lines, result)``, atomically.
+
+    An exclusive ``flock`` on ``<path>.lock`` stops two editors from each
+    writing a copy without the other's change.  The new file keeps the old
+    one's owner and group when possible and its mode minus the bits for
+    others (a fresh file is 0600), so a server reading it as a group member
+    goes on working.
+    """
+    path = os.path.abspath(path)
+    lock_fd = os.open(path + ".lock", os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
     try:
-        with open(path, "r", encoding="utf-8") as f:
-            lines = f.read().splitlines()
-        mode = os.stat(path).st_mode & 0o777
-    except FileNotFoundError:
-        lines, mode = [], 0o600
-    out, found = [], False
-    for line in lines:
-        if line.split(":", 1)[0] == user and not line.lstrip().startswith("#"):
-            found = True
-            if new_line is not None:
-                out.append(new_line)
-        else:
-            out.append(line)
-    if not found and new_line is not None:
-        out.append(new_line)
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".passwd-")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write("".join(line + "\n" for line in out))
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        # A reader sees the old file or the new one, never half of one.
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    return found
+        fcntl.flock(lock_fd, fcntl.LOCK_EX)
+        try:
+            with open(path, "rb") as f:
+                lines = f.read().decode("utf-8", "surrogateescape").splitlines()
+                st: Optional[os.stat_result] = os.fstat(f.fileno())
+        except FileNotFoundError:
+            lines, st = [], None
+        lines, result = change(lines)
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".passwd-")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write("".join(line + "\n" for line in lines).encode("utf-8", "surrogateescape"))
+                f.flush()
+                os.fsync(f.fileno())
+            if st is not None:
+                try:
+                    os.chown(tmp, st.st_uid, st.st_gid)
+                except OSError:
+                    pass  # not root: the file becomes ours, as any editor would make it
+                os.chmod(tmp, st.st_mode & 0o660)
+            else:
+                os.chmod(tmp, 0o600)
+            # A reader sees the old file or the new one, never half of one.
+            os.replace(tmp, path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
+        return result
+    finally:
+        os.close(lock_fd)
+
+
+def _is_line_of(line: str, user: str) -> bool:
+    return not line.lstrip().startswith("#") and line.split(":", 1)[0] == user
 
 
 def set_password(path: str, user: str, password: str, scheme: str = "") -> None:
-    """Add ``user`` or change their password (strong default scheme); keeps other fields."""
-    hashed = hash_password(password, scheme)
-    rest = ""
-    try:
-        for line in open(path, encoding="utf-8").read().splitlines():
-            fields = line.split(":")
-            if fields[0] == user and len(fields) > 2:
-                rest = ":" + ":".join(fields[2:])
-    except FileNotFoundError:
-        pass
-    _rewrite(path, user, "%s:%s%s" % (user, hashed, rest))
+    """Add ``user`` or change their password; keeps the line's other fields.
+
+    ``scheme`` defaults to :func:`pop3frame.passwords.default_scheme`.
+    Raises ValueError for a user name or (PLAIN) password that would break
+    the line format.
+    """
+    _check_user(user)
+    hashed = hash_password(password, scheme or "")
+    if ":" in hashed or any(c < " " for c in hashed):
+        raise ValueError("this password cannot be stored with the PLAIN scheme; choose a hashing scheme")
+
+    def change(lines: List[str]) -> Tuple[List[str], bool]:
+        out, found = [], False
+        for line in lines:
+            if _is_line_of(line, user):
+                if not found:
+                    rest = line.split(":")[2:]
+                    out.append(":".join([user, hashed] + rest))
+                found = True  # later duplicates are dropped: they were dead anyway
+            else:
+                out.append(line)
+        if not found:
+            out.append("%s:%s" % (user, hashed))
+        return out, found
+
+    _edit(path, change)
 
 
 def delete_user(path: str, user: str) -> bool:
-    """Remove ``user``'s line; returns whether it existed."""
-    return _rewrite(path, user, None)
+    """Remove ``user``'s line(s); returns whether there was one."""
+    _check_user(user)
+
+    def change(lines: List[str]) -> Tuple[List[str], bool]:
+        out = [line for line in lines if not _is_line_of(line, user)]
+        return out, len(out) != len(lines)
+
+    return _edit(path, change)
