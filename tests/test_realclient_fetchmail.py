@@ -1,0 +1,85 @@
+"""A real POP3 client from Debian (fetchmail) fetching a Maildir served by pop3frame.
+
+fetchmail hands every message to an MDA on stdin; the MDA here writes it to
+a file, so the delivered bytes can be compared with what was put in the
+Maildir.  A first run keeps the mail and tracks UIDL (so the messages move
+new/ -> cur/ on the server and a second run must find nothing new: the
+unique-ids survived the move); a last run deletes everything.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+
+from pop3frame.adapters.maildir import MaildirAdapter
+from pop3frame.adapters.passwdfile import PasswdFile, set_password
+from pop3frame.testing import Controller
+from tests.harness_maildir import deliver_like_an_mda
+from tests.helpers import require_program
+
+MESSAGES = [
+    b"From: a@example.org\nTo: alice@example.org\nSubject: dots\n\n"
+    b".starts with a dot\n.\n..two\n. a dot and a space\nlast\n",
+    "From: Jürgen Groß <j@example.org>\nTo: alice@example.org\nSubject: Grüße aus Köln\n\n"
+    "Raw UTF-8 in the headers, Latin-1 in the body: ".encode() + b"caf\xe9\n",
+    # fetchmail splits lines longer than its 8 KiB buffer, so this stays at
+    # RFC 5322's 998-octet limit; 200 such lines still span several reads.
+    b"From: b@example.org\nTo: alice@example.org\nSubject: long\n\n" + (b"." + b"x" * 997 + b"\n") * 200 + b".\n",
+]
+
+
+def run_fetchmail(tmp_path, port, *options, uidl=False):
+    rc = tmp_path / "fetchmailrc"
+    out = tmp_path / "out"
+    out.mkdir(exist_ok=True)
+    # fetchmail refuses a run-control file that others can read, since it
+    # holds the password.
+    rc.write_text(
+        "set no syslog\n"
+        "set idfile \"%s\"\n"
+        "poll 127.0.0.1 with proto POP3 port %d auth password %s\n"
+        "  user \"alice\" there with password \"pw\" is \"root\" here\n"
+        "  options no rewrite sslproto '' %s\n"
+        "  mda \"/bin/sh -c 'cat > %s/msg.$$'\"\n" % (tmp_path / "fetchids", port, "uidl" if uidl else "", " ".join(options), out)
+    )
+    os.chmod(rc, 0o600)
+    env = dict(os.environ, HOME=str(tmp_path), FETCHMAILHOME=str(tmp_path), LC_ALL="C")
+    result = subprocess.run(
+        [require_program("fetchmail"), "--nodetach", "--invisible", "--pidfile", str(tmp_path / "fetchmail.pid"),
+         "-f", str(rc)],
+        capture_output=True, env=env, timeout=120,
+    )
+    delivered = sorted(p.read_bytes() for p in out.iterdir())
+    for p in out.iterdir():
+        p.unlink()
+    return result, delivered
+
+
+def test_fetchmail_fetches_maildir_byte_exact_keeps_then_deletes(tmp_path):
+    passwd = str(tmp_path / "passwd")
+    set_password(passwd, "alice", "pw", scheme="PLAIN")
+    mail = str(tmp_path / "mail")
+    names = [deliver_like_an_mda(mail, "alice", m) for m in MESSAGES]
+    with Controller(MaildirAdapter(mail, PasswdFile(passwd))) as server:
+        # 1: keep the mail on the server, remember its UIDs.
+        result, delivered = run_fetchmail(tmp_path, server.port, "keep", uidl=True)
+        assert result.returncode == 0, result.stderr.decode(errors="replace")
+        assert delivered == sorted(MESSAGES)
+        assert server.wait_for_connections(0)
+        # The server marked them seen: new/ -> cur/ with the S flag.
+        assert os.listdir(os.path.join(mail, "alice", "new")) == []
+        assert sorted(os.listdir(os.path.join(mail, "alice", "cur"))) == sorted(n + ":2,S" for n in names)
+
+        # 2: same UIDs after the move, so fetchmail sees nothing new
+        # (exit code 1 means "no mail").
+        result, delivered = run_fetchmail(tmp_path, server.port, "keep", uidl=True)
+        assert result.returncode == 1, result.stderr.decode(errors="replace")
+        assert delivered == []
+
+        # 3: fetch everything and delete it on the server (DELE + QUIT).
+        result, delivered = run_fetchmail(tmp_path, server.port, "fetchall", "nokeep")
+        assert result.returncode == 0, result.stderr.decode(errors="replace")
+        assert delivered == sorted(MESSAGES)
+        assert server.wait_for_connections(0)
+    assert os.listdir(os.path.join(mail, "alice", "new")) == []
+    assert os.listdir(os.path.join(mail, "alice", "cur")) == []
