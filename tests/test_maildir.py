@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from pop3frame.adapters.maildir import MaildirAdapter, safe_user_name
+from pop3frame.adapters.maildir import CACHE_NAME, MaildirAdapter, safe_user_name
 from pop3frame.adapters.passwdfile import PasswdFile, set_password
 from pop3frame.testing import Controller
 from tests.harness_maildir import deliver_like_an_mda
@@ -69,9 +69,22 @@ def test_existing_flags_kept_when_marking_seen(maildir):
     assert os.listdir(os.path.join(root, "alice", "cur")) == [name + ":2,FS"]
 
 
+class CountingMaildir(MaildirAdapter):
+    """Counts reads of message content through the adapter's measure() hook."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.measured = 0
+
+    def measure(self, path):
+        self.measured += 1
+        return super().measure(path)
+
+
 def test_sizes_come_from_the_cache_not_the_files(maildir):
     """After the first index, STAT/LIST read no message file (10,000 messages)."""
     root, adapter = maildir
+    adapter = CountingMaildir(root, adapter.auth)
     home = os.path.join(root, "alice", "new")
     os.makedirs(os.path.join(root, "alice", "cur"))
     os.makedirs(os.path.join(root, "alice", "tmp"))
@@ -86,6 +99,7 @@ def test_sizes_come_from_the_cache_not_the_files(maildir):
         assert client.stat() == (10_000, 10_000 * expected_size)
         client.quit()
         assert server.wait_for_connections(0)
+        assert adapter.measured == 10_000
         # Same byte size and mtime, but a different wire size: if a file were
         # read again its LIST size would change.
         for name in os.listdir(home):
@@ -97,6 +111,49 @@ def test_sizes_come_from_the_cache_not_the_files(maildir):
         client = login(server)
         assert client.stat() == (10_000, 10_000 * expected_size)
         client.quit()
+        assert server.wait_for_connections(0)
+        assert adapter.measured == 10_000  # not one more read
+    # A server restart (new adapter instance) uses the cache file too.
+    restarted = CountingMaildir(root, adapter.auth)
+    with Controller(restarted) as server:
+        client = login(server)
+        assert client.stat() == (10_000, 10_000 * expected_size)
+        client.quit()
+    assert restarted.measured == 0
+
+
+def test_only_new_or_changed_files_are_read(maildir):
+    root, adapter = maildir
+    adapter = CountingMaildir(root, adapter.auth)
+    names = [deliver_like_an_mda(root, "alice", b"Subject: %d\n\nx\n" % i) for i in range(5)]
+    with Controller(adapter) as server:
+        login(server).quit()
+        assert server.wait_for_connections(0)
+        assert adapter.measured == 5
+        deliver_like_an_mda(root, "alice", b"Subject: later\n\ny\n")
+        with open(os.path.join(root, "alice", "new", names[0]), "ab") as f:
+            f.write(b"appended line\n")  # size changes: must be measured again
+        client = login(server)
+        assert client.list(1).split()[2] == str(len(b"Subject: 0\r\n\r\nx\r\nappended line\r\n")).encode()
+        client.quit()
+        assert adapter.measured == 7
+
+
+def test_damaged_size_cache_is_ignored_and_rebuilt(maildir):
+    root, adapter = maildir
+    deliver_like_an_mda(root, "alice", b"Subject: a\n\nbody\n")
+    cache = os.path.join(root, "alice", CACHE_NAME)
+    for damage in (b"{not json", b"[1, 2]", b'{"x": "y"}', b"\xff\xfe"):
+        with open(cache, "wb") as f:
+            f.write(damage)
+        with Controller(adapter) as server:
+            client = login(server)
+            assert client.stat() == (1, len(b"Subject: a\r\n\r\nbody\r\n"))
+            client.quit()
+    with open(cache, "rb") as f:
+        assert b"body" not in f.read()  # sizes only, never content
+    # The damaged copy was replaced by rename, and no temporary file is left.
+    assert sorted(os.listdir(os.path.join(root, "alice"))) == sorted([CACHE_NAME, "cur", "new", "tmp"])
 
 
 def test_dovecot_wire_size_in_name_is_used(maildir):
@@ -184,3 +241,253 @@ def test_binary_non_utf8_content(maildir):
         client = login(server)
         assert client.retr(1)[1][-1] == b"\xff\xfe\x80 caf\xe9"
         client.quit()
+
+
+def _mkdirs(root, user="alice"):
+    for sub in ("new", "cur", "tmp"):
+        os.makedirs(os.path.join(root, user, sub), exist_ok=True)
+    return os.path.join(root, user)
+
+
+def _write(path, data):
+    with open(path, "wb") as f:
+        f.write(data)
+
+
+def test_wire_size_in_name_ignored_when_file_size_disagrees(maildir):
+    """,S= no longer matching the file means the file changed: its ,W= is stale too."""
+    root, adapter = maildir
+    home = _mkdirs(root)
+    _write(os.path.join(home, "cur", "1700000000.M1.host,S=3,W=999:2,S"), b"a\nb\n")
+    with Controller(adapter) as server:
+        client = login(server)
+        assert client.list(1).split()[2] == b"6"
+        client.quit()
+
+
+def test_message_seen_twice_during_a_move_is_listed_once(maildir):
+    """A rename new/ -> cur/ between the two directory listings shows both names."""
+    root, adapter = maildir
+    name = deliver_like_an_mda(root, "alice", b"Subject: once\n\nx\n")
+    home = os.path.join(root, "alice")
+    # Both names of one file: exactly what a scan caught mid-rename sees.
+    os.link(os.path.join(home, "new", name), os.path.join(home, "cur", name + ":2,S"))
+    with Controller(adapter) as server:
+        client = login(server)
+        assert uidl(client) == [name]
+        client.quit()
+
+
+def test_two_files_with_one_base_name_never_share_a_uid(maildir, caplog):
+    root, adapter = maildir
+    home = _mkdirs(root)
+    _write(os.path.join(home, "new", "1700000000.M1.host"), b"Subject: a\n\nx\n")
+    _write(os.path.join(home, "cur", "1700000000.M1.host:2,S"), b"Subject: b\n\nx\n")
+    with Controller(adapter) as server:
+        client = login(server)
+        assert uidl(client) == ["1700000000.M1.host"]
+        client.quit()
+    assert "two messages named" in caplog.text
+
+
+def test_delivery_order_with_odd_names(maildir):
+    """Leading timestamp, then digit runs as numbers; names without a timestamp use mtime."""
+    root, adapter = maildir
+    home = _mkdirs(root)
+    names = ["1700000001.M10P1.host", "1700000001.M9P1.host", "1700000000.M5P1.host",
+             "no-timestamp", "\u00b2\u00b3.superscript-digits", "1699999999"]
+    for i, name in enumerate(names):
+        path = os.path.join(home, "new", name)
+        _write(path, b"Subject: %d\n\nx\n" % i)
+    # Undated names sort by mtime: one old, one newer than everything.
+    os.utime(os.path.join(home, "new", "no-timestamp"), (1, 1))
+    os.utime(os.path.join(home, "new", "\u00b2\u00b3.superscript-digits"), (1800000000, 1800000000))
+    with Controller(adapter) as server:
+        client = login(server)
+        assert uidl(client)[:5] == ["no-timestamp", "1699999999", "1700000000.M5P1.host",
+                                    "1700000001.M9P1.host", "1700000001.M10P1.host"]
+        assert len(uidl(client)) == 6
+        client.quit()
+
+
+def test_non_utf8_file_name_gets_a_stable_hashed_uid(maildir):
+    root, adapter = maildir
+    home = _mkdirs(root)
+    raw_name = b"1700000000.M1.h\xf6st"
+    _write(os.path.join(os.fsencode(home), b"new", raw_name), b"Subject: bytes\n\nx\n")
+    with Controller(adapter) as server:
+        client = login(server)
+        first = uidl(client)
+        assert len(first[0]) == 40
+        assert client.retr(1)[1][0] == b"Subject: bytes"
+        client.quit()
+        assert server.wait_for_connections(0)
+        assert os.listdir(os.path.join(os.fsencode(home), b"cur")) == [raw_name + b":2,S"]
+        client = login(server)
+        assert uidl(client) == first  # the cache file round-tripped the name too
+        client.quit()
+
+
+def test_symlinks_fifos_and_directories_are_not_messages(maildir, tmp_path):
+    root, adapter = maildir
+    home = _mkdirs(root)
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"root:x:0:0\n")
+    os.symlink(secret, os.path.join(home, "new", "1700000000.M1.link"))
+    os.mkfifo(os.path.join(home, "new", "1700000000.M2.fifo"))  # reading it would block forever
+    os.mkdir(os.path.join(home, "cur", "1700000000.M3.dir"))
+    real = deliver_like_an_mda(root, "alice", b"Subject: real\n\nx\n")
+    with Controller(adapter) as server:
+        client = login(server)
+        assert uidl(client) == [real]
+        client.quit()
+
+
+def test_message_deleted_by_another_program_gives_temporary_error(maildir):
+    root, adapter = maildir
+    names = [deliver_like_an_mda(root, "alice", b"Subject: %d\n\nx\n" % i) for i in range(2)]
+    with Controller(adapter) as server, RawClient(server.address) as c:
+        assert c.login("alice", "pw").startswith(b"+OK")
+        os.unlink(os.path.join(root, "alice", "new", names[0]))
+        assert c.cmd("RETR 1") == b"-ERR [SYS/TEMP] message no longer exists\r\n"
+        c.send(b"RETR 2\r\n")
+        assert c.multiline().startswith(b"+OK")
+        # Gone already counts as deleted: QUIT succeeds.
+        assert c.cmd("DELE 1").startswith(b"+OK")
+        assert c.cmd("QUIT").startswith(b"+OK")
+
+
+def test_deleting_a_message_another_program_moved(maildir):
+    """DELE of a message re-flagged in cur/ by an IMAP client still removes it."""
+    root, adapter = maildir
+    names = [deliver_like_an_mda(root, "alice", b"Subject: %d\n\nx\n" % i) for i in range(3)]
+    home = os.path.join(root, "alice")
+    with Controller(adapter) as server:
+        client = login(server)
+        for name in names:
+            os.rename(os.path.join(home, "new", name), os.path.join(home, "cur", name + ":2,R"))
+        client.dele(1)
+        client.dele(3)
+        assert client.quit().startswith(b"+OK")
+    assert os.listdir(os.path.join(home, "new")) == []
+    assert os.listdir(os.path.join(home, "cur")) == [names[1] + ":2,R"]
+
+
+def test_seen_flag_added_where_another_program_moved_it(maildir):
+    root, adapter = maildir
+    name = deliver_like_an_mda(root, "alice", b"Subject: r\n\nx\n")
+    home = os.path.join(root, "alice")
+    with Controller(adapter) as server:
+        client = login(server)
+        client.retr(1)
+        os.rename(os.path.join(home, "new", name), os.path.join(home, "cur", name + ":2,R"))
+        client.quit()
+        assert server.wait_for_connections(0)
+    assert os.listdir(os.path.join(home, "cur")) == [name + ":2,RS"]
+
+
+def test_seen_move_never_overwrites_an_existing_file(maildir):
+    root, adapter = maildir
+    name = deliver_like_an_mda(root, "alice", b"Subject: original\n\nx\n")
+    home = os.path.join(root, "alice")
+    with Controller(adapter) as server:
+        client = login(server)
+        client.retr(1)
+        _write(os.path.join(home, "cur", name + ":2,S"), b"Subject: other file\n\ny\n")
+        client.quit()
+        assert server.wait_for_connections(0)
+    assert os.listdir(os.path.join(home, "new")) == [name]
+    with open(os.path.join(home, "cur", name + ":2,S"), "rb") as f:
+        assert f.read() == b"Subject: other file\n\ny\n"
+
+
+def test_delivery_during_session_is_not_shown_marked_or_deleted(maildir):
+    root, adapter = maildir
+    first = deliver_like_an_mda(root, "alice", b"Subject: first\n\nx\n")
+    home = os.path.join(root, "alice")
+    with Controller(adapter) as server:
+        client = login(server)
+        late = deliver_like_an_mda(root, "alice", b"Subject: late\n\ny\n")
+        assert client.stat()[0] == 1
+        client.retr(1)
+        client.dele(1)
+        client.quit()
+        assert server.wait_for_connections(0)
+        assert os.listdir(os.path.join(home, "new")) == [late]
+        assert os.listdir(os.path.join(home, "cur")) == []
+        client = login(server)
+        assert uidl(client) == [late] and first != late
+        client.quit()
+
+
+def test_passwd_may_be_a_path_a_callable_or_none(maildir, tmp_path):
+    root, adapter = maildir
+    deliver_like_an_mda(root, "alice", b"Subject: a\n\nx\n")
+    by_path = MaildirAdapter(root, adapter.auth.path)
+    assert by_path.authenticate("alice", "pw") and not by_path.authenticate("alice", "no")
+    calls = []
+
+    def check(user, password):
+        calls.append(user)
+        return password == "secret"
+
+    by_callable = MaildirAdapter(root, check)
+    with Controller(by_callable) as server:
+        client = server.pop3()
+        client.user("alice")
+        assert client.pass_("secret").startswith(b"+OK")
+        client.quit()
+    assert not by_callable.authenticate("../x", "secret")
+    assert calls == ["alice"]  # unsafe names never reach the user database
+    assert MaildirAdapter(root).authenticate("alice", "pw") is False
+    with pytest.raises(TypeError):
+        MaildirAdapter(root, 42)
+
+
+def test_new_mailbox_directories_are_private(maildir):
+    root, adapter = maildir
+    with Controller(adapter) as server:
+        login(server).quit()
+    for sub in ("", "new", "cur", "tmp"):
+        assert os.stat(os.path.join(root, "alice", sub)).st_mode & 0o777 == 0o700
+
+
+def test_read_only_leaves_every_file_alone(maildir):
+    root, adapter = maildir
+    name = deliver_like_an_mda(root, "alice", b"Subject: ro\n\nx\n")
+    with Controller(MaildirAdapter(root, adapter.auth, read_only=True)) as server, \
+            RawClient(server.address) as c:
+        c.login("alice", "pw")
+        c.send(b"RETR 1\r\n")
+        assert c.multiline().startswith(b"+OK")
+        assert c.cmd("DELE 1").startswith(b"-ERR [SYS/PERM]")
+        assert c.cmd("QUIT").startswith(b"+OK")
+        assert server.wait_for_connections(0)
+    assert os.listdir(os.path.join(root, "alice", "new")) == [name]
+
+
+def test_deletion_failure_is_logged_with_the_message(maildir, caplog):
+    root, adapter = maildir
+    names = [deliver_like_an_mda(root, "alice", b"Subject: %d\n\nx\n" % i) for i in range(4)]
+    victim = os.path.join(root, "alice", "new", names[2])
+    with Controller(adapter) as server:
+        client = login(server)
+        client.retr(4)
+        os.unlink(victim)
+        os.makedirs(os.path.join(victim, "inner"))
+        for n in (1, 2, 3, 4):
+            client.dele(n)
+        with pytest.raises(poplib.error_proto, match=r"\[SYS/TEMP\]"):
+            client.quit()
+        assert server.wait_for_connections(0)
+    assert "cannot delete message %s" % names[2] in caplog.text
+    assert "1 later message(s) kept" in caplog.text
+    # Messages 1 and 2 went; 3 (the directory) and 4 stayed, 4 marked seen
+    # since it was retrieved, and the next session still serves it.
+    assert os.listdir(os.path.join(root, "alice", "new")) == [names[2]]
+    assert os.listdir(os.path.join(root, "alice", "cur")) == [names[3] + ":2,S"]
+    with Controller(adapter) as server:
+        client = login(server)
+        assert uidl(client) == [names[3]]
+        client.quit()
+    shutil.rmtree(victim)
