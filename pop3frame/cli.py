@@ -1,50 +1,89 @@
-"""The ``pop3frame`` command (also ``python -m pop3frame``)."""
+"""The ``pop3frame`` command (also ``python -m pop3frame``).
+
+``serve`` runs the server (settings from ``--config FILE``, then flags on
+top); ``user`` and ``deliver`` manage the SQLite or PostgreSQL store;
+``passwd`` edits a passwd-file; ``check-config`` validates a config file.
+Operator mistakes end with one line on stderr and exit code 2.
+"""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import getpass
 import logging
 import os
-import signal
 import ssl
 import sys
-import threading
-from typing import Optional, Sequence, Tuple
+from typing import Any, Dict, List, NoReturn, Optional, Sequence, Tuple
 
 from . import __version__
+from . import configfile
 from .config import ServerConfig
-from .server import ServerGroup
-from .tls import TLSCertificates
+from .configfile import DEFAULT_DB, ConfigError, Listener, Settings
 
-__all__ = ["main", "parse_address"]
+__all__ = ["main", "parse_address", "build_parser"]
 
 logger = logging.getLogger("pop3frame.cli")
 
 DEFAULT_LISTEN = "127.0.0.1:1100"
-DEFAULT_DB = "pop3frame.db"
+STORE_FLAGS = ("demo", "sqlite", "maildir", "mbox", "directory", "postgres", "adapter")
 
 
 def parse_address(text: str) -> Tuple[str, int]:
     """``HOST:PORT`` or ``[IPV6]:PORT`` -> (host, port)."""
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise argparse.ArgumentTypeError("expected HOST:PORT, got %r" % text)
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    return host or "0.0.0.0", int(port)
+    try:
+        return configfile.parse_address(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def parse_option(text: str) -> Tuple[str, Any]:
+    """``key=value`` for --adapter-option; true/false and integers are converted."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError("expected key=value, got %r" % text)
+    converted: Any = value
+    if value in ("true", "false"):
+        converted = value == "true"
+    elif value.lstrip("-").isdigit():
+        converted = int(value)
+    return key.strip(), converted
+
+
+class UsageError(Exception):
+    """An operator mistake: reported as one line, exit code 2, no traceback."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but errors are one line: ``pop3frame: <what was expected>``."""
+
+    def error(self, message: str) -> NoReturn:
+        command = self.prog.split(" ", 1)[1] + ": " if " " in self.prog else ""
+        self.exit(2, "pop3frame: %s%s\n" % (command, message))
+
+
+def _store_options(parser: argparse.ArgumentParser, default=None) -> None:
+    parser.add_argument("--sqlite", metavar="PATH", default=default,
+                        help="SQLite store (default %s)" % DEFAULT_DB)
+    parser.add_argument("--postgres", metavar="DSN", default=default, help="PostgreSQL store")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pop3frame", description="A POP3 server framework.")
+    parser = _Parser(prog="pop3frame", description="A POP3 server framework.")
     parser.add_argument("--version", action="version", version="pop3frame " + __version__)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
 
     serve = commands.add_parser("serve", help="run the POP3 server")
+    serve.add_argument("--config", metavar="FILE", help="TOML config file (flags override it)")
     serve.add_argument("--listen", action="append", type=parse_address, metavar="HOST:PORT",
                        help="plain POP3 listener (repeatable; default %s)" % DEFAULT_LISTEN)
+    serve.add_argument("--tls-listen", action="append", type=parse_address, metavar="HOST:PORT",
+                       help="implicit-TLS (POP3S) listener (repeatable; needs --cert and --key)")
+    serve.add_argument("--proxy-listen", action="append", type=parse_address, metavar="HOST:PORT",
+                       help="plain listener expecting a HAProxy PROXY v1/v2 header first (repeatable)")
     store = serve.add_mutually_exclusive_group()
-    store.add_argument("--demo", action="store_true",
+    store.add_argument("--demo", action="store_true", default=None,
                        help="serve an in-memory demo mailbox (user demo, password demo)")
     store.add_argument("--sqlite", metavar="PATH",
                        help="SQLite store (the default: %s, created and seeded with a demo user)" % DEFAULT_DB)
@@ -53,23 +92,42 @@ def build_parser() -> argparse.ArgumentParser:
                        help="serve mbox files: a directory, or a path with {user} (needs --passwd)")
     store.add_argument("--directory", metavar="ROOT",
                        help="serve every file in ROOT/<user>/ as a message (needs --passwd)")
+    store.add_argument("--postgres", metavar="DSN", help="PostgreSQL store")
+    store.add_argument("--adapter", metavar="MODULE:CLASS",
+                       help="your own adapter: module:Class or path/to/file.py:Class")
+    serve.add_argument("--adapter-option", action="append", type=parse_option, metavar="KEY=VALUE",
+                       help="keyword argument for the --adapter class (repeatable)")
     serve.add_argument("--passwd", metavar="FILE", help="Dovecot-style passwd-file with the users")
-    serve.add_argument("--tls-listen", action="append", type=parse_address, metavar="HOST:PORT",
-                       help="implicit-TLS (POP3S) listener (repeatable; needs --cert and --key)")
     serve.add_argument("--cert", metavar="FILE", help="TLS certificate chain (PEM); plain listeners then offer STLS")
     serve.add_argument("--key", metavar="FILE", help="TLS private key (PEM)")
-    serve.add_argument("--allow-plaintext-auth", action="store_true",
+    serve.add_argument("--allow-plaintext-auth", action="store_true", default=None,
                        help="allow passwords without TLS from any address (default: only trusted networks)")
     serve.add_argument("--trusted-network", action="append", metavar="CIDR",
                        help="network where passwords may travel without TLS (repeatable; default loopback)")
-    serve.add_argument("--read-only", action="store_true", help="refuse DELE for every mailbox")
+    serve.add_argument("--max-connections", type=int, metavar="N",
+                       help="concurrent connections in total (default %d)" % ServerConfig.max_connections)
+    serve.add_argument("--max-connections-per-ip", type=int, metavar="N",
+                       help="concurrent connections per client address (default: no limit)")
+    serve.add_argument("--read-only", action="store_true", default=None, help="refuse DELE for every mailbox")
     serve.add_argument("--lock-dir", metavar="DIR",
                        help="file locks in DIR, so several server processes on one host exclude each other")
-    serve.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    serve.add_argument("--log-level", type=str.upper, choices=configfile.LOG_LEVELS, help="default INFO")
+    serve.add_argument("--log-json", action="store_true", default=None, help="log JSON lines")
+    serve.add_argument("--pid-file", metavar="FILE", help="write the process id here (removed at exit)")
+    serve.add_argument("--user", help="switch to this user after binding the ports")
+    serve.add_argument("--group", help="switch to this group after binding the ports")
+    serve.add_argument("--shutdown-grace", type=float, metavar="SECONDS",
+                       help="on SIGTERM, how long sessions may finish (default 10)")
+    serve.add_argument("--stats-listen", type=parse_address, metavar="HOST:PORT",
+                       help="serve Prometheus metrics on http://HOST:PORT/metrics")
     serve.set_defaults(func=cmd_serve)
 
-    user = commands.add_parser("user", help="manage users of the SQLite store")
-    user.add_argument("--sqlite", metavar="PATH", default=DEFAULT_DB)
+    check = commands.add_parser("check-config", help="validate a config file and print the effective settings")
+    check.add_argument("file")
+    check.set_defaults(func=cmd_check_config)
+
+    user = commands.add_parser("user", help="manage users of the SQLite or PostgreSQL store")
+    _store_options(user)
     actions = user.add_subparsers(dest="action", metavar="ACTION")
     actions.required = True
     for name, text in (("add", "create a user"), ("passwd", "change a password")):
@@ -77,13 +135,16 @@ def build_parser() -> argparse.ArgumentParser:
         action.add_argument("name")
         action.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
         action.add_argument("--scheme", default="", help="password scheme (default: strongest available)")
-    actions.add_parser("del", help="delete a user and their mail").add_argument("name")
-    actions.add_parser("list", help="list users with message counts")
+        _store_options(action, argparse.SUPPRESS)
+    action = actions.add_parser("del", help="delete a user and their mail")
+    action.add_argument("name")
+    _store_options(action, argparse.SUPPRESS)
+    _store_options(actions.add_parser("list", help="list users with message counts"), argparse.SUPPRESS)
     user.set_defaults(func=cmd_user)
 
     deliver = commands.add_parser("deliver", help="add a message (read from stdin) to a user's mailbox")
     deliver.add_argument("name")
-    deliver.add_argument("--sqlite", metavar="PATH", default=DEFAULT_DB)
+    _store_options(deliver)
     deliver.set_defaults(func=cmd_deliver)
 
     passwd = commands.add_parser("passwd", help="add a user to a passwd-file or change their password")
@@ -95,36 +156,243 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-class UsageError(Exception):
-    """An operator mistake: reported as one line, exit code 2, no traceback."""
+# -- settings: file, then flags -------------------------------------------------
 
 
-def make_adapter(args: argparse.Namespace):
-    if args.demo:
-        from pop3frame.adapters.memory import demo_adapter
+def apply_flags(settings: Settings, args: argparse.Namespace) -> Settings:
+    """Put the command-line flags on top of the file's settings (returns a new object)."""
+    s = dataclasses.replace(settings, server=dict(settings.server),
+                            adapter=dataclasses.replace(settings.adapter, options=dict(settings.adapter.options)))
+    listeners: List[Listener] = [Listener(a) for a in args.listen or []]
+    listeners += [Listener(a, tls=True) for a in args.tls_listen or []]
+    listeners += [Listener(a, proxy_protocol=True) for a in args.proxy_listen or []]
+    if listeners:
+        # Any listener flag replaces the file's listener list.
+        s.listeners = listeners
+    if args.cert or args.key:
+        s.cert, s.key = args.cert, args.key
+    chosen = [name for name in STORE_FLAGS if getattr(args, name)]
+    if chosen:
+        name = chosen[0]
+        value = getattr(args, name)
+        if name == "demo":
+            s.adapter = configfile.AdapterSpec("demo")
+        elif name == "postgres":
+            s.adapter = configfile.AdapterSpec("postgres", dsn=value)
+        elif name == "adapter":
+            s.adapter = configfile.AdapterSpec(value, passwd=args.passwd)
+        else:
+            s.adapter = configfile.AdapterSpec(name, path=value, passwd=args.passwd)
+    elif args.passwd:
+        s.adapter.passwd = args.passwd
+    if args.adapter_option:
+        s.adapter.options.update(dict(args.adapter_option))
+    if args.allow_plaintext_auth:
+        s.server["allow_plaintext_auth"] = True
+    if args.trusted_network:
+        s.server["trusted_networks"] = tuple(args.trusted_network)
+    if args.max_connections is not None:
+        s.server["max_connections"] = args.max_connections
+    if args.max_connections_per_ip is not None:
+        s.server["max_connections_per_ip"] = args.max_connections_per_ip
+    if args.read_only:
+        s.server["read_only"] = True
+    if args.lock_dir:
+        s.lock_backend, s.lock_dir = "file", args.lock_dir
+    for name in ("log_level", "pid_file", "user", "group", "stats_listen"):
+        if getattr(args, name) is not None:
+            setattr(s, name, getattr(args, name))
+    if args.log_json:
+        s.log_json = True
+    if args.shutdown_grace is not None:
+        if args.shutdown_grace < 0:
+            raise UsageError("--shutdown-grace: expected seconds >= 0, got %g" % args.shutdown_grace)
+        s.shutdown_grace = args.shutdown_grace
+    return s
 
-        return demo_adapter()
-    file_stores = {"maildir": "MaildirAdapter", "mbox": "MboxAdapter", "directory": "DirectoryAdapter"}
-    for option, class_name in file_stores.items():
-        location = getattr(args, option)
-        if not location:
-            continue
-        if not args.passwd:
-            raise UsageError("--%s needs --passwd FILE (the users and their passwords)" % option)
-        if not os.path.isfile(args.passwd):
-            raise UsageError("--passwd: no such file: %s" % args.passwd)
-        import importlib
 
-        from pop3frame.adapters.passwdfile import PasswdFile
+def _flag_errors(s: Settings) -> None:
+    """The checks a config file gets in configfile.parse, for flag-made settings."""
+    spec = s.adapter
+    if spec.type in ("maildir", "mbox", "directory") and not spec.passwd:
+        raise UsageError("--%s needs --passwd FILE (the users and their passwords)" % spec.type)
+    if spec.passwd and not os.path.isfile(spec.passwd):
+        raise UsageError("--passwd: no such file: %s" % spec.passwd)
+    if any(l.tls for l in s.listeners) and not (s.cert and s.key) or bool(s.cert) != bool(s.key):
+        raise UsageError("TLS needs both --cert FILE and --key FILE")
 
-        module = importlib.import_module("pop3frame.adapters." + option)
-        return getattr(module, class_name)(location, PasswdFile(args.passwd))
-    from pop3frame.adapters.sqlite import SQLiteStore
 
-    store = SQLiteStore(args.sqlite or DEFAULT_DB)
-    if store.ensure_demo():
-        logger.info("new store %s: added user 'demo' (password 'demo') with sample mail", store.path)
-    return store
+def resolve_settings(args: argparse.Namespace) -> Settings:
+    settings = configfile.load(args.config) if args.config else Settings()
+    settings = apply_flags(settings, args)
+    _flag_errors(settings)
+    return settings
+
+
+def load_tls(settings: Settings):
+    if not settings.cert:
+        return None
+    from .tls import TLSCertificates
+
+    try:
+        return TLSCertificates(settings.cert, settings.key)
+    except (OSError, ssl.SSLError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        raise UsageError("cannot load --cert/--key (%s, %s): %s" % (settings.cert, settings.key, reason)) from None
+
+
+# -- serve ------------------------------------------------------------------------
+
+
+def _reload(args: argparse.Namespace, state: Dict[str, Any]) -> None:
+    """SIGHUP: TLS material, log level, limits; other changes wait for a restart."""
+    group = state["group"]
+    tls = group.context.tls
+    if tls is not None:
+        try:
+            tls.reload()
+            logger.info("SIGHUP: TLS certificate reloaded from %s", tls.certfile)
+        except (OSError, ssl.SSLError) as exc:
+            logger.error("SIGHUP: keeping the old TLS certificate: %s", exc)
+    if not args.config:
+        return
+    old: Settings = state["settings"]
+    try:
+        new = resolve_settings(args)
+        config = configfile.server_config(new)
+    except (ConfigError, UsageError, ValueError) as exc:
+        logger.error("SIGHUP: keeping the old configuration: %s", exc)
+        return
+    logging.getLogger().setLevel(new.log_level)
+    group.apply_limits(config)
+    applied = {"log_level", "max_connections", "max_connections_per_ip"}
+    changed = [f.name for f in dataclasses.fields(Settings)
+               if f.name not in ("server", "log_level", "source", "shutdown_grace") and getattr(old, f.name) != getattr(new, f.name)]
+    changed += ["server." + k for k in sorted(set(old.server) | set(new.server))
+                if k not in applied and old.server.get(k) != new.server.get(k)]
+    state["settings"] = new
+    logger.info("SIGHUP: configuration reloaded (log level %s, max_connections %d, max_connections_per_ip %d)",
+                new.log_level, config.max_connections, config.max_connections_per_ip)
+    if changed:
+        logger.warning("SIGHUP: changed settings that need a restart: %s", ", ".join(changed))
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .lifecycle import PidFile, PidFileError, SignalLoop, drop_privileges, resolve_ids, setup_logging
+    from .server import ServerGroup
+    from .stats import ErrorCounter, Stats, StatsServer
+
+    settings = resolve_settings(args)
+    setup_logging(settings.log_level, settings.log_json)
+    try:
+        config = configfile.server_config(settings)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    if settings.user or settings.group:
+        try:
+            uid, gid, _ = resolve_ids(settings.user, settings.group)
+        except ValueError as exc:
+            raise UsageError("--%s" % exc) from None
+    tls = load_tls(settings)
+    try:
+        adapter = configfile.make_adapter(settings.adapter, logger)
+        locks = configfile.make_locks(settings)
+    except ValueError as exc:
+        raise UsageError("--adapter: %s" % exc if ":" in settings.adapter.type else str(exc)) from None
+    stats = Stats()
+    logging.getLogger().addHandler(ErrorCounter(stats))
+    group = ServerGroup(adapter, config, locks=locks, tls=tls, stats=stats)
+    for listener in settings.effective_listeners():
+        try:
+            group.add_listener(listener.address, secure=listener.tls, proxy_protocol=listener.proxy_protocol,
+                               proxy_timeout=settings.proxy_timeout)
+        except OSError as exc:
+            raise UsageError("cannot listen on %s: %s"
+                             % (configfile.format_address(listener.address), exc.strerror or exc)) from None
+    stats_server = None
+    if settings.stats_listen:
+        try:
+            stats_server = StatsServer(stats, settings.stats_listen)
+        except OSError as exc:
+            raise UsageError("cannot listen on %s for stats: %s"
+                             % (configfile.format_address(settings.stats_listen), exc.strerror or exc)) from None
+    pid_file = PidFile(settings.pid_file) if settings.pid_file else None
+    if pid_file is not None:
+        try:
+            pid_file.write()
+        except PidFileError as exc:
+            raise UsageError("--pid-file: %s" % exc) from None
+    try:
+        if settings.user or settings.group:
+            if pid_file is not None and uid is not None:
+                pid_file.chown(uid, gid if gid is not None else -1)
+            try:
+                drop_privileges(settings.user, settings.group)
+            except (OSError, ValueError) as exc:
+                raise UsageError("--user/--group: cannot switch: %s" % exc) from None
+            logger.info("running as uid %d gid %d", os.getuid(), os.getgid())
+        state = {"group": group, "settings": settings}
+        loop = SignalLoop(lambda: _reload(args, state))
+        loop.install()
+        group.start()
+        if stats_server is not None:
+            stats_server.start()
+            logger.info("stats on http://%s/metrics", configfile.format_address(stats_server.server_address[:2]))
+        logger.info("store: %s", _describe(settings.adapter))
+        for server in group.servers:
+            host, port = server.server_address[:2]
+            logger.info("listening on %s port %d%s%s", host, port,
+                        " (TLS)" if server.secure else " (STLS offered)" if tls else "",
+                        " (PROXY protocol)" if server.proxy_protocol else "")
+        signum = loop.run()
+        logger.info("signal %d: stopping; sessions get %g s to finish", signum, state["settings"].shutdown_grace)
+        group.graceful_shutdown(state["settings"].shutdown_grace)
+        loop.restore()
+        if stats_server is not None:
+            stats_server.stop()
+        logger.info("stopped")
+    finally:
+        if pid_file is not None:
+            pid_file.remove()
+    return 0
+
+
+def _describe(spec: configfile.AdapterSpec) -> str:
+    if spec.type == "sqlite":
+        return "sqlite %s" % (spec.path or DEFAULT_DB)
+    if spec.type == "postgres":
+        return "postgres %s" % configfile.redact_dsn(spec.dsn or "")
+    return " ".join(p for p in (spec.type, spec.path or "", "passwd %s" % spec.passwd if spec.passwd else "") if p)
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    settings = configfile.load(args.file)
+    spec = settings.adapter
+    if ":" in spec.type:
+        try:
+            configfile.resolve_factory(spec.type)
+        except ValueError as exc:
+            raise ConfigError(str(exc), "adapter.type",
+                              configfile.locate(_read(args.file), ("adapter", "type")), args.file) from None
+    if settings.cert:
+        from .tls import TLSCertificates
+
+        try:
+            TLSCertificates(settings.cert, settings.key)
+        except (OSError, ssl.SSLError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+            raise ConfigError("cannot load certificate/key: %s" % reason, "tls.cert",
+                              configfile.locate(_read(args.file), ("tls", "cert")), args.file) from None
+    sys.stdout.write(configfile.dump(settings))
+    return 0
+
+
+def _read(path: str) -> str:
+    with open(path, encoding="utf-8") as f:
+        return f.read()
+
+
+# -- user, deliver, passwd --------------------------------------------------------
 
 
 def read_password(args: argparse.Namespace) -> str:
@@ -139,78 +407,29 @@ def read_password(args: argparse.Namespace) -> str:
     return password
 
 
-def serve_until_signalled(group: ServerGroup) -> None:
-    """Serve until SIGINT/SIGTERM; then end sessions without applying deletions.
-
-    SIGHUP re-reads the TLS certificate and key without dropping sessions.
-    """
-    stop = threading.Event()
-
-    def on_signal(signum, frame):
-        logger.info("signal %d: shutting down", signum)
-        stop.set()
-
-    def on_hangup(signum, frame):
-        tls = group.context.tls
-        if tls is None:
-            return
+def open_store(args: argparse.Namespace):
+    """The SQLite (default) or PostgreSQL store for user/deliver."""
+    dsn = getattr(args, "postgres", None)
+    if dsn:
         try:
-            tls.reload()
-            logger.info("SIGHUP: TLS certificate reloaded from %s", tls.certfile)
-        except (OSError, ssl.SSLError) as exc:
-            logger.error("SIGHUP: keeping the old TLS certificate: %s", exc)
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGHUP, on_hangup)
-    group.start()
-    for server in group.servers:
-        host, port = server.server_address[:2]
-        logger.info("listening on %s port %d%s", host, port,
-                    " (TLS)" if server.secure else " (STLS offered)" if group.context.tls else "")
-    # Event.wait with a timeout keeps the main thread responsive to signals.
-    while not stop.wait(3600):
-        pass
-    group.shutdown()
-
-
-def cmd_serve(args: argparse.Namespace) -> int:
-    from .locks import FileLockManager
-
-    tls = None
-    if args.cert or args.key or args.tls_listen:
-        if not (args.cert and args.key):
-            raise UsageError("TLS needs both --cert FILE and --key FILE")
+            from pop3frame.adapters.postgres import PostgresStore
+        except ImportError as exc:
+            raise UsageError("--postgres: the PostgreSQL adapter is not available: %s" % exc) from None
         try:
-            tls = TLSCertificates(args.cert, args.key)
-        except (OSError, ssl.SSLError) as exc:
-            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
-            raise UsageError("cannot load --cert/--key: %s" % reason) from None
-    options = {"read_only": args.read_only, "allow_plaintext_auth": args.allow_plaintext_auth}
-    if args.trusted_network:
-        options["trusted_networks"] = tuple(args.trusted_network)
+            return PostgresStore(dsn)
+        except Exception as exc:
+            raise UsageError("--postgres: cannot connect: %s" % str(exc).strip().splitlines()[0]) from None
+    from pop3frame.adapters.sqlite import SQLiteStore
+
+    path = getattr(args, "sqlite", None) or DEFAULT_DB
     try:
-        config = ServerConfig(**options)
-    except ValueError as exc:
-        raise UsageError("--trusted-network: %s" % exc) from None
-    adapter = make_adapter(args)
-    locks = FileLockManager(args.lock_dir) if args.lock_dir else None
-    group = ServerGroup(adapter, config, locks=locks, tls=tls)
-    listeners = [(a, False) for a in args.listen or ([] if args.tls_listen else [parse_address(DEFAULT_LISTEN)])]
-    listeners += [(a, True) for a in args.tls_listen or []]
-    for address, secure in listeners:
-        try:
-            group.add_listener(address, secure=secure)
-        except OSError as exc:
-            raise UsageError("cannot listen on %s:%d: %s" % (address[0], address[1], exc.strerror)) from None
-    serve_until_signalled(group)
-    return 0
+        return SQLiteStore(path)
+    except Exception as exc:
+        raise UsageError("--sqlite: cannot open %s: %s" % (path, exc)) from None
 
 
 def cmd_user(args: argparse.Namespace) -> int:
-    from pop3frame.adapters.sqlite import SQLiteStore, UnknownUser
-
-    store = SQLiteStore(args.sqlite)
+    store = open_store(args)
     try:
         if args.action == "add":
             store.add_user(args.name, read_password(args), args.scheme)
@@ -221,7 +440,7 @@ def cmd_user(args: argparse.Namespace) -> int:
         else:
             for name, count, size in store.list_users():
                 print("%s\t%d messages\t%d octets" % (name, count, size))
-    except UnknownUser:
+    except LookupError:
         raise UsageError("no such user: %s" % args.name) from None
     except ValueError as exc:
         raise UsageError(str(exc)) from None
@@ -229,15 +448,18 @@ def cmd_user(args: argparse.Namespace) -> int:
 
 
 def cmd_deliver(args: argparse.Namespace) -> int:
-    from pop3frame.adapters.sqlite import SQLiteStore, UnknownUser
-
+    if sys.stdin.isatty():
+        raise UsageError("deliver reads the message from standard input: pop3frame deliver USER < message.eml")
     message = sys.stdin.buffer.read()
     if not message:
         raise UsageError("no message on standard input")
+    store = open_store(args)
     try:
-        uid = SQLiteStore(args.sqlite).deliver(args.name, message)
-    except UnknownUser:
+        uid = store.deliver(args.name, message)
+    except LookupError:
         raise UsageError("no such user: %s" % args.name) from None
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     logger.info("delivered %d octets to %s as %s", len(message), args.name, uid)
     return 0
 
@@ -249,17 +471,19 @@ def cmd_passwd(args: argparse.Namespace) -> int:
         set_password(args.file, args.name, read_password(args), args.scheme)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+    except OSError as exc:
+        raise UsageError("%s: %s" % (args.file, exc.strerror or exc)) from None
     return 0
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=getattr(args, "log_level", "INFO"),
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-    )
+    if args.command != "serve":
+        logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s %(message)s")
     try:
         return args.func(args)
-    except UsageError as exc:
+    except (UsageError, ConfigError) as exc:
         print("pop3frame: %s" % exc, file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        return 130

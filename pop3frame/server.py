@@ -4,6 +4,13 @@
 socket, one thread per accepted connection.  :class:`ServerGroup` runs
 several of them (IPv4, IPv6, plain and TLS ports) over one shared
 :class:`~pop3frame.session.SessionContext` and one connection budget.
+
+A listener with ``proxy_protocol=True`` expects a HAProxy PROXY v1/v2 header
+first (:mod:`pop3frame.proxy`); the real client address from it is what
+limits, the failed-login throttle, login delay and logs see.  Each session
+ends with one summary log line (peer, user, messages retrieved and deleted,
+octets sent, duration); with a :class:`~pop3frame.stats.Stats` the same
+numbers are counted.
 """
 from __future__ import annotations
 
@@ -11,17 +18,20 @@ import logging
 import socket
 import socketserver
 import threading
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+import time
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from . import protocol
 from .adapter import AdapterBase
 from .config import ServerConfig
 from .handler import POP3Handler
 from .locks import LockManager
-from .session import SessionContext
+from .proxy import ProxyError, read_header
+from .session import SessionContext, State
+from .stats import Stats
 from .tls import TLSCertificates
 
-__all__ = ["POP3Server", "ServerGroup", "ConnectionTracker"]
+__all__ = ["POP3Server", "ServerGroup", "ConnectionTracker", "SessionHandler"]
 
 logger = logging.getLogger("pop3frame.server")
 
@@ -47,16 +57,39 @@ class ConnectionTracker:
     def for_config(cls, config: ServerConfig) -> "ConnectionTracker":
         return cls(config.max_connections, config.max_connections_per_ip)
 
-    def admit(self, sock: socket.socket, ip: str, server: "POP3Server") -> Optional[str]:
-        """Register a connection, or return why it must be refused."""
+    def admit(self, sock: socket.socket, ip: Optional[str], server: "POP3Server") -> Optional[str]:
+        """Register a connection, or return why it must be refused.
+
+        ``ip=None`` counts the connection in the total only; :meth:`assign_ip`
+        adds the address later (a PROXY listener learns it from the header).
+        """
         with self._mutex:
             if len(self._live) >= self.max_total:
                 return "too many connections"
-            if self.max_per_ip and self._per_ip.get(ip, 0) >= self.max_per_ip:
+            if ip is not None and self.max_per_ip and self._per_ip.get(ip, 0) >= self.max_per_ip:
                 return "too many connections from your address"
             self._live[sock] = (ip, server, None)
+            if ip is not None:
+                self._per_ip[ip] = self._per_ip.get(ip, 0) + 1
+            return None
+
+    def assign_ip(self, sock: socket.socket, ip: str) -> Optional[str]:
+        """Give an admitted connection its client address, or say why it must be refused."""
+        with self._mutex:
+            entry = self._live.get(sock)
+            if entry is None or entry[0] is not None:
+                raise ValueError("connection not admitted, or its address is already known")
+            if self.max_per_ip and self._per_ip.get(ip, 0) >= self.max_per_ip:
+                return "too many connections from your address"
+            self._live[sock] = (ip, entry[1], entry[2])
             self._per_ip[ip] = self._per_ip.get(ip, 0) + 1
             return None
+
+    def set_limits(self, max_total: int, max_per_ip: int) -> None:
+        """Change the limits for new connections (SIGHUP); live ones stay."""
+        with self._mutex:
+            self.max_total = max_total
+            self.max_per_ip = max_per_ip
 
     def attach(self, sock: socket.socket, thread: threading.Thread) -> None:
         with self._mutex:
@@ -70,16 +103,21 @@ class ConnectionTracker:
             entry = self._live.pop(sock, None)
             if entry is not None:
                 ip = entry[0]
-                left = self._per_ip[ip] - 1
-                if left:
-                    self._per_ip[ip] = left
-                else:
-                    del self._per_ip[ip]
+                if ip is not None:
+                    left = self._per_ip[ip] - 1
+                    if left:
+                        self._per_ip[ip] = left
+                    else:
+                        del self._per_ip[ip]
                 self._mutex.notify_all()
 
     def count(self) -> int:
         with self._mutex:
             return len(self._live)
+
+    def count_ip(self, ip: str) -> int:
+        with self._mutex:
+            return self._per_ip.get(ip, 0)
 
     def wait_until_at_most(self, n: int, timeout: float) -> bool:
         """Block until at most ``n`` connections are live; False on timeout.
@@ -110,6 +148,56 @@ class ConnectionTracker:
                 thread.join(timeout)
 
 
+class SessionHandler(POP3Handler):
+    """:class:`POP3Handler` plus the end-of-session summary line and the stats counters."""
+
+    server: "POP3Server"
+
+    def setup(self) -> None:
+        self.started = time.monotonic()
+        super().setup()
+        stats = self.server.stats
+        if stats is not None:
+            stats.add("sessions")
+            self.session.handle = self._counting(self.session.handle, stats)
+
+    def _counting(self, handle, stats: Stats):
+        session = self.session
+
+        def counted(line: bytes):
+            before, failures = session.state, getattr(session, "_failures", 0)
+            reply = handle(line)
+            if before is State.AUTHORIZATION and session.state is State.TRANSACTION:
+                stats.add("logins_ok")
+            failed = getattr(session, "_failures", 0) - failures
+            if failed > 0:
+                stats.add("logins_failed", failed)
+            return reply
+
+        return counted
+
+    def finish(self) -> None:
+        session, conn = self.session, self.conn
+        duration = time.monotonic() - self.started
+        retrieved = getattr(session, "retrieved", 0)
+        deleted = getattr(session, "deleted_count", 0)
+        sent = conn.bytes_out
+        stats = self.server.stats
+        if stats is not None:
+            stats.add("messages_retrieved", retrieved)
+            stats.add("messages_deleted", deleted)
+            stats.add("bytes_out", sent)
+        host, port = self.client_address[:2]
+        logger.info(
+            "[%s] session end: peer %s port %s, user %s, %d retrieved, %d deleted, %d octets sent, %.3f s",
+            session.id, host, port, "%r" % session.user if session.user else "-", retrieved, deleted, sent,
+            duration,
+            extra={"session": session.id, "peer": host, "port": port, "user": session.user,
+                   "retrieved": retrieved, "deleted": deleted, "bytes_out": sent,
+                   "duration": round(duration, 3)},
+        )
+
+
 def _context(
     adapter: Union[AdapterBase, SessionContext],
     config: Optional[ServerConfig],
@@ -132,6 +220,10 @@ class POP3Server(socketserver.ThreadingTCPServer):
     socket (IPv6-only, so ``::`` and ``0.0.0.0`` can share a port).
     Override points: ``handler_class`` (socket I/O) and
     ``SessionContext.session_class`` (protocol).
+
+    With ``proxy_protocol=True`` every connection must start with a PROXY
+    v1 or v2 header, read in the connection's thread within
+    ``proxy_timeout`` seconds; without a valid one the connection is closed.
     """
 
     daemon_threads = True
@@ -140,7 +232,7 @@ class POP3Server(socketserver.ThreadingTCPServer):
     # stalled (Linux drops the handshake's last ACK), and a POP3 client then
     # waits for a greeting that never comes.  The kernel caps this at somaxconn.
     request_queue_size = 1024
-    handler_class = POP3Handler
+    handler_class = SessionHandler
 
     def __init__(
         self,
@@ -152,12 +244,19 @@ class POP3Server(socketserver.ThreadingTCPServer):
         tls: Optional[TLSCertificates] = None,
         tracker: Optional[ConnectionTracker] = None,
         secure: bool = False,
+        proxy_protocol: bool = False,
+        proxy_timeout: float = 5.0,
+        stats: Optional[Stats] = None,
         bind_and_activate: bool = True,
     ) -> None:
         self.context = _context(adapter, config, locks, tls)
         self.tracker = tracker or ConnectionTracker.for_config(self.context.config)
         #: Whether connections on this listener are encrypted from the start.
         self.secure = secure
+        #: Whether connections start with a PROXY protocol header.
+        self.proxy_protocol = proxy_protocol
+        self.proxy_timeout = proxy_timeout
+        self.stats = stats
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         super().__init__(address, self.handler_class, bind_and_activate)
 
@@ -170,15 +269,22 @@ class POP3Server(socketserver.ThreadingTCPServer):
     def port(self) -> int:
         return self.server_address[1]
 
+    def _refuse(self, request: socket.socket, ip: str, refusal: str) -> None:
+        logger.warning("refusing %s: %s", ip, refusal)
+        if self.stats is not None:
+            self.stats.add("refused")
+        try:
+            request.settimeout(1.0)
+            request.sendall(protocol.err(refusal, protocol.SYS_TEMP))
+        except OSError:
+            pass
+
     def process_request(self, request: socket.socket, client_address) -> None:
-        refusal = self.tracker.admit(request, client_address[0], self)
+        # Behind a proxy the peer is the proxy: per-address admission waits
+        # for the header, in the connection's thread.
+        refusal = self.tracker.admit(request, None if self.proxy_protocol else client_address[0], self)
         if refusal is not None:
-            logger.warning("refusing %s: %s", client_address[0], refusal)
-            try:
-                request.settimeout(1.0)
-                request.sendall(protocol.err(refusal, protocol.SYS_TEMP))
-            except OSError:
-                pass
+            self._refuse(request, client_address[0], refusal)
             self.shutdown_request(request)
             return
         thread = threading.Thread(
@@ -206,9 +312,32 @@ class POP3Server(socketserver.ThreadingTCPServer):
 
     def process_request_thread(self, request: socket.socket, client_address) -> None:
         try:
-            super().process_request_thread(request, client_address)
+            if self.proxy_protocol:
+                client_address = self._read_proxy_header(request, client_address)
+                if client_address is None:
+                    return
+            self.finish_request(request, client_address)
+        except Exception:
+            self.handle_error(request, client_address)
         finally:
+            self.shutdown_request(request)
             self.tracker.release(request)
+
+    def _read_proxy_header(self, request: socket.socket, proxy_address):
+        """The real client address from the PROXY header, or None if refused."""
+        try:
+            header = read_header(request, self.proxy_timeout)
+        except ProxyError as exc:
+            logger.warning("refusing %s port %s: bad PROXY header: %s", proxy_address[0], proxy_address[1], exc)
+            if self.stats is not None:
+                self.stats.add("refused")
+            return None
+        client_address = header.source if header.has_address else proxy_address[:2]
+        refusal = self.tracker.assign_ip(request, client_address[0])
+        if refusal is not None:
+            self._refuse(request, client_address[0], refusal)
+            return None
+        return client_address
 
     def handle_error(self, request, client_address) -> None:
         logger.exception("error serving %s", client_address)
@@ -233,15 +362,32 @@ class ServerGroup:
         *,
         locks: Optional[LockManager] = None,
         tls: Optional[TLSCertificates] = None,
+        stats: Optional[Stats] = None,
     ) -> None:
         self.context = _context(adapter, config, locks, tls)
         self.tracker = ConnectionTracker.for_config(self.context.config)
+        self.stats = stats
+        if stats is not None and stats.active is None:
+            stats.active = self.tracker.count
         self.servers: List[POP3Server] = []
         self._threads: List[threading.Thread] = []
 
-    def add_listener(self, address: Tuple[str, int], *, secure: bool = False, server_class=POP3Server) -> POP3Server:
+    def add_listener(
+        self,
+        address: Tuple[str, int],
+        *,
+        secure: bool = False,
+        proxy_protocol: bool = False,
+        proxy_timeout: float = 5.0,
+        server_class=POP3Server,
+    ) -> POP3Server:
         """Bind a listening socket now (so errors surface at once); serve it on start()."""
-        server = server_class(address, self.context, tracker=self.tracker, secure=secure)
+        options = {}
+        if proxy_protocol:
+            options.update(proxy_protocol=True, proxy_timeout=proxy_timeout)
+        if self.stats is not None:
+            options["stats"] = self.stats
+        server = server_class(address, self.context, tracker=self.tracker, secure=secure, **options)
         self.servers.append(server)
         return server
 
@@ -264,6 +410,45 @@ class ServerGroup:
             )
             thread.start()
             self._threads.append(thread)
+
+    def stop_accepting(self) -> None:
+        """Stop and close every listener; live sessions go on."""
+        for server in self.servers:
+            if self._threads:
+                # The base class's shutdown: stop the accept loop only.
+                socketserver.BaseServer.shutdown(server)
+            server.server_close()
+        for thread in self._threads:
+            thread.join()
+        self._threads.clear()
+
+    def graceful_shutdown(self, grace: float, wait: Optional[Callable[[float], bool]] = None) -> bool:
+        """Stop accepting, give sessions ``grace`` seconds to finish, then cut the rest.
+
+        A session that QUITs within the grace period has its deletions
+        applied; one cut afterwards ends like a dropped connection (no
+        deletions).  ``wait(grace)`` blocks until the sessions are gone or
+        the grace is over and says whether they are gone; the default waits
+        on the connection tracker, and tests inject their own.  Returns True
+        if no session had to be cut.
+        """
+        self.stop_accepting()
+        live = self.tracker.count()
+        if live and grace > 0:
+            logger.info("shutting down: waiting up to %g s for %d session(s) to finish", grace, live)
+            (wait or self._wait_for_sessions)(grace)
+        left = self.tracker.count()
+        if left:
+            logger.info("closing %d session(s) still open; their deletions are not applied", left)
+        self.tracker.close_all()
+        return left == 0
+
+    def _wait_for_sessions(self, grace: float) -> bool:
+        return self.tracker.wait_until_at_most(0, grace)
+
+    def apply_limits(self, config: ServerConfig) -> None:
+        """Take new connection limits (SIGHUP) for connections accepted from now on."""
+        self.tracker.set_limits(config.max_connections, config.max_connections_per_ip)
 
     def shutdown(self) -> None:
         """Stop every listener, end every session (no deletions applied), close sockets."""

@@ -133,6 +133,8 @@ def test_maildir_with_passwd_file(tmp_path):
     (("serve", "--maildir", "/tmp", "--passwd", "/nonexistent/passwd"), "--passwd: no such file"),
     (("deliver", "nobody"), "no such user: nobody"),
     (("user", "del", "nobody"), "no such user: nobody"),
+    (("serve", "--demo", "--max-connections", "0"), "max_connections must be at least 1"),
+    (("serve", "--demo", "--trusted-network", "10.0.0.0/33"), "trusted_networks: '10.0.0.0/33'"),
 ])
 def test_operator_mistakes_are_one_line(tmp_path, args, message):
     out = pop3frame(*args, input=b"Subject: x\n\nx\n", cwd=str(tmp_path))

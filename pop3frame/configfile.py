@@ -1,0 +1,633 @@
+"""The TOML configuration file of ``pop3frame serve --config FILE``.
+
+Every key is documented in ``docs/example.toml``.  The ``[server]`` table
+maps generically onto :class:`~pop3frame.config.ServerConfig`: each
+dataclass field is a key of the same name and type, so a field added there
+is configurable here with no change.  Errors are :class:`ConfigError`,
+whose text names the file, the line (when it can be found) and the key.
+
+Python 3.11+ reads TOML with :mod:`tomllib`; older versions need ``tomli``
+(``pip install 'pop3frame[toml]'``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib
+import importlib.util
+import os
+import re
+import sys
+import typing
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from .config import ServerConfig
+
+__all__ = [
+    "ConfigError",
+    "Listener",
+    "AdapterSpec",
+    "Settings",
+    "load",
+    "parse",
+    "parse_address",
+    "server_config",
+    "dump",
+    "BUNDLED_ADAPTERS",
+    "resolve_factory",
+    "make_adapter",
+    "make_locks",
+]
+
+DEFAULT_LISTEN = ("127.0.0.1", 1100)
+DEFAULT_DB = "pop3frame.db"
+
+#: type name -> (module, class, what ``path`` means, needs passwd)
+BUNDLED_ADAPTERS: Dict[str, Tuple[str, str, str, bool]] = {
+    "sqlite": ("pop3frame.adapters.sqlite", "SQLiteStore", "database file", False),
+    "maildir": ("pop3frame.adapters.maildir", "MaildirAdapter", "root directory", True),
+    "mbox": ("pop3frame.adapters.mbox", "MboxAdapter", "directory or path template with {user}", True),
+    "directory": ("pop3frame.adapters.directory", "DirectoryAdapter", "root directory", True),
+    "postgres": ("pop3frame.adapters.postgres", "PostgresStore", "", False),
+    "demo": ("pop3frame.adapters.memory", "demo_adapter", "", False),
+}
+
+#: ServerConfig fields a config file cannot set.
+NOT_CONFIGURABLE = {"clock"}
+
+
+class ConfigError(Exception):
+    """A mistake in the configuration: ``FILE:LINE: key: message``."""
+
+    def __init__(self, message: str, key: str = "", line: Optional[int] = None, source: Optional[str] = None) -> None:
+        self.message = message
+        self.key = key
+        self.line = line
+        self.source = source
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        where = self.source or ""
+        if where and self.line:
+            where += ":%d" % self.line
+        parts = [p for p in (where, self.key) if p]
+        return ": ".join(parts + [self.message])
+
+
+def parse_address(text: str, key: str = "address") -> Tuple[str, int]:
+    """``HOST:PORT`` or ``[IPV6]:PORT`` -> (host, port); ValueError otherwise."""
+    if not isinstance(text, str):
+        raise ValueError("expected HOST:PORT as a string, got %r" % (text,))
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError("expected HOST:PORT, got %r" % text)
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return host or "0.0.0.0", int(port)
+
+
+def format_address(address: Tuple[str, int]) -> str:
+    host, port = address
+    return "[%s]:%d" % (host, port) if ":" in host else "%s:%d" % (host, port)
+
+
+@dataclasses.dataclass
+class Listener:
+    address: Tuple[str, int]
+    #: Implicit TLS (POP3S) from the first byte.
+    tls: bool = False
+    #: Expect a HAProxy PROXY v1/v2 header first.
+    proxy_protocol: bool = False
+
+
+@dataclasses.dataclass
+class AdapterSpec:
+    #: A bundled name (see BUNDLED_ADAPTERS), ``module:Class`` or ``path/to/file.py:Class``.
+    type: str = "sqlite"
+    path: Optional[str] = None
+    passwd: Optional[str] = None
+    dsn: Optional[str] = None
+    #: Keyword arguments for the class (custom adapters; extra ones for bundled).
+    options: Dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class Settings:
+    """Everything ``pop3frame serve`` needs, from the file and then the flags."""
+
+    listeners: List[Listener] = dataclasses.field(default_factory=list)
+    cert: Optional[str] = None
+    key: Optional[str] = None
+    adapter: AdapterSpec = dataclasses.field(default_factory=AdapterSpec)
+    lock_backend: str = "memory"
+    lock_dir: Optional[str] = None
+    lock_dsn: Optional[str] = None
+    #: ServerConfig keyword arguments (only the keys that were set).
+    server: Dict[str, Any] = dataclasses.field(default_factory=dict)
+    log_level: str = "INFO"
+    log_json: bool = False
+    pid_file: Optional[str] = None
+    user: Optional[str] = None
+    group: Optional[str] = None
+    shutdown_grace: float = 10.0
+    proxy_timeout: float = 5.0
+    stats_listen: Optional[Tuple[str, int]] = None
+    #: The file these settings came from, if any.
+    source: Optional[str] = None
+
+    def effective_listeners(self) -> List[Listener]:
+        return self.listeners or [Listener(DEFAULT_LISTEN)]
+
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+# -- locating keys in the source, for line numbers -----------------------------
+
+_HEADER = re.compile(r"^\s*(\[\[?)\s*([^\]]+?)\s*\]\]?\s*(#.*)?$")
+
+
+def _key_pattern(key: str) -> "re.Pattern[str]":
+    return re.compile(r"""^\s*(?:%s|"%s"|'%s')\s*=""" % ((re.escape(key),) * 3))
+
+
+def locate(text: str, path: Sequence[Any]) -> Optional[int]:
+    """Best-effort line number (1-based) of ``path`` such as ("server", "timeout") or ("listener", 1, "address")."""
+    if not text:
+        return None
+    table = tuple(p for p in path[:-1] if isinstance(p, str))
+    index = next((p for p in path if isinstance(p, int)), None)
+    key = path[-1] if isinstance(path[-1], str) else None
+    current: Tuple[str, ...] = ()
+    counts: Dict[Tuple[str, ...], int] = {}
+    pattern = _key_pattern(key) if key else None
+    header_line = None
+    for number, line in enumerate(text.splitlines(), 1):
+        m = _HEADER.match(line)
+        if m:
+            current = tuple(part.strip().strip('"') for part in m.group(2).split("."))
+            if m.group(1) == "[[":
+                counts[current] = counts.get(current, -1) + 1
+            if current == table and (index is None or counts.get(current) == index):
+                header_line = number
+                if key is None:
+                    return number
+            continue
+        in_table = current == table and (index is None or counts.get(current) == index)
+        if pattern and in_table and pattern.match(line):
+            return number
+        if pattern and not table and not current and pattern.match(line):
+            return number
+    # A dotted key (server.timeout = ...) at the top level, or inline table.
+    if key and table:
+        dotted = _key_pattern(".".join(table + (key,)))
+        for number, line in enumerate(text.splitlines(), 1):
+            if dotted.match(line):
+                return number
+    return header_line
+
+
+# -- reading -------------------------------------------------------------------
+
+
+def _toml():
+    if sys.version_info >= (3, 11):
+        import tomllib
+
+        return tomllib
+    try:
+        import tomli
+    except ImportError:
+        raise ConfigError("reading TOML needs Python 3.11 or the tomli package (pip install 'pop3frame[toml]')")
+    return tomli
+
+
+class _Reader:
+    def __init__(self, text: str, source: Optional[str]) -> None:
+        self.text = text
+        self.source = source
+
+    def error(self, path: Sequence[Any], message: str) -> ConfigError:
+        key = ""
+        for part in path:
+            if isinstance(part, int):
+                key += "[%d]" % part
+            else:
+                key += ("." if key else "") + part
+        return ConfigError(message, key, locate(self.text, path), self.source)
+
+    def table(self, data: Any, path: Sequence[Any], allowed: Sequence[str]) -> Dict[str, Any]:
+        if not isinstance(data, dict):
+            raise self.error(path, "expected a table")
+        for name in data:
+            if name not in allowed:
+                close = difflib.get_close_matches(name, allowed, 1)
+                hint = " (did you mean %r?)" % close[0] if close else ""
+                raise self.error(tuple(path) + (name,), "unknown key%s" % hint)
+        return data
+
+    def typed(self, data: Dict[str, Any], path: Sequence[Any], name: str, kind: Any, default: Any = None) -> Any:
+        if name not in data:
+            return default
+        value = data[name]
+        here = tuple(path) + (name,)
+        if kind is bool:
+            if not isinstance(value, bool):
+                raise self.error(here, "expected true or false, got %r" % (value,))
+        elif kind is int:
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise self.error(here, "expected an integer, got %r" % (value,))
+        elif kind is float:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise self.error(here, "expected a number, got %r" % (value,))
+            value = float(value)
+        elif kind is str:
+            if not isinstance(value, str):
+                raise self.error(here, "expected a string, got %r" % (value,))
+        elif kind == "address":
+            try:
+                value = parse_address(value)
+            except ValueError as exc:
+                raise self.error(here, str(exc)) from None
+        elif kind == "strings":
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise self.error(here, "expected a list of strings, got %r" % (value,))
+            value = tuple(value)
+        return value
+
+
+def _server_field_types() -> Dict[str, Any]:
+    hints = typing.get_type_hints(ServerConfig)
+    out = {}
+    for field in dataclasses.fields(ServerConfig):
+        if field.name in NOT_CONFIGURABLE:
+            continue
+        hint = hints.get(field.name, Any)
+        origin = typing.get_origin(hint)
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if origin is typing.Union and len(args) == 1:
+            hint, origin = args[0], typing.get_origin(args[0])
+        if hint in (bool, int, float, str):
+            out[field.name] = hint
+        elif origin in (list, tuple, Sequence, typing.Sequence) or hint in (list, tuple):
+            out[field.name] = "strings"
+        elif origin is typing.Union:
+            out[field.name] = None  # any TOML value; ServerConfig validates
+        else:
+            out[field.name] = None
+    return out
+
+
+def _load_server_table(reader: _Reader, data: Any) -> Dict[str, Any]:
+    types = _server_field_types()
+    allowed = list(types) + ["max_connections_per_user"]
+    table = reader.table(data, ("server",), allowed)
+    values: Dict[str, Any] = {}
+    for name in table:
+        if name == "max_connections_per_user":
+            per_user = reader.typed(table, ("server",), name, int)
+            if per_user != 1:
+                raise reader.error(("server", name), "must be 1: the mailbox lock (RFC 1939 section 8) already "
+                                   "allows one session per user; a second login gets -ERR [IN-USE]")
+            continue
+        values[name] = reader.typed(table, ("server",), name, types[name])
+    return values
+
+
+def parse(text: str, source: Optional[str] = None) -> Settings:
+    """Settings from TOML text; ``source`` names the file in errors."""
+    try:
+        data = _toml().loads(text)
+    except ValueError as exc:  # TOMLDecodeError is a ValueError
+        m = re.search(r"line (\d+)", str(exc))
+        raise ConfigError("invalid TOML: %s" % exc, "", int(m.group(1)) if m else None, source) from None
+    r = _Reader(text, source)
+    top = ("listener", "tls", "adapter", "locks", "server", "logging", "stats", "proxy",
+           "shutdown_grace", "pid_file", "user", "group")
+    r.table(data, (), top)
+    s = Settings(source=source)
+
+    listeners = data.get("listener", [])
+    if not isinstance(listeners, list):
+        raise r.error(("listener",), "expected [[listener]] tables")
+    for i, entry in enumerate(listeners):
+        path = ("listener", i)
+        r.table(entry, path, ("address", "tls", "proxy_protocol"))
+        if "address" not in entry:
+            raise r.error(path + ("address",), "missing (expected HOST:PORT)")
+        s.listeners.append(Listener(r.typed(entry, path, "address", "address"),
+                                    r.typed(entry, path, "tls", bool, False),
+                                    r.typed(entry, path, "proxy_protocol", bool, False)))
+
+    if "tls" in data:
+        tls = r.table(data["tls"], ("tls",), ("cert", "key"))
+        s.cert = r.typed(tls, ("tls",), "cert", str)
+        s.key = r.typed(tls, ("tls",), "key", str)
+
+    if "adapter" in data:
+        a = r.table(data["adapter"], ("adapter",), ("type", "path", "passwd", "dsn", "options"))
+        spec = AdapterSpec(type=r.typed(a, ("adapter",), "type", str, "sqlite"))
+        for name in ("path", "passwd", "dsn"):
+            setattr(spec, name, r.typed(a, ("adapter",), name, str))
+        if "options" in a:
+            spec.options = dict(r.table(a["options"], ("adapter", "options"), list(a["options"])))
+        try:
+            check_adapter(spec)
+        except ValueError as exc:
+            field, _, message = str(exc).partition(": ")
+            raise r.error(("adapter", field), message) from None
+        s.adapter = spec
+
+    if "locks" in data:
+        locks = r.table(data["locks"], ("locks",), ("backend", "directory", "dsn"))
+        s.lock_backend = r.typed(locks, ("locks",), "backend", str, "memory")
+        s.lock_dir = r.typed(locks, ("locks",), "directory", str)
+        s.lock_dsn = r.typed(locks, ("locks",), "dsn", str)
+        if s.lock_backend not in ("memory", "file", "postgres"):
+            raise r.error(("locks", "backend"), "expected memory, file or postgres, got %r" % s.lock_backend)
+        if s.lock_backend == "file" and not s.lock_dir:
+            raise r.error(("locks", "directory"), "missing: the file backend needs a directory")
+        if s.lock_backend == "postgres" and not s.lock_dsn:
+            raise r.error(("locks", "dsn"), "missing: the postgres backend needs a dsn")
+
+    if "server" in data:
+        s.server = _load_server_table(r, data["server"])
+
+    if "logging" in data:
+        log = r.table(data["logging"], ("logging",), ("level", "json"))
+        level = r.typed(log, ("logging",), "level", str, "INFO").upper()
+        if level not in LOG_LEVELS:
+            raise r.error(("logging", "level"), "expected one of %s, got %r" % (", ".join(LOG_LEVELS), log["level"]))
+        s.log_level = level
+        s.log_json = r.typed(log, ("logging",), "json", bool, False)
+
+    if "stats" in data:
+        stats = r.table(data["stats"], ("stats",), ("listen",))
+        s.stats_listen = r.typed(stats, ("stats",), "listen", "address")
+
+    if "proxy" in data:
+        proxy = r.table(data["proxy"], ("proxy",), ("timeout",))
+        s.proxy_timeout = r.typed(proxy, ("proxy",), "timeout", float, 5.0)
+        if s.proxy_timeout <= 0:
+            raise r.error(("proxy", "timeout"), "must be positive")
+
+    s.shutdown_grace = r.typed(data, (), "shutdown_grace", float, 10.0)
+    if s.shutdown_grace < 0:
+        raise r.error(("shutdown_grace",), "must not be negative")
+    for name in ("pid_file", "user", "group"):
+        setattr(s, name, r.typed(data, (), name, str))
+
+    try:
+        server_config(s)
+    except ValueError as exc:
+        raise _server_error(r, str(exc)) from None
+    if any(l.tls for l in s.listeners) and not (s.cert and s.key):
+        i = next(i for i, l in enumerate(s.listeners) if l.tls)
+        raise r.error(("listener", i, "tls"), "a TLS listener needs [tls] cert and key")
+    if bool(s.cert) != bool(s.key):
+        raise r.error(("tls", "key" if s.cert else "cert"), "missing: TLS needs both cert and key")
+    return s
+
+
+def _server_error(reader: _Reader, message: str) -> ConfigError:
+    """Turn ServerConfig's ValueError ("timeout must be ...") into one naming the key and line."""
+    names = sorted((f.name for f in dataclasses.fields(ServerConfig)), key=len, reverse=True)
+    for name in names:
+        if message.startswith(name + " ") or message.startswith(name + ":"):
+            return reader.error(("server", name), message[len(name):].lstrip(": "))
+    return ConfigError(message, "server", None, reader.source)
+
+
+def load(path: str) -> Settings:
+    """Read and validate a config file."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as exc:
+        raise ConfigError(exc.strerror or str(exc), "", None, path) from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError("not UTF-8 (%s)" % exc.reason, "", None, path) from None
+    return parse(text, path)
+
+
+def server_config(settings: Settings, **extra: Any) -> ServerConfig:
+    """The ServerConfig the settings describe (ValueError if ServerConfig refuses)."""
+    return ServerConfig(**{**settings.server, **extra})
+
+
+# -- adapters and locks ---------------------------------------------------------
+
+
+def check_adapter(spec: AdapterSpec) -> None:
+    """Static checks of an adapter spec; ValueError("field: message")."""
+    if spec.type in BUNDLED_ADAPTERS:
+        _, _, path_means, needs_passwd = BUNDLED_ADAPTERS[spec.type]
+        if path_means and spec.type != "sqlite" and not spec.path:
+            raise ValueError("path: missing: the %s adapter needs its %s" % (spec.type, path_means))
+        if needs_passwd and not spec.passwd:
+            raise ValueError("passwd: missing: the %s adapter needs a passwd-file" % spec.type)
+        if spec.passwd and not os.path.isfile(spec.passwd):
+            raise ValueError("passwd: no such file: %s" % spec.passwd)
+        if spec.type == "postgres" and not spec.dsn:
+            raise ValueError("dsn: missing: the postgres adapter needs a dsn")
+    elif ":" not in spec.type:
+        raise ValueError("type: expected one of %s, or module:Class, or path/to/file.py:Class; got %r"
+                         % (", ".join(BUNDLED_ADAPTERS), spec.type))
+
+
+def _split_target(target: str) -> Tuple[str, str]:
+    module, sep, name = target.rpartition(":")
+    if not sep or not module or not name:
+        raise ValueError("expected module:Class or path/to/file.py:Class, got %r" % target)
+    return module, name
+
+
+def resolve_factory(target: str):
+    """The class (or factory function) named by ``module:Class`` or ``path.py:Class``."""
+    module_name, name = _split_target(target)
+    if module_name.endswith(".py") or os.sep in module_name:
+        if not os.path.isfile(module_name):
+            raise ValueError("no such file: %s" % module_name)
+        unique = "pop3frame_user_adapter_%d" % (abs(hash(os.path.abspath(module_name))))
+        spec = importlib.util.spec_from_file_location(unique, module_name)
+        if spec is None or spec.loader is None:
+            raise ValueError("cannot load %s" % module_name)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[unique] = module
+        try:
+            spec.loader.exec_module(module)
+        except Exception as exc:
+            sys.modules.pop(unique, None)
+            raise ValueError("%s failed to load: %s: %s" % (module_name, type(exc).__name__, exc)) from None
+    else:
+        if os.getcwd() not in sys.path and "" not in sys.path:
+            sys.path.insert(0, os.getcwd())
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:
+            raise ValueError("cannot import %s: %s" % (module_name, exc)) from None
+        except Exception as exc:
+            raise ValueError("%s failed to load: %s: %s" % (module_name, type(exc).__name__, exc)) from None
+    try:
+        return getattr(module, name)
+    except AttributeError:
+        raise ValueError("%s has no attribute %r" % (module_name, name)) from None
+
+
+def make_adapter(spec: AdapterSpec, log=None):
+    """Build the adapter; ValueError with a one-line reason on any operator mistake."""
+    from .adapter import AdapterBase
+
+    check_adapter(spec)
+    options = dict(spec.options)
+    if spec.type == "demo":
+        from pop3frame.adapters.memory import demo_adapter
+
+        return demo_adapter()
+    if spec.type == "sqlite":
+        from pop3frame.adapters.sqlite import SQLiteStore
+
+        try:
+            store = SQLiteStore(spec.path or DEFAULT_DB, **options)
+            seeded = store.ensure_demo()
+        except Exception as exc:
+            raise ValueError("sqlite: cannot open %s: %s" % (spec.path or DEFAULT_DB, exc)) from None
+        if seeded and log is not None:
+            log.info("new store %s: added user 'demo' (password 'demo') with sample mail; "
+                     "try: telnet localhost 1100", store.path)
+        return store
+    if spec.type == "postgres":
+        try:
+            from pop3frame.adapters.postgres import PostgresStore
+        except ImportError as exc:
+            raise ValueError("postgres: adapter not available: %s" % exc) from None
+        try:
+            return PostgresStore(spec.dsn, **options)
+        except Exception as exc:
+            raise ValueError("postgres: cannot connect: %s" % str(exc).strip().splitlines()[0]) from None
+    if spec.type in BUNDLED_ADAPTERS:
+        module_name, class_name, _, _ = BUNDLED_ADAPTERS[spec.type]
+        from pop3frame.adapters.passwdfile import PasswdFile
+
+        cls = getattr(importlib.import_module(module_name), class_name)
+        try:
+            return cls(spec.path, PasswdFile(spec.passwd), **options)
+        except (TypeError, ValueError, OSError) as exc:
+            raise ValueError("%s: %s" % (spec.type, exc)) from None
+    factory = resolve_factory(spec.type)
+    kwargs = dict(options)
+    for name in ("path", "passwd", "dsn"):
+        if getattr(spec, name) is not None:
+            kwargs.setdefault(name, getattr(spec, name))
+    try:
+        adapter = factory(**kwargs)
+    except TypeError as exc:
+        raise ValueError("%s rejected the options %s: %s" % (spec.type, sorted(kwargs), exc)) from None
+    except Exception as exc:
+        raise ValueError("%s failed: %s: %s" % (spec.type, type(exc).__name__, exc)) from None
+    if not isinstance(adapter, AdapterBase):
+        raise ValueError("%s did not give a pop3frame.AdapterBase (got %s)" % (spec.type, type(adapter).__name__))
+    return adapter
+
+
+def make_locks(settings: Settings):
+    """The lock manager of the settings, or None for the in-process default."""
+    if settings.lock_backend == "file" and settings.lock_dir:
+        from .locks import FileLockManager
+
+        try:
+            return FileLockManager(settings.lock_dir)
+        except OSError as exc:
+            raise ValueError("lock directory %s: %s" % (settings.lock_dir, exc.strerror or exc)) from None
+    if settings.lock_backend == "postgres":
+        try:
+            from pop3frame.adapters.postgres import PostgresLockManager
+        except ImportError as exc:
+            raise ValueError("postgres locks: not available: %s" % exc) from None
+        try:
+            return PostgresLockManager(settings.lock_dsn)
+        except Exception as exc:
+            raise ValueError("postgres locks: cannot connect: %s" % str(exc).strip().splitlines()[0]) from None
+    return None
+
+
+# -- printing ------------------------------------------------------------------
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join("%s = %s" % (_toml_key(k), _toml_value(v)) for k, v in value.items()) + "}"
+    text = str(value)
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+
+
+def _toml_key(key: str) -> str:
+    return key if re.match(r"^[A-Za-z0-9_-]+$", key) else _toml_value(key)
+
+
+_SECRET_KEYS = re.compile(r"pass|secret|token|key", re.I)
+
+
+def redact_dsn(dsn: str) -> str:
+    """A DSN with its password replaced by ``***`` (URL and key=value forms)."""
+    dsn = re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", dsn)
+    return re.sub(r"(password\s*=\s*)('[^']*'|\S+)", r"\1***", dsn)
+
+
+def dump(settings: Settings) -> str:
+    """The effective configuration as TOML (what check-config prints)."""
+    out: List[str] = []
+
+    def put(key: str, value: Any) -> None:
+        if value is not None:
+            out.append("%s = %s" % (_toml_key(key), _toml_value(value)))
+
+    put("shutdown_grace", settings.shutdown_grace)
+    put("pid_file", settings.pid_file)
+    put("user", settings.user)
+    put("group", settings.group)
+    for listener in settings.effective_listeners():
+        out += ["", "[[listener]]"]
+        put("address", format_address(listener.address))
+        put("tls", listener.tls)
+        put("proxy_protocol", listener.proxy_protocol)
+    if settings.cert:
+        out += ["", "[tls]"]
+        put("cert", settings.cert)
+        put("key", settings.key)
+    out += ["", "[adapter]"]
+    spec = settings.adapter
+    put("type", spec.type)
+    put("path", spec.path if spec.path or spec.type != "sqlite" else DEFAULT_DB)
+    put("passwd", spec.passwd)
+    put("dsn", redact_dsn(spec.dsn) if spec.dsn else None)
+    if spec.options:
+        out += ["", "[adapter.options]"]
+        for k, v in spec.options.items():
+            put(k, "***" if _SECRET_KEYS.search(k) and isinstance(v, str) else v)
+    out += ["", "[locks]"]
+    put("backend", settings.lock_backend)
+    put("directory", settings.lock_dir)
+    put("dsn", redact_dsn(settings.lock_dsn) if settings.lock_dsn else None)
+    out += ["", "[server]"]
+    config = server_config(settings)
+    for field in dataclasses.fields(ServerConfig):
+        if field.name not in NOT_CONFIGURABLE:
+            put(field.name, getattr(config, field.name))
+    out += ["", "[logging]"]
+    put("level", settings.log_level)
+    put("json", settings.log_json)
+    out += ["", "[proxy]"]
+    put("timeout", settings.proxy_timeout)
+    if settings.stats_listen:
+        out += ["", "[stats]"]
+        put("listen", format_address(settings.stats_listen))
+    return "\n".join(out) + "\n"
