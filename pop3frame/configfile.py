@@ -11,6 +11,7 @@ Python 3.11+ reads TOML with :mod:`tomllib`; older versions need ``tomli``
 """
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import difflib
 import importlib
@@ -269,7 +270,7 @@ def _server_field_types() -> Dict[str, Any]:
             hint, origin = args[0], typing.get_origin(args[0])
         if hint in (bool, int, float, str):
             out[field.name] = hint
-        elif origin in (list, tuple, Sequence, typing.Sequence) or hint in (list, tuple):
+        elif origin in (list, tuple, collections.abc.Sequence) or hint in (list, tuple):
             out[field.name] = "strings"
         elif origin is typing.Union:
             out[field.name] = None  # any TOML value; ServerConfig validates

@@ -1,0 +1,169 @@
+"""Graceful shutdown, pid file, JSON log lines, signal loop and privilege drop."""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from pop3frame import ServerConfig
+from pop3frame.lifecycle import JSONFormatter, PidFile, PidFileError, SignalLoop, setup_logging
+from pop3frame.server import ServerGroup
+from tests.helpers import RawClient
+
+
+@pytest.fixture
+def group(adapter):
+    adapter.add_user("carol", "carol-pw")
+    adapter.deliver("carol", b"Subject: c1\r\n\r\nc1\r\n")
+    adapter.deliver("carol", b"Subject: c2\r\n\r\nc2\r\n")
+    g = ServerGroup(adapter, ServerConfig(hostname="localhost"))
+    g.add_listener(("127.0.0.1", 0))
+    g.start(poll_interval=0.05)
+    yield g
+    g.shutdown()
+
+
+def test_grace_lets_a_quitting_session_delete_and_cuts_the_other(group, adapter):
+    address = group.addresses[0]
+    quitter, lingerer = RawClient(address), RawClient(address)
+    assert quitter.login("alice", "alice-pw").startswith(b"+OK")
+    assert lingerer.login("carol", "carol-pw").startswith(b"+OK")
+    quitter.cmd("DELE 1")
+    lingerer.cmd("DELE 1")
+    grace_started = threading.Event()
+    seen = {}
+
+    def wait(grace):
+        # Injected grace wait: no clock involved.  The grace "expires" once the
+        # quitting session is gone; the lingering one is then cut.
+        seen["grace"] = grace
+        seen["refused"] = _connect_refused(address)
+        grace_started.set()
+        return group.tracker.wait_until_at_most(1, 10) and False
+
+    done = {}
+    t = threading.Thread(target=lambda: done.update(result=group.graceful_shutdown(10.0, wait=wait)))
+    t.start()
+    assert grace_started.wait(10)
+    assert seen == {"grace": 10.0, "refused": True}  # no new connections during the grace
+    assert quitter.cmd("QUIT").startswith(b"+OK")  # still served during the grace
+    t.join(10)
+    assert done["result"] is False  # someone had to be cut
+    assert lingerer.read_all() == b""
+    assert len(adapter.messages("alice")) == 2  # QUIT within the grace: deletion applied
+    assert len(adapter.messages("carol")) == 2  # cut: no deletion
+    assert not group.context.locks.held_names()
+    quitter.close()
+    lingerer.close()
+
+
+def _connect_refused(address) -> bool:
+    try:
+        socket.create_connection(address, timeout=5).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
+def test_no_sessions_means_no_wait(group):
+    def wait(grace):
+        raise AssertionError("nothing to wait for")
+
+    assert group.graceful_shutdown(10.0, wait=wait) is True
+
+
+def test_default_wait_returns_as_soon_as_sessions_end(group):
+    client = RawClient(group.addresses[0])
+    client.login("alice", "alice-pw")
+    client.cmd("DELE 1")
+    t = threading.Thread(target=group.graceful_shutdown, args=(60.0,))
+    t.start()
+    client.cmd("QUIT")
+    t.join(30)
+    assert not t.is_alive()
+    client.close()
+
+
+def test_pid_file(tmp_path):
+    path = str(tmp_path / "p.pid")
+    with PidFile(path):
+        assert open(path).read() == "%d\n" % os.getpid()
+    assert not os.path.exists(path)
+    # A stale pid file (dead process) is taken over.
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    open(path, "w").write("%d\n" % dead.pid)
+    with PidFile(path):
+        pass
+    # A live one refuses.
+    live = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    try:
+        open(path, "w").write("%d\n" % live.pid)
+        with pytest.raises(PidFileError, match="already running as pid %d" % live.pid):
+            PidFile(path).write()
+        PidFile(path).remove()  # not ours: left alone
+        assert os.path.exists(path)
+    finally:
+        live.stdin.close()
+        live.wait(10)
+
+
+def test_json_formatter_pulls_out_the_session_and_extras():
+    record = logging.LogRecord("pop3frame.session", logging.INFO, "", 0, "[1a-2] login %r from %s", ("bob", "::1"), None)
+    record.user = "bob"
+    out = json.loads(JSONFormatter().format(record))
+    assert out["session"] == "1a-2" and out["message"] == "login 'bob' from ::1" and out["user"] == "bob"
+    assert out["level"] == "INFO" and out["logger"] == "pop3frame.session" and out["time"].endswith("Z")
+
+
+def test_setup_logging_json_lines():
+    stream = io.StringIO()
+    handler = setup_logging("DEBUG", json_lines=True, stream=stream)
+    try:
+        logging.getLogger("pop3frame.t").info("hello %s", "there")
+    finally:
+        logging.getLogger().removeHandler(handler)
+    assert json.loads(stream.getvalue().splitlines()[-1])["message"] == "hello there"
+
+
+def test_signal_loop_dispatches_reloads_and_stops():
+    reloads = []
+    loop = SignalLoop(lambda: reloads.append(1))
+    loop.request(signal.SIGHUP)
+    loop.request(signal.SIGHUP)
+    loop.request(signal.SIGTERM)
+    assert loop.run() == signal.SIGTERM
+    assert reloads == [1, 1]
+
+
+def test_signal_loop_with_real_signals():
+    loop = SignalLoop(lambda: None)
+    loop.install()
+    try:
+        threading.Timer(0, os.kill, (os.getpid(), signal.SIGINT)).start()
+        assert loop.run() == signal.SIGINT
+    finally:
+        loop.restore()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="privilege drop needs root")
+def test_drop_privileges_in_a_child():
+    code = (
+        "import os; from pop3frame.lifecycle import drop_privileges; "
+        "drop_privileges('nobody', None); print(os.getuid(), os.getgid(), os.getgroups())"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    import pwd
+
+    nobody = pwd.getpwnam("nobody")
+    uid, gid, groups = out.stdout.split(" ", 2)
+    assert (int(uid), int(gid)) == (nobody.pw_uid, nobody.pw_gid)
+    assert "0" not in groups.strip("[]\n").replace(" ", "").split(",")
