@@ -298,7 +298,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         adapter = configfile.make_adapter(settings.adapter, logger)
         locks = configfile.make_locks(settings)
     except ValueError as exc:
-        raise UsageError("--adapter: %s" % exc if ":" in settings.adapter.type else str(exc)) from None
+        raise UsageError(("--adapter: %s" if args.adapter else "%s") % exc) from None
     stats = Stats()
     logging.getLogger().addHandler(ErrorCounter(stats))
     group = ServerGroup(adapter, config, locks=locks, tls=tls, stats=stats)
@@ -346,8 +346,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
                         " (PROXY protocol)" if server.proxy_protocol else "")
         signum = loop.run()
         logger.info("signal %d: stopping; sessions get %g s to finish", signum, state["settings"].shutdown_grace)
+        # The handlers stay installed: a second SIGTERM during the grace
+        # period must not kill the process before the locks are released.
         group.graceful_shutdown(state["settings"].shutdown_grace)
-        loop.restore()
         if stats_server is not None:
             stats_server.stop()
         logger.info("stopped")

@@ -201,3 +201,321 @@ def test_tls_listeners_stls_and_sighup_reload(tmp_path):
         client.quit()
     finally:
         assert stop_server(proc) == 0
+
+
+# -- the daemon: config file, signals, limits, PROXY, logs -------------------------
+
+import json
+import queue
+import socket
+import textwrap
+import threading
+import urllib.request
+
+from pop3frame.proxy import build_v1, build_v2
+
+
+class Daemon:
+    """``pop3frame serve`` in a subprocess; stderr pumped into a queue so waits are bounded."""
+
+    def __init__(self, *args: str, cwd=None, listeners: int = 1) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "pop3frame", "serve", *args],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=cwd,
+        )
+        self.lines: "queue.Queue[str]" = queue.Queue()
+        self.seen: list = []
+        self.terminated = False
+        threading.Thread(target=self._pump, daemon=True).start()
+        self.ports = [int(self.wait_for(r"listening on \S+ port (\d+)").group(1)) for _ in range(listeners)]
+        self.port = self.ports[0]
+
+    def _pump(self) -> None:
+        for line in self.proc.stderr:
+            self.lines.put(line)
+        self.lines.put("")
+
+    def wait_for(self, pattern: str, timeout: float = 20.0):
+        while True:
+            try:
+                line = self.lines.get(timeout=timeout)
+            except queue.Empty:
+                pytest.fail("no log line matching %r in %s s; saw:\n%s" % (pattern, timeout, "".join(self.seen)))
+            if not line:
+                pytest.fail("server exited (%s) before logging %r:\n%s" % (self.proc.wait(10), pattern, "".join(self.seen)))
+            self.seen.append(line)
+            m = re.search(pattern, line)
+            if m:
+                return m
+
+    def saw(self, pattern: str):
+        """A line already read (e.g. before the listening lines) that matches."""
+        return next((m for m in (re.search(pattern, l) for l in self.seen) if m), None)
+
+    def signal(self, signum) -> None:
+        self.terminated = self.terminated or signum == signal.SIGTERM
+        self.proc.send_signal(signum)
+
+    def stop(self) -> int:
+        if self.proc.poll() is None and not self.terminated:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(30)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait()
+
+    def __enter__(self) -> "Daemon":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def write_config(tmp_path, text: str, name: str = "pop3frame.toml") -> str:
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text))
+    return str(path)
+
+
+def test_config_file_sighup_reload_and_per_ip_limits(tmp_path):
+    config = write_config(tmp_path, """
+        shutdown_grace = 5
+        [[listener]]
+        address = "127.0.0.1:0"
+        [adapter]
+        type = "sqlite"
+        path = "%s"
+        [server]
+        greeting = "from the file"
+        [logging]
+        level = "INFO"
+    """ % (tmp_path / "store.db"))
+    with Daemon("--config", config) as d:
+        assert d.saw(r"added user 'demo'.*telnet localhost 1100")  # new store: seeded, and it says so
+        with RawClient(("127.0.0.1", d.port)) as keep:
+            assert keep.greeting.startswith(b"+OK from the file")
+            assert keep.login("demo", "demo").startswith(b"+OK")
+            # Tighten the per-IP limit and reload: live sessions stay.
+            text = open(config).read().replace('greeting = "from the file"',
+                                               'greeting = "from the file"\nmax_connections_per_ip = 1')
+            open(config, "w").write(text.replace('level = "INFO"', 'level = "DEBUG"'))
+            d.signal(signal.SIGHUP)
+            d.wait_for(r"configuration reloaded \(log level DEBUG, max_connections 1000, max_connections_per_ip 1\)")
+            assert keep.cmd("STAT") == b"+OK 3 683\r\n"  # the session survived the reload
+            with RawClient(("127.0.0.1", d.port)) as second:
+                assert second.greeting == b"-ERR [SYS/TEMP] too many connections from your address\r\n"
+            with RawClient(("127.0.0.1", d.port), source="127.0.0.2") as other_ip:
+                assert other_ip.greeting.startswith(b"+OK")
+            # A broken file on SIGHUP keeps the old settings.
+            open(config, "w").write("[server\n")
+            d.signal(signal.SIGHUP)
+            d.wait_for(r"keeping the old configuration: .*invalid TOML")
+            keep.cmd("QUIT")
+        assert d.stop() == 0
+
+
+def test_sigterm_grace_applies_deletions_of_a_session_that_quits(tmp_path):
+    db = str(tmp_path / "g.db")
+    with Daemon("--sqlite", db, "--listen", "127.0.0.1:0", "--shutdown-grace", "60") as d:
+        with RawClient(("127.0.0.1", d.port)) as c:
+            c.login("demo", "demo")
+            assert c.cmd("DELE 1") == b"+OK message 1 deleted\r\n"
+            d.signal(signal.SIGTERM)
+            d.wait_for(r"waiting up to 60 s for 1 session")
+            with pytest.raises(OSError):
+                RawClient(("127.0.0.1", d.port))  # no longer accepting
+            assert c.cmd("QUIT").startswith(b"+OK")
+        assert d.stop() == 0  # exits as soon as the session is done, well before 60 s
+    assert pop3frame("user", "--sqlite", db, "list").stdout.startswith(b"demo\t2 messages")
+
+
+def test_sigterm_grace_over_cuts_a_session_without_deleting(tmp_path):
+    db = str(tmp_path / "g.db")
+    with Daemon("--sqlite", db, "--listen", "127.0.0.1:0", "--shutdown-grace", "0.2") as d:
+        with RawClient(("127.0.0.1", d.port)) as c:
+            c.login("demo", "demo")
+            c.cmd("DELE 1")
+            d.signal(signal.SIGTERM)
+            d.wait_for(r"closing 1 session\(s\) still open; their deletions are not applied")
+            assert c.read_all() == b""
+        assert d.stop() == 0
+    assert pop3frame("user", "--sqlite", db, "list").stdout.startswith(b"demo\t3 messages")
+
+
+@pytest.mark.parametrize("header", ["v1", "v2"])
+def test_proxy_listener_end_to_end(tmp_path, header):
+    build = build_v1 if header == "v1" else build_v2
+    with Daemon("--demo", "--proxy-listen", "127.0.0.1:0", "--max-connections-per-ip", "1",
+                "--trusted-network", "198.51.100.0/24") as d:
+        def connect(ip):
+            s = socket.create_connection(("127.0.0.1", d.port), timeout=10)
+            s.sendall(build((ip, 40000), ("127.0.0.1", d.port)))
+            c = RawClient.__new__(RawClient)
+            c.sock, c.buf = s, b""
+            c.greeting = c.line()
+            return c
+
+        first = connect("198.51.100.7")
+        assert first.login("demo", "demo").startswith(b"+OK")  # trusted by its real address
+        second = connect("198.51.100.7")
+        assert second.greeting == b"-ERR [SYS/TEMP] too many connections from your address\r\n"
+        third = connect("198.51.100.8")
+        assert third.greeting.startswith(b"+OK")
+        with socket.create_connection(("127.0.0.1", d.port), timeout=10) as raw:
+            raw.sendall(b"USER demo\r\n")
+            assert raw.recv(100) == b""  # no header: closed
+        first.cmd("QUIT")
+        d.wait_for(r"session end: peer 198\.51\.100\.7 port 40000, user 'demo'")
+        for c in (first, second, third):
+            c.close()
+        assert d.stop() == 0
+
+
+def test_custom_adapter_script_with_options(tmp_path):
+    script = tmp_path / "reports.py"
+    script.write_text(textwrap.dedent('''
+        import hmac
+        from pop3frame import AdapterBase, MessageInfo
+        from pop3frame.protocol import wire_size
+
+        class ReportAdapter(AdapterBase):
+            read_only = True
+
+            def __init__(self, password, subject="report"):
+                self.password = password
+                self.body = ("Subject: %s\\r\\n\\r\\nAll green.\\r\\n" % subject).encode()
+
+            def authenticate(self, username, password):
+                return username == "ops" and hmac.compare_digest(password, self.password)
+
+            def list_messages(self, username):
+                return [MessageInfo("r1", wire_size(self.body))]
+
+            def open_message(self, username, message):
+                return self.body
+    '''))
+    with Daemon("--listen", "127.0.0.1:0", "--adapter", "%s:ReportAdapter" % script,
+                "--adapter-option", "password=s3cret", "--adapter-option", "subject=nightly") as d:
+        with RawClient(("127.0.0.1", d.port)) as c:
+            assert c.login("ops", "s3cret").startswith(b"+OK ops's maildrop has 1 message")
+            c.send(b"RETR 1\r\n")
+            assert b"Subject: nightly\r\n" in c.multiline()
+            assert c.cmd("DELE 1").startswith(b"-ERR [SYS/PERM]")
+        assert d.stop() == 0
+
+
+def test_json_logs_pid_file_and_stats(tmp_path):
+    pid_file = tmp_path / "run" / "p.pid"
+    pid_file.parent.mkdir()
+    with Daemon("--demo", "--listen", "127.0.0.1:0", "--log-json", "--pid-file", str(pid_file),
+                "--stats-listen", "127.0.0.1:0") as d:
+        assert pid_file.read_text() == "%d\n" % d.proc.pid
+        with RawClient(("127.0.0.1", d.port)) as c:
+            c.login("demo", "wrong-password-xyz")
+            c.login("demo", "demo")
+            c.send(b"RETR 1\r\n")
+            c.multiline()
+            c.cmd("QUIT")
+        end = json.loads(d.wait_for(r'"session end').string)
+        assert end["user"] == "demo" and end["retrieved"] == 1 and end["deleted"] == 0 and end["bytes_out"] > 200
+        assert end["peer"] == "127.0.0.1" and "session" in end and end["duration"] >= 0
+        stats_port = int(d.saw(r"stats on http://127.0.0.1:(\d+)/metrics").group(1))
+        with urllib.request.urlopen("http://127.0.0.1:%d/metrics" % stats_port, timeout=10) as r:
+            metrics = r.read().decode()
+        assert 'pop3frame_logins_total{result="ok"} 1' in metrics
+        assert 'pop3frame_logins_total{result="failed"} 1' in metrics
+        assert "pop3frame_messages_retrieved_total 1" in metrics
+        assert d.stop() == 0
+        for line in d.seen + [l for l in iter(lambda: d.lines.get(timeout=10), "")]:
+            json.loads(line)  # every line is JSON
+            assert "wrong-password-xyz" not in line and "Subject:" not in line
+    assert not pid_file.exists()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="privilege drop needs root")
+def test_user_drops_privileges_after_binding(tmp_path):
+    import pwd
+
+    with Daemon("--demo", "--listen", "127.0.0.1:0", "--user", "nobody") as d:
+        assert d.saw(r"running as uid %d" % pwd.getpwnam("nobody").pw_uid)
+        with open("/proc/%d/status" % d.proc.pid) as f:
+            uids = next(l for l in f if l.startswith("Uid:")).split()[1:]
+        assert set(uids) == {str(pwd.getpwnam("nobody").pw_uid)}
+        with RawClient(("127.0.0.1", d.port)) as c:
+            assert c.login("demo", "demo").startswith(b"+OK")
+        assert d.stop() == 0
+
+
+def test_check_config_prints_effective_settings(tmp_path):
+    config = write_config(tmp_path, """
+        [[listener]]
+        address = "127.0.0.1:1100"
+        [server]
+        max_connections_per_ip = 4
+    """)
+    out = pop3frame("check-config", config)
+    assert out.returncode == 0, out.stderr
+    text = out.stdout.decode()
+    assert 'address = "127.0.0.1:1100"' in text and "max_connections_per_ip = 4" in text
+    assert "timeout = 600.0" in text and 'type = "sqlite"' in text
+
+
+@pytest.mark.parametrize("text,message", [
+    ("[server]\ntimeout = 60\n", "pop3frame: {f}:2: server.timeout: must be at least 600 seconds"),
+    ("[server]\nmax_conections = 1\n", "pop3frame: {f}:2: server.max_conections: unknown key (did you mean 'max_connections'?)"),
+    ("[[listener]]\naddress = \"localhost\"\n", "pop3frame: {f}:2: listener[0].address: expected HOST:PORT"),
+    ("[adapter]\ntype = \"nosuchmod_abc:X\"\n", "pop3frame: {f}:2: adapter.type: cannot import nosuchmod_abc"),
+    ("[tls]\ncert = \"/nonexistent.pem\"\nkey = \"/nonexistent.key\"\n",
+     "pop3frame: {f}:2: tls.cert: cannot load certificate/key"),
+    ("x = = 1\n", "pop3frame: {f}:1: invalid TOML"),
+])
+def test_bad_config_files_are_one_line_errors(tmp_path, text, message):
+    config = write_config(tmp_path, text)
+    for args in (("check-config", config), ("serve", "--config", config)):
+        out = pop3frame(*args, cwd=str(tmp_path))
+        err = out.stderr.decode()
+        if args[0] == "serve" and "tls.cert" in message:
+            message = "pop3frame: cannot load --cert/--key"
+        if args[0] == "serve" and "adapter.type" in message:
+            message = "pop3frame: cannot import nosuchmod_abc"
+        assert out.returncode == 2, err
+        assert err.startswith(message.format(f=config)), err
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+@pytest.mark.parametrize("args,message", [
+    (("serve", "--config", "/nonexistent.toml"), "pop3frame: /nonexistent.toml: No such file or directory"),
+    (("serve", "--listen", "1.2.3.4"), "pop3frame: serve: argument --listen: expected HOST:PORT"),
+    (("serve", "--demo", "--sqlite", "x.db"), "pop3frame: serve: argument --sqlite: not allowed with argument --demo"),
+    (("serve", "--adapter", "nocolon"), "pop3frame: --adapter: type: expected one of"),
+    (("serve", "--adapter", "x.py:Cls"), "pop3frame: --adapter: no such file: x.py"),
+    (("serve", "--demo", "--adapter-option", "novalue"), "pop3frame: serve: argument --adapter-option: expected key=value"),
+    (("serve", "--demo", "--tls-listen", "127.0.0.1:0"), "pop3frame: TLS needs both --cert FILE and --key FILE"),
+    (("serve", "--demo", "--user", "no-such-user-xyz"), "pop3frame: --user: no such user 'no-such-user-xyz'"),
+    (("serve", "--demo", "--shutdown-grace", "-1"), "pop3frame: --shutdown-grace: expected seconds >= 0"),
+    (("serve", "--demo", "--log-level", "LOUD"), "pop3frame: serve: argument --log-level: invalid choice"),
+    (("serve", "--demo", "--listen", "127.0.0.1:0", "--pid-file", "/nonexistent/dir/p.pid"),
+     "pop3frame: --pid-file: /nonexistent/dir/p.pid"),
+    (("frobnicate",), "pop3frame: argument COMMAND: invalid choice"),
+    (("user", "--postgres", "postgresql://nobody@127.0.0.1:1/none", "list"), "pop3frame: --postgres: "),
+    (("passwd", "/nonexistent/dir/passwd", "bob", "--password-stdin"), "pop3frame: "),
+])
+def test_more_operator_mistakes_are_one_line(tmp_path, args, message):
+    out = pop3frame(*args, input=b"pw\n", cwd=str(tmp_path))
+    err = out.stderr.decode()
+    assert out.returncode == 2, err
+    assert err.startswith(message), err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_user_subcommand_options_after_the_action(tmp_path):
+    db = str(tmp_path / "u.db")
+    assert pop3frame("user", "add", "--sqlite", db, "ann", "--password-stdin", input=b"pw\n").returncode == 0
+    assert pop3frame("deliver", "ann", "--sqlite", db, input=b"Subject: hi\n\nhello\n").returncode == 0
+    assert pop3frame("user", "list", "--sqlite", db).stdout == b"ann\t1 messages\t22 octets\n"
+    assert pop3frame("user", "del", "--sqlite", db, "ann").returncode == 0
+    assert pop3frame("user", "list", "--sqlite", db).stdout == b""
