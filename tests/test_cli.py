@@ -519,3 +519,40 @@ def test_user_subcommand_options_after_the_action(tmp_path):
     assert pop3frame("user", "list", "--sqlite", db).stdout == b"ann\t1 messages\t22 octets\n"
     assert pop3frame("user", "del", "--sqlite", db, "ann").returncode == 0
     assert pop3frame("user", "list", "--sqlite", db).stdout == b""
+
+
+def test_tls_listeners_from_a_config_file(tmp_path):
+    import poplib
+    import ssl
+
+    import trustme
+
+    ca = trustme.CA()
+    issued = ca.issue_cert("localhost", "127.0.0.1")
+    issued.cert_chain_pems[0].write_to_path(str(tmp_path / "cert.pem"))
+    issued.private_key_pem.write_to_path(str(tmp_path / "key.pem"))
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+    config = write_config(tmp_path, """
+        [[listener]]
+        address = "127.0.0.1:0"
+        [[listener]]
+        address = "127.0.0.1:0"
+        tls = true
+        [tls]
+        cert = "%s"
+        key = "%s"
+        [adapter]
+        type = "demo"
+    """ % (tmp_path / "cert.pem", tmp_path / "key.pem"))
+    with Daemon("--config", config, listeners=2) as d:
+        plain, secure = d.ports
+        assert d.saw(r"port %d \(STLS offered\)" % plain) and d.saw(r"port %d \(TLS\)" % secure)
+        pops = poplib.POP3_SSL("127.0.0.1", secure, context=context, timeout=10)
+        pops.user("demo")
+        assert pops.pass_("demo").startswith(b"+OK")
+        pops.quit()
+        client = poplib.POP3("127.0.0.1", plain, timeout=10)
+        assert "STLS" in client.capa()
+        client.quit()
+        assert d.stop() == 0
