@@ -1,0 +1,381 @@
+"""Rows of any SQL query, served as mail: "my script logs into a table, I read it in Thunderbird".
+
+Give it a DB-API 2.0 connection factory and a SELECT; each row becomes one
+RFC 5322 message::
+
+    import sqlite3
+    from pop3frame.adapters.sqlquery import SQLQueryAdapter
+
+    adapter = SQLQueryAdapter(
+        lambda: sqlite3.connect("logs.db"),
+        "SELECT id, ts AS date, level || ': ' || line AS subject, line AS body FROM logs ORDER BY id",
+        users={"ops": "{SCRYPT}$scrypt$..."},
+        delete="DELETE FROM logs WHERE id = ?",
+    )
+
+Columns are found by name (``id``, ``date``/``timestamp``/``ts``,
+``subject``, ``body``, ``sender``/``from``, ``recipient``/``to``), or by an
+explicit ``columns={"id": "log_id", ...}`` mapping.  A row needs an id; a
+missing subject is taken from the body's first line.  A ``raw`` (or
+``rfc822``) column holding a complete message is served unchanged (an
+archive table of real mail).  Any other column
+whose value is bytes (a BLOB), and every column named in ``attachments``,
+becomes an attachment.  Messages get Date from the timestamp (naive values
+are UTC unless ``timezone`` says otherwise), a Message-ID derived from the
+row id and the adapter's ``name``, MIME-Version, From/To from the row or
+the configuration, UTF-8 text quoted-printable and headers RFC 2047 encoded.
+
+Unique-ids are derived from the row id alone (:func:`~._build.stable_uid`),
+so a client that leaves mail on the server never fetches a row twice, even
+if the row's text changes.
+
+Parameters and drivers: placeholders are written in the driver's own
+paramstyle (``?`` for sqlite3, ``%s`` for psycopg and PyMySQL, ``:name``
+...).  The SELECT may contain one placeholder for the POP3 user name
+(positional), or ``:user`` / ``%(user)s`` (named): the same query then
+gives each user their own rows.  The DELETE (or UPDATE) statement takes the
+row id: one positional placeholder, or named ``id`` (and optionally
+``user``).  It is run with ``executemany`` for every deleted row **in one
+transaction**, committed once: all rows go or none do.  The factory must
+therefore return connections that are *not* in autocommit mode (the DB-API
+default).  Without a delete statement the adapter is read-only (DELE
+answers ``-ERR [SYS/PERM]``).
+
+Sizes and the cache (the trade-off): POP3 needs exact sizes for STAT/LIST
+before any RETR, and a message's size is known only once it is built.  So
+``list_messages`` runs the query once and builds every message of the
+session's snapshot, keeping the bytes until the session ends; RETR serves
+them from memory.  This costs memory proportional to the mailbox for the
+length of a session, and is right for what this adapter is for: small,
+text-shaped rows (log lines, reports, alerts).  For large blobs or huge
+tables use a real store (:mod:`~pop3frame.adapters.sqlite`) or a query
+with a ``LIMIT``.  It also makes the snapshot exact: RETR returns what
+LIST counted, even if the row changed meanwhile.
+
+Thread-safety: one adapter serves every connection.  Each call opens its
+own connection from the factory and closes it before returning (sqlite3
+connections belong to their thread), so nothing database-side is shared.
+The per-session cache is keyed by user and only touched under the server's
+mailbox lock; a mutex guards the dict itself.
+
+Errors: a failing factory, query or delete is logged (with traceback, never
+with row contents or passwords) and the client sees ``-ERR [SYS/TEMP]``;
+a failed delete is rolled back, so every row stays.
+"""
+from __future__ import annotations
+
+import datetime
+import hmac
+import logging
+import re
+import sys
+import threading
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+from pop3frame import AdapterBase, MessageInfo, PermanentFailure, TemporaryFailure
+from pop3frame.passwords import verify_password
+from pop3frame.protocol import wire_size
+
+from ._build import build_message, message_id, one_line, stable_uid, to_datetime
+
+__all__ = ["SQLQueryAdapter", "DEFAULT_COLUMNS"]
+
+logger = logging.getLogger("pop3frame.adapters.sqlquery")
+
+#: Column names tried, in order, for each role when no mapping is given.
+DEFAULT_COLUMNS: Dict[str, Tuple[str, ...]] = {
+    "id": ("id", "uid", "rowid", "message_id"),
+    "date": ("date", "timestamp", "ts", "time", "created", "created_at", "logged_at"),
+    "subject": ("subject", "title", "summary"),
+    "body": ("body", "message", "text", "content", "line", "msg"),
+    "sender": ("sender", "from", "from_addr", "author"),
+    "recipient": ("recipient", "to", "to_addr"),
+    # A column that already holds a whole RFC 5322 message: served as is.
+    "raw": ("raw", "rfc822", "raw_message", "mime"),
+}
+
+Authenticator = Callable[[str, str], bool]
+
+# A dummy value checked for unknown users, so "no such user" costs the same
+# code path as "wrong password" (plain comparison; hashed maps should use
+# the same scheme for every user anyway).
+_DUMMY = "{PLAIN}\0unknown-user\0"
+
+
+def _driver_paramstyle(conn: Any) -> str:
+    """The DB-API ``paramstyle`` of the module that made ``conn``."""
+    module = type(conn).__module__
+    while module:
+        mod = sys.modules.get(module)
+        style = getattr(mod, "paramstyle", None)
+        if isinstance(style, str):
+            return style
+        module = module.rpartition(".")[0]
+    return "qmark"
+
+
+# String literals and quoted identifiers are blanked out before looking for
+# placeholders, so '?' or '%s' inside quotes is not mistaken for one.
+_QUOTED = re.compile(r"'(?:[^']|'')*'|\"(?:[^\"]|\"\")*\"")
+
+
+def _placeholders(sql: str, paramstyle: str) -> Tuple[int, List[str]]:
+    """(number of positional placeholders, names of named ones) in ``sql``."""
+    text = _QUOTED.sub("''", sql)
+    named: List[str] = []
+    positional = 0
+    if paramstyle in ("qmark", "named", "numeric"):
+        # sqlite3 accepts both ? and :name whatever it advertises.
+        positional = text.count("?")
+        named = re.findall(r"(?<![:\w]):([A-Za-z_]\w*)", text)
+        numeric = re.findall(r"(?<![:\w]):(\d+)", text)
+        if numeric:
+            positional = max(positional, max(int(n) for n in numeric))
+    else:  # format, pyformat
+        text = text.replace("%%", "")
+        positional = len(re.findall(r"%s", text))
+        named = re.findall(r"%\((\w+)\)s", text)
+    return positional, named
+
+
+def _params(sql: str, paramstyle: str, values: Mapping[str, Any], positional_role: str) -> Any:
+    """Parameters for ``sql`` in the driver's style: a dict for named
+    placeholders, else a tuple repeating the ``positional_role`` value."""
+    positional, named = _placeholders(sql, paramstyle)
+    if named:
+        unknown = set(named) - set(values)
+        if unknown:
+            raise ValueError("unknown placeholder(s) %s in %r; use %s" % (sorted(unknown), sql, sorted(values)))
+        return {k: values[k] for k in set(named)}
+    return (values[positional_role],) * positional
+
+
+class SQLQueryAdapter(AdapterBase):
+    """Serve the rows of a SELECT as messages; optionally delete rows on DELE.
+
+    ``connect``: a zero-argument callable returning a new DB-API 2.0
+    connection (``lambda: sqlite3.connect(path)``,
+    ``lambda: psycopg.connect(dsn)``).  ``query``: the SELECT; see the
+    module docstring for columns and the optional user placeholder.
+    ``users``: ``{name: password}`` where each password is a
+    ``{SCHEME}hash`` (:func:`pop3frame.passwords.hash_password`) or plain
+    text, or a callable ``(user, password) -> bool``.  ``delete``: the
+    DELETE/UPDATE statement (id placeholder), or None for read-only.
+    ``columns``: ``{role: column name}`` overriding the name lookup.
+    ``attachments``: column names always attached.  ``sender`` /
+    ``recipient``: used when the row has no such column; ``recipient`` may
+    contain ``{user}``.  ``name``: goes into every Message-ID (two adapters
+    over different tables should differ).  ``domain``: Message-ID domain.
+    ``timezone``: for naive timestamps.  ``paramstyle``: override the
+    driver's.
+    """
+
+    def __init__(
+        self,
+        connect: Callable[[], Any],
+        query: str,
+        *,
+        users: Union[Mapping[str, str], Authenticator],
+        delete: Optional[str] = None,
+        columns: Optional[Mapping[str, str]] = None,
+        attachments: Sequence[str] = (),
+        sender: str = "pop3frame <pop3frame@localhost>",
+        recipient: str = "{user}",
+        name: str = "sql",
+        domain: str = "pop3frame.invalid",
+        timezone: datetime.tzinfo = datetime.timezone.utc,
+        paramstyle: Optional[str] = None,
+    ) -> None:
+        self._connect = connect
+        self.query = query
+        self.delete_statement = delete
+        self.read_only = delete is None
+        if callable(users):
+            self._check: Authenticator = users
+        else:
+            table = users  # looked up at each login, so users may be added later
+            self._check = lambda user, password: self._check_table(table, user, password)
+        unknown = set(columns or {}) - set(DEFAULT_COLUMNS)
+        if unknown:
+            raise ValueError("unknown column role(s) %s; roles are %s" % (sorted(unknown), sorted(DEFAULT_COLUMNS)))
+        self.columns = dict(columns or {})
+        self.attachments = tuple(attachments)
+        self.sender = sender
+        self.recipient = recipient
+        self.name = name
+        self.domain = domain
+        self.timezone = timezone
+        self.paramstyle = paramstyle
+        self._mutex = threading.Lock()
+        #: user -> {row id: message bytes} for the session in progress.
+        self._sessions: Dict[str, Dict[Any, bytes]] = {}
+
+    # -- authentication ---------------------------------------------------------
+
+    @staticmethod
+    def _check_table(table: Mapping[str, str], user: str, password: str) -> bool:
+        stored = table.get(user)
+        ok = verify_password(stored if stored is not None else _DUMMY, password)
+        return ok and stored is not None
+
+    def authenticate(self, username: str, password: str) -> bool:
+        return bool(self._check(username, password))
+
+    # -- database access ----------------------------------------------------------
+
+    def _open(self) -> Any:
+        try:
+            return self._connect()
+        except Exception:
+            logger.exception("%s: cannot connect to the database", self.name)
+            raise TemporaryFailure("database unavailable") from None
+
+    @staticmethod
+    def _close(conn: Any) -> None:
+        try:
+            conn.close()
+        except Exception:
+            logger.warning("closing a database connection failed", exc_info=True)
+
+    def _style(self, conn: Any) -> str:
+        return self.paramstyle or _driver_paramstyle(conn)
+
+    def _fetch(self, username: str) -> Tuple[List[str], List[Sequence[Any]]]:
+        conn = self._open()
+        try:
+            cur = conn.cursor()
+            params = _params(self.query, self._style(conn), {"user": username}, "user")
+            cur.execute(self.query, params) if params else cur.execute(self.query)
+            names = [d[0] for d in cur.description or ()]
+            rows = cur.fetchall()
+            cur.close()
+            try:
+                conn.rollback()  # end the read transaction some drivers opened
+            except Exception:
+                pass
+            return names, rows
+        except ValueError as exc:
+            logger.error("%s: misconfigured query: %s", self.name, exc)
+            raise PermanentFailure("misconfigured query") from None
+        except Exception:
+            logger.exception("%s: query failed for %r", self.name, username)
+            raise TemporaryFailure("database query failed") from None
+        finally:
+            self._close(conn)
+
+    # -- rows to messages ---------------------------------------------------------
+
+    def _roles(self, names: Sequence[str]) -> Dict[str, int]:
+        """Column index for each role present in the result."""
+        lower = {n.lower(): i for i, n in enumerate(names)}
+        roles: Dict[str, int] = {}
+        for role, candidates in DEFAULT_COLUMNS.items():
+            if role in self.columns:
+                wanted = self.columns[role].lower()
+                if wanted not in lower:
+                    raise PermanentFailure("query has no column %r" % self.columns[role])
+                roles[role] = lower[wanted]
+                continue
+            for candidate in candidates:
+                if candidate in lower:
+                    roles[role] = lower[candidate]
+                    break
+        if "id" not in roles:
+            logger.error("%s: the query returns no id column (columns: %s)", self.name, list(names))
+            raise PermanentFailure("misconfigured query: no id column")
+        return roles
+
+    def build(self, username: str, names: Sequence[str], row: Sequence[Any]) -> bytes:
+        """The message for one row; override to shape messages differently."""
+        roles = self._roles(names)
+        get = lambda role: row[roles[role]] if role in roles else None  # noqa: E731
+        raw = get("raw")
+        if raw is not None:
+            return raw.encode("utf-8") if isinstance(raw, str) else bytes(raw)
+        body = get("body")
+        if isinstance(body, (bytes, bytearray, memoryview)):
+            body = bytes(body).decode("utf-8", "replace")
+        body = "" if body is None else str(body)
+        subject = get("subject")
+        if subject is None or subject == "":
+            first = body.strip().splitlines()[0] if body.strip() else ""
+            subject = first or "row %s" % get("id")
+        used = set(roles.values())
+        attachments = []
+        for i, (column, value) in enumerate(zip(names, row)):
+            if i in used or value is None:
+                continue
+            if column in self.attachments or isinstance(value, (bytes, bytearray, memoryview)):
+                data = value if isinstance(value, (bytes, bytearray, memoryview)) else str(value).encode("utf-8")
+                attachments.append((column if "." in column else column + ".bin", bytes(data), None))
+        row_id = get("id")
+        return build_message(
+            subject=one_line(subject),
+            body=body,
+            date=to_datetime(get("date"), self.timezone),
+            msgid=message_id(row_id, self.name, self.domain),
+            sender=str(get("sender") or self.sender),
+            recipient=str(get("recipient") or self.recipient.replace("{user}", _address(username))),
+            attachments=attachments,
+        )
+
+    # -- the adapter contract -------------------------------------------------------
+
+    def list_messages(self, username: str) -> Sequence[MessageInfo]:
+        names, rows = self._fetch(username)
+        messages: List[MessageInfo] = []
+        cache: Dict[Any, bytes] = {}
+        seen = set()
+        roles = self._roles(names) if rows else {}
+        for row in rows:
+            row_id = row[roles["id"]]
+            uid = stable_uid(row_id)
+            if uid in seen:
+                # Two rows with one id would share a unique-id: keep the first.
+                logger.warning("%s: duplicate row id %r skipped", self.name, row_id)
+                continue
+            seen.add(uid)
+            data = self.build(username, names, row)
+            cache[row_id] = data
+            messages.append(MessageInfo(uid, wire_size(data), key=row_id))
+        with self._mutex:
+            self._sessions[username] = cache
+        return messages
+
+    def open_message(self, username: str, message: MessageInfo) -> bytes:
+        with self._mutex:
+            cache = self._sessions.get(username, {})
+            data = cache.get(message.key)
+        if data is None:
+            raise TemporaryFailure("message no longer available")
+        return data
+
+    def delete_messages(self, username: str, messages: Sequence[MessageInfo]) -> None:
+        if self.delete_statement is None:
+            raise PermanentFailure("this mailbox is read-only")
+        conn = self._open()
+        try:
+            style = self._style(conn)
+            params = [_params(self.delete_statement, style, {"id": m.key, "user": username}, "id") for m in messages]
+            cur = conn.cursor()
+            # One transaction for all rows: executemany then a single commit.
+            cur.executemany(self.delete_statement, params)
+            conn.commit()
+            logger.info("%s: deleted %d row(s) for %r", self.name, len(messages), username)
+        except Exception:
+            logger.exception("%s: delete failed for %r; rolled back", self.name, username)
+            try:
+                conn.rollback()
+            except Exception:
+                logger.warning("rollback failed", exc_info=True)
+            raise TemporaryFailure("could not delete messages; nothing was deleted") from None
+        finally:
+            self._close(conn)
+
+    def close_mailbox(self, username: str) -> None:
+        with self._mutex:
+            self._sessions.pop(username, None)
+
+
+def _address(username: str) -> str:
+    return username if "@" in username else username + "@localhost"
