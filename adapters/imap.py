@@ -1,0 +1,382 @@
+"""A POP3 front for a folder of an IMAP account (for devices that only speak POP3).
+
+::
+
+    from pop3frame.adapters.imap import IMAPUpstreamAdapter
+    adapter = IMAPUpstreamAdapter("imap.example.org", security="ssl", folder="INBOX")
+
+Login: the POP3 user name and password are passed through to the IMAP
+server (``LOGIN``; ``AUTHENTICATE PLAIN`` when the password is not ASCII,
+which ``LOGIN`` cannot carry), or a ``credentials(user, password)``
+callable checks the POP3 login itself and returns the IMAP ``(user,
+password)`` to use (a fixed mapping), or None to refuse.
+
+Mapping:
+
+- unique-id = ``"<UIDVALIDITY>.<UID>"``: stable for as long as the IMAP
+  server keeps the folder's UIDVALIDITY; if it changes, every message gets a
+  new unique-id and clients fetch them again, which is exactly right;
+- sizes = ``RFC822.SIZE``, which IMAP defines on the CRLF form of the
+  message, the same octets POP3 counts: no body is read for STAT/LIST;
+- RETR/TOP stream the message with partial fetches
+  ``UID FETCH n (BODY.PEEK[]<offset.length>)`` of ``chunk_size`` octets
+  each (imaplib returns every literal whole, so one ``BODY[]`` fetch of a
+  1 GB message would sit in memory whole; partial fetches bound it).
+  ``PEEK`` leaves the ``\\Seen`` flag alone;
+- DELE, applied after QUIT: ``UID STORE +FLAGS.SILENT (\\Deleted)`` then
+  ``UID EXPUNGE`` of exactly those UIDs when the server has UIDPLUS (RFC
+  4315).  Without UIDPLUS a plain ``EXPUNGE`` also removes messages that
+  other clients had flagged ``\\Deleted``.  With ``on_delete="trash"``
+  messages are moved to ``trash_folder`` instead (``UID MOVE``, RFC 6851,
+  or COPY + delete).  ``on_delete="none"`` makes the adapter read-only and
+  opens the folder with EXAMINE.  IMAP has no transactions: if the expunge
+  fails, the adapter removes the ``\\Deleted`` flags again so that no
+  message is left half-deleted, and the client gets ``-ERR [SYS/TEMP]``.
+
+One IMAP connection per POP3 session.  ``authenticate`` opens it and logs
+in (so a wrong password is known before any lock is taken); the logged-in
+connection is parked for the user, picked up by ``list_messages`` (which
+selects the folder) and logged out in ``close_mailbox``.  The server holds
+the mailbox lock between those two, so one session per user uses the
+connection at a time.  A connection parked by a login that then failed
+with ``[IN-USE]`` is logged out at the user's next login, or once it is
+older than a minute.  The POP3 password is never stored.
+
+Thread-safety: the parked and per-session connection tables are guarded by
+one mutex; each connection is used by one session's thread only.
+
+Errors: the IMAP server refusing the credentials is ``-ERR [AUTH]`` (unless
+it says ``[UNAVAILABLE]``); connection failures, timeouts and protocol
+aborts are ``-ERR [SYS/TEMP]``; a missing folder is ``-ERR [SYS/PERM]``.
+Passwords and message contents are never logged.
+"""
+from __future__ import annotations
+
+import imaplib
+import io
+import logging
+import re
+import ssl
+import threading
+import time
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+from pop3frame import AdapterBase, MessageInfo, PermanentFailure, TemporaryFailure
+
+__all__ = ["IMAPUpstreamAdapter"]
+
+logger = logging.getLogger("pop3frame.adapters.imap")
+
+Credentials = Callable[[str, str], Optional[Tuple[str, str]]]
+
+#: What counts as "the upstream server is unreachable or broke the protocol"
+#: (timeouts are socket.timeout, an OSError).
+_CONNECTION_ERRORS = (OSError, imaplib.IMAP4.abort, ssl.SSLError, EOFError)
+#: Parked logins older than this are logged out instead of used.
+PARK_SECONDS = 60.0
+_TEMPORARY_CODES = (b"[UNAVAILABLE]", b"[SERVERBUG]", b"[INUSE]", b"[LIMIT]")
+
+
+def _quote(name: str) -> str:
+    """An IMAP quoted string (imaplib sends arguments as they are)."""
+    return '"%s"' % name.replace("\\", "\\\\").replace('"', '\\"')
+
+
+def _uid_set(uids: Sequence[int]) -> str:
+    """``[1, 2, 3, 7]`` -> ``"1:3,7"``: keeps the command line short."""
+    out: List[str] = []
+    ordered = sorted(set(uids))
+    start = prev = ordered[0]
+    for uid in ordered[1:] + [None]:  # type: ignore[list-item]
+        if uid is not None and uid == prev + 1:
+            prev = uid
+            continue
+        out.append(str(start) if start == prev else "%d:%d" % (start, prev))
+        if uid is not None:
+            start = prev = uid
+    return ",".join(out)
+
+
+class _Session:
+    __slots__ = ("conn", "caps", "uidvalidity")
+
+    def __init__(self, conn: imaplib.IMAP4, caps: frozenset, uidvalidity: str) -> None:
+        self.conn = conn
+        self.caps = caps
+        self.uidvalidity = uidvalidity
+
+
+class _PartialFetchReader(io.RawIOBase):
+    """A message body read with ``BODY.PEEK[]<offset.length>`` fetches."""
+
+    def __init__(self, fetch: Callable[[int, int], Optional[bytes]], chunk_size: int, first: bytes) -> None:
+        self._fetch = fetch
+        self._chunk = chunk_size
+        self._offset = len(first)
+        self._buf = first
+        self._eof = len(first) < chunk_size
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        if not self._buf and not self._eof:
+            data = self._fetch(self._offset, self._chunk)
+            data = data or b""
+            self._offset += len(data)
+            self._buf = data
+            self._eof = len(data) < self._chunk
+        n = min(len(b), len(self._buf))
+        b[:n] = self._buf[:n]
+        self._buf = self._buf[n:]
+        return n
+
+
+class IMAPUpstreamAdapter(AdapterBase):
+    """Serve one folder of an IMAP account over POP3.
+
+    ``host``/``port``: the IMAP server (port defaults to 143, or 993 with
+    ``security="ssl"``).  ``security``: ``"plain"``, ``"starttls"`` or
+    ``"ssl"``; ``ssl_context`` for the last two (default: verified
+    :func:`ssl.create_default_context`).  ``folder``: the folder served
+    (ASCII name).  ``credentials``: see the module docstring.
+    ``on_delete``: ``"expunge"`` (default), ``"trash"`` or ``"none"``
+    (read-only).  ``timeout``: seconds for connecting and for each IMAP
+    reply.  ``chunk_size``: octets per partial fetch.
+    """
+
+    def __init__(
+        self,
+        host: str,
+        port: Optional[int] = None,
+        *,
+        security: str = "plain",
+        ssl_context: Optional[ssl.SSLContext] = None,
+        folder: str = "INBOX",
+        credentials: Optional[Credentials] = None,
+        on_delete: str = "expunge",
+        trash_folder: str = "Trash",
+        timeout: float = 30.0,
+        chunk_size: int = 1 << 20,
+    ) -> None:
+        if security not in ("plain", "starttls", "ssl"):
+            raise ValueError("security must be 'plain', 'starttls' or 'ssl'")
+        if on_delete not in ("expunge", "trash", "none"):
+            raise ValueError("on_delete must be 'expunge', 'trash' or 'none'")
+        if chunk_size < 1:
+            raise ValueError("chunk_size must be positive")
+        self.host = host
+        self.port = port or (993 if security == "ssl" else 143)
+        self.security = security
+        self.ssl_context = ssl_context
+        self.folder = folder
+        self.credentials = credentials
+        self.on_delete = on_delete
+        self.trash_folder = trash_folder
+        self.timeout = timeout
+        self.chunk_size = chunk_size
+        self.read_only = on_delete == "none"
+        self._mutex = threading.Lock()
+        self._parked: Dict[str, List[Tuple[float, imaplib.IMAP4]]] = {}
+        self._sessions: Dict[str, _Session] = {}
+
+    # -- connections ----------------------------------------------------------------
+
+    def _context(self) -> ssl.SSLContext:
+        return self.ssl_context or ssl.create_default_context()
+
+    def connect(self) -> imaplib.IMAP4:
+        """A new, not yet authenticated connection to the IMAP server."""
+        try:
+            if self.security == "ssl":
+                conn: imaplib.IMAP4 = imaplib.IMAP4_SSL(
+                    self.host, self.port, ssl_context=self._context(), timeout=self.timeout
+                )
+            else:
+                conn = imaplib.IMAP4(self.host, self.port, timeout=self.timeout)
+                if self.security == "starttls":
+                    conn.starttls(self._context())
+        except (*_CONNECTION_ERRORS, imaplib.IMAP4.error):
+            logger.warning("cannot connect to IMAP server %s:%s", self.host, self.port, exc_info=True)
+            raise TemporaryFailure("upstream mail server unavailable") from None
+        return conn
+
+    @staticmethod
+    def _logout(conn: imaplib.IMAP4) -> None:
+        # LOGOUT, never CLOSE: CLOSE would expunge \Deleted messages.
+        try:
+            conn.logout()
+        except Exception:
+            try:
+                conn.shutdown()
+            except Exception:
+                pass
+
+    def _login(self, conn: imaplib.IMAP4, user: str, password: str) -> None:
+        if password.isascii() and user.isascii() and "LOGINDISABLED" not in conn.capabilities:
+            conn.login(user, password)
+            return
+        # imaplib's LOGIN sends ASCII only; SASL PLAIN carries UTF-8 (RFC 4616).
+        token = ("\0%s\0%s" % (user, password)).encode("utf-8")
+        conn.authenticate("PLAIN", lambda _challenge: token)
+
+    # -- the adapter contract -------------------------------------------------------
+
+    def authenticate(self, username: str, password: str) -> bool:
+        if self.credentials is None:
+            upstream: Optional[Tuple[str, str]] = (username, password)
+        else:
+            upstream = self.credentials(username, password)
+        if upstream is None:
+            return False
+        conn = self.connect()
+        try:
+            self._login(conn, *upstream)
+        except _CONNECTION_ERRORS:
+            self._logout(conn)
+            logger.warning("IMAP login for %r: connection failed", username, exc_info=True)
+            raise TemporaryFailure("upstream mail server unavailable") from None
+        except imaplib.IMAP4.error as exc:
+            self._logout(conn)
+            text = str(exc).encode("utf-8", "replace")
+            if any(code in text for code in _TEMPORARY_CODES):
+                logger.warning("IMAP login for %r refused temporarily", username)
+                raise TemporaryFailure("upstream mail server unavailable") from None
+            logger.info("IMAP server refused the login of %r", username)
+            return False
+        stale: List[imaplib.IMAP4] = []
+        now = time.monotonic()
+        with self._mutex:
+            parked = self._parked.setdefault(username, [])
+            stale = [c for t, c in parked if now - t > PARK_SECONDS]
+            parked[:] = [(t, c) for t, c in parked if now - t <= PARK_SECONDS]
+            parked.append((now, conn))
+        for c in stale:
+            self._logout(c)
+        return True
+
+    def _take_parked(self, username: str) -> imaplib.IMAP4:
+        with self._mutex:
+            parked = self._parked.pop(username, [])
+        if not parked:
+            raise TemporaryFailure("upstream login lost; log in again")
+        *extra, (_, conn) = parked
+        for _, c in extra:  # logins that lost the race for the mailbox lock
+            self._logout(c)
+        return conn
+
+    def list_messages(self, username: str) -> Sequence[MessageInfo]:
+        conn = self._take_parked(username)
+        try:
+            typ, data = conn.capability()
+            caps = frozenset((data[0] or b"").decode("ascii", "replace").upper().split()) if typ == "OK" else frozenset()
+            typ, data = conn.select(_quote(self.folder), readonly=self.read_only)
+            if typ != "OK":
+                logger.error("IMAP folder %r cannot be selected for %r: %s", self.folder, username, data)
+                raise PermanentFailure("mail folder not available")
+            exists = int(data[0] or 0)
+            _, validity = conn.response("UIDVALIDITY")
+            uidvalidity = (validity[0] or b"0").decode("ascii") if validity and validity[0] else "0"
+            messages: List[Tuple[int, int]] = []
+            if exists:
+                typ, data = conn.uid("FETCH", "1:*", "(UID RFC822.SIZE)")
+                if typ != "OK":
+                    raise TemporaryFailure("upstream mail server refused to list messages")
+                for item in data:
+                    line = item[0] if isinstance(item, tuple) else item
+                    if not line:
+                        continue
+                    uid = re.search(rb"\bUID (\d+)", line)
+                    size = re.search(rb"\bRFC822\.SIZE (\d+)", line)
+                    if uid and size:  # unsolicited FLAGS updates carry no size
+                        messages.append((int(uid.group(1)), int(size.group(1))))
+        except (TemporaryFailure, PermanentFailure):
+            self._logout(conn)
+            raise
+        except (*_CONNECTION_ERRORS, imaplib.IMAP4.error, ValueError):
+            self._logout(conn)
+            logger.warning("listing IMAP folder %r for %r failed", self.folder, username, exc_info=True)
+            raise TemporaryFailure("upstream mail server unavailable") from None
+        with self._mutex:
+            self._sessions[username] = _Session(conn, caps, uidvalidity)
+        messages = sorted(set(messages))
+        return [MessageInfo("%s.%d" % (uidvalidity, uid), size, key=uid) for uid, size in messages]
+
+    def _session(self, username: str) -> _Session:
+        with self._mutex:
+            session = self._sessions.get(username)
+        if session is None:
+            raise TemporaryFailure("no upstream session")
+        return session
+
+    def _fetch_part(self, conn: imaplib.IMAP4, uid: int, offset: int, length: int) -> Optional[bytes]:
+        """Octets ``offset`` .. ``offset+length`` of the message, or None if it is gone."""
+        try:
+            typ, data = conn.uid("FETCH", str(uid), "(BODY.PEEK[]<%d.%d>)" % (offset, length))
+        except (*_CONNECTION_ERRORS, imaplib.IMAP4.error):
+            logger.warning("IMAP fetch of UID %d failed", uid, exc_info=True)
+            raise TemporaryFailure("upstream mail server unavailable") from None
+        if typ != "OK":
+            raise TemporaryFailure("upstream mail server refused the fetch")
+        for item in data:
+            # Only our fetch returns a body section, so the first BODY[] is ours;
+            # the UID may come before or after the literal.
+            if isinstance(item, tuple) and b"BODY[]" in item[0]:
+                return item[1]
+            if isinstance(item, bytes) and b"BODY[]" in item:
+                return b""  # BODY[]<n> "" : offset past the end
+        return None
+
+    def open_message(self, username: str, message: MessageInfo) -> io.BufferedReader:
+        session = self._session(username)
+        uid = message.key
+        fetch = lambda offset, length: self._fetch_part(session.conn, uid, offset, length)  # noqa: E731
+        first = fetch(0, self.chunk_size)
+        if first is None:
+            raise TemporaryFailure("message no longer exists")
+        # Buffered, so TOP's line reads do not turn into one fetch per byte.
+        return io.BufferedReader(_PartialFetchReader(fetch, self.chunk_size, first), self.chunk_size)
+
+    def delete_messages(self, username: str, messages: Sequence[MessageInfo]) -> None:
+        if self.read_only:
+            raise PermanentFailure("this mailbox is read-only")
+        session = self._session(username)
+        conn, uids = session.conn, _uid_set([m.key for m in messages])
+        try:
+            if self.on_delete == "trash":
+                if "MOVE" in session.caps:
+                    self._ok(conn.uid("MOVE", uids, _quote(self.trash_folder)), "move to trash")
+                    logger.info("moved %d message(s) of %r to %s", len(messages), username, self.trash_folder)
+                    return
+                self._ok(conn.uid("COPY", uids, _quote(self.trash_folder)), "copy to trash")
+            self._ok(conn.uid("STORE", uids, "+FLAGS.SILENT", r"(\Deleted)"), "flag as deleted")
+            try:
+                if "UIDPLUS" in session.caps:
+                    self._ok(conn.uid("EXPUNGE", uids), "expunge")
+                else:
+                    self._ok(conn.expunge(), "expunge")
+            except TemporaryFailure:
+                # Leave no message flagged for someone else's EXPUNGE to take.
+                try:
+                    conn.uid("STORE", uids, "-FLAGS.SILENT", r"(\Deleted)")
+                except Exception:
+                    logger.warning("could not remove \\Deleted flags again", exc_info=True)
+                raise
+        except (*_CONNECTION_ERRORS, imaplib.IMAP4.error):
+            logger.warning("IMAP delete for %r failed", username, exc_info=True)
+            raise TemporaryFailure("could not delete messages upstream") from None
+        logger.info("deleted %d message(s) of %r upstream", len(messages), username)
+
+    @staticmethod
+    def _ok(reply: Tuple[str, list], what: str) -> None:
+        typ, data = reply
+        if typ != "OK":
+            logger.warning("IMAP %s refused: %s %s", what, typ, data)
+            raise TemporaryFailure("could not delete messages upstream")
+
+    def close_mailbox(self, username: str) -> None:
+        with self._mutex:
+            session = self._sessions.pop(username, None)
+        if session is not None:
+            self._logout(session.conn)
+
