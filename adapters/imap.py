@@ -324,7 +324,9 @@ class IMAPUpstreamAdapter(AdapterBase):
             if isinstance(item, tuple) and b"BODY[]" in item[0]:
                 return item[1]
             if isinstance(item, bytes) and b"BODY[]" in item:
-                return b""  # BODY[]<n> "" : offset past the end
+                # BODY[]<n> "" is past the end; NIL is Dovecot's answer for a
+                # message expunged by another session that ours has not synced.
+                return None if re.search(rb"BODY\[\](?:<\d+>)? NIL", item) else b""
         return None
 
     def open_message(self, username: str, message: MessageInfo) -> io.BufferedReader:

@@ -197,7 +197,9 @@ class Dovecot:
 
     def imap(self, user: str) -> imaplib.IMAP4:
         conn = imaplib.IMAP4("127.0.0.1", self.port, timeout=30)
-        conn.login(user, self._passwords[user])
+        # AUTHENTICATE PLAIN: imaplib's LOGIN cannot send non-ASCII passwords.
+        token = ("\0%s\0%s" % (user, self._passwords[user])).encode("utf-8")
+        conn.authenticate("PLAIN", lambda _: token)
         return conn
 
     def append(self, user: str, data: bytes, folder: str = "INBOX") -> int:
