@@ -1,0 +1,369 @@
+"""SQL query adapter: rows of a real sqlite3 table become RFC 5322 messages.
+
+The conformance suite (tests/harness_sqlquery.py) covers the POP3 side
+with a raw-message column; these tests cover building messages from
+ordinary columns, per-user queries, read-only mode, the one-transaction
+delete and the placeholder styles of other drivers.
+"""
+from __future__ import annotations
+
+import email.policy
+import logging
+import poplib
+import sqlite3
+from email.parser import BytesParser
+
+import pytest
+
+from pop3frame.adapters.sqlquery import SQLQueryAdapter, _params, _placeholders
+from pop3frame.passwords import hash_password
+from pop3frame.testing import Controller
+from tests.helpers import retr_lines_to_bytes
+
+REQUIRED = ("From", "To", "Subject", "Date", "Message-ID", "MIME-Version")
+
+
+@pytest.fixture
+def db(tmp_path):
+    path = str(tmp_path / "logs.db")
+    conn = sqlite3.connect(path)
+    with conn:
+        conn.executescript(
+            """
+            CREATE TABLE logs (
+                id INTEGER PRIMARY KEY, owner TEXT, ts TEXT, level TEXT, line TEXT,
+                seen INTEGER NOT NULL DEFAULT 0, dump BLOB
+            );
+            INSERT INTO logs (owner, ts, level, line) VALUES
+                ('ops', '2026-11-25 09:00:00', 'INFO', 'backup finished'),
+                ('ops', '2026-11-25 09:05:00', 'WARN', 'disk /var at 91%'),
+                ('dev', '2026-11-25 09:06:00', 'INFO', 'deploy ok');
+            """
+        )
+    conn.close()
+    return path
+
+
+def connector(path):
+    return lambda: sqlite3.connect(path, timeout=30)
+
+
+QUERY = "SELECT id, ts AS date, level || ': ' || line AS subject, line AS body FROM logs WHERE seen = 0 ORDER BY id"
+
+
+def login(server, user="ops", password="ops-pw"):
+    client = server.pop3()
+    client.user(user)
+    client.pass_(password)
+    return client
+
+
+def fetch(server, user="ops", password="ops-pw"):
+    client = login(server, user, password)
+    try:
+        return [retr_lines_to_bytes(client.retr(i)[1]) for i in range(1, client.stat()[0] + 1)]
+    finally:
+        client.quit()
+
+
+def parse(raw: bytes):
+    return BytesParser(policy=email.policy.default).parsebytes(raw)
+
+
+def text(part) -> str:
+    """A text part's content with the wire's CRLF turned back into LF."""
+    return part.get_content().replace("\r\n", "\n")
+
+
+def test_rows_become_clean_messages(db):
+    """Every message parses without defects and has the RFC 5322 / MIME
+    headers clients need; Date comes from the timestamp column."""
+    adapter = SQLQueryAdapter(connector(db), QUERY, users={"ops": "ops-pw"}, name="logs")
+    with Controller(adapter) as server:
+        raws = fetch(server)
+    assert len(raws) == 3
+    msgs = [parse(r) for r in raws]
+    for raw, msg in zip(raws, msgs):
+        assert all(msg[h] for h in REQUIRED), raw
+        assert not msg.defects and not any(p.defects for p in msg.walk())
+        assert b"\r\n" in raw and b"\n" not in raw.replace(b"\r\n", b"")
+    assert msgs[1]["Subject"] == "WARN: disk /var at 91%"
+    assert msgs[1]["Date"] == "Wed, 25 Nov 2026 09:05:00 +0000"
+    assert msgs[1]["Message-ID"] == "<2.logs@pop3frame.invalid>"
+    assert msgs[1]["To"] == "ops@localhost"
+    assert text(msgs[1]) == "disk /var at 91%\n"
+
+
+def test_uidl_and_message_id_stable_and_derived_from_row_id(db):
+    adapter = SQLQueryAdapter(connector(db), QUERY, users={"ops": "ops-pw"})
+    with Controller(adapter) as server:
+        client = login(server)
+        uids = [l.split()[1] for l in client.uidl()[1]]
+        first = retr_lines_to_bytes(client.retr(1)[1])
+        client.quit()
+        # A changed row keeps its unique-id: clients never fetch it twice.
+        conn = sqlite3.connect(db)
+        with conn:
+            conn.execute("UPDATE logs SET line = 'edited' WHERE id = 1")
+        conn.close()
+        client = login(server)
+        assert [l.split()[1] for l in client.uidl()[1]] == uids == [b"1", b"2", b"3"]
+        again = retr_lines_to_bytes(client.retr(1)[1])
+        client.quit()
+    assert parse(first)["Message-ID"] == parse(again)["Message-ID"]
+
+
+def test_same_row_builds_same_bytes_and_size(db):
+    adapter = SQLQueryAdapter(connector(db), QUERY, users={"ops": "ops-pw"})
+    with Controller(adapter) as server:
+        for _ in range(2):
+            client = login(server)
+            listed = client.list()[1]
+            got = fetch_and_quit(client)
+            assert [int(l.split()[1]) for l in listed] == [len(r) for r in got]
+            if _ == 0:
+                before = got
+    assert got == before
+
+
+def fetch_and_quit(client):
+    out = [retr_lines_to_bytes(client.retr(i)[1]) for i in range(1, client.stat()[0] + 1)]
+    client.quit()
+    return out
+
+
+def test_utf8_subject_body_and_header_injection(db):
+    """Non-ASCII text is encoded (RFC 2047 headers, quoted-printable body)
+    and a newline in the data cannot add a header."""
+    conn = sqlite3.connect(db)
+    with conn:
+        conn.execute("DELETE FROM logs")
+        conn.execute(
+            "INSERT INTO logs (owner, ts, level, line) VALUES ('ops', 1795651200, 'ERR', ?)",
+            ("Prüfung fehlgeschlagen: naïve café ☕\nBcc: victim@example.org",),
+        )
+    conn.close()
+    adapter = SQLQueryAdapter(
+        connector(db), QUERY, users={"ops": "ops-pw"}, sender="Überwachung <monitor@example.org>"
+    )
+    with Controller(adapter) as server:
+        (raw,) = fetch(server)
+    assert raw.isascii()
+    msg = parse(raw)
+    assert msg["Subject"] == "ERR: Prüfung fehlgeschlagen: naïve café ☕ Bcc: victim@example.org"
+    assert msg["Bcc"] is None
+    assert msg["From"].addresses[0].display_name == "Überwachung"
+    assert text(msg) == "Prüfung fehlgeschlagen: naïve café ☕\nBcc: victim@example.org\n"
+    assert msg["Content-Transfer-Encoding"] == "quoted-printable"
+    assert msg["Date"] == "Thu, 26 Nov 2026 00:00:00 +0000"  # from a Unix timestamp
+
+
+def test_blob_columns_become_attachments_and_subject_from_body(db):
+    conn = sqlite3.connect(db)
+    with conn:
+        conn.execute("UPDATE logs SET dump = ? WHERE id = 2", (b"\x00core\xffdump",))
+    conn.close()
+    adapter = SQLQueryAdapter(
+        connector(db),
+        "SELECT id, ts, line || char(10) || 'details follow' AS body, dump FROM logs WHERE owner = ? ORDER BY id",
+        users={"ops": "ops-pw"},
+    )
+    with Controller(adapter) as server:
+        raws = fetch(server)
+    plain, with_blob = parse(raws[0]), parse(raws[1])
+    assert plain["Subject"] == "backup finished"  # first body line
+    assert not plain.is_multipart()
+    assert with_blob.is_multipart()
+    (attachment,) = list(with_blob.iter_attachments())
+    assert attachment.get_filename() == "dump.bin"
+    assert attachment.get_content() == b"\x00core\xffdump"
+    assert text(with_blob.get_body(("plain",))) == "disk /var at 91%\ndetails follow\n"
+
+
+def test_explicit_column_mapping_and_sender_recipient_columns(db):
+    adapter = SQLQueryAdapter(
+        connector(db),
+        "SELECT id AS log_id, ts AS at, line AS what, owner || '@example.org' AS rcpt FROM logs ORDER BY id",
+        users={"ops": "ops-pw"},
+        columns={"id": "log_id", "date": "at", "body": "what", "recipient": "rcpt"},
+        attachments=(),
+    )
+    with Controller(adapter) as server:
+        raws = fetch(server)
+    assert [parse(r)["To"] for r in raws] == ["ops@example.org", "ops@example.org", "dev@example.org"]
+    assert parse(raws[2])["Date"] == "Wed, 25 Nov 2026 09:06:00 +0000"
+    with pytest.raises(ValueError):
+        SQLQueryAdapter(connector(db), QUERY, users={}, columns={"colour": "x"})
+
+
+def test_per_user_query_positional_and_named(db):
+    users = {"ops": "ops-pw", "dev": "dev-pw"}
+    for query in (
+        "SELECT id, ts, line AS body FROM logs WHERE owner = ? ORDER BY id",
+        "SELECT id, ts, line AS body FROM logs WHERE owner = :user AND line <> '?' ORDER BY id",
+    ):
+        with Controller(SQLQueryAdapter(connector(db), query, users=users)) as server:
+            assert len(fetch(server)) == 2
+            assert [parse(r)["Subject"] for r in fetch(server, "dev", "dev-pw")] == ["deploy ok"]
+
+
+def test_no_delete_statement_is_read_only(db):
+    with Controller(SQLQueryAdapter(connector(db), QUERY, users={"ops": "ops-pw"})) as server:
+        client = login(server)
+        assert "X-READ-ONLY" in client.capa()
+        with pytest.raises(poplib.error_proto, match=r"\[SYS/PERM\]"):
+            client.dele(1)
+        client.quit()
+        assert len(fetch(server)) == 3
+
+
+def test_update_statement_marks_rows_seen(db):
+    """DELE can be an UPDATE: the rows stay in the table but leave the mailbox."""
+    adapter = SQLQueryAdapter(
+        connector(db), QUERY, users={"ops": "ops-pw"}, delete="UPDATE logs SET seen = 1 WHERE id = ?"
+    )
+    with Controller(adapter) as server:
+        client = login(server)
+        client.dele(1)
+        client.dele(3)
+        assert client.quit().startswith(b"+OK")
+        assert [parse(r)["Subject"] for r in fetch(server)] == ["WARN: disk /var at 91%"]
+    conn = sqlite3.connect(db)
+    assert conn.execute("SELECT id, seen FROM logs ORDER BY id").fetchall() == [(1, 1), (2, 0), (3, 1)]
+    conn.close()
+
+
+def test_named_delete_with_id_and_user(db):
+    adapter = SQLQueryAdapter(
+        connector(db),
+        "SELECT id, ts, line AS body FROM logs WHERE owner = :user ORDER BY id",
+        users={"ops": "ops-pw", "dev": "dev-pw"},
+        delete="DELETE FROM logs WHERE id = :id AND owner = :user",
+    )
+    with Controller(adapter) as server:
+        client = login(server)
+        client.dele(2)
+        client.quit()
+        assert len(fetch(server)) == 1
+    conn = sqlite3.connect(db)
+    assert [r[0] for r in conn.execute("SELECT id FROM logs ORDER BY id")] == [1, 3]
+    conn.close()
+
+
+def test_delete_is_one_transaction(db, caplog):
+    """RFC 1939 UPDATE: all or none.  A trigger makes deleting row 2 fail
+    after row 1 was deleted in the same transaction: both stay."""
+    conn = sqlite3.connect(db)
+    with conn:
+        conn.execute(
+            "CREATE TRIGGER keep2 BEFORE DELETE ON logs WHEN old.id = 2 "
+            "BEGIN SELECT RAISE(ABORT, 'row 2 is protected'); END"
+        )
+    conn.close()
+    adapter = SQLQueryAdapter(connector(db), QUERY, users={"ops": "ops-pw"}, delete="DELETE FROM logs WHERE id = ?")
+    with Controller(adapter) as server:
+        client = login(server)
+        client.dele(1)
+        client.dele(2)
+        with pytest.raises(poplib.error_proto, match=r"\[SYS/TEMP\]"):
+            client.quit()
+        assert server.wait_for_connections(0)
+        assert len(fetch(server)) == 3
+    assert "rolled back" in caplog.text
+
+
+def test_hashed_and_plain_passwords_and_callable(db, caplog):
+    caplog.set_level(logging.DEBUG)
+    users = {"ops": hash_password("ops-pw", "SCRYPT"), "dev": "dev-pw"}
+    with Controller(SQLQueryAdapter(connector(db), QUERY, users=users)) as server:
+        fetch(server)
+        fetch(server, "dev", "dev-pw")
+        for user, password in (("ops", "wrong"), ("nobody", "ops-pw")):
+            client = server.pop3()
+            client.user(user)
+            with pytest.raises(poplib.error_proto, match=r"\[AUTH\]"):
+                client.pass_(password)
+            client.quit()
+    checker = lambda user, password: (user, password) == ("ops", "from-callable")  # noqa: E731
+    with Controller(SQLQueryAdapter(connector(db), QUERY, users=checker)) as server:
+        assert len(fetch(server, "ops", "from-callable")) == 3
+    assert "ops-pw" not in caplog.text and "backup finished" not in caplog.text
+
+
+def test_database_failures_are_sys_temp(tmp_path, caplog):
+    def broken():
+        raise sqlite3.OperationalError("unable to open database file")
+
+    with Controller(SQLQueryAdapter(broken, QUERY, users={"ops": "ops-pw"})) as server:
+        client = server.pop3()
+        client.user("ops")
+        with pytest.raises(poplib.error_proto, match=r"\[SYS/TEMP\]"):
+            client.pass_("ops-pw")
+        client.quit()
+    missing_table = connector(str(tmp_path / "empty.db"))
+    with Controller(SQLQueryAdapter(missing_table, QUERY, users={"ops": "ops-pw"})) as server:
+        client = server.pop3()
+        client.user("ops")
+        with pytest.raises(poplib.error_proto, match=r"\[SYS/TEMP\]"):
+            client.pass_("ops-pw")
+        client.quit()
+
+
+def test_query_without_id_column_is_sys_perm(db):
+    adapter = SQLQueryAdapter(connector(db), "SELECT line AS body FROM logs", users={"ops": "ops-pw"})
+    with Controller(adapter) as server:
+        client = server.pop3()
+        client.user("ops")
+        with pytest.raises(poplib.error_proto, match=r"\[SYS/PERM\]"):
+            client.pass_("ops-pw")
+        client.quit()
+
+
+def test_odd_ids_get_valid_unique_ids_and_duplicates_are_dropped(tmp_path):
+    path = str(tmp_path / "odd.db")
+    conn = sqlite3.connect(path)
+    with conn:
+        conn.execute("CREATE TABLE t (id TEXT, body TEXT)")
+        conn.executemany(
+            "INSERT INTO t VALUES (?, ?)",
+            [("2026-11-25 job #7", "a"), ("x" * 200, "b"), ("ok-id_1.2", "c"), ("ok-id_1.2", "dup")],
+        )
+    conn.close()
+    with Controller(SQLQueryAdapter(connector(path), "SELECT * FROM t", users={"u": "p"})) as server:
+        client = login(server, "u", "p")
+        uids = [l.split()[1].decode() for l in client.uidl()[1]]
+        ids = [parse(retr_lines_to_bytes(client.retr(i)[1]))["Message-ID"] for i in (1, 2, 3)]
+        client.quit()
+    assert len(uids) == 3 and uids[2] == "ok-id_1.2"
+    assert all(1 <= len(u) <= 70 and u.isascii() and " " not in u for u in uids)
+    assert len(set(ids)) == 3 and all(i.startswith("<") and i.endswith("@pop3frame.invalid>") for i in ids)
+
+
+@pytest.mark.parametrize(
+    "sql, style, expected",
+    [
+        ("SELECT * FROM t WHERE u = ?", "qmark", ("alice",)),
+        ("SELECT * FROM t WHERE u = :user", "named", {"user": "alice"}),
+        ("SELECT * FROM t WHERE u = :1", "numeric", ("alice",)),
+        ("SELECT * FROM t WHERE u = %s", "format", ("alice",)),
+        ("SELECT * FROM t WHERE u = %s AND x LIKE 'a%%'", "pyformat", ("alice",)),
+        ("SELECT * FROM t WHERE u = %(user)s", "pyformat", {"user": "alice"}),
+        ("SELECT '?', '%s' FROM t", "qmark", ()),
+        ("SELECT x::text FROM t WHERE y = '%s'", "pyformat", ()),
+    ],
+)
+def test_placeholders_in_each_driver_style(sql, style, expected):
+    """psycopg and PyMySQL use %s / %(name)s, sqlite3 ? and :name: the user
+    name goes in with the driver's own style; quoted text is not a placeholder."""
+    assert _params(sql, style, {"user": "alice"}, "user") == expected
+
+
+def test_delete_placeholders():
+    assert _params("DELETE FROM t WHERE id = %s", "pyformat", {"id": 7, "user": "u"}, "id") == (7,)
+    assert _params("DELETE FROM t WHERE id = %(id)s AND o = %(user)s", "pyformat", {"id": 7, "user": "u"}, "id") == {
+        "id": 7,
+        "user": "u",
+    }
+    with pytest.raises(ValueError):
+        _params("DELETE FROM t WHERE id = :rowid", "named", {"id": 7, "user": "u"}, "id")
+    assert _placeholders("UPDATE t SET a = ? WHERE id = ?", "qmark") == (2, [])
