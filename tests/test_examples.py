@@ -1,0 +1,182 @@
+"""Every script in examples/ works: its build function serves a real poplib
+session, and sql_logs.py also runs end to end as a program."""
+from __future__ import annotations
+
+import email.policy
+import importlib.util
+import os
+import pathlib
+import poplib
+import subprocess
+import sys
+from email.parser import BytesParser
+
+import pytest
+
+from pop3frame.testing import Controller
+from tests.helpers import retr_lines_to_bytes
+
+EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
+REQUIRED = ("From", "To", "Subject", "Date", "Message-ID", "MIME-Version")
+
+
+def load(name):
+    spec = importlib.util.spec_from_file_location("example_" + name, EXAMPLES / (name + ".py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def session(server, user, password):
+    client = server.pop3()
+    client.user(user)
+    client.pass_(password)
+    return client
+
+
+def parse(raw):
+    return BytesParser(policy=email.policy.default).parsebytes(raw)
+
+
+def test_every_example_has_a_builder_and_a_main_guard():
+    names = sorted(p.stem for p in EXAMPLES.glob("*.py"))
+    assert names == ["custom_adapter", "feed_reader", "function_mail", "imap_proxy", "sql_logs"]
+    for name in names:
+        text = (EXAMPLES / (name + ".py")).read_text()
+        assert "build_adapter" in text and 'if __name__ == "__main__":' in text
+    assert len((EXAMPLES / "custom_adapter.py").read_text().splitlines()) < 40
+
+
+def test_sql_logs_builder(tmp_path):
+    example = load("sql_logs")
+    db = str(tmp_path / "logs.db")
+    example.create_log_table(db)
+    example.log(db, "ERROR", "disk full")
+    example.log(db, "INFO", "all good")
+    with Controller(example.build_adapter(db)) as server:
+        client = session(server, "ops", "ops")
+        msg = parse(retr_lines_to_bytes(client.retr(1)[1]))
+        assert msg["Subject"] == "ERROR: disk full"
+        assert all(msg[h] for h in REQUIRED)
+        client.dele(1)
+        client.quit()
+        client = session(server, "ops", "ops")
+        assert client.stat()[0] == 1
+        client.quit()
+
+
+def test_sql_logs_runs_end_to_end(tmp_path):
+    """The script as a user runs it: creates and fills the table, serves it
+    on a port the OS picks, a POP3 client reads and deletes, the process is
+    stopped by its PID."""
+    db = tmp_path / "logs.db"
+    proc = subprocess.Popen(
+        [sys.executable, str(EXAMPLES / "sql_logs.py"), "0", str(db)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=str(tmp_path),
+    )
+    try:
+        banner = proc.stdout.readline()
+        assert banner.startswith("serving"), banner + proc.stderr.read()
+        port = int(banner.split("127.0.0.1:")[1].split()[0])
+        client = poplib.POP3("127.0.0.1", port, timeout=10)
+        client.user("ops")
+        client.pass_("ops")
+        subjects = [parse(retr_lines_to_bytes(client.retr(i)[1]))["Subject"] for i in (1, 2, 3)]
+        assert subjects == [
+            "INFO: nightly backup finished in 312 s",
+            "WARNING: disk /var is 91% full",
+            "ERROR: certificate for mail.example.org expires in 3 days",
+        ]
+        assert [l.split()[1] for l in client.uidl()[1]] == [b"1", b"2", b"3"]
+        client.dele(2)
+        assert client.quit().startswith(b"+OK")
+        # A script logs while the server runs; the next session sees it.
+        load("sql_logs").log(str(db), "INFO", "logged while serving")
+        client = poplib.POP3("127.0.0.1", port, timeout=10)
+        client.user("ops")
+        client.pass_("ops")
+        assert [l.split()[1] for l in client.uidl()[1]] == [b"1", b"3", b"4"]
+        client.quit()
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        proc.stdout.close()
+        proc.stderr.close()
+
+
+def test_function_mail_builder():
+    example = load("function_mail")
+    with Controller(example.build_adapter()) as server:
+        client = session(server, "me", "secret")
+        (uid,) = [l.split()[1].decode() for l in client.uidl()[1]]
+        assert uid.startswith("status-")
+        msg = parse(retr_lines_to_bytes(client.retr(1)[1]))
+        assert msg["Subject"].startswith("Status of ") and "Disk /:" in msg.get_content()
+        assert all(msg[h] for h in REQUIRED)
+        with pytest.raises(poplib.error_proto, match=r"\[SYS/PERM\]"):
+            client.dele(1)
+        client.quit()
+
+
+def test_custom_adapter(tmp_path):
+    example = load("custom_adapter")
+    todo = tmp_path / "todo.txt"
+    todo.write_text("buy milk\n\nrenew the certificate für mail\nbuy milk\ncall Bob\n", encoding="utf-8")
+    with Controller(example.build_adapter(str(todo), "secret")) as server:
+        client = session(server, "anyone", "secret")
+        assert client.stat()[0] == 3
+        msg = parse(retr_lines_to_bytes(client.retr(2)[1]))
+        assert msg["Subject"] == "renew the certificate für mail"
+        assert all(msg[h] for h in ("From", "To", "Subject", "Date", "MIME-Version"))
+        sizes = [int(l.split()[1]) for l in client.list()[1]]
+        assert sizes[1] == len(retr_lines_to_bytes(client.retr(2)[1]))
+        client.dele(1)
+        client.dele(3)
+        client.quit()
+    assert todo.read_text(encoding="utf-8") == "renew the certificate für mail\n"
+
+
+def test_feed_reader_builder(tmp_path):
+    pytest.importorskip("feedparser", reason="pip install 'pop3frame[feeds]'")
+    from tests.test_feed import RSS, FeedServer
+
+    feeds = FeedServer()
+    feeds.publish("/rss", RSS)
+    try:
+        example = load("feed_reader")
+        adapter = example.build_adapter(feeds.url("/rss"), state_file=str(tmp_path / "state.json"))
+        with Controller(adapter) as server:
+            client = session(server, "reader", "reader")
+            assert client.stat()[0] == 3
+            assert parse(retr_lines_to_bytes(client.retr(1)[1]))["Subject"] == "Build #41 passed"
+            client.dele(1)
+            client.quit()
+            client = session(server, "reader", "reader")
+            assert client.stat()[0] == 2
+            client.quit()
+    finally:
+        feeds.close()
+
+
+def test_imap_proxy_builder():
+    from tests.harness_imap import Dovecot, missing_reason
+
+    reason = missing_reason()
+    if reason:
+        if os.environ.get("CI") == "true":
+            pytest.fail("CI=true but " + reason)
+        pytest.skip(reason)
+    dovecot = Dovecot().start()
+    try:
+        dovecot.add_user("alice", "alice-pw")
+        dovecot.append("alice", b"Subject: via IMAP\r\n\r\nhello\r\n")
+        example = load("imap_proxy")
+        with Controller(example.build_adapter("127.0.0.1", dovecot.port, security="plain")) as server:
+            client = session(server, "alice", "alice-pw")
+            assert client.retr(1)[1][0] == b"Subject: via IMAP"
+            client.quit()
+    finally:
+        dovecot.cleanup()
