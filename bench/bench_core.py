@@ -1,186 +1,180 @@
-"""Core benchmark: sessions/s, RETR throughput, idle-session memory.
+"""Core benchmark of pop3frame: sessions/s, RETR throughput, STAT latency, memory per idle session.
 
-Run by hand (not in CI):  .venv/bin/python bench/bench_core.py
+Run by hand, never in CI (see bench/README.rst)::
 
-The server runs in its own process (memory adapter) and the load comes from
-other processes, so client and server do not share a GIL.  Every loop is
-bounded by a count; everything talks to 127.0.0.1 on OS-chosen ports.
-Results are printed and written to bench/results/core.csv.
+    .venv/bin/python bench/bench_core.py [--adapter maildir|memory] [--quick]
+
+The server (bench/servers/pop3frame_server.py) runs in its own process over
+a generated Maildir; the load comes from other processes (bench/loadgen.py),
+so client and server do not share a GIL.  On a small machine they do share
+the CPU cores, and the output says how many there are.  Every loop is
+bounded by a count and a deadline; everything talks to 127.0.0.1 on ports
+the OS picks.  A table is printed and bench/results/core-<adapter>.csv
+written.
 """
 from __future__ import annotations
 
+import argparse
 import csv
-import multiprocessing
 import os
-import resource
-import socket
+import platform
 import subprocess
 import sys
+import tempfile
 import time
+from typing import Callable, Dict, List, Optional, Tuple
 
-SERVER = r"""
-import resource, sys, threading
-resource.setrlimit(resource.RLIMIT_NOFILE, (20000, 20000))
-from pop3frame import ServerConfig
-from pop3frame.adapters.memory import MemoryAdapter
-from pop3frame.server import ServerGroup
-store = MemoryAdapter(apop=False)
-for i in range(6000):
-    store.add_user("u%d" % i, "pw")
-    store.deliver("u%d" % i, b"Subject: hello\r\n\r\n" + b"x" * 1000 + b"\r\n")
-store.add_user("big", "pw")
-for size in (1_000, 100_000, 10_000_000, 20_000_000):
-    line = b"y" * 76 + b"\n"
-    store.deliver("big", b"Subject: %d\n\n" % size + line * (size // len(line)))
-group = ServerGroup(store, ServerConfig(max_connections=10000))
-server = group.add_listener(("127.0.0.1", 0))
-print(server.port, flush=True)
-group.start()
-threading.Event().wait()
-"""
+import launch
+import loadgen
 
-RETR_SIZES = (1_000, 100_000, 10_000_000, 20_000_000)
+RESULTS = os.path.join(launch.HERE, "results")
 
 
-def read_until(sock: socket.socket, end: bytes, buf: bytearray) -> int:
-    total, tail, keep = 0, b"", len(end)
-    view = memoryview(buf)
-    while True:
-        n = sock.recv_into(view)
-        if not n:
-            raise EOFError
-        total += n
-        tail = (tail + bytes(view[max(0, n - keep):n]))[-keep:]
-        if tail == end:
-            return total
+class Plan:
+    """Counts of one run; ``quick`` divides them for a smoke run."""
+
+    def __init__(self, quick: bool = False, idle: Tuple[int, ...] = (1000, 5000)) -> None:
+        q = 10 if quick else 1
+        self.users = 5000
+        self.sessions = {1: 3000 // q, 16: 6000 // q, 32: 6000 // q}
+        self.session_seconds = 60.0
+        self.retr_repeat = {"1KB": 500 // q, "100KB": 100 // q, "10MB": max(3, 7 // q), "20MB": max(3, 5 // q)}
+        self.stat_clients, self.stat_count = 32, 300 // q
+        self.idle = tuple(n // q for n in idle)
+        self.loopback_mb = 1000 // q
 
 
-def session_worker(port: int, sessions: int, offset: int, out) -> None:
-    buf = bytearray(1 << 16)
-    for i in range(sessions):
-        s = socket.create_connection(("127.0.0.1", port))
-        read_until(s, b"\r\n", buf)
-        s.sendall(b"USER u%d\r\nPASS pw\r\nSTAT\r\nQUIT\r\n" % ((offset + i) % 6000))
-        read_until(s, b"signing off (1 message left)\r\n", buf)
-        s.close()
-    out.put(sessions)
+def steps_for(server: launch.Server, plan: Plan, idle: Optional[Tuple[int, ...]] = None
+              ) -> List[Tuple[str, str, Callable[[], Dict[str, float]]]]:
+    """(metric, unit, run) for every measurement against one running server."""
+    users = launch.user_names(plan.users)
+    pw = launch.PASSWORD
+    steps: List[Tuple[str, str, Callable[[], Dict[str, float]]]] = []
+    steps.append(("warm-up (every mailbox once)", "sessions/s",
+                  lambda: loadgen.sessions_per_second(users, pw, 4, plan.users, 120.0)))
+    for clients, total in plan.sessions.items():
+        steps.append(("sessions/s, %d client%s" % (clients, "s" if clients > 1 else ""), "sessions/s",
+                      lambda c=clients, t=total: loadgen.sessions_per_second(users, pw, c, t, plan.session_seconds)))
+    for label, size in launch.SIZES.items():
+        steps.append(("RETR %s" % label, "MB/s",
+                      lambda s=size, r=plan.retr_repeat[label]: loadgen.retr_mb_per_s(launch.BIG_USER, pw, s, r)))
+    steps.append(("STAT latency, %d clients" % plan.stat_clients, "ms",
+                  lambda: loadgen.stat_latency_ms(users, pw, plan.stat_clients, plan.stat_count)))
+    for n in plan.idle if idle is None else idle:
+        steps.append(("memory per idle session, %d" % n, "KB",
+                      lambda n=n: loadgen.idle_kb_per_session(server.pid, users, pw, n)))
+    return steps
 
 
-def sessions_per_second(port: int, clients: int, total: int) -> float:
-    queue = multiprocessing.Queue()
-    each = total // clients
-    procs = [multiprocessing.Process(target=session_worker, args=(port, each, k * each, queue)) for k in range(clients)]
-    start = time.perf_counter()
-    for p in procs:
-        p.start()
-    done = sum(queue.get(timeout=300) for _ in procs)
-    elapsed = time.perf_counter() - start
-    for p in procs:
-        p.join(30)
-    return done / elapsed
+def rows_of(metric: str, unit: str, result: Dict[str, float]) -> List[Tuple[str, str, float, str]]:
+    """Table rows (metric, unit, value, detail) of one step's result."""
+    if metric.startswith("STAT latency"):
+        detail = "%d STATs, %.0f STAT/s" % (result["done"], result["stat_per_s"])
+        return [(metric.replace("latency", "p50"), unit, result["p50"], detail),
+                (metric.replace("latency", "p99"), unit, result["p99"], detail)]
+    if metric.startswith("memory"):
+        return [(metric + " (RSS)", unit, result["value"],
+                 "%d conns, VmRSS %d -> %d KB" % (result["done"], result["rss_before"], result["rss_after"])),
+                (metric + " (PSS)", unit, result["pss"], "process tree Pss")]
+    if metric.startswith("RETR"):
+        return [(metric, unit, result["value"], "median of %d, best %.0f" % (result["done"], result["best"]))]
+    if unit == "sessions/s":
+        cpu_ms = result.get("server_cpu", 0.0) * 1e3 / result["done"] if result["done"] else float("nan")
+        return [(metric, unit, result["value"], "%d sessions in %.1f s, %d errors, server CPU %.2f ms/session"
+                 % (result["done"], result["seconds"], result["errors"], cpu_ms))]
+    return [(metric, unit, result["value"], "")]
 
 
-def retr_mb_per_s(port: int, number: int, repeat: int) -> float:
-    buf = bytearray(1 << 20)
-    s = socket.create_connection(("127.0.0.1", port))
-    read_until(s, b"\r\n", buf)
-    s.sendall(b"USER big\r\nPASS pw\r\n")
-    read_until(s, b"octets)\r\n", buf)
-    best = 0.0
-    for _ in range(repeat):
-        start = time.perf_counter()
-        s.sendall(b"RETR %d\r\n" % number)
-        n = read_until(s, b"\r\n.\r\n", buf)
-        best = max(best, n / (time.perf_counter() - start) / 1e6)
-    s.sendall(b"QUIT\r\n")
-    s.close()
-    return best
+def run_steps(server: launch.Server, steps, progress: Callable[[str, str], None]) -> List[Tuple[str, str, float, str]]:
+    loadgen.set_port(server.port)
+    rows: List[Tuple[str, str, float, str]] = []
+    for metric, unit, run in steps:
+        progress(metric, server.name)
+        started = time.monotonic()
+        cpu0 = loadgen.cpu_seconds(server.pid)
+        try:
+            result = run()
+            result["server_cpu"] = loadgen.cpu_seconds(server.pid) - cpu0
+        except Exception as exc:  # one broken step must not cost the others
+            print("FAILED: %r" % exc, flush=True)
+            nan = float("nan")
+            failed = dict.fromkeys(("value", "p50", "p99", "pss", "best", "stat_per_s", "seconds"), nan)
+            failed.update(done=0, errors=0, rss_before=0, rss_after=0)
+            rows += [(m, u, nan, "failed: %s" % exc) for m, u, _, _ in rows_of(metric, unit, failed)]
+            continue
+        if server.proc.poll() is not None:
+            raise RuntimeError("%s exited during %r" % (server.name, metric))
+        new = rows_of(metric, unit, result)
+        print(", ".join("%.1f %s" % (r[2], r[1]) for r in new), "(%.1f s)" % (time.monotonic() - started), flush=True)
+        if not metric.startswith("warm-up"):
+            rows += new
+    return rows
 
 
-def loopback_mb_per_s(total_mb: int = 1000) -> float:
-    listener = socket.create_server(("127.0.0.1", 0))
-
-    def sink(port, q):
-        c = socket.create_connection(("127.0.0.1", port))
-        buf, n = bytearray(1 << 20), 0
-        start = time.perf_counter()
-        while True:
-            k = c.recv_into(buf)
-            if not k:
-                break
-            n += k
-        q.put(n / (time.perf_counter() - start) / 1e6)
-
-    q = multiprocessing.Queue()
-    p = multiprocessing.Process(target=sink, args=(listener.getsockname()[1], q))
-    p.start()
-    conn, _ = listener.accept()
-    chunk = b"z" * (1 << 20)
-    for _ in range(total_mb):
-        conn.sendall(chunk)
-    conn.close()
-    result = q.get(timeout=120)
-    p.join(30)
-    return result
+def machine() -> str:
+    return "%d CPU cores (load generator and server share them), Python %s, %s" % (
+        os.cpu_count() or 0, platform.python_version(), platform.platform())
 
 
-def rss_kb(pid: int) -> int:
-    with open("/proc/%d/status" % pid) as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise RuntimeError("no VmRSS")
+def print_table(header: List[str], rows: List[List[object]]) -> None:
+    cells = [[c if isinstance(c, str) else ("-" if c is None or c != c else "%.1f" % c) for c in r] for r in rows]
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *cells)]
+    print("  ".join(h.ljust(w) for h, w in zip(header, widths)))
+    print("  ".join("-" * w for w in widths))
+    for r in cells:
+        print("  ".join((c.ljust(w) if k == 0 or k == len(r) - 1 else c.rjust(w))
+                        for k, (c, w) in enumerate(zip(r, widths))))
 
 
-def idle_kb_per_session(port: int, pid: int, count: int) -> float:
-    socks = []
-    buf = bytearray(4096)
-    before = rss_kb(pid)
-    for i in range(count):
-        s = socket.create_connection(("127.0.0.1", port))
-        read_until(s, b"\r\n", buf)
-        s.sendall(b"USER u%d\r\nPASS pw\r\n" % i)
-        read_until(s, b"octets)\r\n", buf)
-        socks.append(s)
-    after = rss_kb(pid)
-    for s in socks:
-        s.close()
-    return (after - before) / count
+def write_csv(name: str, header: List[str], rows: List[List[object]]) -> str:
+    os.makedirs(RESULTS, exist_ok=True)
+    path = os.path.join(RESULTS, name)
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
+    return path
 
 
 def main() -> None:
-    resource.setrlimit(resource.RLIMIT_NOFILE, (20000, 20000))
-    server = subprocess.Popen([sys.executable, "-c", SERVER], stdout=subprocess.PIPE, text=True)
-    rows = []
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--adapter", choices=("maildir", "memory"), default="maildir")
+    parser.add_argument("--quick", action="store_true", help="a tenth of the counts: a smoke run")
+    parser.add_argument("--cprofile", metavar="OUT", help="run the server under cProfile, stats to OUT")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary Maildir and logs")
+    args = parser.parse_args()
+    launch.raise_fd_limit()
+    plan = Plan(args.quick)
+    print(machine())
+    d = tempfile.mkdtemp(prefix="pop3frame-bench-")
+    rows: List[Tuple[str, str, float, str]] = []
     try:
-        port = int(server.stdout.readline())
-        steps = [("sessions/s, 1 client", lambda: sessions_per_second(port, 1, 3000))]
-        steps += [("sessions/s, %d clients" % c, lambda c=c: sessions_per_second(port, c, 6000)) for c in (16, 32)]
-        steps += [("RETR MB/s, %s" % _size(n), lambda i=i: retr_mb_per_s(port, i, 5 if n > 1e6 else 200))
-                  for i, n in enumerate(RETR_SIZES, 1)]
-        steps.append(("raw loopback MB/s", loopback_mb_per_s))
-        steps += [("RSS KB per idle session, %d" % n, lambda n=n: idle_kb_per_session(port, server.pid, n))
-                  for n in (1000, 5000)]
-        for k, (name, run) in enumerate(steps, 1):
-            print("[%d/%d] %s ..." % (k, len(steps), name), end=" ", flush=True)
-            value = run()
-            print("%.1f" % value)
-            rows.append((name, round(value, 1)))
+        print("building Maildir (%d users) in %s ..." % (plan.users, d), flush=True)
+        launch.build_maildir(d, plan.users)
+        extra = ("--cprofile", os.path.abspath(args.cprofile)) if args.cprofile else ()
+        with launch.start("pop3frame", d, adapter=args.adapter, extra=extra) as server:
+            steps = steps_for(server, plan)
+            total = len(steps) + 1
+            count = [0]
+
+            def progress(metric: str, name: str) -> None:
+                count[0] += 1
+                print("[%d/%d] %s %s ..." % (count[0], total, metric, name), end=" ", flush=True)
+
+            rows += run_steps(server, steps, progress)
+        progress("raw loopback, %d MB" % plan.loopback_mb, "socket pair")
+        result = loadgen.loopback_mb_per_s(plan.loopback_mb)
+        print("%.1f MB/s" % result["value"])
+        rows.append(("raw loopback %d MB" % plan.loopback_mb, "MB/s", result["value"], "plain sender/receiver processes"))
     finally:
-        server.kill()
-        server.wait()
-    os.makedirs(os.path.join(os.path.dirname(__file__), "results"), exist_ok=True)
-    with open(os.path.join(os.path.dirname(__file__), "results", "core.csv"), "w", newline="") as f:
-        csv.writer(f).writerows([("metric", "value"), *rows])
-    width = max(len(n) for n, _ in rows)
-    print("\n%s  %s" % ("metric".ljust(width), "value"))
-    for name, value in rows:
-        print("%s  %10.1f" % (name.ljust(width), value))
-    print("\ncores: %d (client and server share them)" % os.cpu_count())
-
-
-def _size(n: int) -> str:
-    return "%d MB" % (n // 1_000_000) if n >= 1_000_000 else "%d KB" % (n // 1000)
+        if not args.keep:
+            subprocess.run(["rm", "-rf", d], check=False)
+    header = ["metric", "unit", "pop3frame (%s)" % args.adapter, "detail"]
+    table = [list(r[:3]) + [r[3]] for r in rows]
+    print()
+    print_table(header, table)
+    print("\n" + machine())
+    print("wrote", write_csv("core-%s.csv" % args.adapter, header, table))
 
 
 if __name__ == "__main__":

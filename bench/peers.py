@@ -1,0 +1,147 @@
+"""pop3frame side by side with Twisted's twisted.mail.pop3 and Dovecot, over the same Maildir.
+
+Run by hand (not in CI), as root on Debian/Ubuntu; see bench/README.rst::
+
+    apt-get install -y dovecot-pop3d
+    python3 -m venv /tmp/pf-peers
+    /tmp/pf-peers/bin/pip install twisted matplotlib
+    /tmp/pf-peers/bin/python bench/peers.py
+
+Twisted and matplotlib live in a virtualenv of their own, never in the
+project's.  pop3frame runs with the project's Python (``.venv/bin/python``
+when it exists) and gets pop3frame from there.  Each server in turn serves
+the same generated Maildir and passwd-file (bench/launch.py) and gets the
+same measurements as bench_core.py.  Prints a table with pop3frame/peer
+ratios, writes bench/results/peers.csv and, with matplotlib,
+bench/results/peers.png.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from typing import Dict, List, Tuple
+
+import bench_core
+import launch
+import loadgen
+
+ORDER = ("pop3frame", "twisted", "dovecot")
+LOWER_IS_BETTER = ("ms", "KB")
+
+
+def project_python() -> str:
+    venv = os.path.join(launch.REPO, ".venv", "bin", "python")
+    return venv if os.path.exists(venv) else sys.executable
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--servers", default=",".join(ORDER), help="comma-separated, from %s" % ", ".join(ORDER))
+    parser.add_argument("--pop3frame-python", default=project_python())
+    parser.add_argument("--twisted-python", default=sys.executable, help="a Python with Twisted installed")
+    parser.add_argument("--adapter", choices=("maildir", "memory"), default="maildir", help="pop3frame's adapter")
+    parser.add_argument("--dovecot-idle", type=int, default=1000,
+                        help="idle sessions for Dovecot (one process each; default 1000)")
+    parser.add_argument("--quick", action="store_true", help="a tenth of the counts: a smoke run")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary Maildir and logs")
+    args = parser.parse_args()
+    launch.raise_fd_limit()
+    plan = bench_core.Plan(args.quick)
+    servers = [s for s in args.servers.split(",") if s]
+    if "dovecot" in servers and shutil.which("dovecot") is None:
+        print("dovecot not installed (apt-get install dovecot-pop3d): skipping it")
+        servers.remove("dovecot")
+    print(bench_core.machine())
+    d = tempfile.mkdtemp(prefix="pop3frame-peers-")
+    results: Dict[str, Dict[str, Tuple[str, float]]] = {}
+    order: List[str] = []
+    try:
+        print("building Maildir (%d users) in %s ..." % (plan.users, d), flush=True)
+        launch.build_maildir(d, plan.users)
+        python = {"pop3frame": args.pop3frame_python, "twisted": args.twisted_python}
+        idle = {"dovecot": (args.dovecot_idle // (10 if args.quick else 1),)}
+        # Count the steps first, for the progress line.
+        per_server = {name: len(bench_core.steps_for(launch.Server(name, None, 0), plan, idle.get(name)))
+                      for name in servers}
+        total = sum(per_server.values()) + 1
+        count = [0]
+
+        def progress(metric: str, name: str) -> None:
+            count[0] += 1
+            print("[%d/%d] %s %s ..." % (count[0], total, metric, name), end=" ", flush=True)
+
+        for name in servers:
+            with launch.start(name, d, python=python.get(name), adapter=args.adapter) as server:
+                rows = bench_core.run_steps(server, bench_core.steps_for(server, plan, idle.get(name)), progress)
+            results[name] = {}
+            for metric, unit, value, _ in rows:
+                results[name][metric] = (unit, value)
+                if metric not in order:
+                    order.append(metric)
+        progress("raw loopback, %d MB" % plan.loopback_mb, "socket pair")
+        loop = loadgen.loopback_mb_per_s(plan.loopback_mb)["value"]
+        print("%.1f MB/s" % loop)
+    finally:
+        if args.keep:
+            print("kept", d)
+        else:
+            subprocess.run(["rm", "-rf", d], check=False)
+
+    names = [n for n in ORDER if n in results]
+    peers = [n for n in names if n != "pop3frame"]
+    header = ["metric", "unit"] + names + ["pop3frame/%s" % p for p in peers]
+    table: List[List[object]] = []
+    for metric in order:
+        unit = next(results[n][metric][0] for n in names if metric in results[n])
+        values = [results[n].get(metric, (unit, None))[1] for n in names]
+        ratios = []
+        for p in peers:
+            mine, theirs = results.get("pop3frame", {}).get(metric, (unit, None))[1], results[p].get(metric, (unit, None))[1]
+            ratios.append(mine / theirs if mine is not None and theirs else None)
+        table.append([metric, unit + (" (lower is better)" if unit in LOWER_IS_BETTER else "")] + values + ratios)
+    table.append(["raw loopback %d MB" % plan.loopback_mb, "MB/s", loop] + [None] * (len(header) - 3))
+    print()
+    bench_core.print_table(header + [""], [r + [""] for r in table])
+    print("\n" + bench_core.machine())
+    print("wrote", bench_core.write_csv("peers.csv", header, table))
+    chart(names, order, results, loop)
+
+
+def chart(names: List[str], order: List[str], results, loop: float) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no chart")
+        return
+    metrics = [m for m in order if "(PSS)" not in m]
+    cols = 4
+    rows = (len(metrics) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.2 * rows))
+    colours = {"pop3frame": "#2a7", "twisted": "#e82", "dovecot": "#68c"}
+    for ax, metric in zip(axes.flat, metrics):
+        present = [n for n in names if metric in results[n] and results[n][metric][1] == results[n][metric][1]]
+        unit = results[present[0]][metric][0] if present else ""
+        ax.bar(present, [results[n][metric][1] for n in present], color=[colours[n] for n in present])
+        if metric.startswith("RETR"):
+            ax.axhline(loop, color="grey", linestyle="--", linewidth=1)
+            ax.text(0, loop, "raw loopback", fontsize=7, va="bottom", color="grey")
+        better = "lower" if unit in LOWER_IS_BETTER else "higher"
+        ax.set_title("%s\n%s, %s is better" % (metric, unit, better), fontsize=8)
+        ax.tick_params(labelsize=7)
+    for ax in list(axes.flat)[len(metrics):]:
+        ax.axis("off")
+    fig.tight_layout()
+    path = os.path.join(bench_core.RESULTS, "peers.png")
+    fig.savefig(path, dpi=110)
+    print("wrote", path)
+
+
+if __name__ == "__main__":
+    main()
