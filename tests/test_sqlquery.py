@@ -367,3 +367,130 @@ def test_delete_placeholders():
     with pytest.raises(ValueError):
         _params("DELETE FROM t WHERE id = :rowid", "named", {"id": 7, "user": "u"}, "id")
     assert _placeholders("UPDATE t SET a = ? WHERE id = ?", "qmark") == (2, [])
+
+
+# -- the same adapter on PostgreSQL through psycopg (paramstyle pyformat) -------------
+
+
+@pytest.fixture(scope="module")
+def postgres(tmp_path_factory):
+    """A private PostgreSQL server (Debian's binaries) on 127.0.0.1, a port
+    the OS picked, trust authentication; stopped by its PID."""
+    import glob
+    import os
+    import pwd
+    import shutil
+    import socket
+    import subprocess
+    import tempfile
+
+    psycopg = pytest.importorskip("psycopg")
+    bindirs = sorted(glob.glob("/usr/lib/postgresql/*/bin/postgres"))
+    if not bindirs:
+        if os.environ.get("CI") == "true":
+            pytest.fail("PostgreSQL is missing under CI; .ci/run installs postgresql")
+        pytest.skip("PostgreSQL not installed (apt-get install postgresql)")
+    bindir = os.path.dirname(bindirs[-1])
+    # Under /tmp, not tmp_path: as root the server runs as "postgres" and
+    # must own its data directory.
+    base = tempfile.mkdtemp(prefix="pop3frame-pg-")
+    user = None
+    if os.geteuid() == 0:
+        user = "postgres"  # PostgreSQL refuses to run as root
+        pw = pwd.getpwnam(user)
+        os.chown(base, pw.pw_uid, pw.pw_gid)
+    data = os.path.join(base, "data")
+    subprocess.run(
+        [bindir + "/initdb", "-D", data, "-A", "trust", "-U", "postgres", "--no-sync"],
+        check=True, capture_output=True, user=user,
+    )
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [bindir + "/postgres", "-D", data, "-p", str(port), "-k", base,
+         "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, user=user,
+    )
+    log = []
+    for line in proc.stdout:  # blocks until the server says it is ready
+        log.append(line)
+        if "ready to accept connections" in line:
+            break
+    else:
+        pytest.fail("postgres did not start:\n" + "".join(log))
+    dsn = "host=127.0.0.1 port=%d user=postgres dbname=postgres" % port
+    yield lambda: psycopg.connect(dsn)
+    proc.terminate()
+    proc.wait(30)
+    proc.stdout.close()
+    shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+def pg_logs(postgres):
+    conn = postgres()
+    with conn:
+        conn.execute("DROP TABLE IF EXISTS logs")
+        conn.execute(
+            "CREATE TABLE logs (id serial PRIMARY KEY, owner text, at timestamptz, line text, trace bytea)"
+        )
+        conn.execute(
+            "INSERT INTO logs (owner, at, line, trace) VALUES "
+            "('ops', '2026-11-25 10:00:00+01', 'Größe 100% erreicht', NULL), "
+            "('ops', '2026-11-25 11:00:00+00', 'crash', '\\x00ff'::bytea), "
+            "('dev', '2026-11-25 12:00:00+00', 'deploy', NULL)"
+        )
+    conn.close()
+    return postgres
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "SELECT id, at AS date, line AS body, trace FROM logs WHERE owner = %s AND line NOT LIKE '%%x' ORDER BY id",
+        "SELECT id, at AS date, line AS body, trace FROM logs WHERE owner = %(user)s ORDER BY id",
+    ],
+)
+def test_postgres_psycopg_pyformat(pg_logs, query):
+    """psycopg's own placeholders for the user and the delete; timestamptz
+    becomes Date, bytea an attachment; the delete is one transaction."""
+    adapter = SQLQueryAdapter(
+        pg_logs, query, users={"ops": "ops-pw"}, delete="DELETE FROM logs WHERE id = %s", name="pg"
+    )
+    assert _params(query, "pyformat", {"user": "ops"}, "user") in (("ops",), {"user": "ops"})
+    with Controller(adapter) as server:
+        raws = fetch(server)
+        assert len(raws) == 2
+        first, second = parse(raws[0]), parse(raws[1])
+        assert first["Subject"] == "Größe 100% erreicht"
+        assert first["Date"] == "Wed, 25 Nov 2026 09:00:00 +0000"
+        (attachment,) = list(second.iter_attachments())
+        assert attachment.get_content() == b"\x00\xff"
+        client = login(server)
+        client.dele(1)
+        client.quit()
+        assert [parse(r)["Subject"] for r in fetch(server)] == ["crash"]
+
+
+def test_postgres_failed_delete_rolls_back(pg_logs):
+    conn = pg_logs()
+    with conn:
+        conn.execute(
+            "CREATE OR REPLACE FUNCTION keep2() RETURNS trigger AS $$ BEGIN "
+            "IF old.id = 2 THEN RAISE EXCEPTION 'protected'; END IF; RETURN old; END $$ LANGUAGE plpgsql"
+        )
+        conn.execute("CREATE TRIGGER keep2 BEFORE DELETE ON logs FOR EACH ROW EXECUTE FUNCTION keep2()")
+    conn.close()
+    adapter = SQLQueryAdapter(
+        pg_logs, "SELECT id, at, line AS body FROM logs WHERE owner = %s ORDER BY id",
+        users={"ops": "ops-pw"}, delete="DELETE FROM logs WHERE id = %(id)s AND owner = %(user)s",
+    )
+    with Controller(adapter) as server:
+        client = login(server)
+        client.dele(1)
+        client.dele(2)
+        with pytest.raises(poplib.error_proto, match=r"\[SYS/TEMP\]"):
+            client.quit()
+        assert server.wait_for_connections(0)
+        assert len(fetch(server)) == 2
