@@ -65,7 +65,6 @@ a failed delete is rolled back, so every row stays.
 from __future__ import annotations
 
 import datetime
-import hmac
 import logging
 import re
 import sys
