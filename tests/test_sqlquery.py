@@ -393,7 +393,7 @@ def postgres(tmp_path_factory):
     bindir = os.path.dirname(bindirs[-1])
     # Under /tmp, not tmp_path: as root the server runs as "postgres" and
     # must own its data directory.
-    base = tempfile.mkdtemp(prefix="pop3frame-pg-")
+    base = tempfile.mkdtemp(prefix="pop3frame-sqlquery-pg-")
     user = None
     if os.geteuid() == 0:
         user = "postgres"  # PostgreSQL refuses to run as root
