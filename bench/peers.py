@@ -129,7 +129,7 @@ def chart(names: List[str], order: List[str], results, loop: float) -> None:
         present = [n for n in names if metric in results[n] and results[n][metric][1] == results[n][metric][1]]
         unit = results[present[0]][metric][0] if present else ""
         ax.bar(present, [results[n][metric][1] for n in present], color=[colours[n] for n in present])
-        if metric.startswith("RETR"):
+        if metric.startswith("RETR") and metric.endswith("MB"):  # small messages: latency, not bandwidth
             ax.axhline(loop, color="grey", linestyle="--", linewidth=1)
             ax.text(0, loop, "raw loopback", fontsize=7, va="bottom", color="grey")
         better = "lower" if unit in LOWER_IS_BETTER else "higher"
