@@ -364,6 +364,7 @@ def test_failed_update_leaves_every_message(pg_db):
             client.dele(3)
             with pytest.raises(poplib.error_proto, match=r"\[SYS/TEMP\]"):
                 client.quit()
+            client.close()
         assert len(store.list_messages("alice")) == 3
     finally:
         store.close()
@@ -395,7 +396,7 @@ def test_two_processes_share_mailbox_locks(pg_db):
                    (first.lock_backend_pid,))
         assert held == [(1,)]
         first.kill()  # SIGKILL by PID: no QUIT, no cleanup, no unlock
-        a.sock.close()
+        a.close()
         wait_until_unlocked(pg_db, "alice")
         b = pop(second.address)
         assert b.stat()[0] == 1
