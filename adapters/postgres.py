@@ -372,7 +372,10 @@ class PostgresStore(AdapterBase):
             except psycopg.OperationalError as exc:
                 broken = conn is not None and conn.closed
                 if broken and attempt + 1 < attempts:
-                    logger.warning("database connection lost (%s); retrying on a new one", _first_line(exc))
+                    logger.warning("database connection lost (%s); checking the pool, retrying once", _first_line(exc))
+                    # After a database restart every idle connection is dead:
+                    # replace them all now rather than fail on each in turn.
+                    self._pool.check()
                     continue
                 logger.error("database unavailable: %s", _first_line(exc))
                 raise TemporaryFailure("mail store unavailable, try again later") from None
@@ -745,11 +748,11 @@ class PostgresLockManager(LockManager):
         logger.warning("PostgreSQL lock connection re-established: %d lock(s) re-taken, %d lost", retaken, lost)
         return conn
 
-    def _execute(self, sql: str, key: int):
-        """One lock statement; reconnects once if the connection had broken."""
+    def _execute(self, sql: str, params: tuple = ()):
+        """One statement's single value; reconnects once if the connection had broken."""
         conn = self._ensure()
         try:
-            return conn.execute(sql, (key,)).fetchone()[0]
+            return conn.execute(sql, params).fetchone()[0]
         except self._psycopg.OperationalError as exc:
             self._lost(exc)
         # The statement never took effect on a dead connection: repeat it on
@@ -757,13 +760,13 @@ class PostgresLockManager(LockManager):
         self._last_attempt = float("-inf")
         conn = self._ensure()
         try:
-            return conn.execute(sql, (key,)).fetchone()[0]
+            return conn.execute(sql, params).fetchone()[0]
         except self._psycopg.OperationalError as exc:
             self._lost(exc)
             raise TemporaryFailure("mailbox locks unavailable, try again later") from None
 
     def check(self) -> bool:
-        """Probe the lock connection (reconnecting if needed); True if healthy.
+        """Probe the lock connection, reconnecting and re-locking if needed; True if healthy.
 
         The watchdog thread calls this; health endpoints may too.
         """
@@ -771,13 +774,8 @@ class PostgresLockManager(LockManager):
             if self._closed:
                 return False
             try:
-                conn = self._ensure()
-                conn.execute("SELECT 1")
-                return True
+                return self._execute("SELECT true")
             except TemporaryFailure:
-                return False
-            except self._psycopg.OperationalError as exc:
-                self._lost(exc)
                 return False
 
     def _watch(self, interval: float) -> None:
@@ -799,7 +797,7 @@ class PostgresLockManager(LockManager):
         with self._mutex:
             if key in self._held:
                 return None  # held by a session of this instance
-            if not self._execute("SELECT pg_try_advisory_lock(%s)", key):
+            if not self._execute("SELECT pg_try_advisory_lock(%s)", (key,)):
                 return None
             self._held[key] = name
         return Lock(name, functools.partial(self._release, key))

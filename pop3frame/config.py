@@ -87,6 +87,9 @@ class ServerConfig:
         if self.expire != "NEVER" and not self.expire.isdigit():
             raise ValueError("expire must be NEVER or a number of days")
         for network in self.trusted_networks:
-            ipaddress.ip_network(network, strict=False)  # ValueError names the bad one
+            try:
+                ipaddress.ip_network(network, strict=False)
+            except ValueError as exc:
+                raise ValueError("trusted_networks: %s" % exc) from None
         if self.server_name is None:
             self.server_name = self.hostname

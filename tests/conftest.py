@@ -36,6 +36,12 @@ def pytest_runtest_logreport(report):
         _skipped.append(report.nodeid)
 
 
+def pytest_collectreport(report):
+    # A module-level importorskip skips at collection, not at run time.
+    if report.skipped:
+        _skipped.append(report.nodeid)
+
+
 def pytest_sessionfinish(session, exitstatus):
     """Under CI=true a skipped test is a failure: CI installs every back end."""
     if os.environ.get("CI") == "true" and _skipped:
