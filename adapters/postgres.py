@@ -49,6 +49,7 @@ __all__ = [
     "PostgresLockManager",
     "UnknownUser",
     "lock_key",
+    "import_driver",
     "SCHEMA_VERSION",
     "CHUNK",
 ]
@@ -116,7 +117,7 @@ CREATE TABLE pop3frame_schema_version (
 _INSTALL_HINT = "pip install 'pop3frame[postgres]'"
 
 
-def _psycopg():
+def import_driver():
     """Import psycopg 3 and psycopg_pool, or fail with the install command."""
     try:
         import psycopg
@@ -283,7 +284,7 @@ class PostgresStore(AdapterBase):
         application_name: str = "pop3frame",
         migrate: bool = True,
     ) -> None:
-        psycopg, psycopg_pool = _psycopg()
+        psycopg, psycopg_pool = import_driver()
         if pool_size < 1:
             raise ValueError("pool_size must be at least 1")
         self._psycopg = psycopg
@@ -638,7 +639,7 @@ class PostgresLockManager(LockManager):
         retry_interval: float = 1.0,
         application_name: str = "pop3frame-locks",
     ) -> None:
-        psycopg, _ = _psycopg()
+        psycopg, _ = import_driver()
         self._psycopg = psycopg
         # Keepalives and a TCP user timeout: a dead peer is noticed in
         # seconds instead of after the kernel's two-hour default.

@@ -212,3 +212,10 @@ class AdapterBase:
     def close_mailbox(self, username: str) -> None:
         """Release per-session resources.  Called once on every path after
         ``list_messages`` succeeded, before the lock is released."""
+
+    def close(self) -> None:
+        """Release what the adapter holds for all sessions (pools, connections).
+
+        Called once after the last session ended, when ``pop3frame serve``
+        stops; the default does nothing.
+        """

@@ -17,7 +17,7 @@ import sys
 from typing import Any, Dict, List, NoReturn, Optional, Sequence, Tuple
 
 from . import __version__
-from . import configfile
+from . import configfile, passwords
 from .config import ServerConfig
 from .configfile import DEFAULT_DB, ConfigError, Listener, Settings
 
@@ -279,7 +279,7 @@ def _reload(args: argparse.Namespace, state: Dict[str, Any]) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from .lifecycle import PidFile, PidFileError, SignalLoop, drop_privileges, resolve_ids, setup_logging
-    from .server import ServerGroup
+    from .server import ServerGroup, bind_socket
     from .stats import ErrorCounter, Stats, StatsServer
 
     settings = resolve_settings(args)
@@ -294,21 +294,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
         except ValueError as exc:
             raise UsageError("--%s" % exc) from None
     tls = load_tls(settings)
+    # Code is imported and ports are bound first (110 and 995 need root),
+    # then privileges are dropped, and only then are the store and the lock
+    # directory opened: files they create must belong to the user that
+    # serves them.
     try:
-        adapter = configfile.make_adapter(settings.adapter, logger)
-        locks = configfile.make_locks(settings)
+        build_adapter = configfile.adapter_factory(settings.adapter, logger)
+        build_locks = configfile.locks_factory(settings)
     except ValueError as exc:
         raise UsageError(("--adapter: %s" if args.adapter else "%s") % exc) from None
-    stats = Stats()
-    logging.getLogger().addHandler(ErrorCounter(stats))
-    group = ServerGroup(adapter, config, locks=locks, tls=tls, stats=stats)
-    for listener in settings.effective_listeners():
+    passwords.preload()
+    listeners = settings.effective_listeners()
+    sockets = []
+    for listener in listeners:
         try:
-            group.add_listener(listener.address, secure=listener.tls, proxy_protocol=listener.proxy_protocol,
-                               proxy_timeout=settings.proxy_timeout)
+            sockets.append(bind_socket(listener.address))
         except OSError as exc:
             raise UsageError("cannot listen on %s: %s"
                              % (configfile.format_address(listener.address), exc.strerror or exc)) from None
+    stats = Stats()
     stats_server = None
     if settings.stats_listen:
         try:
@@ -331,6 +335,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
             except (OSError, ValueError) as exc:
                 raise UsageError("--user/--group: cannot switch: %s" % exc) from None
             logger.info("running as uid %d gid %d", os.getuid(), os.getgid())
+        try:
+            adapter = build_adapter()
+            locks = build_locks()
+        except ValueError as exc:
+            raise UsageError(("--adapter: %s" if args.adapter else "%s") % exc) from None
+        logging.getLogger().addHandler(ErrorCounter(stats))
+        group = ServerGroup(adapter, config, locks=locks, tls=tls, stats=stats)
+        for listener, sock in zip(listeners, sockets):
+            group.add_listener(listener.address, secure=listener.tls, proxy_protocol=listener.proxy_protocol,
+                               proxy_timeout=settings.proxy_timeout, sock=sock)
         state = {"group": group, "settings": settings}
         loop = SignalLoop(lambda: _reload(args, state))
         loop.install()
@@ -351,6 +365,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         group.graceful_shutdown(state["settings"].shutdown_grace)
         if stats_server is not None:
             stats_server.stop()
+        if locks is not None:
+            locks.close()
+        adapter.close()
         logger.info("stopped")
     finally:
         if pid_file is not None:

@@ -11,6 +11,8 @@ __all__ = ["ServerConfig", "RFC1939_MIN_AUTOLOGOUT"]
 
 #: RFC 1939 section 3: an autologout timer "MUST be of at least 10 minutes".
 RFC1939_MIN_AUTOLOGOUT = 600.0
+#: threading.stack_size() refuses anything smaller (POSIX PTHREAD_STACK_MIN).
+MIN_STACK_SIZE = 32 * 1024
 
 
 @dataclasses.dataclass
@@ -64,7 +66,8 @@ class ServerConfig:
     #: Offer APOP: None means "if the adapter overrides apop_secret".
     apop: Optional[bool] = None
 
-    #: Stack size of connection threads in bytes; 0 keeps the interpreter default.
+    #: Stack size of connection threads in bytes (at least 32 KiB, the
+    #: smallest threading.stack_size() takes); 0 keeps the interpreter default.
     stack_size: int = 512 * 1024
     #: Monotonic clock in seconds; injectable so tests can move time.
     clock: Callable[[], float] = time.monotonic
@@ -84,6 +87,10 @@ class ServerConfig:
                      "max_auth_failure_delay"):
             if getattr(self, name) < 0:
                 raise ValueError("%s must not be negative" % name)
+        if 0 < self.stack_size < MIN_STACK_SIZE:
+            # threading.stack_size() would refuse it only when the first
+            # client connects, and then for every client.
+            raise ValueError("stack_size must be 0 or at least %d bytes" % MIN_STACK_SIZE)
         if self.expire != "NEVER" and not self.expire.isdigit():
             raise ValueError("expire must be NEVER or a number of days")
         for network in self.trusted_networks:

@@ -20,7 +20,7 @@ import os
 import re
 import sys
 import typing
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from .config import ServerConfig
 
@@ -36,6 +36,8 @@ __all__ = [
     "dump",
     "BUNDLED_ADAPTERS",
     "resolve_factory",
+    "adapter_factory",
+    "locks_factory",
     "make_adapter",
     "make_locks",
 ]
@@ -477,8 +479,14 @@ def resolve_factory(target: str):
         raise ValueError("%s has no attribute %r" % (module_name, name)) from None
 
 
-def make_adapter(spec: AdapterSpec, log=None):
-    """Build the adapter; ValueError with a one-line reason on any operator mistake."""
+def adapter_factory(spec: AdapterSpec, log=None) -> Callable[[], Any]:
+    """Import the adapter's code now; the returned call builds the adapter.
+
+    ``pop3frame serve`` imports before dropping privileges (the code and
+    the interpreter may be readable by root only) and builds after (files
+    the store creates must belong to the user that serves them).  Both
+    steps raise ValueError with a one-line reason on any operator mistake.
+    """
     from .adapter import AdapterBase
 
     check_adapter(spec)
@@ -486,72 +494,108 @@ def make_adapter(spec: AdapterSpec, log=None):
     if spec.type == "demo":
         from pop3frame.adapters.memory import demo_adapter
 
-        return demo_adapter()
+        return demo_adapter
     if spec.type == "sqlite":
         from pop3frame.adapters.sqlite import SQLiteStore
 
-        try:
-            store = SQLiteStore(spec.path or DEFAULT_DB, **options)
-            seeded = store.ensure_demo()
-        except Exception as exc:
-            raise ValueError("sqlite: cannot open %s: %s" % (spec.path or DEFAULT_DB, exc)) from None
-        if seeded and log is not None:
-            log.info("new store %s: added user 'demo' (password 'demo') with sample mail; "
-                     "try: telnet localhost 1100", store.path)
-        return store
+        def sqlite():
+            try:
+                store = SQLiteStore(spec.path or DEFAULT_DB, **options)
+                seeded = store.ensure_demo()
+            except Exception as exc:
+                raise ValueError("sqlite: cannot open %s: %s" % (spec.path or DEFAULT_DB, exc)) from None
+            if seeded and log is not None:
+                log.info("new store %s: added user 'demo' (password 'demo') with sample mail; "
+                         "try: telnet localhost 1100", store.path)
+            return store
+
+        return sqlite
     if spec.type == "postgres":
         try:
-            from pop3frame.adapters.postgres import PostgresStore
+            from pop3frame.adapters.postgres import PostgresStore, import_driver
+
+            import_driver()
         except ImportError as exc:
             raise ValueError("postgres: adapter not available: %s" % exc) from None
-        try:
-            return PostgresStore(spec.dsn, **options)
-        except Exception as exc:
-            raise ValueError("postgres: cannot connect: %s" % str(exc).strip().splitlines()[0]) from None
+
+        def postgres():
+            try:
+                return PostgresStore(spec.dsn, **options)
+            except Exception as exc:
+                raise ValueError("postgres: cannot connect: %s" % str(exc).strip().splitlines()[0]) from None
+
+        return postgres
     if spec.type in BUNDLED_ADAPTERS:
         module_name, class_name, _, _ = BUNDLED_ADAPTERS[spec.type]
         from pop3frame.adapters.passwdfile import PasswdFile
 
         cls = getattr(importlib.import_module(module_name), class_name)
-        try:
-            return cls(spec.path, PasswdFile(spec.passwd), **options)
-        except (TypeError, ValueError, OSError) as exc:
-            raise ValueError("%s: %s" % (spec.type, exc)) from None
+
+        def bundled():
+            try:
+                return cls(spec.path, PasswdFile(spec.passwd), **options)
+            except (TypeError, ValueError, OSError) as exc:
+                raise ValueError("%s: %s" % (spec.type, exc)) from None
+
+        return bundled
     factory = resolve_factory(spec.type)
     kwargs = dict(options)
     for name in ("path", "passwd", "dsn"):
         if getattr(spec, name) is not None:
             kwargs.setdefault(name, getattr(spec, name))
-    try:
-        adapter = factory(**kwargs)
-    except TypeError as exc:
-        raise ValueError("%s rejected the options %s: %s" % (spec.type, sorted(kwargs), exc)) from None
-    except Exception as exc:
-        raise ValueError("%s failed: %s: %s" % (spec.type, type(exc).__name__, exc)) from None
-    if not isinstance(adapter, AdapterBase):
-        raise ValueError("%s did not give a pop3frame.AdapterBase (got %s)" % (spec.type, type(adapter).__name__))
-    return adapter
+
+    def custom():
+        try:
+            adapter = factory(**kwargs)
+        except TypeError as exc:
+            raise ValueError("%s rejected the options %s: %s" % (spec.type, sorted(kwargs), exc)) from None
+        except Exception as exc:
+            raise ValueError("%s failed: %s: %s" % (spec.type, type(exc).__name__, exc)) from None
+        if not isinstance(adapter, AdapterBase):
+            raise ValueError("%s did not give a pop3frame.AdapterBase (got %s)" % (spec.type, type(adapter).__name__))
+        return adapter
+
+    return custom
+
+
+def make_adapter(spec: AdapterSpec, log=None):
+    """Build the adapter; ValueError with a one-line reason on any operator mistake."""
+    return adapter_factory(spec, log)()
+
+
+def locks_factory(settings: Settings) -> Callable[[], Any]:
+    """Import the lock manager's code now; the returned call builds it (None: in-process)."""
+    if settings.lock_backend == "file" and settings.lock_dir:
+        from .locks import FileLockManager
+
+        def file_locks():
+            try:
+                return FileLockManager(settings.lock_dir)
+            except OSError as exc:
+                raise ValueError("lock directory %s: %s" % (settings.lock_dir, exc.strerror or exc)) from None
+
+        return file_locks
+    if settings.lock_backend == "postgres":
+        try:
+            from pop3frame.adapters.postgres import PostgresLockManager, import_driver
+
+            import_driver()
+        except ImportError as exc:
+            raise ValueError("postgres locks: not available: %s" % exc) from None
+
+        def postgres_locks():
+            try:
+                return PostgresLockManager(settings.lock_dsn)
+            except Exception as exc:
+                raise ValueError("postgres locks: cannot connect: %s" % str(exc).strip().splitlines()[0]) from None
+
+        return postgres_locks
+    return lambda: None
 
 
 def make_locks(settings: Settings):
     """The lock manager of the settings, or None for the in-process default."""
-    if settings.lock_backend == "file" and settings.lock_dir:
-        from .locks import FileLockManager
-
-        try:
-            return FileLockManager(settings.lock_dir)
-        except OSError as exc:
-            raise ValueError("lock directory %s: %s" % (settings.lock_dir, exc.strerror or exc)) from None
-    if settings.lock_backend == "postgres":
-        try:
-            from pop3frame.adapters.postgres import PostgresLockManager
-        except ImportError as exc:
-            raise ValueError("postgres locks: not available: %s" % exc) from None
-        try:
-            return PostgresLockManager(settings.lock_dsn)
-        except Exception as exc:
-            raise ValueError("postgres locks: cannot connect: %s" % str(exc).strip().splitlines()[0]) from None
-    return None
+    return locks_factory(settings)()
 
 
 # -- printing ------------------------------------------------------------------

@@ -32,6 +32,7 @@ __all__ = [
     "verify_password",
     "split_scheme",
     "default_scheme",
+    "preload",
     "UnsupportedScheme",
     "SCHEMES",
 ]
@@ -151,6 +152,19 @@ SCHEMES: Dict[str, Tuple[Callable[[str], str], Callable[[str, str], bool]]] = {
     "SCRYPT": (_scrypt_hash, _scrypt_verify),
     "PLAIN": (_plain_hash, _plain_verify),
 }
+
+
+def preload() -> None:
+    """Import the optional hash libraries that are installed.
+
+    A daemon calls this before dropping privileges: afterwards the
+    interpreter's own files may no longer be readable.
+    """
+    for module in ("argon2", "bcrypt", "passlib.hash"):
+        try:
+            __import__(module)
+        except ImportError:
+            pass
 
 
 def default_scheme() -> str:

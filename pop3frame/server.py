@@ -31,7 +31,7 @@ from .session import SessionContext, State
 from .stats import Stats
 from .tls import TLSCertificates
 
-__all__ = ["POP3Server", "ServerGroup", "ConnectionTracker", "SessionHandler"]
+__all__ = ["POP3Server", "ServerGroup", "ConnectionTracker", "SessionHandler", "bind_socket"]
 
 logger = logging.getLogger("pop3frame.server")
 
@@ -198,6 +198,35 @@ class SessionHandler(POP3Handler):
         )
 
 
+#: Listen backlog.  A burst of connects beyond it is not refused but silently
+#: stalled (Linux drops the handshake's last ACK), and a POP3 client then
+#: waits for a greeting that never comes.  The kernel caps this at somaxconn.
+BACKLOG = 1024
+
+
+def bind_socket(address: Tuple[str, int], backlog: int = BACKLOG) -> socket.socket:
+    """A listening TCP socket on ``address``, as :class:`POP3Server` binds one.
+
+    For binding before the listener exists: a daemon binds port 110 as root,
+    drops privileges, and only then opens its mail store and builds the
+    server around the socket (``POP3Server(..., sock=...)``).  An IPv6
+    address gives an IPv6-only socket, so ``::`` and ``0.0.0.0`` can share
+    a port.
+    """
+    family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind(address)
+        sock.listen(backlog)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 def _context(
     adapter: Union[AdapterBase, SessionContext],
     config: Optional[ServerConfig],
@@ -228,10 +257,7 @@ class POP3Server(socketserver.ThreadingTCPServer):
 
     daemon_threads = True
     allow_reuse_address = True
-    # A burst of connects beyond the backlog is not refused but silently
-    # stalled (Linux drops the handshake's last ACK), and a POP3 client then
-    # waits for a greeting that never comes.  The kernel caps this at somaxconn.
-    request_queue_size = 1024
+    request_queue_size = BACKLOG
     handler_class = SessionHandler
 
     def __init__(
@@ -248,6 +274,7 @@ class POP3Server(socketserver.ThreadingTCPServer):
         proxy_timeout: float = 5.0,
         stats: Optional[Stats] = None,
         bind_and_activate: bool = True,
+        sock: Optional[socket.socket] = None,
     ) -> None:
         self.context = _context(adapter, config, locks, tls)
         self.tracker = tracker or ConnectionTracker.for_config(self.context.config)
@@ -258,7 +285,14 @@ class POP3Server(socketserver.ThreadingTCPServer):
         self.proxy_timeout = proxy_timeout
         self.stats = stats
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
-        super().__init__(address, self.handler_class, bind_and_activate)
+        super().__init__(address, self.handler_class, bind_and_activate and sock is None)
+        if sock is not None:
+            # A listening socket bound earlier (bind_socket, systemd socket
+            # activation) replaces the unbound one socketserver made.
+            self.socket.close()
+            self.socket = sock
+            self.address_family = sock.family
+            self.server_address = sock.getsockname()
 
     def server_bind(self) -> None:
         if self.address_family == socket.AF_INET6:
@@ -380,14 +414,19 @@ class ServerGroup:
         proxy_protocol: bool = False,
         proxy_timeout: float = 5.0,
         server_class=POP3Server,
+        sock: Optional[socket.socket] = None,
     ) -> POP3Server:
-        """Bind a listening socket now (so errors surface at once); serve it on start()."""
+        """Bind a listening socket now (so errors surface at once); serve it on start().
+
+        ``sock``: a listening socket bound earlier (:func:`bind_socket`) to use
+        instead; ``address`` then only names it in logs.
+        """
         options = {}
         if proxy_protocol:
             options.update(proxy_protocol=True, proxy_timeout=proxy_timeout)
         if self.stats is not None:
             options["stats"] = self.stats
-        server = server_class(address, self.context, tracker=self.tracker, secure=secure, **options)
+        server = server_class(address, self.context, tracker=self.tracker, secure=secure, sock=sock, **options)
         self.servers.append(server)
         return server
 

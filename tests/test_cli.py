@@ -450,6 +450,40 @@ def test_user_drops_privileges_after_binding(tmp_path):
         assert d.stop() == 0
 
 
+@pytest.fixture
+def nobody_dir():
+    """A directory owned by nobody, where nobody can reach it (not under root's 0700 tmp_path)."""
+    import pwd
+    import shutil
+    import tempfile
+
+    entry = pwd.getpwnam("nobody")
+    path = tempfile.mkdtemp(prefix="pop3frame-nobody-")
+    os.chown(path, entry.pw_uid, entry.pw_gid)
+    yield path, entry
+    shutil.rmtree(path)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="privilege drop needs root")
+def test_store_and_locks_are_created_by_the_dropped_user(nobody_dir):
+    """The store and the lock files are opened after the switch, so a user-owned
+    directory is all the server needs: login, DELE and QUIT work as nobody."""
+    path, nobody = nobody_dir
+    db, lock_dir = os.path.join(path, "store.db"), os.path.join(path, "locks")
+    with Daemon("--sqlite", db, "--lock-dir", lock_dir, "--listen", "127.0.0.1:0", "--user", "nobody") as d:
+        with RawClient(("127.0.0.1", d.port)) as c:
+            assert c.login("demo", "demo").startswith(b"+OK")
+            assert c.cmd("DELE 1") == b"+OK message 1 deleted\r\n"
+            assert c.cmd("QUIT").startswith(b"+OK")
+        assert d.stop() == 0
+    for name in (db, lock_dir) + tuple(os.path.join(lock_dir, f) for f in os.listdir(lock_dir)):
+        assert os.stat(name).st_uid == nobody.pw_uid, name
+    with Daemon("--sqlite", db, "--listen", "127.0.0.1:0", "--user", "nobody") as d:
+        with RawClient(("127.0.0.1", d.port)) as c:
+            assert c.login("demo", "demo").startswith(b"+OK demo's maildrop has 2 messages")
+        assert d.stop() == 0
+
+
 def test_check_config_prints_effective_settings(tmp_path):
     config = write_config(tmp_path, """
         [[listener]]

@@ -59,7 +59,7 @@ def test_example_documents_every_server_config_field():
 
 def test_every_server_config_field_is_settable():
     """The [server] table is generic: each field maps by name, typed by its annotation."""
-    sample = {bool: "true", int: "7", float: "700.5", str: '"x"'}
+    sample = {bool: "true", int: "65536", float: "700.5", str: '"x"'}
     import typing
 
     hints = typing.get_type_hints(ServerConfig)
@@ -105,6 +105,7 @@ def error(text: str) -> str:
      "f.toml:3: server.max_conections: unknown key (did you mean 'max_connections'?)"),
     ("[server]\n\ntimeout = 300\n", "f.toml:3: server.timeout: must be at least 600 seconds (RFC 1939 section 3)"),
     ("[server]\nmax_connections = 0\n", "f.toml:2: server.max_connections: must be at least 1"),
+    ("[server]\nstack_size = 1000\n", "f.toml:2: server.stack_size: must be 0 or at least 32768 bytes"),
     ("[server]\nallow_plaintext_auth = \"yes\"\n", "f.toml:2: server.allow_plaintext_auth: expected true or false"),
     ("[server]\nmax_connections = 1.5\n", "f.toml:2: server.max_connections: expected an integer"),
     ("[server]\ntrusted_networks = \"10.0.0.0/8\"\n", "f.toml:2: server.trusted_networks: expected a list of strings"),
