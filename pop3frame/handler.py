@@ -133,10 +133,31 @@ class Connection:
         data = self._out[0] if len(self._out) == 1 else b"".join(self._out)
         self._out.clear()
         self._out_size = 0
-        # A client that stops reading must not hold the thread forever.
-        self.sock.settimeout(self.send_timeout)
-        self.sock.sendall(data)
-        self.bytes_out += len(data)
+        self._send(data)
+
+    def _send(self, data: bytes) -> None:
+        """Send all of ``data`` within ``send_timeout`` seconds by ``clock``.
+
+        A client that stops reading must not hold the thread forever; when
+        the deadline passes, ``socket.timeout`` is raised and the connection
+        is beyond repair.  ``send()`` reports partial writes, so no byte goes
+        out twice.  On a TLS socket a timed-out ``send()`` has written
+        nothing the caller can see, and OpenSSL requires the same buffer on
+        the retry, which is what the loop passes.
+        """
+        view = memoryview(data)
+        deadline = self.clock() + self.send_timeout
+        while view:
+            remaining = deadline - self.clock()
+            if remaining <= 0:
+                raise socket.timeout("send timed out: the client stopped reading")
+            self.sock.settimeout(min(remaining, self.poll_interval))
+            try:
+                sent = self.sock.send(view)
+            except socket.timeout:
+                continue
+            view = view[sent:]
+            self.bytes_out += sent
 
 
 class POP3Handler(socketserver.BaseRequestHandler):
@@ -220,9 +241,22 @@ class POP3Handler(socketserver.BaseRequestHandler):
         raw = socket.socket(self.request.family, self.request.type, self.request.proto,
                             fileno=os.dup(self.request.fileno()))
         tls = context.tls.context.wrap_socket(raw, server_side=True, do_handshake_on_connect=False)
-        tls.settimeout(context.config.tls_handshake_timeout)
+        conn = self.conn
+        deadline = conn.clock() + context.config.tls_handshake_timeout
         try:
-            tls.do_handshake()
+            while True:
+                remaining = deadline - conn.clock()
+                if remaining <= 0:
+                    raise socket.timeout("handshake timed out")
+                tls.settimeout(min(remaining, conn.poll_interval))
+                try:
+                    # A timed-out do_handshake() leaves OpenSSL waiting for
+                    # more bytes (SSL_ERROR_WANT_READ/WRITE); calling it
+                    # again resumes the same handshake.
+                    tls.do_handshake()
+                    break
+                except socket.timeout:
+                    continue
         except (ssl.SSLError, OSError) as exc:
             self.session.log.info("TLS handshake failed: %s", exc)
             tls.close()

@@ -1,13 +1,16 @@
 """TLS material for implicit-TLS listeners (RFC 8314) and STLS (RFC 2595).
 
-:class:`TLSCertificates` owns the server's ``ssl.SSLContext``.  ``reload()``
-re-reads the certificate and key (SIGHUP): connections already running keep
-the context they shook hands with; new handshakes get the new one.
+:class:`TLSCertificates` owns the server's ``ssl.SSLContext``: one built
+from a certificate and key file with modern defaults, or one the caller
+made.  ``reload()`` re-reads the files (SIGHUP): connections already
+running keep the context they shook hands with; new handshakes get the new
+one.
 """
 from __future__ import annotations
 
 import ssl
 import threading
+from typing import Optional
 
 __all__ = ["TLSCertificates", "server_context"]
 
@@ -22,13 +25,40 @@ def server_context(certfile: str, keyfile: str) -> ssl.SSLContext:
 
 
 class TLSCertificates:
-    """A reloadable server certificate; safe to share between threads."""
+    """A server certificate; safe to share between threads.
 
-    def __init__(self, certfile: str, keyfile: str) -> None:
+    ``TLSCertificates(certfile, keyfile)`` builds the context with
+    :func:`server_context` and can :meth:`reload` the files.
+    ``TLSCertificates(context=ctx)`` serves a context the caller built (its
+    protocol versions, ciphers and certificates are used as they are);
+    ``reload()`` then does nothing, since there are no files to re-read:
+    the caller changes certificates on its own context, e.g. with
+    ``ctx.load_cert_chain()``, which affects new handshakes only.
+    """
+
+    def __init__(
+        self,
+        certfile: Optional[str] = None,
+        keyfile: Optional[str] = None,
+        *,
+        context: Optional[ssl.SSLContext] = None,
+    ) -> None:
+        if context is None:
+            if not certfile or not keyfile:
+                raise ValueError("TLSCertificates needs certfile and keyfile, or context")
+            context = server_context(certfile, keyfile)
+        else:
+            if certfile or keyfile:
+                raise ValueError("TLSCertificates takes certfile and keyfile, or context, not both")
+            if not isinstance(context, ssl.SSLContext):
+                raise TypeError("context must be an ssl.SSLContext")
+            if context.protocol is ssl.PROTOCOL_TLS_CLIENT:
+                # It would fail every handshake, only once clients connect.
+                raise ValueError("context is a client context; use ssl.PROTOCOL_TLS_SERVER")
         self.certfile = certfile
         self.keyfile = keyfile
         self._mutex = threading.Lock()
-        self._context = server_context(certfile, keyfile)
+        self._context = context
 
     @property
     def context(self) -> ssl.SSLContext:
@@ -36,7 +66,12 @@ class TLSCertificates:
             return self._context
 
     def reload(self) -> None:
-        """Re-read certificate and key; on error the old ones stay in use."""
+        """Re-read certificate and key; on error the old ones stay in use.
+
+        Does nothing for a context supplied by the caller.
+        """
+        if self.certfile is None or self.keyfile is None:
+            return
         context = server_context(self.certfile, self.keyfile)
         with self._mutex:
             self._context = context
