@@ -94,6 +94,11 @@ class ErrorCounter(logging.Handler):
 class _Handler(http.server.BaseHTTPRequestHandler):
     server: "StatsServer"
 
+    def setup(self) -> None:
+        # A client that connects and says nothing must not pin a thread.
+        self.timeout = self.server.request_timeout
+        super().setup()
+
     def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
         if self.path.split("?", 1)[0] not in ("/metrics", "/"):
             self.send_error(404)
@@ -114,8 +119,11 @@ class StatsServer(http.server.ThreadingHTTPServer):
 
     daemon_threads = True
 
-    def __init__(self, stats: Stats, address: Tuple[str, int] = ("127.0.0.1", 9110)) -> None:
+    def __init__(self, stats: Stats, address: Tuple[str, int] = ("127.0.0.1", 9110),
+                 request_timeout: float = 10.0) -> None:
         self.stats = stats
+        #: Seconds a client gets to send its request.
+        self.request_timeout = request_timeout
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         super().__init__(address, _Handler)
         self._thread: Optional[threading.Thread] = None

@@ -81,3 +81,18 @@ def test_error_counter_counts_error_records():
     finally:
         log.removeHandler(handler)
     assert stats.get("errors") == 2
+
+
+def test_silent_stats_client_is_dropped_and_others_are_served():
+    """A client that connects to the stats port and never sends a request is
+    disconnected after request_timeout, and does not hold up others meanwhile."""
+    import socket
+
+    server = StatsServer(Stats(), ("127.0.0.1", 0), request_timeout=0.2).start()
+    try:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as silent:
+            with urllib.request.urlopen("http://127.0.0.1:%d/metrics" % server.port, timeout=10) as r:
+                assert r.status == 200
+            assert silent.recv(1) == b""  # closed by the server, well before our 10 s
+    finally:
+        server.stop()
