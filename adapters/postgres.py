@@ -4,7 +4,7 @@ Two classes, meant to be used together when more than one server process
 (on one host or many) serves the same mailboxes::
 
     from pop3frame.adapters.postgres import PostgresLockManager, PostgresStore
-    store = PostgresStore("host=db dbname=mail user=pop3frame", pool_size=20)
+    store = PostgresStore("host=db dbname=mail user=pop3frame", threads=config.max_connections)
     locks = PostgresLockManager("host=db dbname=mail user=pop3frame")
     ServerGroup(store, config, locks=locks)
 
@@ -40,6 +40,7 @@ import time
 from typing import Any, BinaryIO, Callable, Dict, List, Optional, Sequence, Set, Tuple, TypeVar, Union
 
 from pop3frame import AdapterBase, MessageInfo, TemporaryFailure
+from pop3frame.config import ServerConfig
 from pop3frame.locks import Lock, LockManager
 from pop3frame.passwords import hash_password, verify_password
 from pop3frame.protocol import valid_uid
@@ -246,24 +247,35 @@ T = TypeVar("T")
 class PostgresStore(AdapterBase):
     """Users and mail in PostgreSQL; an adapter and a management API.
 
-    ``PostgresStore(conninfo, *, pool_size=20, ...)``: ``conninfo`` is a
-    libpq connection string or URI (``host=db dbname=mail user=pop3``,
-    ``postgresql://pop3@db/mail``).  The constructor connects once, creates
-    or upgrades the schema (unless ``migrate=False``) and opens the pool;
-    it raises ``psycopg.OperationalError`` if the database is unreachable and
-    RuntimeError if the schema is newer than this code or missing with
-    ``migrate=False``.
+    ``PostgresStore(conninfo, *, threads=None, pool_size=None, ...)``:
+    ``conninfo`` is a libpq connection string or URI (``host=db dbname=mail
+    user=pop3``, ``postgresql://pop3@db/mail``).  The constructor connects
+    once, creates or upgrades the schema (unless ``migrate=False``) and
+    opens the pool; it raises ``psycopg.OperationalError`` if the database
+    is unreachable and RuntimeError if the schema is newer than this code or
+    missing with ``migrate=False``.
 
     Thread safety: one instance is shared by every session thread.  It keeps
     no per-session state at all (the snapshot is the list of message ids
     handed to the server), and each call borrows a connection from a
-    thread-safe pool for one short transaction.  ``pool_size`` bounds the
-    database connections this instance opens: size it to the number of
-    session threads expected inside the store at once (calls are short, so
-    a fraction of the server's connection count is usually enough); a call
-    that finds no free connection for ``pool_timeout`` seconds fails with
-    ``-ERR [SYS/TEMP]``.  Several instances may use one database at the
-    same time; pair them with :class:`PostgresLockManager`.
+    thread-safe pool for one short transaction, so a thread holds at most
+    one pooled connection at a time.
+
+    Pool size: the pool may grow to ``threads`` connections, the number of
+    threads that can call the store at once (for a server, its
+    ``max_connections``: one thread per connection; default
+    ``ServerConfig.max_connections``), so a session never waits for another
+    to give a connection back.  The pool opens connections only when calls
+    overlap; beyond ``pool_min_size`` it closes one that stayed unused for
+    ``pool_max_idle`` seconds, one per period, so an idle server comes back
+    down to few.  ``pool_size`` sets the maximum explicitly instead, for a
+    PostgreSQL whose ``max_connections`` cannot take ``instances x
+    threads``; a call that then finds no free connection for
+    ``pool_timeout`` seconds fails with ``-ERR [SYS/TEMP]`` (RFC 3206
+    section 4) and changes nothing.  :meth:`set_threads` follows a new
+    thread count (a reloaded ``max_connections``).  Several instances may
+    use one database at the same time; pair them with
+    :class:`PostgresLockManager`.
 
     Errors reaching the client: an unreachable database or an exhausted
     pool raise :class:`~pop3frame.TemporaryFailure` (``-ERR [SYS/TEMP]``),
@@ -277,19 +289,26 @@ class PostgresStore(AdapterBase):
         self,
         conninfo: str,
         *,
-        pool_size: int = 20,
+        threads: Optional[int] = None,
+        pool_size: Optional[int] = None,
         pool_min_size: int = 2,
         pool_timeout: float = 10.0,
+        pool_max_idle: float = 60.0,
         connect_timeout: int = 10,
         application_name: str = "pop3frame",
         migrate: bool = True,
     ) -> None:
         psycopg, psycopg_pool = import_driver()
-        if pool_size < 1:
-            raise ValueError("pool_size must be at least 1")
+        for name, value in (("threads", threads), ("pool_size", pool_size)):
+            if value is not None and value < 1:
+                raise ValueError("%s must be at least 1" % name)
         self._psycopg = psycopg
         self._pool_timeout_error = psycopg_pool.PoolTimeout
-        self.pool_size = pool_size
+        #: Whether the pool follows the thread count (no explicit pool_size).
+        self.pool_follows_threads = pool_size is None
+        if pool_size is None:
+            pool_size = threads if threads is not None else ServerConfig.max_connections
+        self.pool_min_size = max(0, pool_min_size)
         self.pool_timeout = pool_timeout
         self._conninfo = _with_defaults(
             conninfo, application_name=application_name, connect_timeout=connect_timeout
@@ -298,9 +317,10 @@ class PostgresStore(AdapterBase):
         self._store_id = self._prepare_schema(migrate)
         self._pool = psycopg_pool.ConnectionPool(
             self._conninfo,
-            min_size=max(0, min(pool_min_size, pool_size)),
+            min_size=min(self.pool_min_size, pool_size),
             max_size=pool_size,
             timeout=pool_timeout,
+            max_idle=pool_max_idle,
             name="pop3frame",
             open=True,
         )
@@ -347,6 +367,25 @@ class PostgresStore(AdapterBase):
     def schema_version(self) -> int:
         """The highest migration applied to the database."""
         return self._run(lambda c: c.execute("SELECT max(version) FROM pop3frame_schema_version").fetchone()[0])
+
+    # -- pool size ---------------------------------------------------------------
+
+    @property
+    def pool_size(self) -> int:
+        """The most database connections the pool may hold now."""
+        return self._pool.max_size
+
+    def set_threads(self, threads: int) -> None:
+        """Let the pool grow to ``threads`` connections, unless ``pool_size`` was given.
+
+        For a server whose ``max_connections`` changed (SIGHUP).  Shrinking
+        closes no connection in use: the pool closes surplus ones as they
+        stay idle, one per ``pool_max_idle`` seconds.
+        """
+        if threads < 1:
+            raise ValueError("threads must be at least 1")
+        if self.pool_follows_threads and threads != self._pool.max_size:
+            self._pool.resize(min(self.pool_min_size, threads), threads)
 
     # -- connections ------------------------------------------------------------
 

@@ -14,12 +14,14 @@ import logging
 import poplib
 import sys
 import threading
+import time
 import tracemalloc
 
 import psycopg
 import pytest
 
 from pop3frame import TemporaryFailure
+from pop3frame.config import ServerConfig
 from pop3frame.adapters.postgres import (
     CHUNK,
     SCHEMA_VERSION,
@@ -227,7 +229,9 @@ def test_advisory_locks_exclude_across_managers(pg_db):
         assert a.held_names() == []
         other = b.try_acquire("alice")
         assert other is not None and a.try_acquire("alice") is None
-        b.close()  # closing the connection releases everything it held
+        b.close()  # closing the connection releases everything it held...
+        # ...once its backend has seen the socket close, which is asynchronous.
+        wait_until_unlocked(pg_db, "alice")
         assert a.try_acquire("alice") is not None
         with pytest.raises(TemporaryFailure):
             b.try_acquire("carol")
@@ -435,6 +439,108 @@ def test_sigkill_during_update_is_all_or_none(pg_db, hold, kept):
 
 
 # -- concurrency and size -----------------------------------------------------------------
+
+
+class Gate(PostgresStore):
+    """Every deletion transaction stops before COMMIT, holding its pooled
+    connection, until ``opened`` is set; ``inside`` counts arrivals."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.inside = threading.Semaphore(0)
+        self.opened = threading.Event()
+
+    def _before_commit(self, conn, username, messages):
+        self.inside.release()
+        if not self.opened.wait(60):
+            raise RuntimeError("the test never opened the gate")
+
+
+def quit_inside_gate(server, gate, user):
+    """Log ``user`` in, DELE 1 and send QUIT; return once the session is
+    stopped in the deletion transaction, holding one pooled connection."""
+    client = RawClient(server.address, timeout=30)
+    assert client.login(user, "pw").startswith(b"+OK")
+    assert client.cmd("DELE 1").startswith(b"+OK")
+    client.send(b"QUIT\r\n")
+    assert gate.inside.acquire(timeout=30), "the session never reached the deletion transaction"
+    return client
+
+
+def test_pool_grows_to_the_thread_count_and_follows_it(pg_db):
+    """``threads`` is the pool's maximum: as many sessions as threads hold a
+    connection at once, one more call finds none; set_threads() raises the
+    maximum at once.  An explicit pool_size wins over the thread count."""
+    store = Gate(pg_db, threads=3, pool_timeout=0.3)
+    clients = []
+    try:
+        assert store.pool_size == 3
+        for n in range(3):
+            store.add_user("u%d" % n, "pw", scheme="PLAIN")
+            store.deliver("u%d" % n, b"Subject: %d\r\n\r\nx\r\n" % n)
+        with Controller(store) as server:
+            try:
+                clients = [quit_inside_gate(server, store, "u%d" % n) for n in range(3)]
+                with pytest.raises(TemporaryFailure):
+                    store.list_users()  # a fourth thread: the pool is at its maximum
+                store.set_threads(4)
+                assert store.pool_size == 4
+                assert [name for name, _, _ in store.list_users()] == ["u0", "u1", "u2"]
+                opened = sql(pg_db, "SELECT count(*) FROM pg_stat_activity"
+                                    " WHERE datname = %s AND application_name = 'pop3frame'", (dbname(pg_db),))
+                assert opened == [(4,)]
+            finally:
+                store.opened.set()
+            for c in clients:
+                assert c.line().startswith(b"+OK")
+                c.close()
+        assert store.list_users() == [("u0", 0, 0), ("u1", 0, 0), ("u2", 0, 0)]
+    finally:
+        store.opened.set()
+        store.close()
+    with PostgresStore(pg_db, threads=50, pool_size=2) as fixed:
+        fixed.set_threads(10)
+        assert fixed.pool_size == 2 and not fixed.pool_follows_threads
+    with PostgresStore(pg_db, pool_min_size=0) as default:
+        assert default.pool_size == ServerConfig.max_connections
+    with pytest.raises(ValueError, match="threads must be at least 1"):
+        PostgresStore(pg_db, threads=0)
+
+
+def test_exhausted_pool_is_sys_temp_promptly_and_loses_nothing(pg_db, caplog):
+    """pool_size=1 with one session inside the store: a second session's PASS
+    waits pool_timeout, then gets -ERR [SYS/TEMP] (RFC 3206 section 4: a
+    temporary condition, retry later); the held deletion still commits and
+    the refused user's mail is all there when they retry."""
+    store = Gate(pg_db, pool_size=1, pool_timeout=0.3)
+    for user in ("alice", "bob"):
+        store.add_user(user, "pw", scheme="PLAIN")
+        for i in range(2):
+            store.deliver(user, b"Subject: %s %d\r\n\r\nx\r\n" % (user.encode(), i))
+    kept_uid = store.list_messages("alice")[1].uid
+    try:
+        with caplog.at_level(logging.WARNING, logger=LOGGER), Controller(store) as server:
+            try:
+                alice = quit_inside_gate(server, store, "alice")
+                with RawClient(server.address, timeout=30) as bob:
+                    assert bob.cmd("USER bob").startswith(b"+OK")
+                    began = time.monotonic()
+                    reply = bob.cmd("PASS pw")
+                    waited = time.monotonic() - began
+                    assert reply.startswith(b"-ERR [SYS/TEMP] "), reply
+                    assert 0.3 <= waited < 5, waited
+                    assert "no database connection free within 0.3 s (pool_size=1)" in caplog.text
+                    store.opened.set()
+                    assert alice.line().startswith(b"+OK")
+                    alice.close()
+                    assert bob.login("bob", "pw") == b"+OK bob's maildrop has 2 messages (42 octets)\r\n"
+                    assert bob.cmd("QUIT").startswith(b"+OK")
+            finally:
+                store.opened.set()
+        assert [m.uid for m in store.list_messages("alice")] == [kept_uid]
+        assert store.list_users() == [("alice", 1, 23), ("bob", 2, 42)]
+    finally:
+        store.close()
 
 
 def test_twenty_threads_with_deliveries_during_sessions(pg_db):
