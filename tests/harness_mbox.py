@@ -1,19 +1,23 @@
 """Conformance harness for the mbox adapter."""
 import os
-import time
+import re
 
 from pop3frame.adapters.mbox import MboxAdapter
 from pop3frame.adapters.passwdfile import PasswdFile, set_password
 
 
+#: One fixed From_ line date: mail delivered within one second carries the
+#: same date in real mboxes, and tests must not depend on the clock.
+FROM_DATE = b"Wed Nov 25 12:00:00 2026"
+
+
 def append_like_an_mda(path, data):
     """Append with mboxrd quoting, as procmail/postfix local do."""
-    import re
     quoted = re.sub(rb"(?m)^(>*From )", rb">\1", data)
     if not quoted.endswith(b"\n"):
         quoted += b"\n"
     with open(path, "ab") as f:
-        f.write(b"From sender@example.org " + time.asctime().encode() + b"\n" + quoted + b"\n")
+        f.write(b"From sender@example.org " + FROM_DATE + b"\n" + quoted + b"\n")
 
 
 class Harness:

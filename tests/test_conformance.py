@@ -6,18 +6,31 @@ and ``close()``; each test below runs once per harness, through a real
 server on 127.0.0.1 and real clients (poplib and raw sockets).  A harness
 may set ``skip_reason`` (a string) when its back end cannot run here;
 ``.ci/run`` fails the build if anything is skipped under CI.
+
+Capabilities are class attributes of ``Harness`` (read at collection, so a
+test that does not apply is not generated at all rather than skipped):
+
+- ``verbatim`` (default True): RETR sends the delivered bytes (CRLF line
+  ends, final line end added).  False for adapters that build their own
+  messages from data; tests marked ``@needs("verbatim")`` then do not run
+  for them, while the size, TOP, unique-id, UPDATE and locking tests still
+  do.  Messages are told apart by their Subject, which every harness keeps.
+- ``per_user_mailboxes`` (default True): each user sees only the mail
+  delivered to them.  False when one source serves every user (a feed).
 """
 from __future__ import annotations
 
+import email.policy
 import importlib
 import pathlib
 import poplib
 import threading
+from email.parser import BytesParser
 
 import pytest
 
 from pop3frame.testing import Controller
-from tests.helpers import RawClient, drop, retr_lines_to_bytes
+from tests.helpers import RawClient, drop, retr_lines_to_bytes, unstuff
 
 HARNESSES = sorted(p.stem[len("harness_"):] for p in pathlib.Path(__file__).parent.glob("harness_*.py"))
 
@@ -25,6 +38,14 @@ MSG1 = b"From: a@example.org\r\nSubject: one\r\n\r\nHello\r\n"
 DOTS = b"Subject: dots\r\n\r\n.starts with a dot\r\n.\r\n..two dots\r\nend\r\n"
 LF_ONLY = b"Subject: lf\n\nbare LF line endings\nsecond line\n"
 BINARY = b"Subject: =?iso-8859-1?q?caf=E9?=\r\n\r\nLatin-1 body: caf\xe9 \xff\xfe\r\n"
+#: The very first line of the message and the first body line start with a dot.
+DOT_FIRST = b".first line of the message\r\nSubject: dot first\r\n\r\n.first body line\r\nend\r\n"
+NO_EOL_CRLF = b"Subject: no final CRLF\r\n\r\nline one\r\nlast line without CRLF"
+NO_EOL_LF = b"Subject: no final LF\n\nline one\n.dotted last line without LF"
+MIXED = b"Subject: mixed\nX-Mixed: yes\r\n\nCRLF line\r\nLF line\n.dot after LF\r\nend\n"
+#: Messages whose wire form differs from the stored bytes in every way the
+#: server has to get right: stuffing, line ends, a missing final line end.
+CORPUS = (MSG1, DOTS, LF_ONLY, BINARY, DOT_FIRST, NO_EOL_CRLF, NO_EOL_LF, MIXED)
 
 
 def _crlf(data: bytes) -> bytes:
@@ -33,10 +54,28 @@ def _crlf(data: bytes) -> bytes:
     return out if out.endswith(b"\r\n") else out + b"\r\n"
 
 
-@pytest.fixture(params=HARNESSES)
+def _harness_class(name: str):
+    return importlib.import_module("tests.harness_" + name).Harness
+
+
+def needs(*capabilities: str):
+    """Run the decorated test only for harnesses with all these capabilities."""
+    def mark(test):
+        test.needs = capabilities
+        return test
+    return mark
+
+
+def pytest_generate_tests(metafunc):
+    if "harness" in metafunc.fixturenames:
+        wanted = getattr(metafunc.function, "needs", ())
+        names = [n for n in HARNESSES if all(getattr(_harness_class(n), c, True) for c in wanted)]
+        metafunc.parametrize("harness", names, indirect=True)
+
+
+@pytest.fixture
 def harness(request, tmp_path):
-    module = importlib.import_module("tests.harness_" + request.param)
-    h = module.Harness(tmp_path)
+    h = _harness_class(request.param)(tmp_path)
     reason = getattr(h, "skip_reason", None)
     if reason:
         pytest.skip(reason)
@@ -68,6 +107,42 @@ def fetch_all(server, user="alice", password="alice-pw"):
         client.quit()
 
 
+def subject(message: bytes) -> str:
+    return str(BytesParser(policy=email.policy.default).parsebytes(message)["Subject"])
+
+
+def subjects(server, user="alice", password="alice-pw"):
+    """The Subject of every message in the mailbox: what identifies a message for every harness."""
+    return [subject(m) for m in fetch_all(server, user, password)]
+
+
+def raw_session(server, user="alice", password="alice-pw") -> RawClient:
+    raw = RawClient(server.address)
+    assert raw.login(user, password).startswith(b"+OK")
+    return raw
+
+
+def multiline(raw: RawClient, command: str):
+    """(status line, everything after it up to and including '.CRLF') of one command."""
+    raw.send(command.encode() + b"\r\n")
+    status = raw.line()
+    assert status.startswith(b"+OK"), (command, status)
+    return status, raw.multiline()
+
+
+def top_from_retr(retr: bytes, lines: int) -> bytes:
+    """What TOP must send, cut from RETR's wire bytes (stuffing is per line).
+
+    RFC 1939 section 7: the header, the blank line after it, then ``lines``
+    lines of the body (all of them if it has fewer), then '.CRLF'.
+    """
+    stuffed = retr[:-3].split(b"\r\n")[:-1]
+    if b"" not in stuffed:
+        return retr  # no body: the whole message is header
+    keep = stuffed[:stuffed.index(b"") + 1 + lines]
+    return b"".join(line + b"\r\n" for line in keep) + b".\r\n"
+
+
 def test_login_and_wrong_password(harness, server):
     """RFC 1939 section 7 (PASS) and RFC 3206 section 5 ([AUTH] on bad credentials)."""
     client = server.pop3()
@@ -82,51 +157,128 @@ def test_login_and_wrong_password(harness, server):
     client.quit()
 
 
+@needs("verbatim")
 def test_messages_round_trip_exactly(harness, server):
-    """RFC 1939 sections 3 and 11: CRLF on the wire, sizes count CRLF, content intact."""
-    for body in (MSG1, DOTS, LF_ONLY, BINARY):
+    """RFC 1939 sections 3 and 11: CRLF on the wire, sizes count CRLF, content intact,
+    a final line end added where the stored message has none."""
+    for body in CORPUS:
         harness.deliver("alice", body)
-    expected = [_crlf(b) for b in (MSG1, DOTS, LF_ONLY, BINARY)]
+    expected = [_crlf(b) for b in CORPUS]
     client = login(server)
     count, total = client.stat()
-    assert count == 4
+    assert count == len(CORPUS)
     sizes = [int(line.split()[1]) for line in client.list()[1]]
     assert sizes == [len(e) for e in expected]
     assert total == sum(sizes)
-    got = [retr_lines_to_bytes(client.retr(i)[1]) for i in range(1, 5)]
+    got = [retr_lines_to_bytes(client.retr(i)[1]) for i in range(1, count + 1)]
     assert got == expected
     client.quit()
 
 
+@needs("verbatim")
 def test_retr_exact_wire_bytes(harness, server):
-    """RFC 1939 section 3: byte-stuffing and the terminating '.CRLF', checked on raw bytes."""
-    harness.deliver("alice", DOTS)
-    with RawClient(server.address) as raw:
-        assert raw.login("alice", "alice-pw").startswith(b"+OK")
-        raw.send(b"RETR 1\r\n")
-        assert raw.line() == b"+OK %d octets\r\n" % len(_crlf(DOTS))
-        assert raw.multiline() == (
-            b"Subject: dots\r\n\r\n..starts with a dot\r\n..\r\n...two dots\r\nend\r\n.\r\n"
+    """RFC 1939 section 3: byte-stuffing, CRLF and the terminating '.CRLF', checked on raw bytes."""
+    for body in (DOTS, DOT_FIRST, NO_EOL_LF, MIXED):
+        harness.deliver("alice", body)
+    with raw_session(server) as raw:
+        assert multiline(raw, "RETR 1") == (
+            b"+OK %d octets\r\n" % len(_crlf(DOTS)),
+            b"Subject: dots\r\n\r\n..starts with a dot\r\n..\r\n...two dots\r\nend\r\n.\r\n",
+        )
+        assert multiline(raw, "RETR 2")[1] == (
+            b"..first line of the message\r\nSubject: dot first\r\n\r\n..first body line\r\nend\r\n.\r\n"
+        )
+        assert multiline(raw, "RETR 3")[1] == b"Subject: no final LF\r\n\r\nline one\r\n..dotted last line without LF\r\n.\r\n"
+        assert multiline(raw, "RETR 4")[1] == (
+            b"Subject: mixed\r\nX-Mixed: yes\r\n\r\nCRLF line\r\nLF line\r\n..dot after LF\r\nend\r\n.\r\n"
         )
         raw.cmd("QUIT")
 
 
+TOP_MESSAGE = b"Subject: top\r\nX-Note: a .dot inside a header\r\n\r\n.first body line\r\nsecond\r\n.\r\nfourth"
+TOP_HEAD = b"Subject: top\r\nX-Note: a .dot inside a header\r\n\r\n"
+
+
+@needs("verbatim")
+def test_top_exact_wire_bytes(harness, server):
+    """RFC 1939 section 7 (TOP): the header, the blank line, n body lines (all if fewer),
+    byte-stuffed, CRLF line ends and '.CRLF', for CRLF, LF and mixed storage with and
+    without a final line end."""
+    variants = (
+        TOP_MESSAGE,                                # CRLF, no final line end
+        TOP_MESSAGE.replace(b"\r\n", b"\n") + b"\n",  # LF only
+        TOP_MESSAGE.replace(b"\r\n\r\n", b"\n\n", 1).replace(b"second\r\n", b"second\n"),  # mixed
+    )
+    for body in variants:
+        harness.deliver("alice", body)
+    expected = {
+        0: TOP_HEAD + b".\r\n",
+        2: TOP_HEAD + b"..first body line\r\nsecond\r\n.\r\n",
+        3: TOP_HEAD + b"..first body line\r\nsecond\r\n..\r\n.\r\n",
+        99: TOP_HEAD + b"..first body line\r\nsecond\r\n..\r\nfourth\r\n.\r\n",
+    }
+    with raw_session(server) as raw:
+        for number in range(1, len(variants) + 1):
+            for lines, wire in expected.items():
+                assert multiline(raw, "TOP %d %d" % (number, lines))[1] == wire, (number, lines)
+        raw.cmd("QUIT")
+
+
+def test_top_is_retr_cut_after_n_body_lines(harness, server):
+    """RFC 1939 section 7 (TOP n 0, TOP n 2, TOP n 1000) agrees line for line with RETR,
+    for every message of the corpus (also where the adapter builds the message itself)."""
+    for body in CORPUS:
+        harness.deliver("alice", body)
+    with raw_session(server) as raw:
+        for number in range(1, len(CORPUS) + 1):
+            retr = multiline(raw, "RETR %d" % number)[1]
+            for lines in (0, 2, 1000):
+                assert multiline(raw, "TOP %d %d" % (number, lines))[1] == top_from_retr(retr, lines), (number, lines)
+        raw.cmd("QUIT")
+
+
+def test_sizes_equal_retr_octets(harness, server):
+    """RFC 1939 sections 5 and 11: the size STAT and LIST give is exactly the octets RETR
+    sends before byte-stuffing (status line excluded, '.CRLF' and stuffing removed), also
+    for messages stored without a final line end; every RETR ends with CRLF.CRLF."""
+    for body in CORPUS:
+        harness.deliver("alice", body)
+    with raw_session(server) as raw:
+        assert raw.cmd("STAT").startswith(b"+OK %d " % len(CORPUS))
+        total = int(raw.cmd("STAT").split()[2])
+        _, listing = multiline(raw, "LIST")
+        sizes = [int(line.split()[1]) for line in listing.split(b"\r\n")[:-2]]
+        assert len(sizes) == len(CORPUS) and sum(sizes) == total
+        for number, size in enumerate(sizes, 1):
+            assert raw.cmd("LIST %d" % number) == b"+OK %d %d\r\n" % (number, size)
+            wire = multiline(raw, "RETR %d" % number)[1]
+            assert wire.endswith(b"\r\n.\r\n"), number
+            assert len(unstuff(wire)) == size, number
+        raw.cmd("QUIT")
+
+
 def test_uidl_unique_and_stable(harness, server):
-    """RFC 1939 section 7 (UIDL): unique-ids are unique, 1-70 chars 0x21-0x7E, stable across sessions."""
+    """RFC 1939 section 7 (UIDL): unique-ids are unique within the maildrop (even for
+    identical messages), 1-70 chars 0x21-0x7E, stable across sessions."""
     for i in range(5):
         harness.deliver("alice", b"Subject: m%d\r\n\r\nbody %d\r\n" % (i, i))
+    for _ in range(2):
+        harness.deliver("alice", b"Subject: twin\r\n\r\nidentical\r\n")
     client = login(server)
     first = [line.split()[1] for line in client.uidl()[1]]
+    assert [client.uidl(n).split()[2] for n in range(1, 8)] == first
     client.quit()
-    assert len(set(first)) == 5
+    assert len(set(first)) == 7
     assert all(1 <= len(u) <= 70 and all(0x21 <= c <= 0x7E for c in u) for u in first)
     client = login(server)
     assert [line.split()[1] for line in client.uidl()[1]] == first
     client.dele(2)
+    client.dele(6)
     client.quit()
     client = login(server)
-    assert [line.split()[1] for line in client.uidl()[1]] == first[:1] + first[2:]
+    assert [line.split()[1] for line in client.uidl()[1]] == [first[i] for i in (0, 2, 3, 4, 6)]
     client.quit()
+    assert subjects(server) == ["m0", "m2", "m3", "m4", "twin"]
 
 
 def test_dele_quit_deletes_rset_and_disconnect_do_not(harness, server):
@@ -137,19 +289,19 @@ def test_dele_quit_deletes_rset_and_disconnect_do_not(harness, server):
     client.dele(1)
     client.rset()
     client.quit()
-    assert len(fetch_all(server)) == 3
+    assert subjects(server) == ["0", "1", "2"]
 
     client = login(server)
     client.dele(1)
     drop(client)  # dropped connection: no UPDATE state
     assert server.wait_for_connections(0)
-    assert len(fetch_all(server)) == 3
+    assert subjects(server) == ["0", "1", "2"]
 
     client = login(server)
     client.dele(1)
     client.dele(3)
     assert client.quit().startswith(b"+OK")
-    assert fetch_all(server) == [b"Subject: 1\r\n\r\nx\r\n"]
+    assert subjects(server) == ["1"]
 
 
 def test_second_login_in_use(harness, server):
@@ -172,22 +324,26 @@ def test_delivery_during_session_is_invisible_and_kept(harness, server):
     client = login(server)
     harness.deliver("alice", b"Subject: late\r\n\r\nlate\r\n")
     assert client.stat()[0] == 1
+    assert [line.split()[0] for line in client.uidl()[1]] == [b"1"]
     client.dele(1)
     client.quit()
-    assert fetch_all(server) == [b"Subject: late\r\n\r\nlate\r\n"]
+    assert subjects(server) == ["late"]
 
 
+@needs("per_user_mailboxes")
 def test_users_are_separate_and_parallel(harness, server):
     """Two users' sessions run at the same time and see only their own mail."""
     harness.deliver("alice", b"Subject: for alice\r\n\r\na\r\n")
     harness.deliver("bob", b"Subject: for bob\r\n\r\nb\r\n")
     a, b = login(server), login(server, "bob", "bob-pw")
-    assert a.retr(1)[1][0] == b"Subject: for alice"
-    assert b.retr(1)[1][0] == b"Subject: for bob"
+    assert subject(retr_lines_to_bytes(a.retr(1)[1])) == "for alice"
+    assert subject(retr_lines_to_bytes(b.retr(1)[1])) == "for bob"
+    assert a.stat()[0] == b.stat()[0] == 1
     a.quit()
     b.quit()
 
 
+@needs("verbatim")
 def test_large_message_streams_intact(harness, server):
     """A 3 MB message with long lines and a dot at many line starts arrives byte-exact."""
     line = b"." + b"x" * 998 + b"\n"
@@ -200,7 +356,8 @@ def test_large_message_streams_intact(harness, server):
 
 
 def test_concurrent_sessions_many_users(harness, server):
-    """Ten users fetching at once: every session gets its own mail, no errors."""
+    """Ten users fetching at once: every session gets its mail (its own, or the
+    shared source's), no errors."""
     users = ["u%d" % i for i in range(10)]
     for u in users:
         harness.add_user(u, "pw-" + u)
@@ -208,11 +365,12 @@ def test_concurrent_sessions_many_users(harness, server):
     results = {}
 
     def run(u):
-        results[u] = fetch_all(server, u, "pw-" + u)
+        results[u] = subjects(server, u, "pw-" + u)
 
     threads = [threading.Thread(target=run, args=(u,)) for u in users]
     for t in threads:
         t.start()
     for t in threads:
         t.join(30)
-    assert results == {u: [b"Subject: " + u.encode() + b"\r\n\r\nhi\r\n"] for u in users}
+    shared = getattr(harness, "per_user_mailboxes", True) is False
+    assert results == {u: users if shared else [u] for u in users}
