@@ -384,14 +384,28 @@ def _describe(spec: configfile.AdapterSpec) -> str:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
+    """Everything ``serve`` would check before opening the store, with file and line."""
+    from .lifecycle import resolve_ids
+
     settings = configfile.load(args.file)
     spec = settings.adapter
-    if ":" in spec.type:
+    try:
+        # Imports the adapter and checks its options; builds nothing (a
+        # check must not create a database).
+        configfile.adapter_factory(spec)
+    except ValueError as exc:
+        field, _, message = str(exc).partition(": ")
+        if ":" in spec.type and not field.startswith("options."):
+            field, message = "type", str(exc)  # import errors of module:Class
+        path = ("adapter",) + tuple(field.split(".")) if field.startswith("options.") else ("adapter", field)
+        raise ConfigError(message, ".".join(path),
+                          configfile.locate(_read(args.file), path), args.file) from None
+    if settings.user or settings.group:
         try:
-            configfile.resolve_factory(spec.type)
+            resolve_ids(settings.user, settings.group)
         except ValueError as exc:
-            raise ConfigError(str(exc), "adapter.type",
-                              configfile.locate(_read(args.file), ("adapter", "type")), args.file) from None
+            field, _, message = str(exc).partition(": ")
+            raise ConfigError(message, field, configfile.locate(_read(args.file), (field,)), args.file) from None
     if settings.cert:
         from .tls import TLSCertificates
 

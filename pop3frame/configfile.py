@@ -479,6 +479,28 @@ def resolve_factory(target: str):
         raise ValueError("%s has no attribute %r" % (module_name, name)) from None
 
 
+def check_options(target: Callable[..., Any], options: Dict[str, Any], positional: int = 0) -> None:
+    """ValueError ``options.KEY: ...`` for the first option ``target`` does not take.
+
+    ``positional``: how many leading parameters the caller fills itself
+    (a store's path, a passwd-file), which are therefore not options.
+    """
+    import inspect
+
+    try:
+        params = list(inspect.signature(target).parameters.values())
+    except (TypeError, ValueError):
+        return  # no signature to read: the call itself will complain
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return
+    takes = [p.name for p in params[positional:] if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    for key in options:
+        if key not in takes:
+            name = getattr(target, "__name__", str(target))
+            raise ValueError("options.%s: not an option of %s (it takes: %s)"
+                             % (key, name, ", ".join(takes) or "none"))
+
+
 def adapter_factory(spec: AdapterSpec, log=None) -> Callable[[], Any]:
     """Import the adapter's code now; the returned call builds the adapter.
 
@@ -497,6 +519,8 @@ def adapter_factory(spec: AdapterSpec, log=None) -> Callable[[], Any]:
         return demo_adapter
     if spec.type == "sqlite":
         from pop3frame.adapters.sqlite import SQLiteStore
+
+        check_options(SQLiteStore, options, 1)
 
         def sqlite():
             try:
@@ -517,6 +541,7 @@ def adapter_factory(spec: AdapterSpec, log=None) -> Callable[[], Any]:
             import_driver()
         except ImportError as exc:
             raise ValueError("postgres: adapter not available: %s" % exc) from None
+        check_options(PostgresStore, options, 1)
 
         def postgres():
             try:
@@ -530,6 +555,7 @@ def adapter_factory(spec: AdapterSpec, log=None) -> Callable[[], Any]:
         from pop3frame.adapters.passwdfile import PasswdFile
 
         cls = getattr(importlib.import_module(module_name), class_name)
+        check_options(cls, options, 2)
 
         def bundled():
             try:
@@ -539,6 +565,7 @@ def adapter_factory(spec: AdapterSpec, log=None) -> Callable[[], Any]:
 
         return bundled
     factory = resolve_factory(spec.type)
+    check_options(factory, options)
     kwargs = dict(options)
     for name in ("path", "passwd", "dsn"):
         if getattr(spec, name) is not None:

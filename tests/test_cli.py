@@ -521,6 +521,24 @@ def test_bad_config_files_are_one_line_errors(tmp_path, text, message):
         assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
 
+@pytest.mark.parametrize("text,message", [
+    ('user = "no-such-user-xyz"\n', "{f}:1: user: no such user 'no-such-user-xyz'"),
+    ('[adapter]\ntype = "sqlite"\npath = "x.db"\n[adapter.options]\nbogus = 1\n',
+     "{f}:5: adapter.options.bogus: not an option of SQLiteStore (it takes: busy_timeout)"),
+    ('[adapter]\ntype = "mbox"\npath = "/var/mail/{{user}}"\npasswd = "{f}"\n[adapter.options]\nmark_seen = true\n',
+     "{f}:6: adapter.options.mark_seen: not an option of MboxAdapter"),
+])
+def test_check_config_catches_what_serve_would(tmp_path, text, message):
+    """Mistakes that used to surface only when serve opened the store: same one-line form, nothing created."""
+    config = write_config(tmp_path, "")
+    with open(config, "w") as f:
+        f.write(text.format(f=config))
+    out = pop3frame("check-config", config, cwd=str(tmp_path))
+    assert out.returncode == 2
+    assert out.stderr.decode().startswith("pop3frame: " + message.format(f=config)), out.stderr
+    assert not (tmp_path / "x.db").exists()
+
+
 @pytest.mark.parametrize("args,message", [
     (("serve", "--config", "/nonexistent.toml"), "pop3frame: /nonexistent.toml: No such file or directory"),
     (("serve", "--listen", "1.2.3.4"), "pop3frame: serve: argument --listen: expected HOST:PORT"),
