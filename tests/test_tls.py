@@ -15,6 +15,21 @@ from pop3frame.tls import TLSCertificates
 from tests.helpers import RawClient, require_program
 
 
+class SourcePOP3(poplib.POP3):
+    """``poplib.POP3`` connecting from a chosen local address (e.g. 127.0.0.2).
+
+    Without it Linux picks 127.0.0.1 as the source for any 127/8
+    destination, and an "untrusted" client would in fact be trusted.
+    """
+
+    def __init__(self, address, source: str, timeout: float = 10.0) -> None:
+        self.source = source
+        super().__init__(*address, timeout=timeout)
+
+    def _create_socket(self, timeout):
+        return socket.create_connection((self.host, self.port), timeout, source_address=(self.source, 0))
+
+
 @pytest.fixture(scope="module")
 def ca():
     return trustme.CA()
@@ -80,14 +95,14 @@ def test_stls_command_injection_is_discarded(store, certs, client_context):
         sock.sendall(b"STLS\r\nCAPA\r\n")
         assert f.readline() == b"+OK Begin TLS negotiation\r\n"
         f.close()
-        secure = client_context.wrap_socket(sock, server_hostname="localhost")
-        secure.sendall(b"QUIT\r\n")
-        rest = b""
-        while True:
-            chunk = secure.recv(4096)
-            if not chunk:
-                break
-            rest += chunk
+        with client_context.wrap_socket(sock, server_hostname="localhost") as secure:
+            secure.sendall(b"QUIT\r\n")
+            rest = b""
+            while True:
+                chunk = secure.recv(4096)
+                if not chunk:
+                    break
+                rest += chunk
         # Only QUIT's reply: no CAPA listing arrived inside the TLS session.
         assert rest == b"+OK localhost POP3 server signing off\r\n"
 
@@ -107,33 +122,127 @@ def test_stls_refused_after_login_and_on_tls(store, certs, client_context):
 
 
 def test_stls_without_certificates():
+    """RFC 2595 section 4: STLS is an optional extension; without certificates it is refused."""
     with Controller(MemoryAdapter()) as server, RawClient(server.address) as c:
         assert c.cmd("STLS") == b"-ERR TLS is not configured\r\n"
 
 
+def silent_then_served(server, client_context) -> socket.socket:
+    """Connect a client that says nothing, then serve a full POP3S session to another.
+
+    Connections are accepted in order, so once the second one is served the
+    silent one is known to the server (and was no obstacle to the other).
+    """
+    silent = socket.create_connection(server.address, timeout=10)
+    client = poplib.POP3_SSL("127.0.0.1", server.port, context=client_context, timeout=10)
+    client.user("alice")
+    assert client.pass_("pw").startswith(b"+OK")
+    client.quit()
+    return silent
+
+
 def test_silent_tls_client_blocks_nobody(store, certs, client_context):
-    """PITFALLS (POP3SF): the handshake runs in the connection's thread, not in accept()."""
+    """RFC 8314 section 3.3 (TLS from the first byte) without PITFALLS' POP3SF defect:
+    the handshake runs in the connection's thread, not in accept()."""
     tls, _ = certs
     with Controller(store, tls=tls, secure=True) as server:
-        silent = socket.create_connection(server.address)
-        try:
-            client = poplib.POP3_SSL("127.0.0.1", server.port, context=client_context, timeout=10)
-            client.user("alice")
-            assert client.pass_("pw").startswith(b"+OK")
-            client.quit()
-        finally:
-            silent.close()
+        with silent_then_served(server, client_context):
+            assert server.wait_for_connections(1)
 
 
-def test_handshake_timeout_frees_the_connection(store, certs):
+def test_handshake_timeout_is_a_deadline_on_the_clock(store, certs, client_context, frozen):
+    """RFC 8314 section 3.3: a POP3S client must start TLS at once; one that does not
+    is cut off after tls_handshake_timeout seconds by ServerConfig.clock, and a
+    handshake that waited less than that (while the server polled the socket many
+    times) still completes."""
     tls, _ = certs
-    with Controller(store, tls=tls, secure=True, tls_handshake_timeout=0.3) as server:
-        silent = socket.create_connection(server.address)
-        try:
-            assert server.wait_for_connections(0, timeout=10)
+    clock = lambda: frozen().timestamp()  # noqa: E731
+    with Controller(store, tls=tls, secure=True, clock=clock, poll_interval=0.01,
+                    tls_handshake_timeout=30) as server:
+        with silent_then_served(server, client_context) as late:
+            assert server.wait_for_connections(1)
+            frozen.tick(29)
+            # Many 10 ms polls go by here: the server retries do_handshake.
+            assert not server.wait_for_connections(0, timeout=0.2)
+            with client_context.wrap_socket(late, server_hostname="localhost") as secure:
+                assert secure.recv(100).startswith(b"+OK")
+                secure.sendall(b"QUIT\r\n")
+                assert secure.recv(100).startswith(b"+OK")
+        assert server.wait_for_connections(0)
+
+        with silent_then_served(server, client_context) as silent:
+            # A tick that lands before the server set its deadline moves
+            # nothing; ticking until the connection is gone keeps the test
+            # independent of thread scheduling.
+            for _ in range(100):
+                frozen.tick(31)
+                if server.wait_for_connections(0, timeout=0.05):
+                    break
+            assert server.wait_for_connections(0, timeout=0)
             assert silent.recv(100) == b""  # the server closed it
-        finally:
-            silent.close()
+
+
+def test_tls_below_1_2_is_refused_and_the_server_goes_on(store, certs, client_context, ca):
+    """RFC 8314 section 4.1 as updated by RFC 8997 (TLS 1.2 or newer): a client capped at TLS 1.1 fails the
+    handshake; the same client succeeds against a caller's context that allows
+    TLS 1.1, so the refusal is the server's floor, not the client's inability."""
+    tls, _ = certs
+    assert tls.context.minimum_version >= ssl.TLSVersion.TLSv1_2
+    old_client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    old_client.check_hostname = False
+    old_client.verify_mode = ssl.CERT_NONE
+    with pytest.warns(DeprecationWarning):
+        old_client.minimum_version = ssl.TLSVersion.TLSv1
+        old_client.maximum_version = ssl.TLSVersion.TLSv1_1
+    # OpenSSL's default security level forbids TLS 1.1 even on the client side.
+    old_client.set_ciphers("DEFAULT:@SECLEVEL=0")
+
+    legacy = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    with pytest.warns(DeprecationWarning):
+        legacy.minimum_version = ssl.TLSVersion.TLSv1
+    legacy.set_ciphers("DEFAULT:@SECLEVEL=0")
+    ca.issue_cert("localhost").configure_cert(legacy)
+    with Controller(store, tls=TLSCertificates(context=legacy), secure=True) as server:
+        client = poplib.POP3_SSL("127.0.0.1", server.port, context=old_client, timeout=10)
+        assert client.sock.version() == "TLSv1.1"
+        client.quit()
+
+    with Controller(store, tls=tls, secure=True) as server:
+        with pytest.raises(ssl.SSLError, match="PROTOCOL_VERSION|UNSUPPORTED_PROTOCOL"):
+            poplib.POP3_SSL("127.0.0.1", server.port, context=old_client, timeout=10)
+        assert server.wait_for_connections(0)
+        client = poplib.POP3_SSL("127.0.0.1", server.port, context=client_context, timeout=10)
+        client.user("alice")
+        assert client.pass_("pw").startswith(b"+OK")
+        client.quit()
+
+
+def test_caller_made_context(store, ca, client_context):
+    """RFC 8314 section 3.3 through poplib.POP3_SSL with an ssl.SSLContext built by the
+    caller: it is used as it is, and reload() leaves it alone."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("localhost", "127.0.0.1").configure_cert(context)
+    tls = TLSCertificates(context=context)
+    tls.reload()
+    assert tls.context is context and tls.certfile is None
+    with Controller(store, tls=tls, secure=True) as server:
+        client = poplib.POP3_SSL("127.0.0.1", server.port, context=client_context, timeout=10)
+        client.user("alice")
+        client.pass_("pw")
+        assert client.retr(1)[1] == [b"Subject: secret", b"", b"over TLS"]
+        client.quit()
+
+
+def test_certificates_need_files_or_a_server_context(certs):
+    tls, _ = certs
+    with pytest.raises(ValueError, match="certfile and keyfile, or context"):
+        TLSCertificates(tls.certfile)
+    with pytest.raises(ValueError, match="not both"):
+        TLSCertificates(tls.certfile, tls.keyfile, context=tls.context)
+    with pytest.raises(ValueError, match="client context"):
+        TLSCertificates(context=ssl.create_default_context())
+    with pytest.raises(TypeError):
+        TLSCertificates(context="ctx.pem")
 
 
 def test_certificate_reload(store, certs, ca, client_context):
@@ -156,24 +265,61 @@ def test_certificate_reload(store, certs, ca, client_context):
 # -- plaintext policy -------------------------------------------------------------
 
 
-def test_plaintext_refused_from_untrusted_address(store, certs, client_context):
-    """USER/PASS and PLAIN are refused without TLS outside trusted networks (CAPA hides them)."""
+@pytest.fixture
+def untrusted(store, certs):
+    """A STLS server on 127.0.0.2 that trusts only 127.0.0.1/32, so 127.0.0.2 is untrusted."""
     tls, _ = certs
-    with Controller(store, tls=tls, host="0.0.0.0", trusted_networks=["127.0.0.1/32"]) as server:
-        with RawClient(("127.0.0.2", server.port), source="127.0.0.2") as c:
-            c.send(b"CAPA\r\n")
-            capa = c.multiline()
-            assert b"\r\nUSER\r\n" not in capa and b"PLAIN" not in capa and b"\r\nSTLS\r\n" in capa
-            assert c.cmd("USER alice") == (
-                b"-ERR [AUTH] Plaintext authentication disallowed on non-secure (SSL/TLS) connections.\r\n")
-            assert c.cmd("AUTH PLAIN AGFsaWNlAHB3").startswith(b"-ERR [AUTH] Plaintext")
-        with RawClient(("127.0.0.1", server.port), source="127.0.0.1") as c:
-            assert c.login("alice", "pw").startswith(b"+OK")  # trusted network
-        client = poplib.POP3("127.0.0.2", server.port, timeout=10)
+    with Controller(store, tls=tls, host="127.0.0.2", trusted_networks=["127.0.0.1/32"]) as server:
+        yield server
+
+
+def test_plaintext_refused_from_untrusted_address_until_stls(untrusted, client_context):
+    """RFC 2595 section 2.3: clear-text logins refused without TLS outside trusted
+    networks, saying why (RFC 3206 section 5, AUTH); CAPA hides USER and SASL PLAIN
+    (RFC 2449 sections 6.2, 6.3) and offers them after STLS (RFC 2595 section 4:
+    the client must issue CAPA again, which reflects the new state)."""
+    server = untrusted
+    refusal = "-ERR [AUTH] Plaintext authentication disallowed on non-secure (SSL/TLS) connections."
+    with RawClient(server.address, source="127.0.0.2") as c:
+        assert c.cmd("AUTH PLAIN AGFsaWNlAHB3") == refusal.encode() + b"\r\n"
+        assert c.cmd("AUTH LOGIN").startswith(b"-ERR [AUTH] Plaintext")
+    client = SourcePOP3(server.address, source="127.0.0.2")
+    try:
+        assert client.sock.getsockname()[0] == "127.0.0.2"
+        before = client.capa()
+        assert "USER" not in before and "PLAIN" not in before.get("SASL", []) and "STLS" in before
+        with pytest.raises(poplib.error_proto) as refused:
+            client.user("alice")
+        assert refused.value.args[0].decode() == refusal
+        with pytest.raises(poplib.error_proto, match="PASS must follow USER"):
+            client.pass_("pw")
         client.stls(client_context)
+        after = client.capa()
+        assert "USER" in after and "PLAIN" in after["SASL"] and "STLS" not in after
         client.user("alice")
-        assert client.pass_("pw").startswith(b"+OK")  # fine once encrypted
+        assert client.pass_("pw").startswith(b"+OK")
         client.quit()
+    finally:
+        client.close()
+    with RawClient(server.address, source="127.0.0.1") as c:
+        assert c.login("alice", "pw").startswith(b"+OK")  # trusted network, no TLS
+
+
+def test_allow_plaintext_auth_from_untrusted_address(store):
+    """RFC 2595 section 2.3 makes refusing clear text configurable: with
+    allow_plaintext_auth the operator accepts USER/PASS without TLS from anywhere."""
+    with Controller(store, host="127.0.0.2", trusted_networks=["127.0.0.1/32"],
+                    allow_plaintext_auth=True) as server:
+        client = SourcePOP3(server.address, source="127.0.0.2")
+        try:
+            assert client.sock.getsockname()[0] == "127.0.0.2"
+            capa = client.capa()
+            assert "USER" in capa and "PLAIN" in capa["SASL"]
+            client.user("alice")
+            assert client.pass_("pw").startswith(b"+OK")
+            client.quit()
+        finally:
+            client.close()
 
 
 # -- real clients ----------------------------------------------------------------------
@@ -184,6 +330,8 @@ def curl(*args):
 
 
 def test_curl_pop3s_and_stls(store, certs):
+    """curl: pop3s:// is implicit TLS (RFC 8314 section 3.3); pop3:// with --ssl-reqd
+    upgrades with STLS (RFC 2595 section 4) before it logs in."""
     tls, cafile = certs
     with Controller(store, tls=tls, secure=True) as server:
         out = curl("--cacert", cafile, "-u", "alice:pw", "pop3s://localhost:%d/1" % server.port)
