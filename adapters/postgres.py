@@ -863,7 +863,11 @@ class PostgresLockManager(LockManager):
                 self._lost(exc)
 
     def close(self) -> None:
-        """Stop the watchdog and close the connection: every lock of this instance is released."""
+        """Stop the watchdog and close the connection: every lock of this instance is released.
+
+        The locks are gone when this returns: another instance may lock the
+        mailboxes at once (a backend notices a closed socket only later).
+        """
         self._stop.set()
         with self._mutex:
             self._closed = True
@@ -871,7 +875,13 @@ class PostgresLockManager(LockManager):
             self._held.clear()
             self._unprotected.clear()
         if conn is not None:
-            conn.close()
+            try:
+                if not conn.closed:
+                    conn.execute("SELECT pg_advisory_unlock_all()")
+            except self._psycopg.OperationalError:
+                pass  # a dead connection holds no locks
+            finally:
+                conn.close()
         watchdog = self._watchdog
         if watchdog is not None and watchdog is not threading.current_thread():
             watchdog.join(5)
