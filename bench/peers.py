@@ -38,6 +38,18 @@ def project_python() -> str:
     return venv if os.path.exists(venv) else sys.executable
 
 
+def dovecot_pop3_installed() -> bool:
+    if shutil.which("dovecot") is None:
+        return False
+    libexec = subprocess.run(["dovecot", "config", "-h", "libexec_dir"], capture_output=True, text=True).stdout.strip()
+    return os.access(os.path.join(libexec or "/usr/lib/dovecot", "pop3"), os.X_OK)
+
+
+def progress_bar(done: int, total: int, width: int = 30) -> str:
+    filled = width * done // total
+    return "[%s%s] %d/%d" % ("#" * filled, "." * (width - filled), done, total)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--servers", default=",".join(ORDER), help="comma-separated, from %s" % ", ".join(ORDER))
@@ -52,12 +64,15 @@ def main() -> None:
     launch.raise_fd_limit()
     plan = bench_core.Plan(args.quick)
     servers = [s for s in args.servers.split(",") if s]
-    if "dovecot" in servers and shutil.which("dovecot") is None:
-        print("dovecot not installed (apt-get install dovecot-pop3d): skipping it")
+    if "dovecot" in servers and not dovecot_pop3_installed():
+        # dovecot-imapd alone brings the dovecot binary but not its POP3 service.
+        print("Dovecot's POP3 server not installed (apt-get install dovecot-pop3d): skipping it")
         servers.remove("dovecot")
     print(bench_core.machine())
     d = tempfile.mkdtemp(prefix="pop3frame-peers-")
     results: Dict[str, Dict[str, Tuple[str, float]]] = {}
+    #: metric -> server -> detail (sessions and errors, best of, VmRSS before/after ...)
+    details: Dict[str, Dict[str, str]] = {}
     order: List[str] = []
     try:
         print("building Maildir (%d users) in %s ..." % (plan.users, d), flush=True)
@@ -72,14 +87,20 @@ def main() -> None:
 
         def progress(metric: str, name: str) -> None:
             count[0] += 1
-            print("[%d/%d] %s %s ..." % (count[0], total, metric, name), end=" ", flush=True)
+            print("%s %s: %s ..." % (progress_bar(count[0], total), name, metric), end=" ", flush=True)
 
         for name in servers:
-            with launch.start(name, d, python=python.get(name), adapter=args.adapter) as server:
-                rows = bench_core.run_steps(server, bench_core.steps_for(server, plan, idle.get(name)), progress)
+            try:
+                with launch.start(name, d, python=python.get(name), adapter=args.adapter) as server:
+                    rows = bench_core.run_steps(server, bench_core.steps_for(server, plan, idle.get(name)), progress)
+            except RuntimeError as exc:  # one server that will not run must not cost the others' figures
+                print("%s: %s; left out" % (name, exc), flush=True)
+                count[0] += per_server[name]
+                continue
             results[name] = {}
-            for metric, unit, value, _ in rows:
+            for metric, unit, value, detail in rows:
                 results[name][metric] = (unit, value)
+                details.setdefault(metric, {})[name] = detail
                 if metric not in order:
                     order.append(metric)
         progress("raw loopback, %d MB" % plan.loopback_mb, "socket pair")
@@ -106,8 +127,14 @@ def main() -> None:
     table.append(["raw loopback %d MB" % plan.loopback_mb, "MB/s", loop] + [None] * (len(header) - 3))
     print()
     bench_core.print_table(header + [""], [r + [""] for r in table])
+    print("\nDetails:")
+    for metric in order:
+        for name in names:
+            if details.get(metric, {}).get(name):
+                print("  %-40s %-10s %s" % (metric, name, details[metric][name]))
     print("\n" + bench_core.machine())
-    print("wrote", bench_core.write_csv("peers.csv", header, table))
+    detail_rows = [r + [details.get(r[0], {}).get(n, "") for n in names] for r in table]
+    print("wrote", bench_core.write_csv("peers.csv", header + ["detail %s" % n for n in names], detail_rows))
     chart(names, order, results, loop)
 
 
