@@ -253,6 +253,32 @@ def drop_database(dsn: str) -> None:
         conn.execute('DROP DATABASE IF EXISTS "%s" WITH (FORCE)' % name)
 
 
+def sql(dsn: str, query: str, params=()):
+    """Rows of one autocommit statement on a connection of the caller's own (None if it returns none)."""
+    import psycopg
+
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        cur = conn.execute(query, params)
+        return cur.fetchall() if cur.description else None
+
+
+def wait_until_unlocked(dsn: str, mailbox: str) -> None:
+    """Block until nobody holds ``mailbox``'s advisory lock, then let go.
+
+    A killed instance's backend releases its locks when PostgreSQL notices
+    the closed socket; this waits inside PostgreSQL (``lock_timeout`` 30 s,
+    an error after that), not in a polling loop.
+    """
+    import psycopg
+
+    from pop3frame.adapters.postgres import lock_key
+
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("SET lock_timeout = '30s'")
+        conn.execute("SELECT pg_advisory_lock(%s)", (lock_key(mailbox),))
+        conn.execute("SELECT pg_advisory_unlock(%s)", (lock_key(mailbox),))
+
+
 def unavailable(reason: str):
     """Skip, or fail under CI=true (CI is expected to install PostgreSQL)."""
     if os.environ.get("CI") == "true":

@@ -33,7 +33,7 @@ from pop3frame.adapters.postgres import (
 from pop3frame.protocol import wire_size
 from pop3frame.testing import Controller
 from tests.helpers import RawClient, retr_lines_to_bytes
-from tests.pg import ServerProcess, pg_db, pg_dsn  # noqa: F401  (fixtures)
+from tests.pg import ServerProcess, pg_db, pg_dsn, sql, wait_until_unlocked  # noqa: F401  (fixtures)
 
 LOGGER = "pop3frame.adapters.postgres"
 
@@ -45,13 +45,6 @@ def store(pg_db):
     s.close()
 
 
-def sql(dsn, query, params=()):
-    """Rows of one autocommit statement on a connection of the test's own."""
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        cur = conn.execute(query, params)
-        return cur.fetchall() if cur.description else None
-
-
 def dbname(dsn):
     return psycopg.conninfo.conninfo_to_dict(dsn)["dbname"]
 
@@ -59,15 +52,6 @@ def dbname(dsn):
 def terminate(admin_dsn, pid):
     """pg_terminate_backend, waiting (inside PostgreSQL) until the backend has exited."""
     assert sql(admin_dsn, "SELECT pg_terminate_backend(%s, 30000)", (pid,)) == [(True,)]
-
-
-def wait_until_unlocked(dsn, mailbox):
-    """Block until nobody holds ``mailbox``'s advisory lock (a killed instance's
-    backend exits when PostgreSQL notices the closed socket), then let go."""
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute("SET lock_timeout = '30s'")
-        conn.execute("SELECT pg_advisory_lock(%s)", (lock_key(mailbox),))
-        conn.execute("SELECT pg_advisory_unlock(%s)", (lock_key(mailbox),))
 
 
 def pop(address, user="alice", password="alice-pw"):
