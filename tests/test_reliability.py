@@ -4,6 +4,8 @@ Bounded and self-stopping: every loop has a fixed count, every wait a timeout.
 """
 from __future__ import annotations
 
+import base64
+import contextlib
 import os
 import socket
 import threading
@@ -12,6 +14,7 @@ import tracemalloc
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
+from pop3frame import protocol
 from pop3frame.adapters.memory import MemoryAdapter
 from pop3frame.testing import Controller
 from tests.helpers import RawClient
@@ -25,62 +28,161 @@ def open_fds() -> int:
 
 INITIAL = [b"Subject: %d\r\n\r\n%s\r\n" % (i, b".dot\r\nline" * i) for i in range(1, 6)]
 
-command = st.one_of(
-    st.sampled_from(["STAT", "LIST", "UIDL", "NOOP", "RSET", "CAPA", "USER alice", "PASS x"]).map(lambda c: ("raw", c)),
-    st.tuples(st.sampled_from(["LIST", "UIDL", "RETR", "DELE", "TOP"]), st.integers(-2, 8)).map(lambda t: ("msg", t)),
-    st.binary(max_size=40).map(lambda b: ("junk", b)),
-)
+junk = st.binary(max_size=40).map(lambda b: b.replace(b"\r", b"").replace(b"\n", b""))
+base64_text = st.binary(max_size=60).map(lambda b: base64.b64encode(b).decode())
+mechanism = st.sampled_from(["PLAIN", "LOGIN", "CRAM-MD5", "SCRAM-SHA-256", "plain", "XOAUTH2", "GSSAPI", "*"])
+
+#: Commands for any state: each is valid somewhere, invalid somewhere else.
+anywhere = st.one_of(
+    st.sampled_from(["CAPA", "NOOP", "USER alice", "PASS x", "UTF8", "STLS", "LANG", "LANG en", "LANG *",
+                     "LANG fr", "AUTH", "*", "="]),
+    st.tuples(mechanism, st.one_of(st.just(""), st.just(" ="), base64_text.map(" ".__add__))).map("AUTH %s%s".__mod__),
+    st.tuples(st.sampled_from(["alice", "bob", "\u00e4"]), st.text("0123456789abcdef", max_size=32)).map(
+        "APOP %s %s".__mod__),
+    base64_text,
+).map(str.encode)
+
+#: Commands for the TRANSACTION state, with message numbers in and out of range.
+transaction = st.one_of(
+    st.sampled_from(["STAT", "LIST", "UIDL", "RSET"]),
+    st.tuples(st.sampled_from(["LIST", "UIDL", "RETR", "DELE", "TOP"]), st.integers(-2, 8)).map(
+        lambda t: "%s %d" % t + (" 1" if t[0] == "TOP" else "")),
+).map(str.encode)
+
+#: The server under fuzzing offers APOP, CRAM-MD5 and SCRAM; the failed-login
+#: delay (tested with a frozen clock elsewhere) is off so guesses cost no time.
+FUZZ_OPTIONS = dict(max_auth_failure_delay=0)
 
 
 @pytest.fixture(scope="module")
 def fuzz_server():
-    store = MemoryAdapter({"alice": "pw"}, apop=False)
-    with Controller(store) as server:
-        yield server, store
+    """(server, store, (threads, open descriptors) once the server runs)."""
+    store = MemoryAdapter({"alice": "pw"}, apop=True)
+    with Controller(store, **FUZZ_OPTIONS) as server:
+        yield server, store, (set(threading.enumerate()), open_fds())
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(commands=st.lists(command, max_size=25), ending=st.sampled_from(["QUIT", "drop"]))
-def test_random_sessions_keep_invariants(fuzz_server, commands, ending):
-    """Random command sequences: the server keeps answering, frees the lock, and
-    a message disappears only when DELE was followed by a successful QUIT."""
-    server, store = fuzz_server
+def refill(store) -> None:
+    """Give alice the INITIAL messages again, whatever the last example did."""
     with store._mutex:
         store._boxes["alice"] = [("u%d" % i, m) for i, m in enumerate(INITIAL)]
-    before = list(INITIAL)
-    deleted = set()
-    with RawClient(server.address) as c:
-        assert c.login("alice", "pw").startswith(b"+OK")
-        for kind, value in commands:
-            if kind == "raw":
-                line = value.encode()
-            elif kind == "msg":
-                name, n = value
-                line = ("%s %d" % (name, n) + (" 1" if name == "TOP" else "")).encode()
-            else:
-                line = value.replace(b"\n", b"") + b"\r\n"
-            c.send(line if line.endswith(b"\r\n") else line + b"\r\n")
-            status = c.line()
-            assert status.startswith((b"+OK", b"-ERR")), status
-            multi = status.startswith(b"+OK") and (
-                line.split(b" ")[0].upper() in (b"RETR", b"TOP", b"CAPA")
-                or line.strip().upper() in (b"LIST", b"UIDL")
-            )
-            if multi:
-                c.multiline()
-            if status.startswith(b"+OK") and kind == "msg" and value[0] == "DELE":
-                deleted.add(value[1])
-            if kind == "raw" and value == "RSET":
-                deleted.clear()
-        if ending == "QUIT":
-            c.send(b"QUIT\r\n")
-            assert c.line().startswith(b"+OK")
-        else:
-            c.sock.shutdown(socket.SHUT_RDWR)
+
+
+def parsed(line: bytes):
+    """The command the server sees in ``line``, or None if it cannot parse it."""
+    try:
+        return protocol.parse_command(line, utf8=True)
+    except protocol.ProtocolError:
+        return None
+
+
+MULTILINE_ALWAYS = {"CAPA", "RETR", "TOP"}
+MULTILINE_WITHOUT_ARGS = {"LIST", "UIDL", "LANG", "AUTH"}
+
+
+def converse(c: RawClient, line: bytes, in_sasl: bool) -> bytes:
+    """Send one line and read its whole reply; return the status line (b"" if the
+    server closed the connection).  Inside a SASL exchange every line is a
+    response to a challenge, answered by a single line."""
+    try:
+        c.send(line + b"\r\n")
+        status = c.line()
+    except OSError:  # the server closed first and the stack answered with RST
+        return b""
+    assert status == b"" or status.startswith((b"+OK", b"-ERR", b"+ ")), status
+    cmd = None if in_sasl else parsed(line)
+    if status.startswith(b"+OK") and cmd is not None and (
+            cmd.name in MULTILINE_ALWAYS or (cmd.name in MULTILINE_WITHOUT_ARGS and not cmd.args)):
+        c.multiline()
+    return status
+
+
+@contextlib.contextmanager
+def nothing_left_behind(server, baseline):
+    """After the block: the server still answers, and every connection thread,
+    socket and lock is gone, back to ``baseline`` (threads, open descriptors)
+    taken when the server started.  Waits are bounded, never fixed."""
+    threads, fds = baseline
+    yield
+    with RawClient(server.address) as probe:
+        assert probe.greeting.startswith(b"+OK")
+        assert probe.cmd("QUIT").startswith(b"+OK")
     assert server.wait_for_connections(0)
+    for thread in set(threading.enumerate()) - threads:
+        thread.join(10)  # it has released its connection; now let it end
+    assert threading.active_count() == len(threads)
+    assert open_fds() == fds
     assert server.context.locks.held_names() == []
-    expected = [m for i, m in enumerate(before, 1) if not (ending == "QUIT" and i in deleted)]
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(commands=st.lists(st.one_of(transaction, anywhere, junk), max_size=25), ending=st.sampled_from(["QUIT", "drop"]))
+def test_random_sessions_keep_invariants(fuzz_server, commands, ending):
+    """RFC 1939 sections 5 and 6 under random TRANSACTION-state traffic: the server
+    keeps answering, leaks no thread, descriptor or lock, and a message disappears
+    only when DELE was followed by a successful QUIT."""
+    server, store, baseline = fuzz_server
+    refill(store)
+    deleted = set()
+    quit_ok = False
+    with nothing_left_behind(server, baseline):
+        with RawClient(server.address) as c:
+            assert c.login("alice", "pw").startswith(b"+OK")
+            lines = commands + ([b"QUIT"] if ending == "QUIT" else [])
+            for line in lines:
+                status = converse(c, line, in_sasl=False)
+                assert status, "the server hung up in TRANSACTION after %r" % line
+                cmd = parsed(line)
+                if cmd is None or not status.startswith(b"+OK"):
+                    continue
+                if cmd.name == "DELE":
+                    deleted.add(int(cmd.args[0]))
+                elif cmd.name == "RSET":
+                    deleted.clear()
+                elif cmd.name == "QUIT":
+                    quit_ok = True
+                    assert c.read_all() == b""
+                    break
+            if not quit_ok:
+                c.sock.shutdown(socket.SHUT_RDWR)
+    expected = [m for i, m in enumerate(INITIAL, 1) if not (quit_ok and i in deleted)]
     assert store.messages("alice") == expected
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(commands=st.lists(st.one_of(anywhere, junk), max_size=25), ending=st.sampled_from(["QUIT", "drop"]))
+def test_random_authorization_state_keeps_invariants(fuzz_server, commands, ending):
+    """RFC 1939 section 4, RFC 5034 (AUTH), RFC 2595 (STLS without TLS), RFC 6856
+    (UTF8, LANG) under random AUTHORIZATION-state traffic and bytes: every line gets
+    a well-formed reply, no lock is ever taken without the password, the server
+    hangs up exactly at max_auth_failures failed logins, nothing leaks."""
+    server, store, baseline = fuzz_server
+    refill(store)
+    limit = server.context.config.max_auth_failures
+    failures = 0
+    with nothing_left_behind(server, baseline):
+        with RawClient(server.address) as c:
+            in_sasl = ended = False
+            for line in commands:
+                status = converse(c, line, in_sasl)
+                assert status, "the server hung up after %r with %d failed logins" % (line, failures)
+                assert b"maildrop" not in status, "logged in without the password"
+                assert server.context.locks.held_names() == []
+                in_sasl = status.startswith(b"+ ")
+                failures += status.startswith(b"-ERR [AUTH]")
+                quit_ok = not in_sasl and status.startswith(b"+OK") and parsed(line).name == "QUIT"
+                if quit_ok or failures == limit:
+                    assert c.read_all() == b""  # the server closed the connection
+                    ended = True
+                    break
+            if not ended and ending == "QUIT":
+                if in_sasl:
+                    assert c.cmd("*") == b"-ERR authentication aborted\r\n"
+                assert c.cmd("QUIT").startswith(b"+OK")
+                assert c.read_all() == b""
+            elif not ended:
+                c.sock.shutdown(socket.SHUT_RDWR)
+    assert store.messages("alice") == INITIAL
 
 
 # -- fault injection: the adapter fails at each step in turn --------------------------
@@ -198,23 +300,35 @@ def test_disconnect_mid_retr_of_20mb(big_store):
     assert len(big_store.messages("alice")) == 2
 
 
-def test_slow_reader_does_not_make_the_server_buffer(big_store):
-    """A client that stops reading mid-RETR: the server holds at most a chunk, then
-    gives up after send_timeout and frees the lock."""
+def test_slow_reader_does_not_make_the_server_buffer(big_store, frozen):
+    """A client that stops reading mid-RETR: the server holds at most a few chunks,
+    and gives up once send_timeout has passed on ServerConfig.clock, freeing the
+    lock and deleting nothing."""
+    clock = lambda: frozen().timestamp()  # noqa: E731
     tracemalloc.start()
     try:
-        with Controller(big_store, send_timeout=0.5) as server:
-            c = RawClient(server.address)
-            c.login("alice", "pw")
-            tracemalloc.reset_peak()
-            c.send(b"RETR 1\r\n")  # and never read
-            assert server.wait_for_connections(0, timeout=30)
-            _, peak = tracemalloc.get_traced_memory()
-            c.close()
+        with Controller(big_store, clock=clock, poll_interval=0.01, send_timeout=60) as server:
+            with RawClient(server.address) as c:
+                c.login("alice", "pw")
+                c.cmd("DELE 2")
+                tracemalloc.reset_peak()
+                c.send(b"RETR 1\r\n")  # and never read
+                # Real time alone ends nothing: the deadline is on the clock.
+                assert not server.wait_for_connections(0, timeout=0.2)
+                # A tick that lands while the server is still filling the
+                # socket buffers moves a deadline it has not set yet; tick
+                # until it gives up, whatever the thread scheduling.
+                for _ in range(100):
+                    frozen.tick(61)
+                    if server.wait_for_connections(0, timeout=0.05):
+                        break
+                assert server.wait_for_connections(0, timeout=0)
+                _, peak = tracemalloc.get_traced_memory()
             assert server.context.locks.held_names() == []
     finally:
         tracemalloc.stop()
     assert peak < 4 * 1024 * 1024, peak  # a few chunks, never the 20 MB message
+    assert len(big_store.messages("alice")) == 2
 
 
 def test_half_open_connections_do_not_block_others(big_store):
