@@ -11,12 +11,11 @@ from pop3frame.adapters.memory import MemoryAdapter
 from pop3frame.testing import Controller
 from tests.helpers import require_program
 
-
-
 ATTACHMENT = os.urandom(5 * 1024 * 1024)
 MESSAGES = [
     b"From: =?utf-8?q?J=C3=BCrgen_M=C3=BCller?= <j@example.org>\r\nSubject: =?utf-8?b?"
-    + base64.b64encode("Grüße".encode()) + b"?=\r\n\r\n.leading dot\r\n.\r\n..two\r\nend\r\n",
+    + base64.b64encode("Grüße".encode()) + b"?=\r\n" + "X-Raw: Grüße aus Köln\r\n".encode()
+    + b"\r\n.leading dot\r\n.\r\n..two\r\nend\r\n",
     b"Subject: attachment\r\nMIME-Version: 1.0\r\nContent-Type: application/octet-stream\r\n"
     b"Content-Transfer-Encoding: base64\r\n\r\n"
     + base64.encodebytes(ATTACHMENT).replace(b"\n", b"\r\n"),
@@ -48,6 +47,10 @@ def crlf(data: bytes) -> bytes:
 
 
 def test_curl_list_retr_uidl_dele(server):
+    """curl pop3://: LIST sizes are the octets RETR sends (RFC 1939 section 5), RETR is
+    byte-exact after curl undoes the byte-stuffing (section 3) for dotted lines, non-ASCII
+    headers (RFC 2047 and raw UTF-8) and a 5 MB attachment, UIDL (section 7), and -X DELE is applied at
+    curl's QUIT (section 6)."""
     listing = curl(server)
     sizes = [len(crlf(m)) for m in MESSAGES]
     assert listing == b"".join(b"%d %d\r\n" % (i, s) for i, s in enumerate(sizes, 1))
@@ -60,6 +63,7 @@ def test_curl_list_retr_uidl_dele(server):
 
 
 def test_curl_wrong_password_fails(server):
+    """RFC 1939 section 7 (PASS) / RFC 3206 section 5: -ERR [AUTH]; curl reports a login failure."""
     out = subprocess.run(
         [require_program("curl"), "-sS", "-u", "alice:nope", "pop3://127.0.0.1:%d/" % server.port], capture_output=True, timeout=60
     )

@@ -8,6 +8,7 @@ unique-ids survived the move); a last run deletes everything.
 """
 from __future__ import annotations
 
+import base64
 import os
 import subprocess
 
@@ -25,6 +26,9 @@ MESSAGES = [
     # fetchmail splits lines longer than its 8 KiB buffer, so this stays at
     # RFC 5322's 998-octet limit; 200 such lines still span several reads.
     b"From: b@example.org\nTo: alice@example.org\nSubject: long\n\n" + (b"." + b"x" * 997 + b"\n") * 200 + b".\n",
+    b"From: c@example.org\nTo: alice@example.org\nSubject: attachment\nMIME-Version: 1.0\n"
+    b"Content-Type: multipart/mixed; boundary=b\n\n--b\nContent-Type: application/octet-stream\n"
+    b"Content-Transfer-Encoding: base64\n\n" + base64.encodebytes(os.urandom(5 * 1024 * 1024)) + b"--b--\n",
 ]
 
 
@@ -56,6 +60,9 @@ def run_fetchmail(tmp_path, port, *options, uidl=False):
 
 
 def test_fetchmail_fetches_maildir_byte_exact_keeps_then_deletes(tmp_path):
+    """Lines starting with '.', raw UTF-8 headers and a 5 MB attachment arrive byte-exact
+    (RFC 1939 section 3 byte-stuffing undone by the client); UIDL (RFC 1939 section 7)
+    stays stable across runs; DELE then QUIT (section 6) removes the mail."""
     passwd = str(tmp_path / "passwd")
     set_password(passwd, "alice", "pw", scheme="PLAIN")
     mail = str(tmp_path / "mail")

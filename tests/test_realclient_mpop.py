@@ -24,6 +24,9 @@ MESSAGES = [
 
 
 def test_mpop_fetches_maildir_byte_exact(tmp_path):
+    """Lines starting with '.', raw UTF-8 headers and a 5 MB attachment arrive byte-exact
+    (RFC 1939 section 3 byte-stuffing undone by mpop); with --keep=off mpop's DELE and
+    QUIT (section 6) empty the Maildir."""
     passwd = str(tmp_path / "passwd")
     set_password(passwd, "alice", "pw", scheme="PLAIN")
     mail = str(tmp_path / "mail")
