@@ -5,13 +5,11 @@ import base64
 import os
 import subprocess
 
-import pytest
-
 from pop3frame.adapters.maildir import MaildirAdapter
 from pop3frame.adapters.passwdfile import PasswdFile, set_password
 from pop3frame.testing import Controller
-from tests.helpers import require_program
 from tests.harness_maildir import deliver_like_an_mda
+from tests.helpers import require_program
 
 
 MESSAGES = [
