@@ -6,7 +6,7 @@ tests can move time in any thread without sleeping.
 from __future__ import annotations
 
 import threading
-from typing import Callable, Dict
+from typing import Callable, Dict, List
 
 __all__ = ["LoginDelayTracker", "FailureThrottle"]
 
@@ -37,45 +37,99 @@ class LoginDelayTracker:
 
 
 class FailureThrottle:
-    """Failed logins per client address, across connections.
+    """Failed logins per client address, across connections: how long to withhold answers.
 
-    The first ``free`` failures cost nothing (people mistype); after that
-    each failure closes the address for 1, 2, 4 ... seconds, capped at
-    ``max_delay``, during which every login attempt from it is refused
-    without looking at the password.  Reconnecting does not help: the key is
-    the address, not the connection.  A successful login clears the record.
+    Guessing passwords must cost time, but the real user must still get in.
+    So nothing is ever refused here; instead the answer to an authentication
+    attempt is *withheld* until a "not before" time:
+
+    * the first ``free`` failures of an address are answered at once (people
+      mistype); each further one is answered 1, 2, 4 ... seconds later,
+      capped at ``max_delay``;
+    * a success is withheld until the address's latest failure has been
+      answered.  Otherwise a client could tell a right guess from a wrong one
+      by the speed of the answer and hang up on every slow one, skipping the
+      delay altogether.  A real user who logs in after the guessing stopped
+      waits for nothing.
+
+    The key is the client address, so reconnecting does not reset anything.
+    A success does not clear the record either (an attacker holding any valid
+    account could otherwise reset its count between guesses); a record is
+    forgotten ``FORGET_AFTER`` seconds after its last failure.
+
+    Optional lockout: with ``lockout_failures`` > 0, an address that reaches
+    that many failures is shut out for ``lockout_duration`` seconds, during
+    which :meth:`locked_for` is positive and the session refuses every login
+    from it without checking the password.  Off by default: it lets an
+    attacker lock out a user who shares the attacker's address (NAT).
     """
 
     #: Records this long without a failure are forgotten.
     FORGET_AFTER = 3600.0
+    #: Beyond this many addresses, forgotten records are dropped at once.
+    MAX_RECORDS = 100000
 
-    def __init__(self, free: int, max_delay: float, clock: Callable[[], float]) -> None:
+    def __init__(
+        self,
+        free: int,
+        max_delay: float,
+        clock: Callable[[], float],
+        lockout_failures: int = 0,
+        lockout_duration: float = 0.0,
+    ) -> None:
         self.free = free
         self.max_delay = max_delay
+        self.lockout_failures = lockout_failures
+        self.lockout_duration = lockout_duration
         self._clock = clock
         self._mutex = threading.Lock()
-        self._records: Dict[str, list] = {}  # address -> [failures, blocked until, last failure]
+        # address -> [failures, last failure, answer not before, locked until]
+        self._records: Dict[str, List[float]] = {}
 
-    def blocked_for(self, address: str) -> float:
-        """Seconds until ``address`` may try again (0 if it may now)."""
-        with self._mutex:
-            record = self._records.get(address)
-            return max(0.0, record[1] - self._clock()) if record else 0.0
+    def delay(self, failures: int) -> float:
+        """Seconds the answer to an address's ``failures``-th failure is withheld."""
+        over = failures - self.free
+        if over <= 0:
+            return 0.0
+        # 2.0 ** n overflows past n = 1023; the cap has won long before 64.
+        return min(2.0 ** min(over - 1, 64), self.max_delay)
 
-    def failure(self, address: str) -> None:
+    def failure(self, address: str) -> float:
+        """Record a failed authentication now; return when its ``-ERR`` may be sent."""
         now = self._clock()
         with self._mutex:
-            record = self._records.setdefault(address, [0, 0.0, now])
-            if now - record[2] > self.FORGET_AFTER:
-                record[0] = 0
+            record = self._record(address, now)
+            if record is None:
+                record = self._records[address] = [0, now, now, 0.0]
             record[0] += 1
-            record[2] = now
-            over = record[0] - self.free
-            if over > 0:
-                record[1] = now + min(2.0 ** (over - 1), self.max_delay)
-            if len(self._records) > 100000:
-                self._records = {a: r for a, r in self._records.items() if now - r[2] < self.FORGET_AFTER}
+            record[1] = now
+            record[2] = now + self.delay(int(record[0]))
+            if self.lockout_failures and record[0] >= self.lockout_failures and record[3] <= now:
+                record[3] = now + self.lockout_duration
+            if len(self._records) > self.MAX_RECORDS:
+                self._records = {a: r for a, r in self._records.items() if self._live(r, now)}
+            return record[2]
 
-    def success(self, address: str) -> None:
+    def not_before(self, address: str) -> float:
+        """When the answer to a successful authentication from ``address`` may be sent."""
+        now = self._clock()
         with self._mutex:
-            self._records.pop(address, None)
+            record = self._record(address, now)
+            return max(now, record[2]) if record else now
+
+    def locked_for(self, address: str) -> float:
+        """Seconds ``address`` stays locked out (0 if it is not; always 0 without lockout)."""
+        now = self._clock()
+        with self._mutex:
+            record = self._record(address, now)
+            return max(0.0, record[3] - now) if record else 0.0
+
+    def _record(self, address: str, now: float):
+        record = self._records.get(address)
+        if record is not None and not self._live(record, now):
+            del self._records[address]
+            return None
+        return record
+
+    def _live(self, record: List[float], now: float) -> bool:
+        return now - record[1] <= self.FORGET_AFTER or record[2] > now or record[3] > now

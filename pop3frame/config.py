@@ -29,7 +29,9 @@ class ServerConfig:
     implementation: str = "pop3frame"
     #: RFC 2449 EXPIRE capability: "NEVER" or days as a string.
     expire: str = "NEVER"
-    #: RFC 2449 LOGIN-DELAY capability, seconds; enforced per mailbox.
+    #: Minimum seconds between two logins to one mailbox, enforced with
+    #: ``-ERR [LOGIN-DELAY]``; CAPA announces it (RFC 2449 section 6.5) only
+    #: when it is above 0.
     login_delay: int = 0
 
     #: Inactivity autologout in the TRANSACTION state, seconds (>= 600).
@@ -48,10 +50,17 @@ class ServerConfig:
     max_connections_per_ip: int = 0
     #: Failed logins on one connection before it is closed.
     max_auth_failures: int = 3
-    #: Failed logins per client address that cost nothing; each further one
-    #: shuts the address out for 1, 2, 4 ... seconds, up to the maximum.
+    #: Failed logins per client address (across connections) answered at
+    #: once; the answer to each further one is withheld 1, 2, 4 ... seconds,
+    #: up to ``max_auth_failure_delay``.  The password is still checked, so
+    #: the real user gets in; guessing just costs time.
     free_auth_failures: int = 3
     max_auth_failure_delay: float = 60.0
+    #: Optional lockout, off at 0: after this many failed logins from one
+    #: address, every login from it is refused for ``auth_lockout_duration``
+    #: seconds with ``-ERR [SYS/TEMP]``, right password or not.
+    auth_lockout_failures: int = 0
+    auth_lockout_duration: float = 900.0
 
     #: Allow USER/PASS and SASL PLAIN/LOGIN on unencrypted connections from
     #: anywhere.  Off by default, as Dovecot's disable_plaintext_auth.
@@ -84,9 +93,11 @@ class ServerConfig:
             if getattr(self, name) < 1:
                 raise ValueError("%s must be at least 1" % name)
         for name in ("max_connections_per_ip", "login_delay", "stack_size", "free_auth_failures",
-                     "max_auth_failure_delay"):
+                     "max_auth_failure_delay", "auth_lockout_failures", "auth_lockout_duration"):
             if getattr(self, name) < 0:
                 raise ValueError("%s must not be negative" % name)
+        if self.auth_lockout_failures and self.auth_lockout_duration <= 0:
+            raise ValueError("auth_lockout_duration must be positive when auth_lockout_failures is set")
         if 0 < self.stack_size < MIN_STACK_SIZE:
             # threading.stack_size() would refuse it only when the first
             # client connects, and then for every client.

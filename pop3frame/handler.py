@@ -16,7 +16,6 @@ import socketserver
 import ssl
 from typing import TYPE_CHECKING, Callable, Optional
 
-from . import protocol
 from .session import Session
 
 if TYPE_CHECKING:
@@ -121,6 +120,31 @@ class Connection:
                 return None
             self._in += data
 
+    def wait_until(self, when: float) -> bool:
+        """Block until ``clock()`` reaches ``when``; False if the connection ends first.
+
+        For replies that must be withheld (the failed-login delay).  Bytes
+        the client sends meanwhile are kept for :meth:`read_line`: pipelined
+        commands wait their turn.  The wait ends early, returning False, when
+        the client closes, when the server shuts the socket down, or when the
+        client sends more than ``MAX_DISCARD`` bytes meanwhile.  Idle time
+        then counts from the end of the wait, during which the client could
+        do nothing.
+        """
+        while True:
+            remaining = when - self.clock()
+            if remaining <= 0:
+                self.last_line_at = self.clock()
+                return True
+            self.sock.settimeout(min(remaining, self.poll_interval))
+            try:
+                data = self.sock.recv(RECV_SIZE)
+            except socket.timeout:
+                continue
+            if not data or len(self._in) + len(data) > MAX_DISCARD:
+                return False
+            self._in += data
+
     def write(self, data: bytes) -> None:
         self._out.append(data)
         self._out_size += len(data)
@@ -190,14 +214,17 @@ class POP3Handler(socketserver.BaseRequestHandler):
                     line = conn.read_line(session.max_line, session.timeout)
                 except LineTooLong as exc:
                     log.warning("line too long%s", ", closing" if exc.fatal else "")
-                    conn.write(protocol.err("line too long"))
+                    self._reply(session.line_too_long())
                     if exc.fatal:
                         break
                 else:
                     if line is None:
                         log.info("client closed the connection")
                         break
-                    self._reply(session.handle(line))
+                    reply = session.handle(line)
+                    if session.reply_not_before is not None and not self._withhold(session.reply_not_before):
+                        break
+                    self._reply(reply)
                     if session.starttls:
                         conn.flush()
                         # RFC 2595 section 4 and CVE-2011-0411: anything the
@@ -265,6 +292,18 @@ class POP3Handler(socketserver.BaseRequestHandler):
         self.session.secure = True
         self.session.log.info("TLS established: %s %s", tls.version(), tls.cipher()[0])
         return True
+
+    def _withhold(self, until: float) -> bool:
+        """Send earlier replies, then hold this one until ``until`` on the clock.
+
+        Returns False if the connection ended meanwhile (the reply is dropped).
+        """
+        self.conn.flush()
+        self.session.log.info("reply withheld for %g s (failed-login delay)", until - self.conn.clock())
+        if self.conn.wait_until(until):
+            return True
+        self.session.log.info("connection ended while a reply was withheld")
+        return False
 
     def _reply(self, reply) -> None:
         write = self.conn.write

@@ -1,11 +1,16 @@
-"""SASL mechanisms for the AUTH command (RFC 5034), with no I/O.
+"""SASL mechanisms for the AUTH command (RFC 5034) and credential checks, with no I/O.
 
 Each mechanism is a generator: it yields server challenges (raw bytes, the
 session base64-encodes them) and receives the client's decoded responses;
 when done it returns ``(username, verify)``, where ``verify(adapter)``
 answers whether the credentials are right.  A malformed response raises
 :class:`SASLError`.  The session owns everything else: base64, ``*``
-aborts, the mailbox lock.
+aborts, the mailbox lock.  :func:`credentials` and :func:`apop` give the
+same ``(username, verify)`` pair for USER/PASS and APOP.
+
+User names and passwords are prepared with SASLprep (RFC 4013) before they
+reach the adapter, so a name typed in another Unicode normal form is still
+the same name; credentials that SASLprep refuses fail authentication.
 """
 from __future__ import annotations
 
@@ -13,17 +18,107 @@ import base64
 import binascii
 import hashlib
 import hmac
+import re
+import stringprep
+import unicodedata
 from typing import Callable, Dict, Generator, Optional, Tuple
 
 __all__ = ["SASLError", "MECHANISMS", "PLAINTEXT_MECHANISMS", "plain", "login", "cram_md5", "scram_sha_256",
-           "parse_plain"]
+           "parse_plain", "saslprep", "credentials", "apop"]
 
 Verify = Callable[[object], bool]
 Exchange = Generator[bytes, bytes, Tuple[str, Verify]]
 
 
 class SASLError(ValueError):
-    """A client response that does not follow the mechanism."""
+    """A client response that does not follow the mechanism, or credentials SASLprep refuses."""
+
+
+#: RFC 4013 section 2.3 (with RFC 3454 tables C.1.2 to C.9): prohibited output.
+_PROHIBITED = (
+    stringprep.in_table_c12, stringprep.in_table_c21_c22, stringprep.in_table_c3, stringprep.in_table_c4,
+    stringprep.in_table_c5, stringprep.in_table_c6, stringprep.in_table_c7, stringprep.in_table_c8,
+    stringprep.in_table_c9,
+)
+
+
+def saslprep(text: str, stored: bool = False) -> str:
+    """RFC 4013 SASLprep of a user name or password; SASLError if it is refused.
+
+    A query string (the default) may hold unassigned code points; a
+    ``stored`` string may not (RFC 3454 section 7).  A non-empty string that
+    prepares to nothing is refused too (RFC 5034 section 4, RFC 5802
+    section 5.1).
+    """
+    # Section 2.1: non-ASCII spaces become SPACE; "commonly mapped to nothing" goes.
+    mapped = "".join(" " if stringprep.in_table_c12(c) else c for c in text if not stringprep.in_table_b1(c))
+    # Section 2.2: form KC, of Unicode 3.2 like the stringprep tables.
+    prepared = unicodedata.ucd_3_2_0.normalize("NFKC", mapped)
+    for c in prepared:
+        if any(table(c) for table in _PROHIBITED) or (stored and stringprep.in_table_a1(c)):
+            raise SASLError("prohibited character in credentials")
+    # Section 2.4, RFC 3454 section 6: right-to-left text is all RandALCat
+    # between RandALCat ends, and never mixed with LCat.
+    if any(stringprep.in_table_d1(c) for c in prepared):
+        if any(stringprep.in_table_d2(c) for c in prepared) or not (
+            stringprep.in_table_d1(prepared[0]) and stringprep.in_table_d1(prepared[-1])
+        ):
+            raise SASLError("invalid bidirectional text in credentials")
+    if text and not prepared:
+        raise SASLError("credentials prepare to an empty string")
+    return prepared
+
+
+def _refused(adapter) -> bool:
+    return False
+
+
+def credentials(user: str, password: str) -> Tuple[str, Verify]:
+    """``(user, verify)`` for a user name and password (USER/PASS, PLAIN, LOGIN).
+
+    Both are SASLprep'd as query strings (RFC 6856 section 2.2, RFC 4616
+    section 2, RFC 5034 section 4); if either is refused, ``verify`` fails
+    without asking the adapter.
+    """
+    try:
+        user, password = saslprep(user), saslprep(password)
+    except SASLError:
+        return user, _refused
+    return user, lambda adapter: adapter.authenticate(user, password)
+
+
+_HEX_DIGEST = re.compile(r"[0-9a-fA-F]{32}\Z")
+
+
+def _digest_matches(expected: str, given: str) -> bool:
+    """Constant-time check of a hex MD5 digest; anything but 32 hex digits just fails."""
+    return bool(_HEX_DIGEST.match(given)) and hmac.compare_digest(
+        expected.encode("ascii"), given.lower().encode("ascii")
+    )
+
+
+def apop(timestamp: str, user: str, digest: str) -> Tuple[str, Verify]:
+    """RFC 1939 section 7 APOP: ``digest`` is MD5(timestamp + shared secret) in hex.
+
+    RFC 6856 section 2.2: the user name is SASLprep'd as a query string and
+    the secret (the adapter's ``apop_secret``) as a stored string.
+    """
+    try:
+        user = saslprep(user)
+    except SASLError:
+        return user, _refused
+
+    def verify(adapter) -> bool:
+        secret = adapter.apop_secret(user)
+        if secret is None:
+            return False
+        try:
+            secret = saslprep(secret, stored=True)
+        except SASLError:
+            return False
+        return _digest_matches(hashlib.md5((timestamp + secret).encode("utf-8")).hexdigest(), digest)
+
+    return user, verify
 
 
 def _text(data: bytes) -> str:
@@ -51,8 +146,7 @@ def parse_plain(message: bytes) -> Tuple[str, str]:
 def plain(initial: Optional[bytes]) -> Exchange:
     """RFC 4616 PLAIN: one response, sent at once or after an empty challenge."""
     response = initial if initial is not None else (yield b"")
-    user, password = parse_plain(response)
-    return user, lambda adapter: adapter.authenticate(user, password)
+    return credentials(*parse_plain(response))
 
 
 def login(initial: Optional[bytes]) -> Exchange:
@@ -61,7 +155,7 @@ def login(initial: Optional[bytes]) -> Exchange:
     password = _text((yield b"Password:"))
     if not user or not password:
         raise SASLError("empty user name or password")
-    return user, lambda adapter: adapter.authenticate(user, password)
+    return credentials(user, password)
 
 
 def cram_md5(challenge: str) -> Callable[[Optional[bytes]], Exchange]:
@@ -76,15 +170,21 @@ def cram_md5(challenge: str) -> Callable[[Optional[bytes]], Exchange]:
             raise SASLError("CRAM-MD5 takes no initial response")
         response = _text((yield challenge.encode("ascii")))
         user, sep, digest = response.rpartition(" ")
-        if not sep or not user or len(digest) != 32:
+        if not sep or not user:
             raise SASLError("malformed CRAM-MD5 response")
+        try:
+            user = saslprep(user)
+        except SASLError:
+            return user, _refused
 
         def verify(adapter) -> bool:
+            # A digest that is not 32 hex digits is a wrong answer, counted
+            # as a failed login like any other.
             secret = adapter.apop_secret(user)
             if secret is None:
                 return False
             expected = hmac.new(secret.encode("utf-8"), challenge.encode("ascii"), hashlib.md5).hexdigest()
-            return hmac.compare_digest(expected, digest.lower())
+            return _digest_matches(expected, digest)
 
         return user, verify
 
@@ -131,8 +231,10 @@ def scram_sha_256(
         first = _scram_attributes(bare)
         if "m" in first or not first.get("n") or not first.get("r"):
             raise SASLError("malformed SCRAM client-first message")
-        user = _saslname(first["n"])
-        if authzid and _saslname(authzid[2:]) != user:
+        # RFC 5802 section 5.1: the name is prepared for lookups only; the
+        # hash below uses it as received.
+        user = saslprep(_saslname(first["n"]))
+        if authzid and saslprep(_saslname(authzid[2:])) != user:
             raise SASLError("authorization identity not supported")
         combined = first["r"] + nonce()
         user_salt = salt()
@@ -143,6 +245,12 @@ def scram_sha_256(
         if not sep or attributes.get("r") != combined or "c" not in attributes:
             raise SASLError("malformed SCRAM client-final message")
         password = secret(user)
+        if password is not None:
+            # RFC 5802 section 2.2, Normalize(): SASLprep as a stored string.
+            try:
+                password = saslprep(password, stored=True)
+            except SASLError:
+                password = None
         key_source = password if password is not None else base64.b64encode(user_salt).decode()
         salted = hashlib.pbkdf2_hmac("sha256", key_source.encode("utf-8"), user_salt, iterations)
         client_key = hmac.new(salted, b"Client Key", hashlib.sha256).digest()

@@ -10,8 +10,6 @@ from __future__ import annotations
 import base64
 import binascii
 import enum
-import hashlib
-import hmac
 import io
 import ipaddress
 import itertools
@@ -31,6 +29,7 @@ from .adapter import (
     MessageInfo,
     POP3Error,
     PermanentFailure,
+    TemporaryFailure,
 )
 from .auth import FailureThrottle, LoginDelayTracker
 from .config import ServerConfig
@@ -116,7 +115,11 @@ class SessionContext:
         self.locks = locks or InProcessLockManager()
         self.login_delays = LoginDelayTracker(self.config.login_delay, self.config.clock)
         self.failures = FailureThrottle(
-            self.config.free_auth_failures, self.config.max_auth_failure_delay, self.config.clock
+            self.config.free_auth_failures,
+            self.config.max_auth_failure_delay,
+            self.config.clock,
+            lockout_failures=self.config.auth_lockout_failures,
+            lockout_duration=self.config.auth_lockout_duration,
         )
         self.trusted_networks = [ipaddress.ip_network(n, strict=False) for n in self.config.trusted_networks]
         apop = self.config.apop
@@ -143,6 +146,16 @@ class CommandError(POP3Error):
 
 _session_ids = itertools.count(1)
 _NUMBER = re.compile(r"[0-9]{1,18}\Z")
+#: RFC 4647 section 2.1: a basic language range (besides "*").
+_LANGUAGE_RANGE = re.compile(r"[A-Za-z]{1,8}(-[A-Za-z0-9]{1,8})*\Z")
+
+#: RFC 6856 section 3: the languages replies come in, tag -> its name in itself.
+LANGUAGES = {"en": "English"}
+#: What "LANG *" selects.
+DEFAULT_LANGUAGE = "en"
+#: RFC 6856 section 2.2: with "UTF8 USER" announced, the client may use UTF-8
+#: in these before (or without) the UTF8 command.
+UTF8_CREDENTIAL_COMMANDS = frozenset({"USER", "PASS", "APOP"})
 
 
 class SessionLog(logging.LoggerAdapter):
@@ -182,6 +195,10 @@ class Session:
         self.closing = False
         #: Set by STLS: the handler must start TLS after sending the reply.
         self.starttls = False
+        #: Clock time (``config.clock``) before which the reply to the last
+        #: command must not be sent, or None to send it at once: the
+        #: failed-login delay of :class:`~pop3frame.auth.FailureThrottle`.
+        self.reply_not_before: Optional[float] = None
         self._sasl = None
         self.user: Optional[str] = None
         self.utf8 = False
@@ -221,6 +238,18 @@ class Session:
         """Longest command line accepted now, in octets including CRLF."""
         return MAX_SASL_LINE if self._sasl is not None else protocol.MAX_COMMAND_LINE
 
+    def line_too_long(self) -> Reply:
+        """The reply to a line over :attr:`max_line`, which the handler dropped unread.
+
+        The line still counts as a (failed) command: a SASL exchange ends
+        with it (RFC 5034 section 4: the ``-ERR`` rejects the AUTH command,
+        so the next line is a command again, not a response), and a USER
+        before it no longer counts for PASS.
+        """
+        self._sasl = None
+        self._previous_user = self._pending_user = None
+        return [protocol.err("line too long")]
+
     def finish(self) -> None:
         """End the session: close the mailbox and release its lock. Idempotent.
 
@@ -242,12 +271,15 @@ class Session:
     def handle(self, line: bytes) -> Reply:
         """Answer one command line; returns the bytes to send, in order."""
         self._previous_user, self._pending_user = self._pending_user, None
+        self.reply_not_before = None
         if self._sasl is not None:
             return self._sasl_continue(line)
         try:
             cmd = protocol.parse_command(line, utf8=self.utf8)
         except protocol.ProtocolError as exc:
-            return [protocol.err(str(exc))]
+            cmd = self._utf8_credentials(line)
+            if cmd is None:
+                return [protocol.err(str(exc))]
         spec = self.commands.get(cmd.name)
         if spec is None:
             return [protocol.err("unknown command")]
@@ -265,6 +297,14 @@ class Session:
         except Exception:
             self.log.exception("%s failed in the adapter", cmd.name)
             return [protocol.err("internal server error", protocol.SYS_TEMP)]
+
+    def _utf8_credentials(self, line: bytes) -> Optional[protocol.Command]:
+        """A USER, PASS or APOP line in UTF-8 before UTF8 mode, else None (RFC 6856 section 2.2)."""
+        try:
+            cmd = protocol.parse_command(line, utf8=True)
+        except protocol.ProtocolError:
+            return None
+        return cmd if cmd.name in UTF8_CREDENTIAL_COMMANDS else None
 
     # -- AUTHORIZATION --------------------------------------------------------
 
@@ -285,44 +325,44 @@ class Session:
         return [protocol.ok("send PASS")]
 
     def do_pass(self, cmd: protocol.Command) -> Reply:
-        user = self._previous_user
-        if user is None:
+        if self._previous_user is None:
             return [protocol.err("PASS must follow USER")]
-        password = cmd.rest
-        return self._login(user, lambda: self.adapter.authenticate(user, password))
+        user, verify = sasl.credentials(self._previous_user, cmd.rest)
+        return self._login(user, lambda: verify(self.adapter))
 
     def do_apop(self, cmd: protocol.Command) -> Reply:
         if not self.context.apop:
             return [protocol.err("APOP not supported")]
-        user, digest = cmd.args
-
-        def check() -> bool:
-            secret = self.adapter.apop_secret(user)
-            if secret is None:
-                return False
-            expected = hashlib.md5((self._timestamp + secret).encode("utf-8")).hexdigest()
-            return hmac.compare_digest(expected.encode(), digest.lower().encode("utf-8", "replace"))
-
-        return self._login(user, check)
+        user, verify = sasl.apop(self._timestamp, *cmd.args)
+        return self._login(user, lambda: verify(self.adapter))
 
     def _login(self, user: str, check: Callable[[], bool]) -> Reply:
-        """Shared tail of every authentication command: verify, lock, open."""
+        """Shared tail of every authentication command: verify, lock, open.
+
+        Once the password was checked, whatever the answer is, it is withheld
+        until :attr:`reply_not_before` (the failed-login delay of the
+        client's address): a fast answer must not tell a right guess.
+        """
         address = self.peer[0]
+        throttle = self.context.failures
+        if throttle.locked_for(address) > 0:
+            self._failed(user, "address locked out")
+            # Not [AUTH]: RFC 3206 section 5 says the credentials are the
+            # problem, and they were not even checked, so a client would
+            # wrongly ask its user for a new password.  Not [LOGIN-DELAY]: RFC
+            # 2449 section 8.1.1 says the user logged in recently.  A lockout
+            # is a temporary state of the server that ends by itself, which is
+            # [SYS/TEMP] (RFC 3206 section 4: "no need to alarm the user,
+            # unless the failure persists").
+            raise TemporaryFailure(LOCKED_OUT)
         try:
-            wait = self.context.failures.blocked_for(address)
-            if wait > 0:
-                # The password is not even looked at: guessing costs time.
-                raise AuthenticationFailed("too many failed logins; try again in %d seconds" % (wait + 0.999))
             if not check():
-                self.context.failures.failure(address)
                 raise AuthenticationFailed()
         except AuthenticationFailed:
-            self._failures += 1
-            self.log.info("login failed for %r from %s (%d)", user, address, self._failures)
-            if self._failures >= self.config.max_auth_failures:
-                self.closing = True
+            self._withhold_until(throttle.failure(address))
+            self._failed(user, "credentials rejected")
             raise
-        self.context.failures.success(address)
+        self._withhold_until(throttle.not_before(address))
         mailbox = self.adapter.mailbox_id(user)
         # The lock comes only after the password was verified, so nobody can
         # lock a victim out (or free the victim's lock) by naming it in USER.
@@ -342,7 +382,21 @@ class Session:
         self.state = State.TRANSACTION
         count, size = len(messages), sum(m.size for m in messages)
         self.log.info("login %r from %s: %d messages, %d octets", user, self.peer[0], count, size)
-        return [protocol.ok("%s's maildrop has %d message%s (%d octets)" % (user, count, _s(count), size))]
+        # RFC 6856 section 2.1: outside UTF-8 mode no non-ASCII string may
+        # reach the client, and a UTF-8 name may log in before UTF8 (2.2).
+        whose = "%s's maildrop" % user if self.utf8 or user.isascii() else "maildrop"
+        return [protocol.ok("%s has %d message%s (%d octets)" % (whose, count, _s(count), size))]
+
+    def _failed(self, user: str, why: str) -> None:
+        """Count a refused login on this connection; close it at the limit."""
+        self._failures += 1
+        self.log.info("login failed for %r from %s: %s (%d on this connection)", user, self.peer[0], why,
+                      self._failures)
+        if self._failures >= self.config.max_auth_failures:
+            self.closing = True
+
+    def _withhold_until(self, when: float) -> None:
+        self.reply_not_before = when if when > self.config.clock() else None
 
     # -- TRANSACTION ----------------------------------------------------------
 
@@ -432,26 +486,29 @@ class Session:
     # -- both states ----------------------------------------------------------
 
     def capabilities(self) -> List[str]:
-        """RFC 2449 section 5: the CAPA list for the current state."""
+        """RFC 2449 section 5: the CAPA list for the current state.
+
+        Each capability is announced alike in both states ("possible
+        differences: no" in RFC 2449 section 6, RFC 5034 section 3 for SASL,
+        RFC 6856 sections 2 and 3 for UTF8 and LANG), except STLS: RFC 2595
+        section 4 lists it only where the command is permitted, i.e. in the
+        AUTHORIZATION state of a connection without TLS.
+        """
         caps = ["TOP"]
         if self.plaintext_allowed:
             caps.append("USER")
-        if self.state is State.AUTHORIZATION:
-            mechanisms = self.mechanisms()
-            if mechanisms:
-                caps.append("SASL " + " ".join(mechanisms))
-            if self.context.tls is not None and not self.secure:
-                caps.append("STLS")
-        caps += [
-            "UIDL",
-            "RESP-CODES",
-            "AUTH-RESP-CODE",
-            "PIPELINING",
-            "EXPIRE %s" % self.config.expire,
-            "LOGIN-DELAY %d" % self.config.login_delay,
-            "UTF8",
-            "LANG",
-        ]
+        mechanisms = self.mechanisms()
+        if mechanisms:
+            caps.append("SASL " + " ".join(mechanisms))
+        if self.state is State.AUTHORIZATION and self.context.tls is not None and not self.secure:
+            caps.append("STLS")
+        caps += ["UIDL", "RESP-CODES", "AUTH-RESP-CODE", "PIPELINING", "EXPIRE %s" % self.config.expire]
+        if self.config.login_delay > 0:
+            # RFC 2449 section 6.5: the interval the server enforces; nothing
+            # is announced when none is.
+            caps.append("LOGIN-DELAY %d" % self.config.login_delay)
+        # RFC 6856 section 2.2: USER says UTF-8 user names and passwords work.
+        caps += ["UTF8 USER", "LANG"]
         if self.config.implementation:
             caps.append("IMPLEMENTATION %s-%s" % (self.config.implementation, __version__))
         if self.context.read_only:
@@ -545,14 +602,16 @@ class Session:
         return [protocol.ok("UTF8 enabled")]
 
     def do_lang(self, cmd: protocol.Command) -> Reply:
+        """RFC 6856 section 3.2: list languages, or select one and say which."""
         if not cmd.args:
-            return [protocol.multiline(protocol.ok("Language listing follows"), ["en English"])]
-        tag = cmd.args[0]
-        if tag == "*":
-            return [protocol.ok("en Language changed")]
-        if tag.lower() == "en":
-            return [protocol.ok("Language changed")]
-        return [protocol.err("invalid language")]
+            listing = ["%s %s" % item for item in LANGUAGES.items()]
+            return [protocol.multiline(protocol.ok("Language listing follows"), listing)]
+        tag = _lookup_language(cmd.args[0])
+        if tag is None:
+            # The current language stays in effect.
+            return [protocol.err("invalid language %s" % cmd.args[0])]
+        # "+OK", a space, the exact tag selected, a space, text in that language.
+        return [protocol.ok("%s Language changed" % tag)]
 
     def do_capa(self, cmd: protocol.Command) -> Reply:
         return [protocol.multiline(protocol.ok("Capability list follows"), self.capabilities())]
@@ -584,6 +643,29 @@ class Session:
 
 
 PLAINTEXT_REFUSED = "Plaintext authentication disallowed on non-secure (SSL/TLS) connections."
+LOCKED_OUT = "too many failed logins from your address; try again later"
+
+
+def _lookup_language(language_range: str) -> Optional[str]:
+    """The tag of :data:`LANGUAGES` that a LANG argument selects, or None.
+
+    RFC 4647 section 3.4 (Lookup): drop subtags from the end until a tag
+    matches, so "en-GB" selects "en"; "*" selects the default.
+    """
+    if language_range == "*":
+        return DEFAULT_LANGUAGE
+    if not _LANGUAGE_RANGE.match(language_range):
+        return None
+    subtags = language_range.lower().split("-")
+    while subtags:
+        tag = "-".join(subtags)
+        if tag in LANGUAGES:
+            return tag
+        subtags.pop()
+        # A single-letter subtag (such as "x") is dropped with what follows it.
+        if subtags and len(subtags[-1]) == 1:
+            subtags.pop()
+    return None
 
 
 def _b64decode(text: str) -> Optional[bytes]:

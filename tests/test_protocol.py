@@ -41,8 +41,10 @@ def test_bad_lines_raise(line):
         parse_command(line)
 
 
-def test_utf8_arguments_only_after_utf8():
-    """RFC 6856 section 2: UTF-8 in arguments only once UTF8 mode is on."""
+def test_utf8_arguments_only_when_asked_for():
+    """RFC 6856 section 2.1: ASCII-only until UTF-8 mode.  The parser takes UTF-8 only
+    when asked: the session asks in UTF-8 mode and, for USER/PASS/APOP (section 2.2),
+    before it too (tests/test_auth_security.py checks that over the wire)."""
     with pytest.raises(protocol.ProtocolError):
         parse_command("USER jürgen\r\n".encode())
     assert parse_command("USER jürgen\r\n".encode(), utf8=True).args == ["jürgen"]

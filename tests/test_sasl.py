@@ -50,6 +50,8 @@ def test_plain_rfc4616_vectors():
 
 
 def test_plain_without_initial_response_sends_empty_challenge():
+    """RFC 5034 section 4: without an initial response the server "MUST proceed by
+    issuing an empty challenge"; RFC 4616 section 2: the one message then follows."""
     challenges, user, verify = run(sasl.plain(None), [b"\0tim\0tanstaaftanstaaf"])
     assert challenges == [b""] and user == "tim"
     assert verify(Secrets(tim="tanstaaftanstaaf")) and not verify(Secrets(tim="other"))
@@ -70,7 +72,75 @@ def test_cram_md5_rfc2195_vector():
     assert not verify(Secrets())
 
 
+@pytest.mark.parametrize("digest", ["é" * 32, "g" * 32, "b913a602c7eda7a495b4e6e7334d389", "0x" + "0" * 30])
+def test_cram_md5_digest_that_is_not_32_hex_digits_just_fails(digest):
+    """RFC 2195 section 2: the digest is 16 octets as 32 lower-case hex digits; anything
+    else is a wrong answer (verify is False), never an error.  Non-ASCII digits used to
+    reach hmac.compare_digest(str, str), which raises TypeError."""
+    exchange = sasl.cram_md5("<1896.697170952@postoffice.reston.mci.net>")(None)
+    next(exchange)
+    with pytest.raises(StopIteration) as done:
+        exchange.send(("tim " + digest).encode())
+    user, verify = done.value.value
+    assert user == "tim" and verify(Secrets(tim="tanstaaftanstaaf")) is False
+
+
+def test_apop_rfc1939_vector():
+    """RFC 1939 section 7 (APOP) example: mrose, secret tanstaaf."""
+    stamp = "<1896.697170952@dbc.mtview.ca.us>"
+    user, verify = sasl.apop(stamp, "mrose", "c4c9334bac560ecc979e58001b3e22fb")
+    assert user == "mrose" and verify(Secrets(mrose="tanstaaf"))
+    assert sasl.apop(stamp, "mrose", "C4C9334BAC560ECC979E58001B3E22FB")[1](Secrets(mrose="tanstaaf"))
+    for digest in ("0" * 32, "é" * 32, "c4c9334bac560ecc979e58001b3e22f"):
+        assert not sasl.apop(stamp, "mrose", digest)[1](Secrets(mrose="tanstaaf"))
+    assert not verify(Secrets())
+
+
+@pytest.mark.parametrize(
+    "given, prepared",
+    [("I\u00adX", "IX"), ("user", "user"), ("USER", "USER"), ("\u00aa", "a"), ("\u2168", "IX")],
+)
+def test_saslprep_rfc4013_examples(given, prepared):
+    """RFC 4013 section 3: the examples that prepare."""
+    assert sasl.saslprep(given) == prepared
+
+
+@pytest.mark.parametrize("given", ["\u0007", "\u0627\u0031", "\ufffd", "\u00ad"])
+def test_saslprep_refusals(given):
+    """RFC 4013 section 3: a prohibited character (U+0007) and a bidi violation
+    (U+0627 U+0031) are errors; so are U+FFFD (table C.6) and a string that prepares to
+    nothing (RFC 5034 section 4: "results in an empty string")."""
+    with pytest.raises(sasl.SASLError):
+        sasl.saslprep(given)
+
+
+def test_saslprep_unassigned_code_points_only_in_queries():
+    """RFC 4013 section 2.5 / RFC 3454 section 7: unassigned code points (U+0221 in
+    Unicode 3.2) are allowed in queries and prohibited in stored strings."""
+    assert sasl.saslprep("a\u0221") == "a\u0221"
+    with pytest.raises(sasl.SASLError):
+        sasl.saslprep("a\u0221", stored=True)
+
+
+class Refusing:
+    """An adapter that must not be asked: credentials SASLprep refuses fail before it."""
+
+    def authenticate(self, user, password):
+        raise AssertionError("the adapter was asked")
+
+
+def test_credentials_are_prepared_before_the_adapter_sees_them():
+    """RFC 4616 section 2 (SASLprep RECOMMENDED), RFC 6856 section 2.2 (USER/PASS):
+    a decomposed name reaches the adapter composed; a refused password fails unasked."""
+    user, verify = sasl.credentials("ju\u0308rgen", "gr\u00fc\u00dfe")
+    assert user == "j\u00fcrgen" and verify(Secrets(**{"j\u00fcrgen": "gr\u00fc\u00dfe"}))
+    user, verify = sasl.credentials("tim", "pw\ufffd")
+    assert user == "tim" and verify(Refusing()) is False
+
+
 def test_login_mechanism():
+    """draft-murchison-sasl-login-00 section 2.2: "Username:" then "Password:" challenges
+    (the variant widely deployed clients need); the user name may come as initial response."""
     challenges, user, verify = run(sasl.login(None), [b"tim", b"pw"])
     assert challenges == [b"Username:", b"Password:"] and user == "tim"
     challenges, user, verify = run(sasl.login(b"tim"), [b"pw"])
@@ -104,6 +174,8 @@ def test_auth_plain_with_continuation(server):
 
 
 def test_auth_login_and_cram_md5_over_the_wire(server):
+    """RFC 5034 section 4 challenges ("+ " and base64) for LOGIN (draft-murchison-sasl-login
+    section 2.2) and CRAM-MD5, whose challenge is a unique "<...>" string (RFC 2195 section 2)."""
     with RawClient(server.address) as c:
         assert c.cmd("AUTH LOGIN") == b"+ " + base64.b64encode(b"Username:") + b"\r\n"
         assert c.cmd(b64(b"tim")) == b"+ " + base64.b64encode(b"Password:") + b"\r\n"
@@ -130,6 +202,8 @@ def test_auth_abort_bad_base64_unknown_and_wrong(server):
 
 
 def test_auth_without_mechanism_lists_them(server):
+    """No RFC rule: RFC 5034 has no listing form of AUTH.  Checks the RFC 1734-era
+    listing (as Dovecot answers it) that some clients probe with."""
     with RawClient(server.address) as c:
         c.send(b"AUTH\r\n")
         assert c.multiline() == b"+OK\r\nPLAIN\r\nLOGIN\r\nCRAM-MD5\r\nSCRAM-SHA-256\r\n.\r\n"
@@ -142,8 +216,33 @@ def test_long_sasl_response_line_accepted(server):
         assert c.cmd(b64(b"\0tim\0" + b"x" * 600)) == b"-ERR [AUTH] invalid user name or password\r\n"
 
 
+def test_overlong_sasl_response_ends_the_exchange(server):
+    """RFC 5034 section 4: "If the server is unable to authenticate the client, it MUST
+    reject the AUTH command with an -ERR reply", and after a failed AUTH "the server MUST
+    behave as if the client had not issued the AUTH command": the line after the -ERR for
+    a response over our 8192-octet limit is a command again, not base64."""
+    with RawClient(server.address) as c:
+        assert c.cmd("AUTH PLAIN") == b"+ \r\n"
+        assert c.cmd("A" * 9000) == b"-ERR line too long\r\n"
+        c.send(b"CAPA\r\n")
+        assert c.multiline().startswith(b"+OK Capability list follows\r\nTOP\r\n")
+        assert c.login("tim", "tanstaaftanstaaf").startswith(b"+OK")
+
+
+def test_cram_md5_non_hex_digest_is_a_failed_login(server):
+    """RFC 5034 section 4: a failed exchange is -ERR; a non-ASCII digest is a wrong
+    answer like any other ([AUTH], RFC 3206 section 5), not an internal error, and it
+    counts toward the failures that close the connection."""
+    with RawClient(server.address) as c:
+        for _ in range(3):
+            assert c.cmd("AUTH CRAM-MD5").startswith(b"+ ")
+            assert c.cmd(b64(("tim " + "é" * 32).encode())) == b"-ERR [AUTH] invalid user name or password\r\n"
+        assert c.read_all() == b""
+
+
 @pytest.mark.parametrize("mechanism", ["PLAIN", "LOGIN", "CRAM-MD5"])
 def test_curl_sasl(server, mechanism):
+    """No RFC rule: interoperability with a real client, curl, for each mechanism it offers."""
     out = subprocess.run(
         [require_program("curl"), "-sS", "--max-time", "30", "-u", "tim:tanstaaftanstaaf",
          "--login-options", "AUTH=" + mechanism, "pop3://127.0.0.1:%d/1" % server.port],
@@ -171,6 +270,9 @@ def test_scram_sha_256_rfc7677_vector():
 
 
 def test_scram_wrong_proof_and_unknown_user_fail_at_the_end():
+    """RFC 5802 section 5.1 ("e"): on failure the server MAY end the exchange without a
+    server-final-message.  An unknown user gets the same full exchange as a wrong proof,
+    so the exchange does not reveal which names exist (no RFC rule; our choice)."""
     for secrets_map in ({"user": "other"}, {}):
         exchange = sasl.scram_sha_256(secrets_map.get, nonce=lambda: "abc", salt=lambda: b"salt")(
             b"n,,n=user,r=xyz")
@@ -182,6 +284,8 @@ def test_scram_wrong_proof_and_unknown_user_fail_at_the_end():
 
 @pytest.mark.parametrize("first", [b"p=tls-unique,,n=user,r=x", b"n,,r=x", b"n,,n=us=er,r=x", b"garbage"])
 def test_scram_malformed_client_first(first):
+    """RFC 5802 section 7 syntax and section 5.1: channel binding "p=" is not supported
+    (section 6), the username is required, and "=" other than "=2C"/"=3D" MUST fail."""
     exchange = sasl.scram_sha_256({}.get, nonce=lambda: "n", salt=lambda: b"s")(first)
     with pytest.raises(sasl.SASLError):
         next(exchange)

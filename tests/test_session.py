@@ -6,11 +6,13 @@ import poplib
 import socket
 
 import pytest
+import trustme
 
 from pop3frame import AdapterBase, MessageInfo, ServerConfig
 from pop3frame.adapters.memory import MemoryAdapter
 from pop3frame.session import Session, SessionContext
 from pop3frame.testing import Controller
+from pop3frame.tls import TLSCertificates
 from tests.helpers import RawClient, drop
 
 
@@ -87,6 +89,14 @@ def test_pass_must_follow_user(raw):
     assert raw.cmd("CAPA").startswith(b"+OK")
     raw.multiline()
     assert raw.cmd("PASS alice-pw").startswith(b"-ERR")
+
+
+def test_overlong_line_between_user_and_pass(raw):
+    """RFC 1939 section 7 (PASS): valid only "immediately after a successful USER"; an
+    over-long line in between was a (failed) command, so PASS no longer follows USER."""
+    assert raw.cmd("USER alice") == b"+OK send PASS\r\n"
+    assert raw.cmd("X" * 300) == b"-ERR line too long\r\n"
+    assert raw.cmd("PASS alice-pw") == b"-ERR PASS must follow USER\r\n"
 
 
 def test_user_reply_does_not_reveal_existence(raw):
@@ -243,21 +253,66 @@ def test_unknown_command_keeps_session(logged_in):
 # -- CAPA (RFC 2449 section 5) ----------------------------------------------------
 
 CAPS = [b"TOP", b"USER", b"SASL PLAIN LOGIN CRAM-MD5 SCRAM-SHA-256", b"UIDL", b"RESP-CODES", b"AUTH-RESP-CODE", b"PIPELINING",
-        b"EXPIRE NEVER", b"LOGIN-DELAY 0", b"UTF8", b"LANG", b"IMPLEMENTATION pop3frame-0.1.0"]
+        b"EXPIRE NEVER", b"UTF8 USER", b"LANG", b"IMPLEMENTATION pop3frame-0.1.0"]
+
+
+def capa(client: RawClient) -> bytes:
+    client.send(b"CAPA\r\n")
+    return client.multiline()
 
 
 def test_capa_in_both_states(raw):
-    """RFC 2449 section 5: CAPA is valid in AUTHORIZATION and TRANSACTION."""
-    raw.send(b"CAPA\r\n")
-    assert raw.multiline() == b"+OK Capability list follows\r\n" + b"".join(c + b"\r\n" for c in CAPS) + b".\r\n"
+    """RFC 2449 section 5: CAPA is valid in AUTHORIZATION and TRANSACTION, and every
+    capability here is "both / no" (announced alike in both states): USER (6.2), SASL
+    (RFC 5034 section 3, which adds that SASL MUST stay listed after a successful AUTH),
+    UTF8 and LANG (RFC 6856 sections 2 and 3).  No LOGIN-DELAY: none is enforced."""
+    expected = b"+OK Capability list follows\r\n" + b"".join(c + b"\r\n" for c in CAPS) + b".\r\n"
+    assert capa(raw) == expected
     raw.login("alice", "alice-pw")
-    raw.send(b"CAPA\r\n")
-    assert raw.multiline().startswith(b"+OK Capability list follows\r\nTOP\r\n")
+    assert capa(raw) == expected
+
+
+def test_sasl_still_listed_after_auth(server):
+    """RFC 5034 section 3: "implementations MUST continue to include the SASL capability
+    even after a successful AUTH command has been completed"."""
+    with RawClient(server.address) as c:
+        assert c.cmd("AUTH PLAIN AGFsaWNlAGFsaWNlLXB3").startswith(b"+OK")  # \0alice\0alice-pw
+        assert b"\r\nSASL PLAIN LOGIN CRAM-MD5 SCRAM-SHA-256\r\n" in capa(c)
+
+
+def test_stls_listed_only_where_permitted(adapter, tmp_path):
+    """RFC 2595 section 4: "The capability name "STLS" indicates this command is present
+    and permitted in the current state", and STLS is "Only permitted in AUTHORIZATION
+    state" (section 8: "Announced states/Valid states: AUTHORIZATION state only")."""
+    issued = trustme.CA().issue_cert("localhost")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    issued.cert_chain_pems[0].write_to_path(str(cert))
+    issued.private_key_pem.write_to_path(str(key))
+    with Controller(adapter, tls=TLSCertificates(str(cert), str(key))) as server, RawClient(server.address) as c:
+        before = capa(c)
+        assert b"\r\nSTLS\r\n" in before
+        c.login("alice", "alice-pw")
+        after = capa(c)
+        assert b"STLS" not in after and after == before.replace(b"STLS\r\n", b"")
+        assert c.cmd("STLS") == b"-ERR STLS not valid in the TRANSACTION state\r\n"
+
+
+def test_login_delay_announced_only_when_enforced(adapter):
+    """RFC 2449 section 6.5: LOGIN-DELAY gives the seconds "before another authentication
+    will be accepted"; announced ("both / yes": the same value here, not per user) only
+    when the server enforces one."""
+    with Controller(adapter, login_delay=300) as server, RawClient(server.address) as c:
+        assert b"\r\nLOGIN-DELAY 300\r\n" in capa(c)
+        c.login("alice", "alice-pw")
+        assert b"\r\nLOGIN-DELAY 300\r\n" in capa(c)
 
 
 def test_poplib_capa(server):
+    """RFC 2449 section 5 through Python's poplib client."""
     client = server.pop3()
-    assert set(client.capa()) >= {"TOP", "USER", "UIDL", "RESP-CODES", "PIPELINING", "EXPIRE", "LOGIN-DELAY"}
+    caps = client.capa()
+    assert set(caps) >= {"TOP", "USER", "UIDL", "RESP-CODES", "PIPELINING", "EXPIRE", "UTF8", "LANG"}
+    assert caps["UTF8"] == ["USER"] and "LOGIN-DELAY" not in caps
     client.quit()
 
 
