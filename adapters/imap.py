@@ -17,7 +17,14 @@ Mapping:
   server keeps the folder's UIDVALIDITY; if it changes, every message gets a
   new unique-id and clients fetch them again, which is exactly right;
 - sizes = ``RFC822.SIZE``, which IMAP defines on the CRLF form of the
-  message, the same octets POP3 counts: no body is read for STAT/LIST;
+  message, the same octets POP3 counts, plus the line end the POP3 server
+  adds when a message does not end in one (RFC 1939 section 11: LIST
+  counts exactly what RETR sends).  To know which messages need it,
+  ``list_messages`` fetches each message's last two octets
+  (``BODY.PEEK[]<size-2.2>``, pipelined, so a big folder costs a few round
+  trips, not one per message) and remembers the answer per account,
+  UIDVALIDITY and UID: IMAP messages never change, so later sessions only
+  ask about new UIDs and STAT/LIST read no body;
 - RETR/TOP stream the message with partial fetches
   ``UID FETCH n (BODY.PEEK[]<offset.length>)`` of ``chunk_size`` octets
   each (imaplib returns every literal whole, so one ``BODY[]`` fetch of a
@@ -39,11 +46,14 @@ connection is parked for the user, picked up by ``list_messages`` (which
 selects the folder) and logged out in ``close_mailbox``.  The server holds
 the mailbox lock between those two, so one session per user uses the
 connection at a time.  A connection parked by a login that then failed
-with ``[IN-USE]`` is logged out at the user's next login, or once it is
-older than a minute.  The POP3 password is never stored.
+with ``[IN-USE]`` (or whose client went away) is logged out at the user's
+next session, or by any login or session end once it is older than
+``PARK_SECONDS`` on the adapter's ``clock``.  ``close()`` logs out every
+connection still open.  The POP3 password is never stored.
 
-Thread-safety: the parked and per-session connection tables are guarded by
-one mutex; each connection is used by one session's thread only.
+Thread-safety: the parked and per-session connection tables and the
+final-line-end cache are guarded by one mutex; each connection is used by
+one session's thread only.
 
 Errors: the IMAP server refusing the credentials is ``-ERR [AUTH]`` (unless
 it says ``[UNAVAILABLE]``); connection failures, timeouts and protocol
@@ -59,7 +69,8 @@ import re
 import ssl
 import threading
 import time
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from collections import OrderedDict
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from pop3frame import AdapterBase, MessageInfo, PermanentFailure, TemporaryFailure
 
@@ -74,6 +85,12 @@ Credentials = Callable[[str, str], Optional[Tuple[str, str]]]
 _CONNECTION_ERRORS = (OSError, imaplib.IMAP4.abort, ssl.SSLError, EOFError)
 #: Parked logins older than this are logged out instead of used.
 PARK_SECONDS = 60.0
+#: Tail fetches sent before their replies are read: few enough that the
+#: commands and replies in flight fit in the socket buffers (no deadlock).
+PIPELINE_DEPTH = 64
+#: Accounts whose final-line-end checks are remembered (least recently used
+#: dropped); each entry is a few integers plus the odd message without one.
+TAIL_CACHE_ACCOUNTS = 4096
 _TEMPORARY_CODES = (b"[UNAVAILABLE]", b"[SERVERBUG]", b"[INUSE]", b"[LIMIT]")
 
 
@@ -95,6 +112,71 @@ def _uid_set(uids: Sequence[int]) -> str:
         if uid is not None:
             start = prev = uid
     return ",".join(out)
+
+
+def _line_end_octets(tail: bytes) -> int:
+    """Octets the POP3 server adds after a message ending in ``tail``
+    (see :meth:`pop3frame.protocol.Stuffer.finish`)."""
+    if not tail or tail.endswith(b"\n"):
+        return 0
+    return 1 if tail.endswith(b"\r") else 2
+
+
+def _body_sections(data: Iterable) -> Dict[int, bytes]:
+    """uid -> ``BODY[]<n>`` octets from the untagged FETCH replies in ``data``.
+
+    imaplib gives a literal as ``(b'7 (UID 9 BODY[]<40> {2}', b'..')``
+    followed by ``b')'`` (or ``b' UID 9)'`` when the server sends UID after
+    the body); a short section may also come as a quoted string.  Replies
+    without a body section (flag updates) and ``NIL`` bodies are left out.
+    """
+    out: Dict[int, bytes] = {}
+    items = list(data)
+    for i, item in enumerate(items):
+        if isinstance(item, tuple):
+            after = items[i + 1] if i + 1 < len(items) and isinstance(items[i + 1], bytes) else b""
+            head, body = item[0] + b" " + after, item[1]
+        elif isinstance(item, bytes):
+            quoted = re.search(rb'BODY\[\](?:<\d+>)? "((?:[^"\\]|\\.)*)"', item)
+            if not quoted:
+                continue
+            head, body = item, re.sub(rb"\\(.)", rb"\1", quoted.group(1))
+        else:
+            continue
+        uid = re.search(rb"\bUID (\d+)", head)
+        if uid and b"BODY[]" in head:
+            out[int(uid.group(1))] = body
+    return out
+
+
+def _pipelined_tails(conn: imaplib.IMAP4, wanted: Sequence[Tuple[int, int]]) -> Dict[int, bytes]:
+    """uid -> last two octets (fewer for tiny messages) for ``(uid, size)``.
+
+    imaplib has no public pipelining (RFC 3501 section 5.5 allows it), so
+    this sends with ``_command`` and collects with ``_command_complete``,
+    the two halves of every imaplib command.  A message expunged meanwhile
+    (``NO`` or no body) is simply missing from the result.
+    """
+    tails: Dict[int, bytes] = {}
+    for start in range(0, len(wanted), PIPELINE_DEPTH):
+        tags = [
+            conn._command("UID", "FETCH", str(uid), "(BODY.PEEK[]<%d.%d>)" % (max(size - 2, 0), min(size, 2)))
+            for uid, size in wanted[start : start + PIPELINE_DEPTH]
+        ]
+        for tag in tags:
+            conn._command_complete("UID", tag)
+        _, data = conn._untagged_response("OK", [None], "FETCH")
+        tails.update(_body_sections(data))
+    return tails
+
+
+class _Parked:
+    __slots__ = ("since", "conn", "account")
+
+    def __init__(self, since: float, conn: imaplib.IMAP4, account: str) -> None:
+        self.since = since
+        self.conn = conn
+        self.account = account
 
 
 class _Session:
@@ -142,7 +224,9 @@ class IMAPUpstreamAdapter(AdapterBase):
     (ASCII name).  ``credentials``: see the module docstring.
     ``on_delete``: ``"expunge"`` (default), ``"trash"`` or ``"none"``
     (read-only).  ``timeout``: seconds for connecting and for each IMAP
-    reply.  ``chunk_size``: octets per partial fetch.
+    reply.  ``chunk_size``: octets per partial fetch.  ``clock``: monotonic
+    seconds, for the age of parked logins (tests pass a
+    :class:`pop3frame.testing.ManualClock`).
     """
 
     def __init__(
@@ -158,6 +242,7 @@ class IMAPUpstreamAdapter(AdapterBase):
         trash_folder: str = "Trash",
         timeout: float = 30.0,
         chunk_size: int = 1 << 20,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if security not in ("plain", "starttls", "ssl"):
             raise ValueError("security must be 'plain', 'starttls' or 'ssl'")
@@ -176,9 +261,12 @@ class IMAPUpstreamAdapter(AdapterBase):
         self.timeout = timeout
         self.chunk_size = chunk_size
         self.read_only = on_delete == "none"
+        self.clock = clock
         self._mutex = threading.Lock()
-        self._parked: Dict[str, List[Tuple[float, imaplib.IMAP4]]] = {}
+        self._parked: Dict[str, List[_Parked]] = {}
         self._sessions: Dict[str, _Session] = {}
+        #: account -> (UIDVALIDITY, every UID up to this one checked, {uid: octets to add}).
+        self._tails: "OrderedDict[str, Tuple[str, int, Dict[int, int]]]" = OrderedDict()
 
     # -- connections ----------------------------------------------------------------
 
@@ -194,11 +282,18 @@ class IMAPUpstreamAdapter(AdapterBase):
                 )
             else:
                 conn = imaplib.IMAP4(self.host, self.port, timeout=self.timeout)
-                if self.security == "starttls":
-                    conn.starttls(self._context())
         except (*_CONNECTION_ERRORS, imaplib.IMAP4.error):
             logger.warning("cannot connect to IMAP server %s:%s", self.host, self.port, exc_info=True)
             raise TemporaryFailure("upstream mail server unavailable") from None
+        if self.security == "starttls":
+            try:
+                conn.starttls(self._context())
+            except BaseException as exc:
+                conn.shutdown()  # no LOGOUT over a connection that may be half in TLS
+                if not isinstance(exc, (*_CONNECTION_ERRORS, imaplib.IMAP4.error)):
+                    raise
+                logger.warning("STARTTLS with %s:%s failed", self.host, self.port, exc_info=True)
+                raise TemporaryFailure("upstream mail server unavailable") from None
         return conn
 
     @staticmethod
@@ -232,41 +327,89 @@ class IMAPUpstreamAdapter(AdapterBase):
         conn = self.connect()
         try:
             self._login(conn, *upstream)
-        except _CONNECTION_ERRORS:
-            self._logout(conn)
-            logger.warning("IMAP login for %r: connection failed", username, exc_info=True)
-            raise TemporaryFailure("upstream mail server unavailable") from None
-        except imaplib.IMAP4.error as exc:
-            self._logout(conn)
-            text = str(exc).encode("utf-8", "replace")
-            if any(code in text for code in _TEMPORARY_CODES):
-                logger.warning("IMAP login for %r refused temporarily", username)
-                raise TemporaryFailure("upstream mail server unavailable") from None
-            logger.info("IMAP server refused the login of %r", username)
+        except BaseException as exc:
+            self._login_failed(conn, username, exc)
             return False
-        stale: List[imaplib.IMAP4] = []
-        now = time.monotonic()
         with self._mutex:
-            parked = self._parked.setdefault(username, [])
-            stale = [c for t, c in parked if now - t > PARK_SECONDS]
-            parked[:] = [(t, c) for t, c in parked if now - t <= PARK_SECONDS]
-            parked.append((now, conn))
-        for c in stale:
-            self._logout(c)
+            self._parked.setdefault(username, []).append(_Parked(self.clock(), conn, upstream[0]))
+        self._reap_parked()
         return True
 
-    def _take_parked(self, username: str) -> imaplib.IMAP4:
+    def _login_failed(self, conn: imaplib.IMAP4, username: str, exc: BaseException) -> None:
+        """Log the connection out; return if the server refused the
+        credentials, raise TemporaryFailure if it is unavailable."""
+        self._logout(conn)
+        if isinstance(exc, _CONNECTION_ERRORS):
+            logger.warning("IMAP login for %r: connection failed", username, exc_info=exc)
+            raise TemporaryFailure("upstream mail server unavailable") from None
+        if not isinstance(exc, imaplib.IMAP4.error):
+            raise exc
+        if any(code in str(exc).encode("utf-8", "replace") for code in _TEMPORARY_CODES):
+            logger.warning("IMAP login for %r refused temporarily", username)
+            raise TemporaryFailure("upstream mail server unavailable") from None
+        logger.info("IMAP server refused the login of %r", username)
+
+    def _reap_parked(self) -> None:
+        """Log out every user's parked logins older than PARK_SECONDS
+        (logins refused [IN-USE], clients gone before the lock was taken)."""
+        limit = self.clock() - PARK_SECONDS
+        stale: List[_Parked] = []
+        with self._mutex:
+            for user in list(self._parked):
+                parked = self._parked[user]
+                stale += [p for p in parked if p.since < limit]
+                parked[:] = [p for p in parked if p.since >= limit]
+                if not parked:
+                    del self._parked[user]
+        for p in stale:
+            self._logout(p.conn)
+
+    def _take_parked(self, username: str) -> _Parked:
         with self._mutex:
             parked = self._parked.pop(username, [])
         if not parked:
             raise TemporaryFailure("upstream login lost; log in again")
-        *extra, (_, conn) = parked
-        for _, c in extra:  # logins that lost the race for the mailbox lock
-            self._logout(c)
-        return conn
+        *extra, newest = parked
+        for p in extra:  # logins that lost the race for the mailbox lock
+            self._logout(p.conn)
+        return newest
+
+    def _line_ends(
+        self, conn: imaplib.IMAP4, account: str, uidvalidity: str, messages: Sequence[Tuple[int, int]]
+    ) -> Dict[int, int]:
+        """uid -> octets to add to RFC822.SIZE for the line end POP3 appends.
+
+        Asks the server only about UIDs above the cached high-water mark:
+        UIDs are assigned in ascending order and a message never changes,
+        so anything at or below it was checked before (or is gone).
+        """
+        with self._mutex:
+            cached = self._tails.get(account)
+        if cached is not None and cached[0] == uidvalidity:
+            _, checked, known = cached
+        else:
+            checked, known = 0, {}
+        wanted = [(uid, size) for uid, size in messages if uid > checked and size > 0]
+        tails = _pipelined_tails(conn, wanted) if wanted else {}
+        missing = [uid for uid, _ in wanted if uid not in tails]
+        if missing:  # expunged meanwhile, or an answer we did not understand: ask again next time
+            logger.info("no final octets for %d message(s) of %r", len(missing), account)
+        top = max((uid for uid, _ in messages), default=checked)
+        checked = max(checked, min(missing) - 1 if missing else top)
+        current = {uid for uid, _ in messages}
+        extras = {uid: n for uid, n in known.items() if uid in current}
+        extras.update((uid, _line_end_octets(tail)) for uid, tail in tails.items())
+        extras = {uid: n for uid, n in extras.items() if n}
+        with self._mutex:
+            self._tails[account] = (uidvalidity, checked, extras)
+            self._tails.move_to_end(account)
+            while len(self._tails) > TAIL_CACHE_ACCOUNTS:
+                self._tails.popitem(last=False)
+        return extras
 
     def list_messages(self, username: str) -> Sequence[MessageInfo]:
-        conn = self._take_parked(username)
+        parked = self._take_parked(username)
+        conn = parked.conn
         try:
             typ, data = conn.capability()
             caps = frozenset((data[0] or b"").decode("ascii", "replace").upper().split()) if typ == "OK" else frozenset()
@@ -290,6 +433,8 @@ class IMAPUpstreamAdapter(AdapterBase):
                     size = re.search(rb"\bRFC822\.SIZE (\d+)", line)
                     if uid and size:  # unsolicited FLAGS updates carry no size
                         messages.append((int(uid.group(1)), int(size.group(1))))
+            messages = sorted(set(messages))
+            extras = self._line_ends(conn, parked.account, uidvalidity, messages)
         except (TemporaryFailure, PermanentFailure):
             self._logout(conn)
             raise
@@ -297,10 +442,14 @@ class IMAPUpstreamAdapter(AdapterBase):
             self._logout(conn)
             logger.warning("listing IMAP folder %r for %r failed", self.folder, username, exc_info=True)
             raise TemporaryFailure("upstream mail server unavailable") from None
+        except BaseException:
+            self._logout(conn)
+            raise
         with self._mutex:
             self._sessions[username] = _Session(conn, caps, uidvalidity)
-        messages = sorted(set(messages))
-        return [MessageInfo("%s.%d" % (uidvalidity, uid), size, key=uid) for uid, size in messages]
+        return [
+            MessageInfo("%s.%d" % (uidvalidity, uid), size + extras.get(uid, 0), key=uid) for uid, size in messages
+        ]
 
     def _session(self, username: str) -> _Session:
         with self._mutex:
@@ -381,4 +530,15 @@ class IMAPUpstreamAdapter(AdapterBase):
             session = self._sessions.pop(username, None)
         if session is not None:
             self._logout(session.conn)
+        self._reap_parked()
+
+    def close(self) -> None:
+        """Log out every upstream connection, parked or in a session."""
+        with self._mutex:
+            conns = [p.conn for parked in self._parked.values() for p in parked]
+            conns += [s.conn for s in self._sessions.values()]
+            self._parked.clear()
+            self._sessions.clear()
+        for conn in conns:
+            self._logout(conn)
 

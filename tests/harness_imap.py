@@ -202,6 +202,19 @@ class Dovecot:
         conn.authenticate("PLAIN", lambda _: token)
         return conn
 
+    def drop(self, user: str, data: bytes) -> None:
+        """Put ``data`` as it is into the user's INBOX Maildir (``new/``):
+        for bytes APPEND would change (imaplib turns a lone CR into CRLF).
+        The user must have logged in once, so that the Maildir exists."""
+        self._drops = getattr(self, "_drops", 0) + 1
+        name = "1700000000.M%dP%d.pop3frame-test" % (self._drops, os.getpid())
+        tmp = os.path.join(self.mail, user, "tmp", name)
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.chown(tmp, self.uid, self.gid)
+        # Written in tmp/, renamed into new/: Dovecot never sees half a file.
+        os.rename(tmp, os.path.join(self.mail, user, "new", name))
+
     def append(self, user: str, data: bytes, folder: str = "INBOX") -> int:
         """APPEND a message (imaplib sends it with CRLF); returns its UID."""
         conn = self.imap(user)

@@ -6,15 +6,19 @@ upstream side; RFC 1939 on the POP3 side.
 """
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import poplib
 import socket
+import warnings
 
 import pytest
 
-from pop3frame.adapters.imap import IMAPUpstreamAdapter, _uid_set
-from pop3frame.testing import Controller
+from pop3frame import TemporaryFailure
+from pop3frame.adapters import imap
+from pop3frame.adapters.imap import PARK_SECONDS, IMAPUpstreamAdapter, _body_sections, _uid_set
+from pop3frame.testing import Controller, ManualClock
 from tests.harness_imap import Dovecot, missing_reason
 from tests.helpers import RawClient, retr_lines_to_bytes
 
@@ -74,6 +78,83 @@ def test_uidl_is_uidvalidity_dot_uid_and_sizes_are_rfc822_size(dovecot):
         assert bodies[0] == b"Subject: m0\r\n\r\nbody 0\r\n"
         assert sizes == [len(b) for b in bodies]
         client.quit()
+
+
+def test_sizes_count_the_line_end_pop3_adds(dovecot, monkeypatch):
+    """RFC 1939 section 11: LIST counts the octets RETR sends, so a message
+    without a final line end counts the CRLF the server appends (and a
+    final lone CR the LF); later sessions ask IMAP only about new UIDs."""
+    dovecot.append("alice", b"Subject: no newline\r\n\r\nlast line")
+    dovecot.append("alice", b"Subject: ends\r\n\r\nfine\r\n")
+    dovecot.append("alice", b"x")
+    dovecot.drop("alice", b"Subject: cr\n\nlone cr\r")
+    asked = []
+    real = imap._pipelined_tails
+    monkeypatch.setattr(imap, "_pipelined_tails", lambda conn, wanted: asked.append(wanted) or real(conn, wanted))
+    monkeypatch.setattr(imap, "PIPELINE_DEPTH", 3)  # more messages than one pipeline window
+
+    def sizes_and_bodies():
+        client = login(server)
+        try:
+            sizes = [int(l.split()[1]) for l in client.list()[1]]
+            return sizes, [retr_lines_to_bytes(client.retr(i)[1]) for i in range(1, len(sizes) + 1)]
+        finally:
+            client.quit()
+
+    with Controller(IMAPUpstreamAdapter("127.0.0.1", dovecot.port)) as server:
+        sizes, bodies = sizes_and_bodies()
+        assert bodies == [
+            b"Subject: no newline\r\n\r\nlast line\r\n",
+            b"Subject: ends\r\n\r\nfine\r\n",
+            b"x\r\n",
+            b"Subject: cr\r\n\r\nlone cr\r\n",
+        ]
+        assert sizes == [len(b) for b in bodies] == [34, 23, 3, 24]
+        assert [uid for uid, _ in asked[0]] == [1, 2, 3, 4]
+        dovecot.append("alice", b"Subject: new\r\n\r\nno end")
+        asked.clear()
+        sizes, bodies = sizes_and_bodies()
+        assert sizes == [len(b) for b in bodies] and len(sizes) == 5
+        assert [[uid for uid, _ in wanted] for wanted in asked] == [[5]]  # 1-4 came from the cache
+
+
+def test_line_end_cache_is_dropped_when_uidvalidity_changes(dovecot):
+    """RFC 3501 section 2.3.1.1: a new UIDVALIDITY means UIDs name other
+    messages; what was learnt about the old UID 1 must not size the new one."""
+    def recreate_reports(data):
+        conn = dovecot.imap("alice")
+        conn.delete("Reports")
+        assert conn.create("Reports")[0] == "OK"
+        conn.logout()
+        dovecot.append("alice", data, folder="Reports")
+
+    conn = dovecot.imap("alice")
+    conn.create("Reports")
+    conn.logout()
+    dovecot.append("alice", b"Subject: old\r\n\r\nno end", folder="Reports")
+    with Controller(IMAPUpstreamAdapter("127.0.0.1", dovecot.port, folder="Reports")) as server:
+        for data in (None, b"Subject: new one\r\n\r\nends\r\n"):
+            if data:
+                recreate_reports(data)
+            client = login(server)
+            (uid,) = [l.split()[1] for l in client.uidl()[1]]
+            assert uid.endswith(b".1")
+            assert int(client.list()[1][0].split()[1]) == len(retr_lines_to_bytes(client.retr(1)[1]))
+            client.quit()
+
+
+def test_body_sections_parses_literals_quoted_strings_and_late_uids():
+    """RFC 3501 section 7.4.2: BODY[]<origin> may be a literal or a quoted
+    string, and UID may follow the body; NIL and flag updates are no body."""
+    data = [
+        (b"1 (UID 7 BODY[]<10> {2}", b"\r\n"), b")",
+        (b"2 (BODY[]<3> {2}", b"ab"), b" UID 8)",
+        b'3 (UID 9 BODY[]<0> "x\\"")',
+        b"4 (UID 10 BODY[]<0> NIL)",
+        b"5 (FLAGS (\\Seen))",
+        None,
+    ]
+    assert _body_sections(data) == {7: b"\r\n", 8: b"ab", 9: b'x"'}
 
 
 def test_retr_streams_in_partial_fetches(dovecot, caplog):
@@ -221,6 +302,26 @@ def test_unreachable_server_is_sys_temp():
         client.quit()
 
 
+def test_failed_starttls_is_sys_temp_and_closes_the_socket(dovecot):
+    """RFC 3501 section 6.2.1: a server without STARTTLS (this Dovecot has
+    ssl = no) cannot secure the link: no login is tried, the client gets
+    -ERR [SYS/TEMP] and the half-made connection is closed, not left to
+    the garbage collector (which would warn about an unclosed socket)."""
+    adapter = IMAPUpstreamAdapter("127.0.0.1", dovecot.port, security="starttls")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(TemporaryFailure):
+            adapter.connect()
+        gc.collect()
+    assert [w for w in caught if issubclass(w.category, ResourceWarning)] == []
+    with Controller(adapter) as server:
+        client = server.pop3()
+        client.user("alice")
+        with pytest.raises(poplib.error_proto, match=r"\[SYS/TEMP\]"):
+            client.pass_("alice-pw")
+        client.quit()
+
+
 def test_upstream_connection_lost_mid_session_is_sys_temp(dovecot):
     """The IMAP connection dies after login: RETR and the UPDATE state answer
     -ERR [SYS/TEMP] and nothing is deleted."""
@@ -254,6 +355,59 @@ def test_in_use_login_leaves_no_connection_behind(dovecot, caplog):
         second.user("alice")
         second.pass_("alice-pw")
         assert "alice" not in adapter._parked
+        second.quit()
+
+
+def test_stale_parked_logins_expire_on_the_injected_clock(dovecot):
+    """A connection parked by a login refused [IN-USE] is logged out once it
+    is older than PARK_SECONDS on the adapter's clock, by whichever login
+    or session end comes next, not only by that user's next login."""
+    dovecot.add_user("bob", "bob-pw")
+    clock = ManualClock()
+    adapter = IMAPUpstreamAdapter("127.0.0.1", dovecot.port, clock=clock)
+
+    def refused_login():
+        client = server.pop3()
+        client.user("alice")
+        with pytest.raises(poplib.error_proto, match=r"\[IN-USE\]"):
+            client.pass_("alice-pw")
+        client.quit()
+        (parked,) = adapter._parked["alice"]
+        return parked.conn
+
+    with Controller(adapter) as server:
+        first = login(server)
+        stale = refused_login()
+        clock.advance(PARK_SECONDS - 1)
+        login(server, "bob", "bob-pw").quit()
+        assert stale.state == "AUTH"  # not old enough yet
+        clock.advance(2)
+        login(server, "bob", "bob-pw").quit()  # another user's login reaps it
+        assert stale.state == "LOGOUT" and "alice" not in adapter._parked
+        stale = refused_login()
+        clock.advance(PARK_SECONDS + 1)
+        first.quit()  # the end of a session reaps too
+        assert server.wait_for_connections(0)
+        assert stale.state == "LOGOUT" and "alice" not in adapter._parked
+
+
+def test_close_logs_out_every_upstream_connection(dovecot):
+    """AdapterBase.close() at shutdown: parked logins and live sessions."""
+    dovecot.append("alice", b"Subject: a\r\n\r\na\r\n")
+    adapter = IMAPUpstreamAdapter("127.0.0.1", dovecot.port)
+    with Controller(adapter) as server:
+        first = login(server)
+        second = server.pop3()
+        second.user("alice")
+        with pytest.raises(poplib.error_proto, match=r"\[IN-USE\]"):
+            second.pass_("alice-pw")
+        conns = [adapter._parked["alice"][0].conn, adapter._sessions["alice"].conn]
+        adapter.close()
+        assert [c.state for c in conns] == ["LOGOUT", "LOGOUT"]
+        assert not adapter._parked and not adapter._sessions
+        with pytest.raises(poplib.error_proto, match=r"\[SYS/TEMP\]"):
+            first.retr(1)
+        first.quit()
         second.quit()
 
 
