@@ -9,15 +9,23 @@ Messages are built with :class:`email.message.EmailMessage` and serialised
 with ``email.policy.SMTP`` (CRLF line endings, RFC 2047 encoded words for
 non-ASCII header text).  Non-ASCII bodies are sent quoted-printable, so the
 result is 7-bit clean and any client decodes it.
+
+Data is not trusted to be well formed: an address that does not parse
+cleanly becomes the display name of a placeholder address (and is logged),
+a date that cannot be read becomes the Unix epoch.  So every message
+parses without defects under ``email.policy.default``.
 """
 from __future__ import annotations
 
 import datetime
+import email.parser
 import email.policy
 import email.utils
 import hashlib
+import logging
 import mimetypes
 import re
+from email.headerregistry import Address
 from email.message import EmailMessage
 from typing import Any, Iterable, Optional, Sequence, Tuple
 
@@ -32,8 +40,13 @@ __all__ = [
     "Attachment",
 ]
 
+logger = logging.getLogger("pop3frame.adapters.build")
+
 #: (file name, content bytes, MIME type or None to guess from the name).
 Attachment = Tuple[str, bytes, Optional[str]]
+
+#: The address a From or To made of unusable text gets (the text stays as its name).
+FALLBACK_ADDRESS = "pop3frame@localhost"
 
 _SAFE_UID = re.compile(r"[A-Za-z0-9._-]{1,64}\Z")
 _DOT_ATOM = re.compile(r"[A-Za-z0-9]+(?:[._-][A-Za-z0-9]+)*\Z")
@@ -91,15 +104,18 @@ def to_datetime(value: Any, naive_tz: datetime.tzinfo = datetime.timezone.utc) -
     elif isinstance(value, datetime.date):
         dt = datetime.datetime(value.year, value.month, value.day)
     elif isinstance(value, (int, float)) and not isinstance(value, bool):
-        return datetime.datetime.fromtimestamp(value, datetime.timezone.utc)
+        return _from_timestamp(value)
     elif hasattr(value, "tm_year"):  # time.struct_time
-        return datetime.datetime(*tuple(value)[:6], tzinfo=datetime.timezone.utc)
+        try:
+            return datetime.datetime(*tuple(value)[:6], tzinfo=datetime.timezone.utc)
+        except (TypeError, ValueError):
+            return _EPOCH
     else:
         if isinstance(value, (bytes, bytearray, memoryview)):
             value = bytes(value).decode("ascii", "replace")
         text = str(value).strip()
         if re.fullmatch(r"-?\d+(\.\d+)?", text):
-            return datetime.datetime.fromtimestamp(float(text), datetime.timezone.utc)
+            return _from_timestamp(float(text))
         try:
             dt = datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
         except ValueError:
@@ -110,6 +126,13 @@ def to_datetime(value: Any, naive_tz: datetime.tzinfo = datetime.timezone.utc) -
     if dt.tzinfo is None:
         dt = dt.replace(tzinfo=naive_tz)
     return dt
+
+
+def _from_timestamp(seconds: float) -> datetime.datetime:
+    try:
+        return datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc)
+    except (OverflowError, OSError, ValueError):  # beyond year 9999, NaN, inf
+        return _EPOCH
 
 
 def one_line(text: Any, limit: int = 200) -> str:
@@ -144,14 +167,44 @@ def _set_text(part: EmailMessage, text: str, subtype: str = "plain") -> None:
     part.set_content(text, subtype=subtype, charset="utf-8", cte=cte)
 
 
+def _clean_address(msg: EmailMessage, name: str) -> bool:
+    """True if header ``name`` has no defects and survives being folded
+    for the wire: the email package folds some long display names into
+    text that parses as different addresses."""
+    header = msg[name]
+    if header.defects:
+        return False
+    folded = msg.policy.fold(name, header)
+    again = email.parser.HeaderParser(policy=email.policy.default).parsestr(folded)[name]
+    return not again.defects and again.addresses == header.addresses
+
+
+def _set_address(msg: EmailMessage, name: str, text: str) -> None:
+    """Set address header ``name`` to ``text`` if that is a clean address
+    list, else to :data:`FALLBACK_ADDRESS` named after ``text``."""
+    if text:
+        try:
+            msg[name] = text
+            if _clean_address(msg, name):
+                return
+        except Exception:  # the email package raises IndexError and more on some input
+            pass
+        del msg[name]
+        logger.warning("%s value %r is not a valid address list; using a placeholder", name, text[:200])
+    # Short, and without the two characters that need escaping, the name
+    # is never folded, so it cannot turn into addresses of its own.
+    label = one_line(text.replace('"', "'").replace("\\", "/"), 40) or "pop3frame"
+    msg[name] = Address(display_name=label, addr_spec=FALLBACK_ADDRESS)
+
+
 def build_message(
     *,
     subject: Any,
     body: Any = "",
     date: Any = None,
     msgid: str,
-    sender: str,
-    recipient: str,
+    sender: Any,
+    recipient: Any,
     html: Optional[str] = None,
     attachments: Iterable[Attachment] = (),
     headers: Sequence[Tuple[str, str]] = (),
@@ -162,11 +215,13 @@ def build_message(
     ``body`` is text (bytes are decoded as UTF-8, bad bytes replaced);
     with ``html`` the body is multipart/alternative; each attachment makes
     it multipart/mixed.  Header values are folded to one line, so data
-    cannot inject headers.
+    cannot inject headers.  A ``sender`` or ``recipient`` that is not a
+    valid address list is logged and kept (shortened) as the display name
+    of :data:`FALLBACK_ADDRESS`.
     """
     msg = EmailMessage(policy=email.policy.SMTP)
-    msg["From"] = one_line(sender, 998) or "pop3frame <pop3frame@localhost>"
-    msg["To"] = one_line(recipient, 998) or "undisclosed-recipients:;"
+    _set_address(msg, "From", one_line(sender, 998))
+    _set_address(msg, "To", one_line(recipient, 998) or "undisclosed-recipients:;")
     msg["Subject"] = one_line(subject) or "(no subject)"
     msg["Date"] = email.utils.format_datetime(to_datetime(date))
     msg["Message-ID"] = msgid

@@ -33,7 +33,9 @@ Thread-safety: feed fetching and parsing happen per call, in the session's
 thread; the per-session cache and the state file are guarded by one mutex.
 
 Errors: an unreachable feed, an HTTP error or a document that is not a
-feed gives ``-ERR [SYS/TEMP]`` at login.  Passwords and item contents are
+feed gives ``-ERR [SYS/TEMP]`` at login.  An item that cannot be turned
+into a message (a ``build`` override failing on it) is logged and left
+out of that session; the others are served.  Passwords and item contents are
 never logged.
 """
 from __future__ import annotations
@@ -49,7 +51,7 @@ import urllib.error
 import urllib.request
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Set, Tuple, Union
 
-from pop3frame import AdapterBase, MessageInfo, PermanentFailure, TemporaryFailure
+from pop3frame import AdapterBase, MessageInfo, PermanentFailure, POP3Error, TemporaryFailure
 from pop3frame.passwords import verify_password
 from pop3frame.protocol import wire_size
 
@@ -190,7 +192,7 @@ class FeedAdapter(AdapterBase):
             value = entry.get(field)
             if value:
                 return "%s:%s" % (field, value)
-        return "title:%s|%s" % (entry.get("title", ""), entry.get("published", entry.get("updated", "")))
+        return "title:%s|%s" % (entry.get("title", ""), entry.get("published", _own(entry, "updated") or ""))
 
     @classmethod
     def item_uid(cls, entry: Any) -> str:
@@ -206,7 +208,7 @@ class FeedAdapter(AdapterBase):
             if is_html:
                 markup += '\n<p><a href="%s">%s</a></p>' % (_attr(link), _escape(link))
         author = one_line(entry.get("author") or feed.get("title") or "feed")
-        date = entry.get("published_parsed") or entry.get("updated_parsed") or feed.get("updated_parsed")
+        date = entry.get("published_parsed") or _own(entry, "updated_parsed") or _own(feed, "updated_parsed")
         return build_message(
             subject=entry.get("title") or text.split("\n", 1)[0] or "(untitled)",
             body=text,
@@ -277,7 +279,17 @@ class FeedAdapter(AdapterBase):
             current.add(uid)
             if uid in hidden or uid in cache:
                 continue
-            data = self.build(username, feed, entry)
+            try:
+                data = self.build(username, feed, entry)
+            except POP3Error:
+                raise
+            except Exception as exc:
+                # One odd item must not hide the rest of the feed.
+                logger.error(
+                    "%s: item %s could not be turned into a message (%s); left out",
+                    self.source, uid, type(exc).__name__, exc_info=logger.isEnabledFor(logging.DEBUG),
+                )
+                continue
             cache[uid] = data
             messages.append(MessageInfo(uid, wire_size(data), key=uid))
         with self._mutex:
@@ -313,6 +325,13 @@ class FeedAdapter(AdapterBase):
         with self._mutex:
             self._sessions.pop(username, None)
             self._current.pop(username, None)
+
+
+def _own(parsed: Any, key: str) -> Any:
+    """``parsed[key]`` if the document has it, else None.  feedparser's
+    ``get("updated...")`` falls back to the published time with a
+    DeprecationWarning, and that fallback is going away."""
+    return parsed[key] if key in parsed else None
 
 
 def _escape(text: str) -> str:

@@ -58,6 +58,18 @@ connections belong to their thread), so nothing database-side is shared.
 The per-session cache is keyed by user and only touched under the server's
 mailbox lock; a mutex guards the dict itself.
 
+A row that cannot be turned into a message (a ``build`` override that
+raises on it, say) does not take the mailbox down with it: it is logged
+with its row id, and the session gets a short placeholder message in its
+place ("row 42 could not be shown") so that the user knows something is
+missing.  The placeholder has a unique-id and Message-ID of its own, so
+once the row can be rendered it arrives as a new message, and deleting
+the placeholder never deletes the row (which nobody has read): it only
+hides that placeholder until the server restarts.  Rows of text that is
+not UTF-8 make sqlite3 fail the whole query unless the connection decodes
+leniently: ``conn.text_factory = lambda b: b.decode("utf-8", "replace")``
+(examples/sql_logs.py does this).
+
 Errors: a failing factory, query or delete is logged (with traceback, never
 with row contents or passwords) and the client sees ``-ERR [SYS/TEMP]``;
 a failed delete is rolled back, so every row stays.
@@ -69,9 +81,9 @@ import logging
 import re
 import sys
 import threading
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Set, Tuple, Union
 
-from pop3frame import AdapterBase, MessageInfo, PermanentFailure, TemporaryFailure
+from pop3frame import AdapterBase, MessageInfo, PermanentFailure, POP3Error, TemporaryFailure
 from pop3frame.passwords import verify_password
 from pop3frame.protocol import wire_size
 
@@ -206,8 +218,12 @@ class SQLQueryAdapter(AdapterBase):
         self.timezone = timezone
         self.paramstyle = paramstyle
         self._mutex = threading.Lock()
-        #: user -> {row id: message bytes} for the session in progress.
-        self._sessions: Dict[str, Dict[Any, bytes]] = {}
+        #: user -> {unique-id: message bytes} for the session in progress.
+        self._sessions: Dict[str, Dict[str, bytes]] = {}
+        #: user -> unique-ids of this session's placeholders for unrenderable rows.
+        self._placeholders: Dict[str, Set[str]] = {}
+        #: user -> placeholder unique-ids the user deleted: not listed again.
+        self._dismissed: Dict[str, Set[str]] = {}
 
     # -- authentication ---------------------------------------------------------
 
@@ -290,7 +306,7 @@ class SQLQueryAdapter(AdapterBase):
         get = lambda role: row[roles[role]] if role in roles else None  # noqa: E731
         raw = get("raw")
         if raw is not None:
-            return raw.encode("utf-8") if isinstance(raw, str) else bytes(raw)
+            return bytes(raw) if isinstance(raw, (bytes, bytearray, memoryview)) else str(raw).encode("utf-8")
         body = get("body")
         if isinstance(body, (bytes, bytearray, memoryview)):
             body = bytes(body).decode("utf-8", "replace")
@@ -313,9 +329,27 @@ class SQLQueryAdapter(AdapterBase):
             body=body,
             date=to_datetime(get("date"), self.timezone),
             msgid=message_id(row_id, self.name, self.domain),
-            sender=str(get("sender") or self.sender),
-            recipient=str(get("recipient") or self.recipient.replace("{user}", _address(username))),
+            sender=get("sender") or self.sender,
+            recipient=get("recipient") or self._default_recipient(username),
             attachments=attachments,
+        )
+
+    def _default_recipient(self, username: str) -> str:
+        return self.recipient.replace("{user}", _address(username))
+
+    def _placeholder(self, username: str, uid: str, row_id: Any, date: Any) -> bytes:
+        """The short message served instead of a row that cannot be rendered."""
+        return build_message(
+            subject="Row %s could not be shown" % one_line(row_id, 60),
+            body=(
+                "The row with id %s could not be turned into a message; the server log says why.\n"
+                "The row itself is unchanged and arrives as a message of its own once it can be read.\n"
+                "Deleting this notice does not delete the row.\n" % one_line(row_id, 200)
+            ),
+            date=to_datetime(date, self.timezone),
+            msgid=message_id(uid, self.name + ".unrenderable", self.domain),
+            sender=self.sender,
+            recipient=self._default_recipient(username),
         )
 
     # -- the adapter contract -------------------------------------------------------
@@ -323,9 +357,12 @@ class SQLQueryAdapter(AdapterBase):
     def list_messages(self, username: str) -> Sequence[MessageInfo]:
         names, rows = self._fetch(username)
         messages: List[MessageInfo] = []
-        cache: Dict[Any, bytes] = {}
+        cache: Dict[str, bytes] = {}
+        placeholders: Set[str] = set()
         seen = set()
         roles = self._roles(names) if rows else {}
+        with self._mutex:
+            dismissed = set(self._dismissed.get(username, ()))
         for row in rows:
             row_id = row[roles["id"]]
             uid = stable_uid(row_id)
@@ -334,17 +371,35 @@ class SQLQueryAdapter(AdapterBase):
                 logger.warning("%s: duplicate row id %r skipped", self.name, row_id)
                 continue
             seen.add(uid)
-            data = self.build(username, names, row)
-            cache[row_id] = data
+            try:
+                data = self.build(username, names, row)
+            except POP3Error:
+                raise
+            except Exception as exc:
+                # One bad row must not make every other row unreadable.
+                logger.error(
+                    "%s: row %r could not be turned into a message (%s); serving a placeholder",
+                    self.name, row_id, type(exc).__name__, exc_info=logger.isEnabledFor(logging.DEBUG),
+                )
+                # A unique-id of its own: the row, once readable, is new mail.
+                uid = stable_uid("unrenderable %s" % uid)
+                placeholders.add(uid)
+                if uid in dismissed:
+                    continue
+                data = self._placeholder(username, uid, row_id, row[roles["date"]] if "date" in roles else None)
+            cache[uid] = data
             messages.append(MessageInfo(uid, wire_size(data), key=row_id))
         with self._mutex:
             self._sessions[username] = cache
+            self._placeholders[username] = placeholders
+            # Forget dismissals of rows that are gone or readable again.
+            if dismissed:
+                self._dismissed[username] = dismissed & placeholders
         return messages
 
     def open_message(self, username: str, message: MessageInfo) -> bytes:
         with self._mutex:
-            cache = self._sessions.get(username, {})
-            data = cache.get(message.key)
+            data = self._sessions.get(username, {}).get(message.uid)
         if data is None:
             raise TemporaryFailure("message no longer available")
         return data
@@ -352,6 +407,17 @@ class SQLQueryAdapter(AdapterBase):
     def delete_messages(self, username: str, messages: Sequence[MessageInfo]) -> None:
         if self.delete_statement is None:
             raise PermanentFailure("this mailbox is read-only")
+        with self._mutex:
+            placeholders = self._placeholders.get(username, set())
+        rows = [m for m in messages if m.uid not in placeholders]
+        if rows:
+            self._delete_rows(username, rows)
+        notices = {m.uid for m in messages} & placeholders
+        if notices:
+            with self._mutex:
+                self._dismissed.setdefault(username, set()).update(notices)
+
+    def _delete_rows(self, username: str, messages: Sequence[MessageInfo]) -> None:
         conn = self._open()
         try:
             style = self._style(conn)
@@ -374,6 +440,7 @@ class SQLQueryAdapter(AdapterBase):
     def close_mailbox(self, username: str) -> None:
         with self._mutex:
             self._sessions.pop(username, None)
+            self._placeholders.pop(username, None)
 
 
 def _address(username: str) -> str:

@@ -17,10 +17,10 @@ class LinesAdapter(AdapterBase):
         with open(self.path, encoding="utf-8") as f:
             return list(dict.fromkeys(line.strip() for line in f if line.strip()))
 
-    def _message(self, line):  # a minimal RFC 5322 message; Subject RFC 2047-encoded
-        subject = email.header.Header(line[:70], "utf-8").encode()
-        return ("From: lines@localhost\r\nTo: you@localhost\r\nSubject: %s\r\nDate: %s\r\nMIME-Version: 1.0\r\n"
-                "Content-Type: text/plain; charset=utf-8\r\n\r\n%s\r\n" % (subject, email.utils.formatdate(0), line)).encode()
+    def _message(self, line):  # a minimal RFC 5322 message; Subject RFC 2047-encoded, Message-ID from the line
+        subject, digest = email.header.Header(line[:70], "utf-8").encode(), hashlib.sha1(line.encode()).hexdigest()
+        return ("From: lines@localhost\r\nTo: you@localhost\r\nSubject: %s\r\nDate: %s\r\nMessage-ID: <%s@lines.invalid>\r\nMIME-Version: 1.0"
+                "\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n%s\r\n" % (subject, email.utils.formatdate(0), digest, line)).encode()
 
     def list_messages(self, username):  # unique-id: a hash of the line, stable across sessions
         return [MessageInfo(hashlib.sha1(l.encode()).hexdigest(), protocol.wire_size(self._message(l)), l) for l in self._lines()]

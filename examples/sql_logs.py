@@ -40,10 +40,18 @@ def log(path, level, line):
     conn.close()
 
 
+def connect(path):
+    conn = sqlite3.connect(path, timeout=30)
+    # A script may log bytes that are not UTF-8; show them as U+FFFD
+    # instead of failing the whole query (and so every login).
+    conn.text_factory = lambda data: data.decode("utf-8", "replace")
+    return conn
+
+
 def build_adapter(path):
     return SQLQueryAdapter(
         # A new connection per call: sqlite3 connections stay in their thread.
-        lambda: sqlite3.connect(path, timeout=30),
+        lambda: connect(path),
         # Column names pick the roles: id, date, subject, body.
         "SELECT id, logged_at AS date, level || ': ' || line AS subject, line AS body"
         " FROM logs ORDER BY id",

@@ -16,8 +16,7 @@ pytest.importorskip("feedparser", reason="pip install 'pop3frame[feeds]'")
 from pop3frame.adapters.feed import FeedAdapter, html_to_text  # noqa: E402
 from pop3frame.testing import Controller  # noqa: E402
 from tests.helpers import retr_lines_to_bytes  # noqa: E402
-
-REQUIRED = ("From", "To", "Subject", "Date", "Message-ID", "MIME-Version")
+from tests.test_sqlquery import assert_clean  # noqa: E402
 
 RSS = """<?xml version="1.0" encoding="UTF-8"?>
 <rss version="2.0"><channel>
@@ -130,14 +129,6 @@ def body_text(msg):
     return part.get_content().replace("\r\n", "\n")
 
 
-def assert_clean(raw):
-    msg = parse(raw)
-    assert all(msg[h] for h in REQUIRED), raw
-    assert not any(p.defects for p in msg.walk()), [p.defects for p in msg.walk()]
-    assert raw.isascii()
-    return msg
-
-
 def test_rss_items_become_messages(feeds):
     with Controller(FeedAdapter(feeds.url("/rss"), users={"me": "pw"})) as server:
         raws = fetch(server)
@@ -170,6 +161,38 @@ def test_atom_entry(feeds):
     assert msg["Date"] == "Fri, 20 Nov 2026 18:30:02 +0000"
     assert msg["From"].addresses[0].display_name == "Release Bot"
     assert body_text(msg) == "Now stable\n\nAdapters for everything.\n\nhttp://example.org/1.0\n"
+
+
+ODD = """<?xml version="1.0" encoding="UTF-8"?>
+<rss version="2.0"><channel><title>Odd "feed", &lt;really&gt;</title>
+  <item><title>odd author</title><guid>odd-1</guid><author>a@b, &lt;</author><pubDate>not a date</pubDate></item>
+  <item><title>long author</title><guid>odd-2</guid><author>%s</author></item>
+  <item><title>   </title><guid>odd-3</guid><description>text only</description></item>
+  <item><title>breaks build</title><guid>odd-4</guid></item>
+</channel></rss>
+""" % ("a b. " * 60)
+
+
+class FussyFeedAdapter(FeedAdapter):
+    def build(self, username, feed, entry):
+        if entry.get("id") == "odd-4":
+            raise ValueError("cannot shape this item")
+        return super().build(username, feed, entry)
+
+
+def test_odd_items_give_clean_messages_and_a_failing_item_is_left_out(feeds, caplog):
+    """Authors that are not addresses (or that the email package would fold
+    into several), a date that is not one, a blank title: each item is a
+    clean RFC 5322 message; an item build() fails on is logged and skipped,
+    the rest of the feed is served."""
+    feeds.publish("/odd", ODD)
+    with Controller(FussyFeedAdapter(feeds.url("/odd"), users={"me": "pw"})) as server:
+        msgs = [assert_clean(r) for r in fetch(server)]
+    assert [m["Subject"] for m in msgs] == ["odd author", "long author", "text only"]
+    assert [len(m["From"].addresses) for m in msgs] == [1, 1, 1]
+    assert msgs[0]["From"].addresses[0].display_name == "a@b, <"
+    assert msgs[0]["Date"] == "Thu, 01 Jan 1970 00:00:00 +0000"
+    assert "could not be turned into a message (ValueError); left out" in caplog.text
 
 
 def test_uids_and_message_ids_stable_across_feed_changes(feeds):

@@ -70,6 +70,20 @@ def parse(raw: bytes):
     return BytesParser(policy=email.policy.default).parsebytes(raw)
 
 
+def assert_clean(raw: bytes, seven_bit: bool = True):
+    """The message parses without a defect in any part or any header, is
+    7-bit (unless told otherwise), and has every header clients need
+    (RFC 5322 section 3.6: From, Date; To, Subject, Message-ID; RFC 2045
+    section 4: MIME-Version)."""
+    msg = parse(raw)
+    assert all(msg[h] for h in REQUIRED), raw
+    for part in msg.walk():
+        assert not part.defects, (part.defects, raw)
+        assert not [(name, value.defects) for name, value in part.items() if value.defects], raw
+    assert raw.isascii() or not seven_bit
+    return msg
+
+
 def text(part) -> str:
     """A text part's content with the wire's CRLF turned back into LF."""
     return part.get_content().replace("\r\n", "\n")
@@ -82,10 +96,8 @@ def test_rows_become_clean_messages(db):
     with Controller(adapter) as server:
         raws = fetch(server)
     assert len(raws) == 3
-    msgs = [parse(r) for r in raws]
-    for raw, msg in zip(raws, msgs):
-        assert all(msg[h] for h in REQUIRED), raw
-        assert not msg.defects and not any(p.defects for p in msg.walk())
+    msgs = [assert_clean(r) for r in raws]
+    for raw in raws:
         assert b"\r\n" in raw and b"\n" not in raw.replace(b"\r\n", b"")
     assert msgs[1]["Subject"] == "WARN: disk /var at 91%"
     assert msgs[1]["Date"] == "Wed, 25 Nov 2026 09:05:00 +0000"
@@ -270,6 +282,86 @@ def test_delete_is_one_transaction(db, caplog):
         assert server.wait_for_connections(0)
         assert len(fetch(server)) == 3
     assert "rolled back" in caplog.text
+
+
+def test_bad_addresses_and_dates_in_a_row_do_not_break_the_mailbox(db, caplog):
+    """A sender the email package cannot parse (it raised IndexError on
+    "a@b, <"), a recipient that is not an address and a timestamp beyond
+    year 9999: every row is still served, as a clean RFC 5322 message, the
+    text kept as the display name of a placeholder address, and logged."""
+    conn = sqlite3.connect(db)
+    with conn:
+        conn.execute("UPDATE logs SET level = 'a@b, <', ts = '99999999999999999999' WHERE id = 1")
+        conn.execute("UPDATE logs SET level = '<', owner = 'not an address' WHERE id = 2")
+        conn.execute("UPDATE logs SET level = 'Build Bot <ci@example.org>', owner = 'dev@example.org' WHERE id = 3")
+    conn.close()
+    adapter = SQLQueryAdapter(
+        connector(db),
+        "SELECT id, ts AS date, line AS body, level AS sender, owner AS recipient FROM logs ORDER BY id",
+        users={"ops": "ops-pw"},
+    )
+    with Controller(adapter) as server:
+        msgs = [assert_clean(raw) for raw in fetch(server)]
+    assert [m["Subject"] for m in msgs] == ["backup finished", "disk /var at 91%", "deploy ok"]
+    first, second, third = (m["From"].addresses[0] for m in msgs)
+    assert (first.display_name, first.addr_spec) == ("a@b, <", "pop3frame@localhost")
+    assert (second.display_name, second.addr_spec) == ("<", "pop3frame@localhost")
+    assert (third.display_name, third.addr_spec) == ("Build Bot", "ci@example.org")  # valid: unchanged
+    assert msgs[1]["To"].addresses[0].display_name == "not an address"
+    assert msgs[2]["To"] == "dev@example.org"
+    assert msgs[0]["Date"] == "Thu, 01 Jan 1970 00:00:00 +0000"
+    assert "'a@b, <' is not a valid address list" in caplog.text
+
+
+class FussyAdapter(SQLQueryAdapter):
+    """Shapes messages itself and cannot handle row 2 until ``fixed``."""
+
+    fixed = False
+
+    def build(self, username, names, row):
+        if row[0] == 2 and not self.fixed:
+            raise ValueError("cannot shape row 2: 'disk /var at 91%'")
+        return super().build(username, names, row)
+
+
+def test_row_that_cannot_be_rendered_becomes_a_placeholder(db, caplog):
+    """The other rows stay readable; the bad row shows up as a short notice
+    with its own unique-id (RFC 1939 section 7: unique-ids name content), so
+    deleting the notice never deletes the unread row, and once the row can
+    be rendered it arrives as new mail under its own unique-id."""
+    adapter = FussyAdapter(connector(db), QUERY, users={"ops": "ops-pw"}, delete="DELETE FROM logs WHERE id = ?")
+    with Controller(adapter) as server:
+        client = login(server)
+        uids = [l.split()[1].decode() for l in client.uidl()[1]]
+        raws = fetch_and_quit_after(client, lambda: (client.dele(1), client.dele(2)))
+        assert uids[0] == "1" and uids[2] == "3" and uids[1] not in ("2", "1", "3")
+        notice = assert_clean(raws[1])
+        assert notice["Subject"] == "Row 2 could not be shown"
+        assert notice["Message-ID"] != "<2.sql@pop3frame.invalid>"
+        assert notice["Date"] == "Wed, 25 Nov 2026 09:05:00 +0000"  # the row's own date
+        assert "does not delete the row" in text(notice)
+        # Row 1 is deleted; row 2 is not, and its dismissed notice stays away.
+        client = login(server)
+        assert [l.split()[1].decode() for l in client.uidl()[1]] == ["3"]
+        client.quit()
+        adapter.fixed = True
+        client = login(server)
+        assert [l.split()[1].decode() for l in client.uidl()[1]] == ["2", "3"]
+        assert parse(retr_lines_to_bytes(client.retr(1)[1]))["Subject"] == "WARN: disk /var at 91%"
+        client.quit()
+    conn = sqlite3.connect(db)
+    assert [r[0] for r in conn.execute("SELECT id FROM logs ORDER BY id")] == [2, 3]
+    conn.close()
+    assert "row 2 could not be turned into a message (ValueError)" in caplog.text
+    assert "disk /var" not in caplog.text  # row contents never logged
+
+
+def fetch_and_quit_after(client, before_quit):
+    """Every message of the session, then ``before_quit()``, then QUIT (which must succeed)."""
+    out = [retr_lines_to_bytes(client.retr(i)[1]) for i in range(1, client.stat()[0] + 1)]
+    before_quit()
+    assert client.quit().startswith(b"+OK")
+    return out
 
 
 def test_hashed_and_plain_passwords_and_callable(db, caplog):
