@@ -10,12 +10,16 @@ Contract (what a POP3 client and the other programs sharing the Maildir see):
   from ``new/`` to ``cur/``, flag changes and server restarts.  A base name
   that is not a valid RFC 1939 unique-id (1-70 chars in 0x21-0x7E) is
   replaced by the SHA-1 hex of its bytes, which is just as stable.
-- Sizes: exact wire octets (CRLF line ends).  Taken from Dovecot's
-  ``,W=<octets>`` in the name when present (and ``,S=`` agrees with the file),
-  else from a per-user cache file (``pop3frame-sizes.json``, written by
-  rename so it is never half-written) keyed by (base name, file size,
-  mtime).  Only files missing from both are read, so STAT on a big mailbox
-  reads no message after the first login.
+- Sizes: exact wire octets, the octets RETR sends before byte-stuffing
+  (CRLF line ends, a final line end added where the file has none).  Kept
+  in a per-user cache file (``pop3frame-sizes.json``, written by rename so
+  it is never half-written) keyed by (base name, file size, mtime); a file
+  missing from it is measured once.  Dovecot's ``,W=<vsize>`` in the name
+  saves reading the file: it counts LF as CRLF but nothing for a missing
+  final line end, so only the file's last octet is read to correct it.
+  ``,W=`` is ignored when ``,S=`` disagrees with the file or when no file
+  of that size could have it.  STAT on a big mailbox reads no message
+  after the first login.
 - RETR streams the open file.  A message another program moved or
   re-flagged since the listing is found again by its base name; one that
   is gone gives ``-ERR [SYS/TEMP]``.
@@ -27,10 +31,18 @@ Contract (what a POP3 client and the other programs sharing the Maildir see):
   failure the adapter stops, keeps the failing message and every message
   after it, logs which one failed and reports ``-ERR``; a file already gone
   counts as deleted.  Mail delivered during the session is never touched.
-- User names that could leave ROOT are refused; an authenticated user with
-  no directory gets an empty mailbox (``new``, ``cur``, ``tmp`` made 0700).
-- Symbolic links inside ``new/`` and ``cur/`` are not served: a local user
-  could otherwise link a file they cannot read into their own mailbox.
+- User names that could leave ROOT are refused.  An authenticated user with
+  no directory gets an empty mailbox and nothing is created: the delivery
+  agent makes the Maildir with the owner it needs, and one made by a server
+  running as root would lock that agent out.  Missing ``new``, ``cur`` or
+  ``tmp`` in an existing Maildir are made (0700), and like the size cache
+  they get the owner and group of ``ROOT/<user>`` when running as root.
+- Symbolic links are not followed, neither inside ``new/`` and ``cur/`` nor
+  as ``new/`` and ``cur/`` themselves: every file operation is made
+  relative to a directory descriptor opened with ``O_NOFOLLOW``.  A local
+  user owning a Maildir could otherwise have a server running as root
+  serve, move or delete files elsewhere, by a link made before the listing
+  or swapped in after it.  Only regular files are opened (a FIFO would block).
 
 Users and passwords come from ``passwd``: a
 :class:`adapters.passwdfile.PasswdFile`, a path to such a file, any object
@@ -40,6 +52,8 @@ shape.  With ``passwd=None`` nobody can log in unless a subclass overrides
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -48,7 +62,7 @@ import re
 import stat
 import tempfile
 import threading
-from typing import Any, BinaryIO, Callable, Dict, List, Optional, Sequence, Set, Tuple
+from typing import Any, BinaryIO, Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
 from pop3frame import AdapterBase, MessageInfo, PermanentFailure, TemporaryFailure
 from pop3frame.protocol import stream_wire_size, valid_uid
@@ -58,6 +72,10 @@ __all__ = ["MaildirAdapter", "safe_user_name", "CACHE_NAME"]
 logger = logging.getLogger("pop3frame.adapters.maildir")
 
 CACHE_NAME = "pop3frame-sizes.json"
+#: Format 2 corrects ``,W=`` sizes for a missing final line end; format 1
+#: (no marker) cached them uncorrected.  The key is never a base name:
+#: names starting with a dot are not messages.
+_CACHE_FORMAT_KEY, _CACHE_FORMAT = ".format", 2
 _USER = re.compile(r"[A-Za-z0-9_@+=-][A-Za-z0-9._@+=-]{0,254}\Z")
 _WIRE_SIZE = re.compile(r",W=([0-9]{1,15})(?:,|\Z)")
 _FILE_SIZE = re.compile(r",S=([0-9]{1,15})(?:,|\Z)")
@@ -68,6 +86,11 @@ _TIMESTAMP = re.compile(r"[0-9]{1,12}(?=\.|\Z)")
 _ATTEMPTS = 3
 
 Where = Tuple[str, str]  # ("new" or "cur", file name)
+
+_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | _CLOEXEC
+# O_NONBLOCK: opening a FIFO must not wait for a writer; regular files ignore it.
+_FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | _CLOEXEC
 
 
 def safe_user_name(name: str) -> bool:
@@ -106,14 +129,89 @@ def _uid(base: str) -> str:
 
 
 def _name_wire_size(base: str, file_size: int) -> Optional[int]:
-    """Dovecot's ``,W=`` wire size, unless ``,S=`` shows the file changed since."""
+    """Dovecot's ``,W=`` virtual size, unless it cannot be this file's.
+
+    ``,S=`` no longer matching shows the file changed since it was named;
+    and every octet counts once, an LF at most twice.
+    """
     w = _WIRE_SIZE.search(base)
     if not w:
         return None
     s = _FILE_SIZE.search(base)
     if s and int(s.group(1)) != file_size:
         return None
-    return int(w.group(1))
+    size = int(w.group(1))
+    return size if file_size <= size <= 2 * file_size else None
+
+
+def _give(fd: int, owner: os.stat_result, what: str) -> None:
+    """Hand a file or directory this process made (open as ``fd``) to the Maildir's owner.
+
+    Only root can, and only root needs to: otherwise it is ours, and so is
+    the Maildir.  By descriptor, as the name may have been swapped already.
+    """
+    if os.geteuid() != 0 or (owner.st_uid, owner.st_gid) == (0, 0):
+        return
+    try:
+        os.fchown(fd, owner.st_uid, owner.st_gid)
+    except OSError as exc:
+        logger.warning("cannot give %s to uid %d: %s", what, owner.st_uid, exc.strerror or exc)
+
+
+@contextlib.contextmanager
+def _directory(path: str) -> Iterator[int]:
+    """A descriptor of directory ``path``; its last component must not be a symlink."""
+    fd = os.open(path, _DIR_FLAGS)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def _entries(home: str, sub: str) -> Iterator[os.DirEntry]:
+    """The entries of ``home/sub`` not starting with a dot; none if it is missing or not
+    a real directory.  ``entry.stat()`` works while the iteration runs."""
+    path = os.path.join(home, sub)
+    try:
+        fd = os.open(path, _DIR_FLAGS)
+    except FileNotFoundError:
+        return  # not made yet (read-only adapters make nothing)
+    except OSError as exc:
+        logger.warning("%s is not a directory (a symlink?): not served: %s", path, exc.strerror or exc)
+        return
+    try:
+        with os.scandir(fd) as it:
+            for entry in it:
+                if not entry.name.startswith("."):
+                    yield entry
+    finally:
+        os.close(fd)
+
+
+def _open_regular(name: str, dir_fd: Optional[int] = None) -> BinaryIO:
+    """Open a regular file for reading, not following a symlink; else OSError."""
+    fd = os.open(name, _FILE_FLAGS, dir_fd=dir_fd)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise IsADirectoryError(errno.EISDIR, "not a regular file", name)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _exists(name: str, dir_fd: int) -> bool:
+    try:
+        os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def _remove(path: str) -> None:
+    directory, name = os.path.split(path)
+    with _directory(directory) as fd:
+        os.unlink(name, dir_fd=fd)
 
 
 class _Box:
@@ -137,13 +235,8 @@ class _Box:
         # new/ before cur/: a message renamed new->cur between the two
         # listings is seen twice, never missed, and cur/ (the later) wins.
         for sub in ("new", "cur"):
-            try:
-                names = os.listdir(os.path.join(self.home, sub))
-            except FileNotFoundError:
-                continue
-            for name in names:
-                if not name.startswith("."):
-                    found[_base(name)] = (sub, name)
+            for entry in _entries(self.home, sub):
+                found[_base(entry.name)] = (sub, entry.name)
         self.where = found
 
 
@@ -196,96 +289,119 @@ class MaildirAdapter(AdapterBase):
 
     def list_messages(self, username: str) -> Sequence[MessageInfo]:
         home = self.home(username)
-        # makedirs applies its mode only to the last component, hence two calls.
-        os.makedirs(home, mode=0o700, exist_ok=True)
-        for sub in ("new", "cur", "tmp"):
-            os.makedirs(os.path.join(home, sub), mode=0o700, exist_ok=True)
         box = _Box(home)
+        try:
+            owner = os.stat(home)
+        except FileNotFoundError:
+            owner = None  # no mail delivered yet; see the module docstring
+        listed = []
+        if owner is not None:
+            if not self.read_only:
+                for sub in ("new", "cur", "tmp"):
+                    self._make_private_dir(os.path.join(home, sub), owner)
+            listed = self._index(home, owner, box)
+        with self._mutex:
+            self._boxes[username] = box
+        return [MessageInfo(_uid(base), size, key=(sub, name)) for _, base, sub, name, size in listed]
+
+    @staticmethod
+    def _make_private_dir(path: str, owner: os.stat_result) -> None:
+        try:
+            os.mkdir(path, 0o700)
+        except FileExistsError:
+            return
+        with _directory(path) as fd:
+            _give(fd, owner, path)
+
+    def _index(self, home: str, owner: os.stat_result, box: _Box) -> List[Tuple[Any, str, str, str, int]]:
+        """(sort key, base, sub, name, size) of every message, in delivery order;
+        fills ``box`` and brings the size cache up to date."""
         entries = self._scan(home)
         cache_path = os.path.join(home, CACHE_NAME)
         cache = self._load_cache(cache_path)
         fresh: Dict[str, List[int]] = {}
         listed = []
         for base, (sub, name, st) in entries.items():
-            size = _name_wire_size(base, st.st_size)
-            if size is None:
-                cached = cache.get(base)
-                if cached is not None and cached[:2] == [st.st_size, st.st_mtime_ns]:
-                    size = cached[2]
-                else:
-                    try:
-                        size = self.measure(os.path.join(home, sub, name))
-                    except FileNotFoundError:
-                        # Moved since the scan; it shows up in the next session.
-                        continue
-                    except OSError as exc:
-                        # One unreadable file must not cost the user all the others.
-                        logger.error("%s: skipping unreadable message %s/%s: %s",
-                                     home, sub, name, exc.strerror or exc)
-                        continue
+            cached = cache.get(base)
+            if cached is not None and cached[:2] == [st.st_size, st.st_mtime_ns]:
+                size = cached[2]
+            else:
+                try:
+                    size = self.measure(os.path.join(home, sub, name), _name_wire_size(base, st.st_size))
+                except FileNotFoundError:
+                    # Moved since the scan; it shows up in the next session.
+                    continue
+                except OSError as exc:
+                    # One unreadable file must not cost the user all the others.
+                    logger.error("%s: skipping unreadable message %s/%s: %s",
+                                 home, sub, name, exc.strerror or exc)
+                    continue
             fresh[base] = [st.st_size, st.st_mtime_ns, size]
             box.where[base] = (sub, name)
             listed.append((_order(base, st.st_mtime), base, sub, name, size))
         listed.sort(key=lambda item: item[0])
         if fresh != cache:
-            self._save_cache(cache_path, fresh)
-        with self._mutex:
-            self._boxes[username] = box
-        return [MessageInfo(_uid(base), size, key=(sub, name)) for _, base, sub, name, size in listed]
+            self._save_cache(cache_path, fresh, owner)
+        return listed
 
     def _scan(self, home: str) -> Dict[str, Tuple[str, str, os.stat_result]]:
         """base name -> (sub, name, lstat) of every message in new/ and cur/."""
         found: Dict[str, Tuple[str, str, os.stat_result]] = {}
         vanished = False
         for sub in ("new", "cur"):
-            with os.scandir(os.path.join(home, sub)) as it:
-                for entry in it:
-                    if entry.name.startswith("."):
-                        continue
-                    try:
-                        st = entry.stat(follow_symlinks=False)
-                    except FileNotFoundError:
-                        vanished = True  # moved or re-flagged while we looked
-                        continue
-                    if not stat.S_ISREG(st.st_mode):
-                        continue
-                    base = _base(entry.name)
-                    other = found.get(base)
-                    if other is not None and (other[2].st_ino, other[2].st_dev) != (st.st_ino, st.st_dev):
-                        # Two different files, one base name (a broken MDA): one
-                        # unique-id cannot name both; the other waits its turn.
-                        logger.warning("%s: two messages named %r; serving %s/%s", home, base, sub, entry.name)
-                    found[base] = (sub, entry.name, st)
+            for entry in _entries(home, sub):
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    vanished = True  # moved or re-flagged while we looked
+                    continue
+                if not stat.S_ISREG(st.st_mode):
+                    continue
+                base = _base(entry.name)
+                other = found.get(base)
+                if other is not None and (other[2].st_ino, other[2].st_dev) != (st.st_ino, st.st_dev):
+                    # Two different files, one base name (a broken MDA): one
+                    # unique-id cannot name both; the other waits its turn.
+                    logger.warning("%s: two messages named %r; serving %s/%s", home, base, sub, entry.name)
+                found[base] = (sub, entry.name, st)
         if vanished:
             # A rename inside cur/ (flag change) can hide a file from one
             # directory listing; one more look finds it under its new name.
             for sub in ("new", "cur"):
-                with os.scandir(os.path.join(home, sub)) as it:
-                    for entry in it:
-                        base = _base(entry.name)
-                        if entry.name.startswith(".") or base in found:
-                            continue
-                        try:
-                            st = entry.stat(follow_symlinks=False)
-                        except FileNotFoundError:
-                            continue
-                        if stat.S_ISREG(st.st_mode):
-                            found[base] = (sub, entry.name, st)
+                for entry in _entries(home, sub):
+                    base = _base(entry.name)
+                    if base in found:
+                        continue
+                    try:
+                        st = entry.stat(follow_symlinks=False)
+                    except FileNotFoundError:
+                        continue
+                    if stat.S_ISREG(st.st_mode):
+                        found[base] = (sub, entry.name, st)
         return found
 
-    def measure(self, path: str) -> int:
-        """Wire size of one message file, read in chunks.
+    def measure(self, path: str, named: Optional[int] = None) -> int:
+        """Wire size of one message file.
 
-        The only place a listing reads message content: subclasses (and the
-        tests) can wrap it to count or forbid reads.
+        ``named``: the ``,W=`` size from its name, which counts LF as CRLF
+        but nothing for a missing final line end; only the last octet is
+        read to add what RETR adds there (the rule of
+        :func:`pop3frame.protocol.wire_size`).  Without it the whole file is
+        read, in chunks.  The only place a listing reads message content:
+        subclasses (and the tests) can wrap it to count or forbid reads.
         """
         with self._open(path) as f:
-            return stream_wire_size(f)
+            if named is None:
+                return stream_wire_size(f)
+            end = os.fstat(f.fileno()).st_size
+            # An empty message needs no line end.
+            last = os.pread(f.fileno(), 1, end - 1) if end else b"\n"
+        return named + (0 if last == b"\n" else 1 if last == b"\r" else 2)
 
     @staticmethod
     def _load_cache(path: str) -> Dict[str, List[int]]:
         try:
-            with open(path, "rb") as f:
+            with _open_regular(path) as f:
                 data = json.loads(f.read().decode("utf-8"))
         except FileNotFoundError:
             return {}
@@ -294,18 +410,22 @@ class MaildirAdapter(AdapterBase):
             return {}
         if not isinstance(data, dict):
             return {}
+        stale_named = data.get(_CACHE_FORMAT_KEY) != _CACHE_FORMAT
         # A damaged entry is a cache miss, never a wrong size.
         return {k: v for k, v in data.items()
-                if isinstance(v, list) and len(v) == 3 and all(type(x) is int and x >= 0 for x in v)}
+                if isinstance(v, list) and len(v) == 3 and all(type(x) is int and x >= 0 for x in v)
+                and not (stale_named and _WIRE_SIZE.search(k))}
 
     @staticmethod
-    def _save_cache(path: str, data: Dict[str, List[int]]) -> None:
+    def _save_cache(path: str, data: Dict[str, List[int]], owner: os.stat_result) -> None:
         tmp = None
         try:
             fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".sizes-")
+            _give(fd, owner, path)
             with os.fdopen(fd, "wb") as f:
                 # ensure_ascii keeps non-UTF-8 file names (surrogates) round-trippable.
-                f.write(json.dumps(data, separators=(",", ":")).encode("ascii"))
+                marked = dict(data, **{_CACHE_FORMAT_KEY: _CACHE_FORMAT})
+                f.write(json.dumps(marked, separators=(",", ":")).encode("ascii"))
             # Readers see the old cache or the new one, never half of one.
             os.replace(tmp, path)
         except OSError as exc:
@@ -328,16 +448,10 @@ class MaildirAdapter(AdapterBase):
 
     @staticmethod
     def _open(path: str) -> BinaryIO:
-        # O_NOFOLLOW: a file swapped for a symlink after the listing is not
-        # followed; the fstat check refuses directories and devices.
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
-        try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise IsADirectoryError(path)
-            return os.fdopen(fd, "rb")
-        except BaseException:
-            os.close(fd)
-            raise
+        """A message file, relative to its new/ or cur/ (see the module docstring)."""
+        directory, name = os.path.split(path)
+        with _directory(directory) as fd:
+            return _open_regular(name, fd)
 
     def open_message(self, username: str, message: MessageInfo) -> BinaryIO:
         box = self._box(username)
@@ -382,7 +496,7 @@ class MaildirAdapter(AdapterBase):
             if path is None:
                 return
             try:
-                os.unlink(path)
+                _remove(path)
                 return
             except FileNotFoundError:
                 # Deleted, or just moved by another program: only a fresh
@@ -414,15 +528,16 @@ class MaildirAdapter(AdapterBase):
             if sub == "cur" and "S" in flags:
                 return
             target_name = "%s:2,%s" % (base, "".join(sorted(set(flags + "S"))))
-            target = os.path.join(box.home, "cur", target_name)
-            if os.path.lexists(target):
-                # rename() would replace it: better a message left unflagged
-                # than a file destroyed.
-                logger.warning("%s: not marking %s seen, cur/%s exists", box.home, base, target_name)
-                return
             try:
-                # rename() is atomic: the message is in exactly one place.
-                os.rename(os.path.join(box.home, sub, name), target)
+                with _directory(os.path.join(box.home, sub)) as src, \
+                        _directory(os.path.join(box.home, "cur")) as dst:
+                    if _exists(target_name, dst):
+                        # rename() would replace it: better a message left
+                        # unflagged than a file destroyed.
+                        logger.warning("%s: not marking %s seen, cur/%s exists", box.home, base, target_name)
+                        return
+                    # rename() is atomic: the message is in exactly one place.
+                    os.rename(name, target_name, src_dir_fd=src, dst_dir_fd=dst)
                 box.where[base] = ("cur", target_name)
                 return
             except FileNotFoundError:

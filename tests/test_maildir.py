@@ -1,9 +1,14 @@
 """Maildir adapter: the layout real MTAs deliver to."""
 from __future__ import annotations
 
+import json
 import os
 import poplib
+import pwd
 import shutil
+import subprocess
+import tempfile
+import threading
 
 import pytest
 
@@ -11,7 +16,7 @@ from pop3frame.adapters.maildir import CACHE_NAME, MaildirAdapter, safe_user_nam
 from pop3frame.adapters.passwdfile import PasswdFile, set_password
 from pop3frame.testing import Controller
 from tests.harness_maildir import deliver_like_an_mda
-from tests.helpers import RawClient
+from tests.helpers import RawClient, unstuff
 
 
 @pytest.fixture
@@ -70,15 +75,19 @@ def test_existing_flags_kept_when_marking_seen(maildir):
 
 
 class CountingMaildir(MaildirAdapter):
-    """Counts reads of message content through the adapter's measure() hook."""
+    """Counts reads of message content through the adapter's measure() hook:
+    ``measured`` whole files, ``peeked`` last octets of ``,W=`` files."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.measured = 0
+        self.measured = self.peeked = 0
 
-    def measure(self, path):
-        self.measured += 1
-        return super().measure(path)
+    def measure(self, path, named=None):
+        if named is None:
+            self.measured += 1
+        else:
+            self.peeked += 1
+        return super().measure(path, named)
 
 
 def test_sizes_come_from_the_cache_not_the_files(maildir):
@@ -158,15 +167,88 @@ def test_damaged_size_cache_is_ignored_and_rebuilt(maildir):
 
 def test_dovecot_wire_size_in_name_is_used(maildir):
     root, adapter = maildir
+    adapter = CountingMaildir(root, adapter.auth)
     for sub in ("new", "cur", "tmp"):
         os.makedirs(os.path.join(root, "alice", sub))
-    with open(os.path.join(root, "alice", "cur", "1700000000.M1.host,S=9,W=10:2,S"), "wb") as f:
-        f.write(b"a\nb\nc\nd\n\n")
+    with open(os.path.join(root, "alice", "cur", "1700000000.M1.host,S=9,W=13:2,S"), "wb") as f:
+        f.write(b"a\nb\nc\nd\n\n")  # 9 octets, 5 LF: really 14 on the wire
     with Controller(adapter) as server:
         client = login(server)
-        assert client.list(1).split()[2] == b"10"
-        assert client.uidl(1).split()[2] == b"1700000000.M1.host,S=9,W=10"
+        assert client.list(1).split()[2] == b"13"  # the name, not a count of the file
+        assert client.uidl(1).split()[2] == b"1700000000.M1.host,S=9,W=13"
         client.quit()
+    assert (adapter.measured, adapter.peeked) == (0, 1)
+
+
+def list_and_retr_octets(server, user="alice", password="pw"):
+    """[(LIST size, octets RETR sent before stuffing)] for every message, on raw bytes."""
+    out = []
+    with RawClient(server.address) as c:
+        assert c.login(user, password).startswith(b"+OK")
+        count = int(c.cmd("STAT").split()[1])
+        for n in range(1, count + 1):
+            size = int(c.cmd("LIST %d" % n).split()[2])
+            c.send(b"RETR %d\r\n" % n)
+            assert c.line().startswith(b"+OK")
+            out.append((size, len(unstuff(c.multiline()))))
+        c.cmd("QUIT")
+    return out
+
+
+def _dovecot_name(stamp, data):
+    """A name as Dovecot gives it: ,S= file size, ,W= size with LF counted as CRLF."""
+    vsize = len(data) + data.count(b"\n") - data.count(b"\r\n")
+    return "%d.M1P1.host,S=%d,W=%d" % (stamp, len(data), vsize)
+
+
+def test_wire_size_in_name_gets_the_line_end_retr_adds(maildir):
+    """RFC 1939 section 11 / Dovecot's ,W= (RFC822.SIZE, nothing added at the end):
+    a file without a final LF lists W+2 (W+1 if it ends in CR), what RETR sends;
+    one octet per file is read, once, and cached."""
+    root, adapter = maildir
+    adapter = CountingMaildir(root, adapter.auth)
+    home = _mkdirs(root)
+    files = [b"Subject: w\n\nno final LF", b"Subject: w\r\n\r\nends in a lone CR\r",
+             b"Subject: w\n\nfinal LF\n", b"", b"Subject: w\r\n\r\n.dot, no final CRLF"]
+    for i, data in enumerate(files):
+        _write(os.path.join(home, "new", _dovecot_name(1700000000 + i, data)), data)
+    with Controller(adapter) as server:
+        pairs = list_and_retr_octets(server)
+        assert [size for size, _ in pairs] == [27, 33, 24, 0, 35]
+        assert all(size == sent for size, sent in pairs), pairs
+        assert (adapter.measured, adapter.peeked) == (0, 5)
+        assert server.wait_for_connections(0)
+        assert list_and_retr_octets(server) == pairs
+    assert (adapter.measured, adapter.peeked) == (0, 5)  # from the cache the second time
+
+
+def test_size_cache_of_an_older_version_is_not_trusted_for_wire_size_names(maildir):
+    """Caches written before ,W= sizes were corrected hold W without the final CRLF:
+    those entries are recomputed, measured entries are kept."""
+    root, adapter = maildir
+    adapter = CountingMaildir(root, adapter.auth)
+    home = _mkdirs(root)
+    named_data, plain_data = b"Subject: w\n\nno final LF", b"Subject: p\n\nplain\n"
+    named = _dovecot_name(1700000000, named_data)
+    _write(os.path.join(home, "new", named), named_data)
+    plain = deliver_like_an_mda(root, "alice", plain_data)
+    old = {}
+    for name, sub, size in ((named, "new", 25), (plain, "new", 21)):
+        st = os.stat(os.path.join(home, sub, name))
+        old[name] = [st.st_size, st.st_mtime_ns, size]
+    _write(os.path.join(home, CACHE_NAME), json.dumps(old).encode())
+    with Controller(adapter) as server:
+        assert list_and_retr_octets(server) == [(27, 27), (21, 21)]
+    assert (adapter.measured, adapter.peeked) == (0, 1)
+
+
+def test_wire_size_in_name_impossible_for_the_file_is_ignored(maildir):
+    root, adapter = maildir
+    home = _mkdirs(root)
+    for i, wire in enumerate((5, 99)):  # below the file size, above twice the file size
+        _write(os.path.join(home, "new", "%d.M1.host,W=%d" % (1700000000 + i, wire)), b"Subject: x\n\nbody\n")
+    with Controller(adapter) as server:
+        assert list_and_retr_octets(server) == [(20, 20), (20, 20)]
 
 
 def test_invalid_base_name_gets_a_hashed_uid(maildir):
@@ -225,13 +307,14 @@ def test_message_moved_by_another_program_is_still_served(maildir):
     assert os.listdir(os.path.join(root, "alice", "cur")) == []
 
 
-def test_missing_user_directory_is_an_empty_mailbox(maildir):
+def test_missing_user_directory_is_an_empty_mailbox_and_stays_missing(maildir):
+    """The delivery agent creates the Maildir with the owner it needs; the server does not."""
     root, adapter = maildir
     with Controller(adapter) as server:
         client = login(server)
         assert client.stat() == (0, 0)
         client.quit()
-    assert sorted(os.listdir(os.path.join(root, "alice"))) == ["cur", "new", "tmp"]
+    assert os.listdir(root) == []
 
 
 def test_binary_non_utf8_content(maildir):
@@ -444,12 +527,52 @@ def test_passwd_may_be_a_path_a_callable_or_none(maildir, tmp_path):
         MaildirAdapter(root, 42)
 
 
-def test_new_mailbox_directories_are_private(maildir):
-    root, adapter = maildir
-    with Controller(adapter) as server:
+@pytest.fixture
+def shared_root():
+    """A Maildir root another user can reach (pytest's tmp_path is root-only)."""
+    root = tempfile.mkdtemp(prefix="pop3frame-maildir-")
+    os.chmod(root, 0o755)
+    yield root
+    shutil.rmtree(root)
+
+
+def test_directories_made_for_a_maildir_belong_to_its_owner(shared_root, tmp_path):
+    """A server running as root completes ROOT/<user> (here owned by nobody) with
+    private new/, cur/, tmp/ and a size cache that belong to nobody too, so a
+    delivery agent running as the user still delivers."""
+    me = os.geteuid() == 0
+    owner = pwd.getpwnam("nobody") if me else pwd.getpwuid(os.geteuid())
+    home = os.path.join(shared_root, "alice")
+    os.mkdir(home, 0o700)
+    os.chown(home, owner.pw_uid, owner.pw_gid)
+    passwd = str(tmp_path / "passwd")
+    set_password(passwd, "alice", "pw", scheme="PLAIN")
+    with Controller(MaildirAdapter(shared_root, passwd)) as server:
         login(server).quit()
-    for sub in ("", "new", "cur", "tmp"):
-        assert os.stat(os.path.join(root, "alice", sub)).st_mode & 0o777 == 0o700
+        assert server.wait_for_connections(0)
+        for sub in ("new", "cur", "tmp"):
+            st = os.lstat(os.path.join(home, sub))
+            assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (owner.pw_uid, owner.pw_gid, 0o700), sub
+        # The user's own delivery agent: tmp/ then rename into new/, as Maildir requires.
+        subprocess.run(["sh", "-c", "printf 'Subject: mda\\n\\nx\\n' > tmp/m && mv tmp/m new/1700000001.M1P1.mda"],
+                       cwd=home, user=owner.pw_uid, group=owner.pw_gid, extra_groups=[], check=True)
+        client = login(server)
+        assert client.retr(1)[1][0] == b"Subject: mda"
+        client.quit()
+    st = os.lstat(os.path.join(home, CACHE_NAME))
+    assert (st.st_uid, st.st_gid) == (owner.pw_uid, owner.pw_gid)
+
+
+def test_read_only_adapter_creates_no_directory(maildir):
+    root, adapter = maildir
+    name = deliver_like_an_mda(root, "alice", b"Subject: ro\n\nx\n")
+    for sub in ("cur", "tmp"):
+        os.rmdir(os.path.join(root, "alice", sub))
+    with Controller(MaildirAdapter(root, adapter.auth, read_only=True)) as server:
+        client = login(server)
+        assert uidl(client) == [name]
+        client.quit()
+    assert sorted(os.listdir(os.path.join(root, "alice"))) == sorted([CACHE_NAME, "new"])
 
 
 def test_read_only_leaves_every_file_alone(maildir):
@@ -491,3 +614,68 @@ def test_deletion_failure_is_logged_with_the_message(maildir, caplog):
         assert uidl(client) == [names[3]]
         client.quit()
     shutil.rmtree(victim)
+
+
+def test_symlinked_new_directory_is_not_served(maildir, tmp_path, caplog):
+    """new/ as a symlink would let a user who owns the Maildir have a root server read any directory."""
+    root, adapter = maildir
+    home = _mkdirs(root)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "1700000000.M9.secret").write_bytes(b"root secret\n")
+    os.rmdir(os.path.join(home, "new"))
+    os.symlink(elsewhere, os.path.join(home, "new"))
+    kept = deliver_like_an_mda(root, "alice", b"Subject: cur\n\nx\n", flags="")
+    with Controller(adapter) as server:
+        client = login(server)
+        assert uidl(client) == [kept]
+        client.quit()
+    assert "is not a directory" in caplog.text
+    assert os.listdir(elsewhere) == ["1700000000.M9.secret"]
+
+
+def test_directories_swapped_for_symlinks_during_a_session(maildir, tmp_path):
+    """After the listing, new/ and cur/ become symlinks to other directories: RETR,
+    DELE and the move to cur/ must not reach them, and no message is lost."""
+    root, adapter = maildir
+    names = [deliver_like_an_mda(root, "alice", b"Subject: %d\n\nx\n" % i) for i in range(2)]
+    home = os.path.join(root, "alice")
+    target_new, target_cur = tmp_path / "target-new", tmp_path / "target-cur"
+    target_new.mkdir()
+    target_cur.mkdir()
+    (target_new / names[0]).write_bytes(b"Subject: not yours\n\nsecret\n")
+    with Controller(adapter) as server:
+        client = login(server)
+        client.retr(2)
+        for sub, target in (("new", target_new), ("cur", target_cur)):
+            os.rename(os.path.join(home, sub), os.path.join(home, sub + ".real"))
+            os.symlink(target, os.path.join(home, sub))
+        with pytest.raises(poplib.error_proto, match=r"\[SYS/TEMP\]"):
+            client.retr(1)
+        client.dele(1)
+        with pytest.raises(poplib.error_proto, match=r"\[SYS/TEMP\]"):
+            client.quit()
+        assert server.wait_for_connections(0)
+    assert os.listdir(target_new) == [names[0]]
+    assert os.listdir(target_cur) == []
+    assert sorted(os.listdir(os.path.join(home, "new.real"))) == sorted(names)
+
+
+def test_size_cache_that_is_a_fifo_does_not_block_the_login(maildir):
+    """Only regular files are opened: a FIFO in the Maildir must not hang a session thread."""
+    root, adapter = maildir
+    deliver_like_an_mda(root, "alice", b"Subject: f\n\nx\n")
+    cache = os.path.join(root, "alice", CACHE_NAME)
+    os.mkfifo(cache)
+    result = []
+    reader = threading.Thread(target=lambda: result.append(adapter.list_messages("alice")), daemon=True)
+    reader.start()
+    reader.join(10)
+    blocked = reader.is_alive()
+    if blocked:
+        # Release the blocked open (a writer appears and leaves) before failing.
+        os.close(os.open(cache, os.O_WRONLY | os.O_NONBLOCK))
+        reader.join(10)
+    assert not blocked
+    assert [m.size for m in result[0]] == [len(b"Subject: f\r\n\r\nx\r\n")]
+    assert os.path.isfile(cache)  # replaced by a real cache file
