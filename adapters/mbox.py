@@ -3,12 +3,23 @@
 - Messages start at a ``From `` line at the beginning of the file or after
   an empty line; the separator line is not part of the message, nor is the
   empty line before the next one.
-- Quoting is undone on RETR, mboxrd style: ``>From `` becomes ``From ``
-  and ``>>From `` becomes ``>From `` (a regular expression per chunk, with the
-  line start carried across chunk boundaries).
-- The file is indexed by byte offsets in one streaming pass; nothing is
-  loaded whole.  UIDL is a hash of the separator line and the message's
-  first bytes, stable while the message is unchanged.
+- Quoting is undone on RETR and TOP, mboxrd style: ``>From `` becomes
+  ``From `` and ``>>From `` becomes ``>From ``.  At a chunk boundary at most
+  a few bytes wait for the next chunk, and the result never depends on where
+  the boundaries fall.
+- The index (byte offsets, wire size and SHA-1 of every message) is built
+  in streaming passes, nothing is loaded whole, and it is cached per mbox
+  by (device, inode, size, mtime): an unchanged mbox is not read at login,
+  one that only grew (an MDA appended mail) is read from its old end, and
+  the cache follows our own rewrites.
+- UIDL: the SHA-1 of the message with its ``From `` line (envelope sender
+  and delivery time), so it is stable while the message is unchanged.
+  Unique-ids are given in file order, and one already taken (a byte-identical
+  copy) gets ``-2``, ``-3``... appended, so appended mail never changes an
+  existing one.  When a rewrite would change a kept message's unique-id (an
+  earlier copy was deleted), the rewrite pins it in an ``X-UIDL:`` line right
+  after the ``From `` line, as qpopper and UW imapd keep state in the mbox;
+  that line is not part of the message as served.
 - Locking follows Debian's mutt/procmail/Dovecot convention: a dotlock
   ``<mbox>.lock`` created with O_EXCL, plus ``fcntl.lockf`` on the mbox,
   held while indexing and while rewriting.  A dotlock older than
@@ -16,22 +27,25 @@
 - Deletion rewrites the mbox into a temporary file in the same directory,
   copies any mail appended since the session started, fsyncs and renames
   over the original: the file is always either the old or the new one.
+  The new file gets the old one's owner, group and mode; if the owner cannot
+  be kept (the server does not run as root), nothing is deleted.
 """
 from __future__ import annotations
 
 import errno
 import fcntl
 import hashlib
+import io
 import logging
 import os
 import re
 import tempfile
 import threading
 import time
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Set, Tuple
 
-from pop3frame import AdapterBase, MessageInfo, TemporaryFailure
-from pop3frame.protocol import CHUNK_SIZE
+from pop3frame import AdapterBase, MessageInfo, PermanentFailure, TemporaryFailure
+from pop3frame.protocol import CHUNK_SIZE, stream_wire_size
 
 from .maildir import safe_user_name
 
@@ -40,51 +54,116 @@ __all__ = ["MboxAdapter"]
 logger = logging.getLogger("pop3frame.adapters.mbox")
 
 _QUOTED = re.compile(rb"\n>(>*From )")
+#: A line that may still turn out to be a quoted From_ line: '>'s, then a
+#: prefix of "From".  (Without a '>' it is harmless to hold back too.)
+_UNDECIDED = re.compile(rb"(>*)(?:F(?:r(?:o(?:m)?)?)?)?")
+_PIN = re.compile(rb"X-UIDL: ([\x21-\x7e]{1,70})\n")
 
 
-class _Unquote:
-    """Streaming mboxrd unquoting of one message's byte range."""
+class _Unquote(io.RawIOBase):
+    """One message's byte range with mboxrd quoting undone, read in chunks.
 
-    def __init__(self, f, start: int, end: int, chunk_size: int) -> None:
+    ``digest``, if given, is fed the raw bytes as they are read (the index
+    hashes a message in the same pass that measures it).  Closing closes
+    ``f`` unless ``closefd`` is false.
+    """
+
+    def __init__(self, f, start: int, end: int, chunk_size: int, *, digest=None, closefd: bool = True) -> None:
+        super().__init__()
         self._f = f
         self._left = end - start
         self._chunk_size = chunk_size
-        # A sentinel LF makes the first line a line start for the regex; it
-        # is removed from the first bytes returned.
-        self._carry = b"\n"
-        self._sentinel = True
+        self._digest = digest
+        self._closefd = closefd
+        self._tail = b""  # held back; it starts a line (or stands for one's last '>')
+        self._mid_line = False  # the next byte continues a line already decided
+        self._out = memoryview(b"")
+        self._done = False
         f.seek(start)
 
-    def read(self, n: int = -1) -> bytes:
-        while True:
-            if self._left <= 0:
-                data, self._carry = self._carry, b""
-                return self._emit(_QUOTED.sub(rb"\n\1", data)) if data else b""
-            chunk = self._f.read(min(self._chunk_size, self._left))
-            if not chunk:
-                self._left = 0
-                continue
-            self._left -= len(chunk)
-            data = self._carry + chunk
-            cut = data.rfind(b"\n")
-            # A short last line waits for the next chunk: it may be a quoted
-            # From_ line split across the boundary.
-            if cut >= 0 and len(data) - cut <= 64 and self._left > 0:
-                data, self._carry = data[:cut], data[cut:]
-            else:
-                self._carry = b""
-            out = self._emit(_QUOTED.sub(rb"\n\1", data))
-            if out:
-                return out
+    def readable(self) -> bool:
+        return True
 
-    def _emit(self, out: bytes) -> bytes:
-        if self._sentinel and out:
-            self._sentinel = False
-            out = out[1:]
-        return out
+    def readinto(self, b) -> int:
+        while not self._out:
+            if self._done:
+                return 0
+            chunk = self._f.read(min(self._chunk_size, self._left)) if self._left > 0 else b""
+            if not chunk:
+                self._left = 0  # the file is shorter than indexed: end the message here
+            self._left -= len(chunk)
+            if self._digest is not None:
+                self._digest.update(chunk)
+            self._done = self._left <= 0
+            self._out = memoryview(self._unquote(chunk, self._done))
+        n = min(len(b), len(self._out))
+        b[:n] = self._out[:n]
+        self._out = self._out[n:]
+        return n
+
+    def _unquote(self, chunk: bytes, final: bool) -> bytes:
+        # A leading "\n" shows the expression a line start; it is cut off below.
+        head = b"" if self._mid_line else b"\n"
+        data = head + self._tail + chunk
+        self._tail = b""
+        cut = data.rfind(b"\n")
+        if not final and cut >= 0:
+            undecided = _UNDECIDED.fullmatch(data, cut + 1)
+            if undecided:
+                # Hold the last line back, but of its leading '>'s only one:
+                # they are all alike and unquoting removes exactly one.
+                keep = cut + 1 + max(len(undecided.group(1)) - 1, 0)
+                data, self._tail = data[:keep], data[keep:]
+            self._mid_line = undecided is None
+        return _QUOTED.sub(rb"\n\1", data)[len(head):]
 
     def close(self) -> None:
-        self._f.close()
+        if not self.closed and self._closefd:
+            self._f.close()
+        super().close()
+
+
+class _Entry(NamedTuple):
+    """One message: separator offset, body start and end, SHA-1, wire size, pinned unique-id."""
+
+    start: int
+    body: int  # after the From_ line and the pin line, if any
+    end: int
+    digest: str
+    size: int
+    pin: str
+
+
+def _pin_line(uid: str) -> bytes:
+    return b"X-UIDL: %s\n" % uid.encode() if uid else b""
+
+
+def _assign_uids(entries: Sequence[_Entry]) -> List[str]:
+    """Unique-ids in file order: the pinned one if still free, else the
+    digest, or the digest with the first free ``-n``."""
+    taken: Set[str] = set()
+    copies: Dict[str, int] = {}
+    uids = []
+    for entry in entries:
+        uid = entry.pin
+        while not uid or uid in taken:
+            n = copies[entry.digest] = copies.get(entry.digest, 0) + 1
+            uid = entry.digest if n == 1 else "%s-%d" % (entry.digest, n)
+        taken.add(uid)
+        uids.append(uid)
+    return uids
+
+
+class _Index(NamedTuple):
+    """An mbox as indexed: the file's identity, how much was indexed, the messages."""
+
+    ident: Optional[Tuple[int, int]]  # (st_dev, st_ino); None for a missing mbox
+    size: int
+    mtime_ns: int
+    entries: List[_Entry]
+
+
+_EMPTY = _Index(None, 0, 0, [])
 
 
 class MboxAdapter(AdapterBase):
@@ -105,15 +184,21 @@ class MboxAdapter(AdapterBase):
         self.clock = clock
         self.chunk_size = chunk_size
         self._mutex = threading.Lock()
-        self._index: Dict[str, Tuple[int, List[Tuple[int, int, int]]]] = {}
+        self._cache: Dict[str, _Index] = {}  # by mbox path, across sessions
+        self._sessions: Dict[str, _Index] = {}  # by user, what the session listed
 
     def path(self, username: str) -> str:
         if not safe_user_name(username):
             raise TemporaryFailure("invalid mailbox name")
-        return self.path_template.format(user=username)
+        return self.path_template.replace("{user}", username)
 
     def authenticate(self, username: str, password: str) -> bool:
         return safe_user_name(username) and bool(self.auth.authenticate(username, password))
+
+    def open_file(self, path: str, mode: str):
+        """Every open of an mbox goes through here: subclasses (and the
+        tests) can wrap it to count or forbid reads."""
+        return open(path, mode)
 
     # -- locking --------------------------------------------------------------
 
@@ -135,8 +220,13 @@ class MboxAdapter(AdapterBase):
                         pass
                     continue
                 raise TemporaryFailure("mailbox is locked by another program")
-            os.write(fd, b"%d\n" % os.getpid())
-            os.close(fd)
+            try:
+                os.write(fd, b"%d\n" % os.getpid())
+            except OSError:
+                os.unlink(lock)  # a full disk must not leave the mailbox locked
+                raise
+            finally:
+                os.close(fd)
             return lock
         raise TemporaryFailure("mailbox is locked by another program")
 
@@ -144,7 +234,7 @@ class MboxAdapter(AdapterBase):
         """Open ``path`` holding the dotlock and an fcntl lock; caller must _unlock."""
         lock = self._dotlock(path)
         try:
-            f = open(path, mode)
+            f = self.open_file(path, mode)
             try:
                 fcntl.lockf(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as exc:
@@ -166,14 +256,20 @@ class MboxAdapter(AdapterBase):
 
     # -- index --------------------------------------------------------------
 
-    def _scan(self, f) -> Tuple[int, List[Tuple[int, int, int]]]:
-        """(indexed size, [(separator offset, body start, body end)]) in one pass."""
+    def _scan(self, f, begin: int) -> List[int]:
+        """Offsets of the separator lines at or after ``begin``, in one pass."""
         starts: List[int] = []
-        pos, prev_tail = 0, b"\n\n"  # file start counts as "after an empty line"
+        if begin:
+            f.seek(begin - 2)
+            prev_tail = f.read(2)
+        else:
+            f.seek(0)
+            prev_tail = b"\n\n"  # file start counts as "after an empty line"
+        pos = begin
         while True:
             chunk = f.read(self.chunk_size)
             if not chunk:
-                break
+                return starts
             data = prev_tail + chunk
             i = data.find(b"\n\nFrom ")
             while i >= 0:
@@ -181,92 +277,170 @@ class MboxAdapter(AdapterBase):
                 i = data.find(b"\n\nFrom ", i + 1)
             pos += len(chunk)
             prev_tail = data[-6:]
-        size = pos
-        messages = []
+
+    def measure(self, f, start: int, body: int, end: int, pin: str) -> _Entry:
+        """Hash and wire size of one message: the only place the index reads
+        message bodies.  Subclasses (and the tests) can wrap it."""
+        f.seek(start)
+        digest = hashlib.sha1(f.readline(4096))  # the From_ line; a pin line would change on rewrite
+        size = stream_wire_size(_Unquote(f, body, end, self.chunk_size, digest=digest, closefd=False),
+                                self.chunk_size)
+        return _Entry(start, body, end, digest.hexdigest(), size, pin)
+
+    def _entries(self, f, starts: List[int], size: int, known: Dict[Tuple[int, int, int], _Entry]) -> List[_Entry]:
+        entries = []
         for k, start in enumerate(starts):
             f.seek(start)
-            separator = f.readline(4096)
-            body = start + len(separator)
-            end = starts[k + 1] - 1 if k + 1 < len(starts) else size
-            if k + 1 == len(starts):
+            body = start + len(f.readline(4096))
+            if k + 1 < len(starts):
+                end = starts[k + 1] - 1
+            else:
+                end = size
                 f.seek(max(size - 2, body))
                 if f.read(2) == b"\n\n":
                     end = size - 1
-            messages.append((start, body, max(body, end)))
-        return size, messages
+            end = max(body, end)
+            f.seek(body)
+            line = f.readline(80)
+            pinned = _PIN.fullmatch(line) if body + len(line) <= end else None
+            pin = pinned.group(1).decode() if pinned else ""
+            body += len(line) if pinned else 0
+            entries.append(known.get((start, body, end)) or self.measure(f, start, body, end, pin))
+        return entries
+
+    def _index(self, path: str, f) -> _Index:
+        """The index of the open, locked mbox ``f``: cached, extended or made anew."""
+        st = os.fstat(f.fileno())
+        ident = (st.st_dev, st.st_ino)
+        with self._mutex:
+            cached = self._cache.get(path, _EMPTY)
+        if cached.ident == ident and (cached.size, cached.mtime_ns) == (st.st_size, st.st_mtime_ns):
+            return cached
+        old = cached.entries
+        if (cached.ident == ident and old and cached.size < st.st_size
+                and _starts_with_from(f, old[-1].start)):
+            # Grown, and the last message is still where it was: mail was
+            # appended.  The last message is kept if its extent did not change.
+            last = old[-1]
+            starts = [last.start] + self._scan(f, max(last.body, cached.size - 4))
+            entries = old[:-1] + self._entries(f, starts, st.st_size, {last[:3]: last})
+        else:
+            entries = self._entries(f, self._scan(f, 0), st.st_size, {})
+        index = _Index(ident, st.st_size, st.st_mtime_ns, entries)
+        with self._mutex:
+            self._cache[path] = index
+        return index
 
     def list_messages(self, username: str) -> Sequence[MessageInfo]:
         path = self.path(username)
         try:
             f, lock = self._locked(path, "r+b")
         except FileNotFoundError:
+            index = _EMPTY
             with self._mutex:
-                self._index[username] = (0, [])
-            return []
-        try:
-            size, messages = self._scan(f)
-            infos = []
-            for start, body, end in messages:
-                f.seek(start)
-                head = f.read(min(end - start, 4096))
-                uid = hashlib.sha1(head + b"%d" % (end - body)).hexdigest()
-                stream = _Unquote(open(path, "rb"), body, end, self.chunk_size)
-                wire = _wire_size(stream)
-                infos.append(MessageInfo(uid, wire, key=(start, body, end)))
-        finally:
-            self._unlock(f, lock)
+                self._cache.pop(path, None)
+        else:
+            try:
+                index = self._index(path, f)
+            finally:
+                self._unlock(f, lock)
         with self._mutex:
-            self._index[username] = (size, messages)
-        return infos
+            self._sessions[username] = index
+        return [MessageInfo(uid, entry.size, key=entry)
+                for uid, entry in zip(_assign_uids(index.entries), index.entries)]
 
     def open_message(self, username: str, message: MessageInfo):
-        start, body, end = message.key
-        f = open(self.path(username), "rb")
-        f.seek(start)
-        if not f.read(5) == b"From ":
+        entry: _Entry = message.key
+        with self._mutex:
+            ident = self._sessions[username].ident
+        f = self.open_file(self.path(username), "rb")
+        try:
+            st = os.fstat(f.fileno())
+            if (st.st_dev, st.st_ino) != ident or not _starts_with_from(f, entry.start):
+                raise TemporaryFailure("mailbox changed by another program; try again")
+            return io.BufferedReader(_Unquote(f, entry.body, entry.end, self.chunk_size), self.chunk_size)
+        except BaseException:
             f.close()
-            raise TemporaryFailure("mailbox changed by another program; try again")
-        return _Unquote(f, body, end, self.chunk_size)
+            raise
 
     def delete_messages(self, username: str, messages: Sequence[MessageInfo]) -> None:
         path = self.path(username)
         with self._mutex:
-            size, index = self._index[username]
-        doomed = {m.key[0] for m in messages}
+            index = self._sessions[username]
         f, lock = self._locked(path, "r+b")
         try:
             st = os.fstat(f.fileno())
-            if st.st_size < size or any(not _starts_with_from(f, s) for s, _, _ in index):
+            if ((st.st_dev, st.st_ino) != index.ident or st.st_size < index.size
+                    or any(not _starts_with_from(f, e.start) for e in index.entries)):
                 raise TemporaryFailure("mailbox changed by another program; nothing deleted")
-            fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".mbox-")
-            try:
-                with os.fdopen(fd, "wb") as out:
-                    for k, (start, _, end) in enumerate(index):
-                        if start in doomed:
-                            continue
-                        stop = index[k + 1][0] if k + 1 < len(index) else size
-                        _copy(f, out, start, stop)
-                    # Mail an MDA appended during the session stays.
-                    _copy(f, out, size, st.st_size)
-                    out.flush()
-                    os.fsync(out.fileno())
-                os.chmod(tmp, st.st_mode & 0o7777)
-                os.replace(tmp, path)
-            except BaseException:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
-                raise
+            rewritten = self._rewrite(path, f, st, index, {m.key.start for m in messages})
         finally:
             self._unlock(f, lock)
+        with self._mutex:
+            self._cache[path] = rewritten
+
+    def _rewrite(self, path: str, f, st: os.stat_result, index: _Index, doomed: Set[int]) -> _Index:
+        """Replace the mbox by a copy without ``doomed``; return the copy's index."""
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".mbox-")
+        try:
+            with os.fdopen(fd, "wb") as out:
+                _give_owner(out.fileno(), st, path)
+                _copy(f, out, 0, index.entries[0].start)  # whatever precedes the first From_ line
+                entries = []
+                for k, (entry, uid) in enumerate(zip(index.entries, _assign_uids(index.entries))):
+                    if entry.start in doomed:
+                        continue
+                    # In file order, every message before this one keeps its
+                    # unique-id, so an unpinned one still gets its digest.
+                    pin = uid if entry.pin or uid != entry.digest else ""
+                    start = out.tell()
+                    f.seek(entry.start)
+                    out.write(f.readline(4096) + _pin_line(pin))
+                    body = out.tell()
+                    stop = index.entries[k + 1].start if k + 1 < len(index.entries) else index.size
+                    _copy(f, out, entry.body, stop)
+                    entries.append(entry._replace(start=start, body=body, end=body + entry.end - entry.body, pin=pin))
+                kept = out.tell()
+                # Mail an MDA appended during the session stays.
+                _copy(f, out, index.size, st.st_size)
+                out.flush()
+                os.fsync(out.fileno())
+                new = os.fstat(out.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+            raise
+        # Indexed up to `kept`: appended mail is picked up as growth at the next login.
+        return _Index((new.st_dev, new.st_ino), kept, new.st_mtime_ns, entries)
 
     def close_mailbox(self, username: str) -> None:
         with self._mutex:
-            self._index.pop(username, None)
+            self._sessions.pop(username, None)
+
+
+def _give_owner(fd: int, st: os.stat_result, path: str) -> None:
+    """Give the new mbox the old one's owner, group and mode, or refuse."""
+    mine = os.fstat(fd)
+    if (mine.st_uid, mine.st_gid) != (st.st_uid, st.st_gid):
+        try:
+            os.fchown(fd, st.st_uid, st.st_gid)
+        except OSError as exc:
+            # A spool file that changed hands would lock out its MDA or user.
+            logger.error("cannot give the rewritten %s its owner %d:%d (%s); nothing deleted",
+                         path, st.st_uid, st.st_gid, exc.strerror)
+            raise PermanentFailure("cannot keep the mailbox's owner; nothing deleted") from None
+    os.fchmod(fd, st.st_mode & 0o7777)  # after fchown, which may clear set-id bits
 
 
 def _starts_with_from(f, offset: int) -> bool:
-    f.seek(offset)
-    return f.read(5) == b"From "
+    """Whether a separator line still starts at ``offset``: a cheap check
+    that another program did not rewrite the file."""
+    begin = max(offset - 2, 0)  # the file's start counts as an empty line
+    f.seek(begin)
+    return f.read(offset + 5 - begin) == b"\n\nFrom "[begin - offset + 2:]
 
 
 def _copy(src, dst, start: int, stop: int) -> None:
@@ -278,12 +452,3 @@ def _copy(src, dst, start: int, stop: int) -> None:
             break
         dst.write(data)
         left -= len(data)
-
-
-def _wire_size(stream: _Unquote) -> int:
-    from pop3frame.protocol import stream_wire_size
-
-    try:
-        return stream_wire_size(stream)
-    finally:
-        stream.close()

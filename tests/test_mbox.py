@@ -1,20 +1,25 @@
 """mbox adapter: quoting, offsets, locking, atomic rewrite."""
 from __future__ import annotations
 
-import fcntl
+import grp
+import io
 import os
 import poplib
+import pwd
+import shutil
 import subprocess
 import sys
+import tempfile
 import tracemalloc
 
 import pytest
 
+from pop3frame import MessageInfo, TemporaryFailure
 from pop3frame.adapters.mbox import MboxAdapter
 from pop3frame.adapters.passwdfile import PasswdFile, set_password
 from pop3frame.testing import ManualClock, Controller
 from tests.harness_mbox import append_like_an_mda
-from tests.helpers import retr_lines_to_bytes
+from tests.helpers import RawClient, retr_lines_to_bytes
 
 
 @pytest.fixture
@@ -144,3 +149,314 @@ def test_rewrite_refused_if_mailbox_changed_incompatibly(spool):
         with pytest.raises(poplib.error_proto, match="nothing deleted"):
             client.quit()
     assert os.path.getsize(path) == 10
+
+
+@pytest.mark.parametrize("chunk_size", [7, 4096])
+def test_top_is_byte_exact_and_unquotes(spool, chunk_size):
+    """RFC 1939 section 7 (TOP): the headers, the blank line, then n body
+    lines, each as RETR would send it (mboxrd quoting undone)."""
+    root, auth = spool
+    original = b"Subject: top\nX-A: b\n\nFrom the start\n>From once\n.dot\nlast\n"
+    append_like_an_mda(os.path.join(root, "alice"), original)
+    with Controller(MboxAdapter(root, auth, chunk_size=chunk_size)) as server, RawClient(server.address) as c:
+        assert c.login("alice", "pw").startswith(b"+OK")
+        assert c.cmd("TOP 1 0") == b"+OK\r\n"
+        assert c.multiline() == b"Subject: top\r\nX-A: b\r\n\r\n.\r\n"
+        assert c.cmd("TOP 1 2") == b"+OK\r\n"
+        assert c.multiline() == b"Subject: top\r\nX-A: b\r\n\r\nFrom the start\r\n>From once\r\n.\r\n"
+        assert c.cmd("TOP 1 3").startswith(b"+OK")
+        assert c.multiline().endswith(b">From once\r\n..dot\r\n.\r\n")
+        assert c.cmd("QUIT").startswith(b"+OK")
+
+
+def test_unquoting_does_not_depend_on_chunk_boundaries(spool):
+    """mboxrd: exactly one '>' goes from a line of '>'s followed by "From ",
+    however long the run and wherever a chunk ends."""
+    root, auth = spool
+    original = (b"Subject: q\n\n" + b">" * 100 + b"From deep\n" + b">" * 100 + b"Fromage\n"
+                + b"From x\n>\n>>\nF\nFrom\n>From")
+    append_like_an_mda(os.path.join(root, "alice"), original)
+    for chunk_size in list(range(1, 24)) + [64, 4096]:
+        adapter = MboxAdapter(root, auth, chunk_size=chunk_size)
+        [message] = adapter.list_messages("alice")
+        stream = adapter.open_message("alice", message)
+        try:
+            assert stream.read() == original + b"\n", chunk_size
+        finally:
+            stream.close()
+        assert message.size == len(crlf(original)) + 2
+        adapter.close_mailbox("alice")
+
+
+def uidl(server):
+    client = server.pop3()
+    client.user("alice")
+    client.pass_("pw")
+    uids = [line.split()[1] for line in client.uidl()[1]]
+    client.quit()
+    assert server.wait_for_connections(0)
+    return uids
+
+
+def test_identical_messages_get_distinct_stable_uids(spool):
+    """RFC 1939 section 7 (UIDL): a unique-id is unique within the maildrop
+    and persists across sessions, also for byte-identical deliveries and
+    after an earlier copy was deleted, and across a server restart."""
+    root, auth = spool
+    path = os.path.join(root, "alice")
+    same = b"Subject: same\n\nsame body\n"
+    for data in (same, b"Subject: other\n\nx\n", same, same):
+        append_like_an_mda(path, data)
+    with Controller(MboxAdapter(root, auth)) as server:
+        uids = uidl(server)
+        assert len(set(uids)) == 4
+        assert uidl(server) == uids
+        append_like_an_mda(path, same)
+        grown = uidl(server)
+        assert grown[:4] == uids and len(set(grown)) == 5
+        client = server.pop3()
+        client.user("alice")
+        client.pass_("pw")
+        client.dele(1)  # the first copy: the others must keep their ids
+        client.dele(2)
+        client.quit()
+        assert server.wait_for_connections(0)
+        assert uidl(server) == grown[2:]
+    with Controller(MboxAdapter(root, auth)) as server:  # the ids are kept in the file
+        assert uidl(server) == grown[2:]
+        client, got = fetch(server)
+        assert got == [crlf(same)] * 3  # the pin line is not part of the message
+        client.quit()
+    with open(path, "rb") as f:
+        assert f.read().count(b"\nX-UIDL: ") == 3
+
+
+class _CountingFile(io.FileIO):
+    """A real file that adds the bytes it reads from the OS to ``owner.bytes_read``."""
+
+    def __init__(self, path, mode, owner):
+        super().__init__(path, mode)
+        self.owner = owner
+
+    def readinto(self, b):
+        n = super().readinto(b)
+        self.owner.bytes_read += n or 0
+        return n
+
+
+class CountingMbox(MboxAdapter):
+    """Counts bytes read from mboxes and messages measured."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.bytes_read = self.measured = 0
+
+    def open_file(self, path, mode):
+        raw = _CountingFile(path, mode.replace("b", ""), self)
+        return io.BufferedRandom(raw) if "+" in mode else io.BufferedReader(raw)
+
+    def measure(self, *args):
+        self.measured += 1
+        return super().measure(*args)
+
+
+def listing(adapter):
+    try:
+        return [(m.uid, m.size, m.key) for m in adapter.list_messages("alice")]
+    finally:
+        adapter.close_mailbox("alice")
+
+
+def test_index_is_cached_and_extended_by_appended_mail(spool):
+    """PITFALLS: after the first index, STAT on 10,000 messages reads nothing;
+    appended mail is read alone; our own rewrite leaves nothing to re-read."""
+    root, auth = spool
+    path = os.path.join(root, "alice")
+    with open(path, "wb") as f:
+        for i in range(10_000):
+            f.write(b"From a@b Mon Jan  5 10:00:00 2026\nSubject: %05d\n\nline\nline\n\n" % i)
+    size = len(b"Subject: 00000\r\n\r\nline\r\nline\r\n")
+    adapter = CountingMbox(root, auth)
+    with Controller(adapter) as server:
+        client = server.pop3()
+        client.user("alice")
+        client.pass_("pw")
+        assert client.stat() == (10_000, 10_000 * size)
+        client.quit()
+        assert server.wait_for_connections(0)
+        assert adapter.measured == 10_000 and adapter.bytes_read >= os.path.getsize(path)
+        adapter.bytes_read = adapter.measured = 0
+        uids = uidl(server)
+        assert len(uids) == 10_000
+        assert (adapter.bytes_read, adapter.measured) == (0, 0)
+
+        append_like_an_mda(path, b"Subject: late\n\nlate\n")
+        grown = uidl(server)
+        assert grown[:10_000] == uids and len(grown) == 10_001
+        assert adapter.measured == 1 and adapter.bytes_read < 64 * 1024  # the file is 380 kB
+
+        client = server.pop3()
+        client.user("alice")
+        client.pass_("pw")
+        client.dele(1)
+        client.quit()
+        assert server.wait_for_connections(0)
+        adapter.bytes_read = adapter.measured = 0
+        assert uidl(server) == grown[1:]
+        assert (adapter.bytes_read, adapter.measured) == (0, 0)
+    assert listing(MboxAdapter(root, auth)) == listing(adapter)  # the cache says what a fresh index says
+
+
+def test_rewritten_index_matches_a_fresh_one(spool):
+    """The index kept after a rewrite (shifted offsets, pinned unique-ids,
+    mail appended during the session) equals the one a restart builds."""
+    root, auth = spool
+    path = os.path.join(root, "alice")
+    for data in (b"Subject: 1\n\none\n", b"Subject: 2\n\n>From two\n", b"Subject: 1\n\none\n", b"Subject: 4\n\nfour"):
+        append_like_an_mda(path, data)
+    adapter = CountingMbox(root, auth)
+    with Controller(adapter) as server:
+        for doomed, late in ((1, b"Subject: late\n\nlate\n"), (1, None)):
+            client, _ = fetch(server)
+            if late:
+                append_like_an_mda(path, late)
+            client.dele(doomed)
+            assert client.quit().startswith(b"+OK")
+            assert server.wait_for_connections(0)
+            adapter.measured = 0
+            assert listing(adapter) == listing(MboxAdapter(root, auth))
+            assert adapter.measured == (1 if late else 0)  # only the late message is read
+        client, got = fetch(server)
+        assert got == [b"Subject: 1\r\n\r\none\r\n", b"Subject: 4\r\n\r\nfour\r\n", b"Subject: late\r\n\r\nlate\r\n"]
+        client.quit()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="chown needs root")
+def test_rewrite_keeps_owner_group_and_mode(spool):
+    root, auth = spool
+    path = os.path.join(root, "alice")
+    for i in range(2):
+        append_like_an_mda(path, b"Subject: %d\n\nx\n" % i)
+    nobody, mail = pwd.getpwnam("nobody").pw_uid, grp.getgrnam("mail").gr_gid
+    os.chown(path, nobody, mail)
+    os.chmod(path, 0o660)
+    with Controller(MboxAdapter(root, auth)) as server:
+        client, _ = fetch(server)
+        client.dele(1)
+        assert client.quit().startswith(b"+OK")
+        assert server.wait_for_connections(0)
+        st = os.stat(path)
+        assert (st.st_uid, st.st_gid, st.st_mode & 0o7777) == (nobody, mail, 0o660)
+        client, got = fetch(server)
+        assert got == [b"Subject: 1\r\n\r\nx\r\n"]
+        client.quit()
+
+
+@pytest.fixture
+def shared_spool():
+    """A spool directory nobody can write to (not under root's 0700 tmp_path)."""
+    path = tempfile.mkdtemp(prefix="pop3frame-mbox-")
+    os.chmod(path, 0o777)
+    yield path
+    shutil.rmtree(path)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="privilege drop needs root")
+def test_rewrite_refused_when_the_owner_cannot_be_kept(shared_spool):
+    """A server not running as root cannot give the new file root's
+    ownership: it deletes nothing and answers -ERR, the mbox is untouched."""
+    path = os.path.join(shared_spool, "alice")
+    for i in range(2):
+        append_like_an_mda(path, b"Subject: %d\n\nx\n" % i)
+    os.chown(path, 0, grp.getgrnam("mail").gr_gid)
+    os.chmod(path, 0o666)
+    before = open(path, "rb").read()
+    code = (
+        "import sys; from pop3frame import PermanentFailure; from pop3frame.lifecycle import drop_privileges\n"
+        "from pop3frame.adapters.mbox import MboxAdapter\n"
+        "adapter = MboxAdapter(sys.argv[1], None)\n"
+        "drop_privileges('nobody', None)\n"
+        "messages = adapter.list_messages('alice')\n"
+        "try:\n"
+        "    adapter.delete_messages('alice', messages[:1])\n"
+        "except PermanentFailure as exc:\n"
+        "    print(exc.text)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code, shared_spool], capture_output=True, text=True, timeout=60)
+    assert out.stdout == "cannot keep the mailbox's owner; nothing deleted\n", out.stderr
+    st = os.stat(path)
+    assert (st.st_uid, st.st_gid, st.st_mode & 0o7777) == (0, grp.getgrnam("mail").gr_gid, 0o666)
+    assert open(path, "rb").read() == before
+    assert os.listdir(shared_spool) == ["alice"]  # no temporary file, no dotlock
+
+
+def test_user_template_places_each_mailbox(spool):
+    root, auth = spool
+    os.makedirs(os.path.join(root, "alice"))
+    path = os.path.join(root, "alice", "mbox")
+    append_like_an_mda(path, b"Subject: t\n\nhere\n")
+    with Controller(MboxAdapter(os.path.join(root, "{user}", "mbox"), auth)) as server:
+        client, got = fetch(server)
+        assert got == [b"Subject: t\r\n\r\nhere\r\n"]
+        client.dele(1)
+        assert client.quit().startswith(b"+OK")
+    assert os.listdir(os.path.join(root, "alice")) == ["mbox"] and os.path.getsize(path) == 0
+
+
+class Anyone:
+    def authenticate(self, user, password):
+        return True
+
+
+def files_under(top):
+    return {os.path.join(d, n): open(os.path.join(d, n), "rb").read()
+            for d, _, names in os.walk(top) for n in names}
+
+
+@pytest.mark.parametrize("name", ["..", "../victim", "a/b", "/etc/passwd", "x\x00y", ".hidden", ""])
+def test_user_names_that_leave_the_spool_are_refused(tmp_path, name):
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    append_like_an_mda(str(tmp_path / "victim"), b"Subject: v\n\nnot yours\n")
+    before = files_under(str(tmp_path))
+    adapter = MboxAdapter(str(spool), Anyone())
+    assert adapter.authenticate(name, "pw") is False
+    with pytest.raises(TemporaryFailure):
+        adapter.list_messages(name)
+    with pytest.raises(TemporaryFailure):
+        adapter.delete_messages(name, [MessageInfo("x", 1, key=None)])
+    assert files_under(str(tmp_path)) == before
+
+
+def test_traversal_login_over_pop3_is_refused(tmp_path):
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    append_like_an_mda(str(tmp_path / "victim"), b"Subject: v\n\nnot yours\n")
+    with Controller(MboxAdapter(str(spool), Anyone())) as server:
+        client = server.pop3()
+        client.user("../victim")
+        with pytest.raises(poplib.error_proto, match=r"\[AUTH\]"):
+            client.pass_("pw")
+        client.quit()
+    assert not os.path.exists(str(tmp_path / "victim.lock"))
+
+
+def test_rewrite_keeps_bytes_before_the_first_message(spool):
+    """Whatever precedes the first From_ line is not mail, but it is not ours to drop."""
+    root, auth = spool
+    path = os.path.join(root, "alice")
+    with open(path, "wb") as f:
+        f.write(b"\n")
+    append_like_an_mda(path, b"Subject: 1\n\none\n")
+    append_like_an_mda(path, b"Subject: 2\n\ntwo\n")
+    with Controller(MboxAdapter(root, auth)) as server:
+        client, got = fetch(server)
+        assert got == [b"Subject: 1\r\n\r\none\r\n", b"Subject: 2\r\n\r\ntwo\r\n"]
+        client.dele(2)
+        assert client.quit().startswith(b"+OK")
+        assert server.wait_for_connections(0)
+        with open(path, "rb") as f:
+            assert f.read().startswith(b"\nFrom ")
+        client, got = fetch(server)
+        assert got == [b"Subject: 1\r\n\r\none\r\n"]
+        client.quit()
