@@ -154,6 +154,7 @@ def test_brute_force_is_delayed_and_cut_off(frozen, withheld):
                     seen.append(delay)
                 else:
                     closed += c.read_all() == b""  # the third failure on a connection closes it
+        # Failure 4 is the first of the second connection: reconnecting kept the count.
         assert seen == expected and expected[3:10] == [1, 2, 4, 8, 16, 32, 60]
         assert closed == 16
         client = poplib.POP3("127.0.0.1", server.port, timeout=10)

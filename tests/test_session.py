@@ -100,6 +100,8 @@ def test_overlong_line_between_user_and_pass(raw):
 
 
 def test_user_reply_does_not_reveal_existence(raw):
+    """RFC 2449 section 8.1.1 note and RFC 3206 section 5 note: answers to USER must not
+    reveal that a user exists, so USER answers every name alike."""
     assert raw.cmd("USER alice") == raw.cmd("USER nosuchuser")
 
 
@@ -124,6 +126,7 @@ def test_quit_in_authorization(raw):
 
 
 def test_too_many_auth_failures_close_the_connection(raw):
+    """No RFC rule: max_auth_failures (3) failed logins close the connection."""
     for _ in range(2):
         raw.cmd("USER alice")
         assert raw.cmd("PASS wrong").startswith(b"-ERR [AUTH]")
@@ -143,11 +146,15 @@ def test_apop_good_and_bad(server):
 
 
 def test_apop_timestamps_are_unique(server):
+    """RFC 1939 section 7 (APOP): the timestamp "MUST be different each time the POP3
+    server issues a banner greeting"."""
     with RawClient(server.address) as a, RawClient(server.address) as b:
         assert a.greeting != b.greeting
 
 
 def test_apop_not_offered_without_secret():
+    """RFC 2449 section 6: clients discover APOP by the timestamp in the greeting, so an
+    adapter without shared secrets gets a greeting without one, and APOP is refused."""
     class NoApop(AdapterBase):
         def authenticate(self, username, password):
             return True
