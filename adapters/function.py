@@ -2,7 +2,7 @@
 
 ::
 
-    from pop3frame.adapters.function import serve_function
+    from pop3frame import serve_function
 
     def mail():
         return [("report-1", b"Subject: hello\\r\\n\\r\\nfrom a function\\r\\n")]
@@ -185,16 +185,24 @@ def serve_function(
     password: Optional[str] = None,
     host: str = "127.0.0.1",
     port: int = 1100,
+    ready: Optional[Callable[[POP3Server], None]] = None,
     **options: Any,
 ) -> None:
     """Serve ``fn``'s mail over POP3 until interrupted (Ctrl-C); blocks.
 
-    For one-file scripts.  Keyword options are those of
-    :func:`make_function_server`.
+    For one-file scripts; also importable as ``pop3frame.serve_function``.
+    Keyword options are those of :func:`make_function_server`.
+    ``ready(server)``, if given, is called in the serving thread once the
+    port is bound, just before serving: ``server.port`` is the port (the
+    one the OS picked with ``port=0``), and ``server.shutdown()`` from
+    another thread makes ``serve_function`` return.  The listening socket
+    is closed on every way out.
     """
     server = make_function_server(fn, user=user, password=password, host=host, port=port, **options)
     logger.info("serving %s on %s:%d", getattr(fn, "__name__", "function"), host, server.port)
     try:
+        if ready is not None:
+            ready(server)
         server.serve_forever()
     except KeyboardInterrupt:
         pass

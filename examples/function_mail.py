@@ -15,7 +15,8 @@ import shutil
 import sys
 from email.message import EmailMessage
 
-from pop3frame.adapters.function import FunctionAdapter, serve_function
+from pop3frame import serve_function
+from pop3frame.adapters.function import FunctionAdapter
 
 
 def status_report():

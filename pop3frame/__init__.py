@@ -4,7 +4,9 @@ The public API is small::
 
     from pop3frame import AdapterBase, MessageInfo, POP3Server
 
-See :mod:`pop3frame.adapter` for the contract an adapter keeps.
+See :mod:`pop3frame.adapter` for the contract an adapter keeps.  For a
+one-file script, ``pop3frame.serve_function(fn, user=..., password=...)``
+serves whatever ``fn()`` returns (:mod:`pop3frame.adapters.function`).
 """
 __version__ = "0.1.0"
 
@@ -34,4 +36,15 @@ __all__ = [
     "ServerConfig",
     "POP3Server",
     "ServerGroup",
+    "serve_function",
 ]
+
+
+def __getattr__(name: str):
+    # serve_function lives with the adapters, which import pop3frame: it is
+    # imported on first use, so "import pop3frame" stays light and cycle-free.
+    if name == "serve_function":
+        from pop3frame.adapters.function import serve_function
+
+        return serve_function
+    raise AttributeError("module 'pop3frame' has no attribute %r" % name)

@@ -3,12 +3,16 @@ from __future__ import annotations
 
 import email.policy
 import poplib
+import queue
+import subprocess
+import sys
 import threading
 from email.message import EmailMessage
 from email.parser import BytesParser
 
 import pytest
 
+import pop3frame
 from pop3frame.adapters.function import FunctionAdapter, make_function_server
 from pop3frame.testing import Controller
 from tests.helpers import retr_lines_to_bytes
@@ -161,3 +165,48 @@ def test_make_function_server_non_blocking_form():
         server.shutdown()
         server.server_close()
         thread.join(10)
+
+
+def test_serve_function_blocks_until_shut_down_and_closes_its_socket():
+    """pop3frame.serve_function, the one-file-script entry point of issue 8:
+    ``ready`` hands over the bound server (port 0: the OS picks), a real
+    POP3 session reads the function's mail, shutdown() makes the blocking
+    call return, and the listening socket is closed afterwards."""
+    started = queue.Queue()
+    thread = threading.Thread(
+        target=pop3frame.serve_function,
+        args=(lambda: [("1", b"Subject: blocking\r\n\r\nhi\r\n")],),
+        kwargs={"user": "me", "password": "pw", "port": 0, "ready": started.put},
+        daemon=True,
+    )
+    thread.start()
+    server = started.get(timeout=10)
+    try:
+        client = poplib.POP3("127.0.0.1", server.port, timeout=10)
+        client.user("me")
+        client.pass_("pw")
+        assert client.retr(1)[1] == [b"Subject: blocking", b"", b"hi"]
+        client.quit()
+    finally:
+        server.shutdown()
+        thread.join(10)
+    assert not thread.is_alive()
+    assert server.socket.fileno() == -1  # the listening socket is closed
+
+
+def test_serve_function_export_is_lazy():
+    """Importing pop3frame does not import the adapters package; the
+    attribute does, and is the adapters' own function."""
+    code = (
+        "import sys, pop3frame\n"
+        "assert 'pop3frame.adapters' not in sys.modules\n"
+        "from pop3frame import serve_function\n"
+        "from pop3frame.adapters.function import serve_function as original\n"
+        "assert serve_function is original and 'serve_function' in pop3frame.__all__\n"
+        "try:\n"
+        "    pop3frame.no_such_name\n"
+        "except AttributeError:\n"
+        "    print('ok')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.stdout == "ok\n", done.stderr
