@@ -177,7 +177,11 @@ def _entries(home: str, sub: str) -> Iterator[os.DirEntry]:
     except FileNotFoundError:
         return  # not made yet (read-only adapters make nothing)
     except OSError as exc:
-        logger.warning("%s is not a directory (a symlink?): not served: %s", path, exc.strerror or exc)
+        # A symlink (ELOOP; EMLINK on the BSDs) or a file; anything else,
+        # such as EACCES, is an error rather than an empty mailbox.
+        if exc.errno not in (errno.ELOOP, errno.EMLINK, errno.ENOTDIR):
+            raise
+        logger.warning("%s is not a directory (a symlink?): not served", path)
         return
     try:
         with os.scandir(fd) as it:

@@ -679,3 +679,24 @@ def test_size_cache_that_is_a_fifo_does_not_block_the_login(maildir):
     assert not blocked
     assert [m.size for m in result[0]] == [len(b"Subject: f\r\n\r\nx\r\n")]
     assert os.path.isfile(cache)  # replaced by a real cache file
+
+
+
+def test_unreadable_new_directory_is_an_error_not_an_empty_mailbox(shared_root):
+    """A permission problem must reach the client as an error, not look like "no mail"."""
+    new = os.path.join(shared_root, "alice", "new")
+    os.makedirs(new)
+    adapter = MaildirAdapter(shared_root, read_only=True)  # read-only: makes nothing
+    os.chmod(new, 0)  # stops a non-root run; root ignores modes, so it acts as nobody
+    nobody = pwd.getpwnam("nobody")
+    try:
+        if os.geteuid() == 0:
+            os.setegid(nobody.pw_gid)
+            os.seteuid(nobody.pw_uid)
+        with pytest.raises(PermissionError):
+            adapter.list_messages("alice")
+    finally:
+        if os.geteuid() != os.getuid():
+            os.seteuid(os.getuid())
+            os.setegid(os.getgid())
+        os.chmod(new, 0o700)
