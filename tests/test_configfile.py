@@ -168,8 +168,10 @@ def test_custom_adapter_from_a_file_with_options(tmp_path):
     s = parse('[adapter]\ntype = "%s:Mine"\n[adapter.options]\ngreeting_user = "ann"\nlimit = 3\n' % script)
     adapter = make_adapter(s.adapter)
     assert (adapter.greeting_user, adapter.limit) == ("ann", 3)
-    with pytest.raises(ValueError, match="rejected the options"):
+    with pytest.raises(ValueError, match=r"^options.nope: not an option of Mine \(it takes: greeting_user, limit\)$"):
         make_adapter(AdapterSpec("%s:Mine" % script, options={"nope": 1}))
+    with pytest.raises(ValueError, match="rejected the options"):  # path given, greeting_user missing: the call says so
+        make_adapter(AdapterSpec("%s:Mine" % script, path="/x"))
     with pytest.raises(ValueError, match="did not give a pop3frame.AdapterBase"):
         make_adapter(AdapterSpec("%s:not_an_adapter" % script))
     with pytest.raises(ValueError, match="has no attribute 'Other'"):
