@@ -2,29 +2,40 @@
 
 Single-user: ``DirectoryAdapter(root, user="reports", password="...")`` serves
 ``root`` itself.  Multi-user: ``DirectoryAdapter(root, auth=PasswdFile(...))``
-serves ``root/<user>/``.  Dotfiles and subdirectories are ignored; messages
-are ordered by modification time, then name; the unique-id is the file name
-(or its SHA-1 when the name is not a valid RFC 1939 unique-id).  Wire sizes
-are cached by (name, size, mtime), so files are read once, not per STAT.
-Pass ``read_only=True`` to serve a shared directory nobody may delete from.
+serves ``root/<user>/``.  Dotfiles, subdirectories and symbolic links are
+ignored; messages are ordered by modification time, then name.
+
+A message is one version of a file: its name, inode, size and mtime.  The
+unique-id is a SHA-1 of those, so a report rewritten or replaced under the
+same name is a new message, never mistaken for one a client already has.
+A session that listed the old version gets ``-ERR`` for it and its DELE
+leaves the new one alone.  Wire sizes are cached per directory by version
+(entries for files that are gone are dropped), so files are read once, not
+per STAT.  Pass ``read_only=True`` to serve a shared directory nobody may
+delete from.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import hmac
 import logging
 import os
+import stat
 import threading
 from typing import Dict, Optional, Sequence, Tuple
 
 from pop3frame import AdapterBase, MessageInfo, TemporaryFailure
-from pop3frame.protocol import stream_wire_size, valid_uid
+from pop3frame.protocol import stream_wire_size
 
 from .maildir import safe_user_name
 
 __all__ = ["DirectoryAdapter"]
 
 logger = logging.getLogger("pop3frame.adapters.directory")
+
+#: (name, st_ino, st_size, st_mtime_ns): one version of one file.
+Version = Tuple[str, int, int, int]
 
 
 class DirectoryAdapter(AdapterBase):
@@ -42,7 +53,7 @@ class DirectoryAdapter(AdapterBase):
         self._password = password or ""
         self.read_only = read_only
         self._mutex = threading.Lock()
-        self._sizes: Dict[Tuple[str, int, int], int] = {}
+        self._sizes: Dict[str, Dict[Version, int]] = {}  # directory -> version -> wire size
 
     def _dir(self, username: str) -> str:
         if self.user is not None:
@@ -59,43 +70,75 @@ class DirectoryAdapter(AdapterBase):
 
     def list_messages(self, username: str) -> Sequence[MessageInfo]:
         directory = self._dir(username)
+        found = []
         try:
-            entries = [e for e in os.scandir(directory)
-                       if not e.name.startswith(".") and e.is_file(follow_symlinks=False)]
+            with os.scandir(directory) as entries:
+                for entry in entries:
+                    try:
+                        st = entry.stat(follow_symlinks=False)
+                    except FileNotFoundError:
+                        continue  # removed while we looked
+                    if not entry.name.startswith(".") and stat.S_ISREG(st.st_mode):
+                        found.append((st.st_mtime_ns, entry.name, st.st_ino, st.st_size))
         except FileNotFoundError:
-            return []
-        stats = sorted(((e.stat().st_mtime_ns, e.name, e.stat().st_size) for e in entries))
+            pass
+        with self._mutex:
+            known = self._sizes.get(directory, {})
+        sizes: Dict[Version, int] = {}
         messages = []
-        for mtime, name, size in stats:
-            key = (name, size, mtime)
-            with self._mutex:
-                wire = self._sizes.get(key)
+        for mtime, name, ino, size in sorted(found):
+            version = (name, ino, size, mtime)
+            wire = known.get(version)
             if wire is None:
                 try:
-                    with open(os.path.join(directory, name), "rb") as f:
+                    with _open(directory, version) as f:
                         wire = stream_wire_size(f)
-                except FileNotFoundError:
-                    continue
-                with self._mutex:
-                    self._sizes[key] = wire
-            uid = name if valid_uid(name) else hashlib.sha1(name.encode("utf-8", "surrogateescape")).hexdigest()
-            messages.append(MessageInfo(uid, wire, key=name))
+                except TemporaryFailure:
+                    continue  # changed since the scan: the next session sees it
+            sizes[version] = wire
+            uid = hashlib.sha1(os.fsencode(name) + b"\0%d %d %d" % version[1:]).hexdigest()
+            messages.append(MessageInfo(uid, wire, key=version))
+        with self._mutex:
+            self._sizes[directory] = sizes  # versions not seen now are dropped
         return messages
 
     def open_message(self, username: str, message: MessageInfo):
-        try:
-            return open(os.path.join(self._dir(username), message.key), "rb")
-        except FileNotFoundError:
-            raise TemporaryFailure("message no longer exists") from None
+        return _open(self._dir(username), message.key)
 
     def delete_messages(self, username: str, messages: Sequence[MessageInfo]) -> None:
         directory = self._dir(username)
         for message in messages:
+            path = os.path.join(directory, message.key[0])
             try:
-                os.unlink(os.path.join(directory, message.key))
+                if _version(message.key[0], os.lstat(path)) != message.key:
+                    # The version the client saw is gone; the name now holds
+                    # one it never saw, which stays for the next session.
+                    continue
+                os.unlink(path)
             except FileNotFoundError:
                 continue
             except OSError as exc:
                 # Unlinks cannot be undone: stop here and keep the rest.
-                logger.error("cannot delete %s: %s", message.key, exc.strerror)
+                logger.error("cannot delete %s: %s", message.key[0], exc.strerror)
                 raise TemporaryFailure("could not delete all messages") from None
+
+
+def _version(name: str, st: os.stat_result) -> Version:
+    return (name, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _open(directory: str, version: Version):
+    """The file ``version`` names, open for reading; TemporaryFailure if the
+    name now holds another file (or none)."""
+    try:
+        # O_NOFOLLOW and O_NONBLOCK: a name swapped for a symbolic link or a
+        # FIFO is neither followed nor waited on; the fstat check refuses it.
+        fd = os.open(os.path.join(directory, version[0]), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOENT, errno.ELOOP):
+            raise
+        raise TemporaryFailure("message no longer exists") from None
+    if _version(version[0], os.fstat(fd)) != version:
+        os.close(fd)
+        raise TemporaryFailure("message changed since the listing")
+    return os.fdopen(fd, "rb")

@@ -8,6 +8,7 @@ import pytest
 
 from pop3frame.adapters.directory import DirectoryAdapter
 from pop3frame.testing import Controller
+from tests.helpers import retr_lines_to_bytes
 
 
 def test_single_user_serves_the_directory_itself(tmp_path):
@@ -21,7 +22,7 @@ def test_single_user_serves_the_directory_itself(tmp_path):
         client = server.pop3()
         client.user("reports")
         client.pass_("pw")
-        assert [l.split()[1] for l in client.uidl()[1]] == [b"b-report.txt", b"a-report.txt"]  # by mtime
+        assert [client.top(i, 0)[1][0] for i in (1, 2)] == [b"Subject: b-report.txt", b"Subject: a-report.txt"]  # by mtime
         with pytest.raises(poplib.error_proto, match=r"SYS/PERM"):
             client.dele(1)
         client.quit()
@@ -55,3 +56,96 @@ def test_sizes_cached(tmp_path):
     (tmp_path / "r1").write_bytes(b"abcd")  # same size and mtime, other content
     os.utime(tmp_path / "r1", ns=(st.st_atime_ns, st.st_mtime_ns))
     assert adapter.list_messages("u")[0].size == 6
+
+
+class Anyone:
+    def authenticate(self, user, password):
+        return True
+
+
+def login(server, user):
+    client = server.pop3()
+    client.user(user)
+    client.pass_("pw")
+    return client
+
+
+def test_size_cache_is_not_shared_between_users(tmp_path):
+    """RFC 1939 section 11: LIST gives the exact octets RETR sends, even when
+    two users have files of the same name, byte size and mtime."""
+    bodies = {"alice": b"a\nb\nc\nd\n", "bob": b"abcdefg\n"}  # 8 bytes each; 12 and 9 on the wire
+    for user, body in bodies.items():
+        (tmp_path / user).mkdir()
+        (tmp_path / user / "r").write_bytes(body)
+        os.utime(tmp_path / user / "r", ns=(1_700_000_000 * 10**9,) * 2)
+    with Controller(DirectoryAdapter(str(tmp_path), Anyone())) as server:
+        for user, body in bodies.items():
+            client = login(server, user)
+            size = int(client.list(1).split()[2])
+            assert size == len(retr_lines_to_bytes(client.retr(1)[1])) == len(body.replace(b"\n", b"\r\n"))
+            client.quit()
+
+
+def test_size_cache_forgets_files_that_are_gone(tmp_path):
+    for i in range(3):
+        (tmp_path / ("r%d" % i)).write_bytes(b"x\n")
+    adapter = DirectoryAdapter(str(tmp_path), user="u", password="p")
+    assert len(adapter.list_messages("u")) == 3
+    for i in range(2):
+        os.unlink(tmp_path / ("r%d" % i))
+    assert len(adapter.list_messages("u")) == 1
+    assert sum(len(sizes) for sizes in adapter._sizes.values()) == 1
+
+
+def replace_by_rename(path, data):
+    tmp = path.with_name(".tmp-" + path.name)
+    tmp.write_bytes(data)
+    os.rename(tmp, path)
+
+
+def rewrite_in_place(path, data):
+    with open(path, "r+b") as f:
+        f.write(data)
+
+
+@pytest.mark.parametrize("replace", [replace_by_rename, rewrite_in_place])
+def test_report_replaced_during_a_session_is_neither_served_nor_deleted(tmp_path, replace):
+    """RFC 1939 section 7 (UIDL): the new file is a new message with a new
+    unique-id; the session that listed the old one gets -ERR for it and its
+    DELE does not remove the new file."""
+    report = tmp_path / "daily.txt"
+    report.write_bytes(b"Subject: old\n\nold\n")
+    os.utime(report, ns=(1_700_000_000 * 10**9,) * 2)
+    new = b"Subject: new\n\nnew, and longer\n"
+    with Controller(DirectoryAdapter(str(tmp_path), user="u", password="pw")) as server:
+        client = login(server, "u")
+        old_uid = client.uidl(1).split()[2]
+        replace(report, new)
+        with pytest.raises(poplib.error_proto, match=r"\[SYS/TEMP\]"):
+            client.retr(1)
+        client.dele(1)
+        assert client.quit().startswith(b"+OK")
+        assert server.wait_for_connections(0)
+        assert report.read_bytes() == new
+        client = login(server, "u")
+        assert client.uidl(1).split()[2] != old_uid
+        assert retr_lines_to_bytes(client.retr(1)[1]) == new.replace(b"\n", b"\r\n")
+        client.quit()
+
+
+def test_report_swapped_for_a_symlink_is_not_followed(tmp_path):
+    reports = tmp_path / "reports"
+    reports.mkdir()
+    (tmp_path / "secret").write_bytes(b"Subject: secret\n\nnot for you\n")
+    report = reports / "r"
+    report.write_bytes(b"Subject: r\n\nreport\n")
+    with Controller(DirectoryAdapter(str(reports), user="u", password="pw")) as server:
+        client = login(server, "u")
+        assert client.stat()[0] == 1
+        os.unlink(report)
+        os.symlink(tmp_path / "secret", report)
+        with pytest.raises(poplib.error_proto, match=r"\[SYS/TEMP\]"):
+            client.retr(1)
+        client.dele(1)
+        assert client.quit().startswith(b"+OK")
+    assert os.path.islink(report) and (tmp_path / "secret").exists()
