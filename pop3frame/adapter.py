@@ -102,14 +102,14 @@ class AuthenticationFailed(POP3Error):
 
 
 class MailboxInUse(POP3Error):
-    """The mailbox is busy (``-ERR [IN-USE]``, RFC 2449 section 8.1.1)."""
+    """The mailbox is busy (``-ERR [IN-USE]``, RFC 2449 section 8.1.2)."""
 
     code = protocol.IN_USE
     default_text = "mailbox in use by another session"
 
 
 class LoginDelayed(POP3Error):
-    """The user logged in too recently (``-ERR [LOGIN-DELAY]``, RFC 2449 8.1.2)."""
+    """The user logged in too recently (``-ERR [LOGIN-DELAY]``, RFC 2449 section 8.1.1)."""
 
     code = protocol.LOGIN_DELAY
     default_text = "login too soon after the previous one"

@@ -305,7 +305,7 @@ def test_dele_quit_deletes_rset_and_disconnect_do_not(harness, server):
 
 
 def test_second_login_in_use(harness, server):
-    """RFC 1939 section 8 / RFC 2449 section 8.1.1: exclusive maildrop lock, [IN-USE]."""
+    """RFC 1939 section 8 / RFC 2449 section 8.1.2: exclusive maildrop lock, [IN-USE]."""
     first = login(server)
     second = server.pop3()
     second.user("alice")

@@ -75,7 +75,7 @@ def test_lock_released_after_timeout(adapter, frozen):
 
 
 def test_login_delay_enforced_per_mailbox(adapter, frozen):
-    """RFC 2449 section 6.5 / 8.1.2: LOGIN-DELAY advertised and enforced with [LOGIN-DELAY]."""
+    """RFC 2449 section 6.5 / 8.1.1: LOGIN-DELAY advertised and enforced with [LOGIN-DELAY]."""
     with Controller(adapter, clock=frozen_clock(frozen), login_delay=300) as server:
         client = server.pop3()
         assert client.capa()["LOGIN-DELAY"] == ["300"]
