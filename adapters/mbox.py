@@ -28,7 +28,9 @@
   copies any mail appended since the session started, fsyncs and renames
   over the original: the file is always either the old or the new one.
   The new file gets the old one's owner, group and mode; if the owner cannot
-  be kept (the server does not run as root), nothing is deleted.
+  be kept (the server does not run as root), nothing is deleted.  MDAs must
+  take the dotlock too (Debian's do): one waiting only for the fcntl lock
+  would append to the replaced file.
 """
 from __future__ import annotations
 
