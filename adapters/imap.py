@@ -83,7 +83,8 @@ Credentials = Callable[[str, str], Optional[Tuple[str, str]]]
 #: What counts as "the upstream server is unreachable or broke the protocol"
 #: (timeouts are socket.timeout, an OSError).
 _CONNECTION_ERRORS = (OSError, imaplib.IMAP4.abort, ssl.SSLError, EOFError)
-#: Parked logins older than this are logged out instead of used.
+#: Parked logins older than this (a login refused [IN-USE], a client gone
+#: before the lock) are logged out by the next login or session end.
 PARK_SECONDS = 60.0
 #: Tail fetches sent before their replies are read: few enough that the
 #: commands and replies in flight fit in the socket buffers (no deadlock).

@@ -42,6 +42,7 @@ def main(argv=None):
         pass
     finally:
         server.server_close()
+        adapter.close()  # log out of the IMAP server
 
 
 if __name__ == "__main__":
