@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import socket
 import socketserver
+import ssl
 import threading
 import time
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
@@ -231,7 +232,7 @@ def _context(
     adapter: Union[AdapterBase, SessionContext],
     config: Optional[ServerConfig],
     locks: Optional[LockManager],
-    tls: Optional[TLSCertificates],
+    tls: Union[TLSCertificates, ssl.SSLContext, None],
 ) -> SessionContext:
     """Servers accept a ready context (shared between listeners) or its parts."""
     if isinstance(adapter, SessionContext):
@@ -267,7 +268,7 @@ class POP3Server(socketserver.ThreadingTCPServer):
         config: Optional[ServerConfig] = None,
         *,
         locks: Optional[LockManager] = None,
-        tls: Optional[TLSCertificates] = None,
+        tls: Union[TLSCertificates, ssl.SSLContext, None] = None,
         tracker: Optional[ConnectionTracker] = None,
         secure: bool = False,
         proxy_protocol: bool = False,
@@ -395,7 +396,7 @@ class ServerGroup:
         config: Optional[ServerConfig] = None,
         *,
         locks: Optional[LockManager] = None,
-        tls: Optional[TLSCertificates] = None,
+        tls: Union[TLSCertificates, ssl.SSLContext, None] = None,
         stats: Optional[Stats] = None,
     ) -> None:
         self.context = _context(adapter, config, locks, tls)

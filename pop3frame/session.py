@@ -17,8 +17,9 @@ import logging
 import os
 import re
 import secrets
+import ssl
 import time
-from typing import Callable, Dict, FrozenSet, Iterable, Iterator, List, NamedTuple, Optional, Set, Tuple
+from typing import Callable, Dict, FrozenSet, Iterable, Iterator, List, NamedTuple, Optional, Set, Tuple, Union
 
 from . import __version__, protocol, sasl
 from .adapter import (
@@ -103,11 +104,13 @@ class SessionContext:
         config: Optional[ServerConfig] = None,
         locks: Optional[LockManager] = None,
         session_class: Optional[type] = None,
-        tls: Optional[TLSCertificates] = None,
+        tls: Union[TLSCertificates, ssl.SSLContext, None] = None,
     ) -> None:
         from .locks import InProcessLockManager
 
         self.session_class = session_class or Session
+        if isinstance(tls, ssl.SSLContext):
+            tls = TLSCertificates(context=tls)
         #: Certificates for STLS and implicit-TLS listeners, or None.
         self.tls = tls
         self.adapter = adapter

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import poplib
 import socket
+import ssl
 from typing import Any, Optional, Tuple, Union
 
 from .adapter import AdapterBase
@@ -54,7 +55,7 @@ class Controller:
         config: Optional[ServerConfig] = None,
         locks: Optional[LockManager] = None,
         secure: bool = False,
-        tls: Optional[TLSCertificates] = None,
+        tls: Union[TLSCertificates, ssl.SSLContext, None] = None,
         **options: Any,
     ) -> None:
         if options:

@@ -99,6 +99,20 @@ def drop(client) -> None:
     client.sock.close()
 
 
+def tick_until_closed(server, frozen, seconds: float, tries: int = 100) -> bool:
+    """Move the injected clock by ``seconds`` until ``server`` has no connection left.
+
+    A tick that lands before the server thread has set its deadline moves
+    nothing, so one tick is not enough whatever the scheduling; bounded by
+    ``tries`` waits of 50 ms.
+    """
+    for _ in range(tries):
+        frozen.tick(seconds)
+        if server.wait_for_connections(0, timeout=0.05):
+            return True
+    return False
+
+
 def require_program(name: str) -> str:
     """Path of a Debian client the test drives; a missing one fails under CI (which installs it)."""
     path = shutil.which(name)

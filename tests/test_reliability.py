@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from pop3frame import protocol
 from pop3frame.adapters.memory import MemoryAdapter
 from pop3frame.testing import Controller
-from tests.helpers import RawClient
+from tests.helpers import RawClient, tick_until_closed
 
 
 def open_fds() -> int:
@@ -315,14 +315,8 @@ def test_slow_reader_does_not_make_the_server_buffer(big_store, frozen):
                 c.send(b"RETR 1\r\n")  # and never read
                 # Real time alone ends nothing: the deadline is on the clock.
                 assert not server.wait_for_connections(0, timeout=0.2)
-                # A tick that lands while the server is still filling the
-                # socket buffers moves a deadline it has not set yet; tick
-                # until it gives up, whatever the thread scheduling.
-                for _ in range(100):
-                    frozen.tick(61)
-                    if server.wait_for_connections(0, timeout=0.05):
-                        break
-                assert server.wait_for_connections(0, timeout=0)
+                # The server may still be filling the socket buffers.
+                assert tick_until_closed(server, frozen, 61)
                 _, peak = tracemalloc.get_traced_memory()
             assert server.context.locks.held_names() == []
     finally:

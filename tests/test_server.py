@@ -68,6 +68,7 @@ def test_lock_released_after_timeout(adapter, frozen):
         first.pass_("alice-pw")
         frozen.tick(601)
         assert server.wait_for_connections(0)
+        first.close()
         second = server.pop3()
         second.user("alice")
         assert second.pass_("alice-pw").startswith(b"+OK")

@@ -12,7 +12,7 @@ import trustme
 from pop3frame.adapters.memory import MemoryAdapter
 from pop3frame.testing import Controller
 from pop3frame.tls import TLSCertificates
-from tests.helpers import RawClient, require_program
+from tests.helpers import RawClient, require_program, tick_until_closed
 
 
 class SourcePOP3(poplib.POP3):
@@ -171,14 +171,7 @@ def test_handshake_timeout_is_a_deadline_on_the_clock(store, certs, client_conte
         assert server.wait_for_connections(0)
 
         with silent_then_served(server, client_context) as silent:
-            # A tick that lands before the server set its deadline moves
-            # nothing; ticking until the connection is gone keeps the test
-            # independent of thread scheduling.
-            for _ in range(100):
-                frozen.tick(31)
-                if server.wait_for_connections(0, timeout=0.05):
-                    break
-            assert server.wait_for_connections(0, timeout=0)
+            assert tick_until_closed(server, frozen, 31)
             assert silent.recv(100) == b""  # the server closed it
 
 
@@ -230,6 +223,13 @@ def test_caller_made_context(store, ca, client_context):
         client.user("alice")
         client.pass_("pw")
         assert client.retr(1)[1] == [b"Subject: secret", b"", b"over TLS"]
+        client.quit()
+    # The bare context does the same: the server wraps it.
+    with Controller(store, tls=context) as server:
+        assert server.context.tls.context is context
+        client = server.pop3()
+        client.stls(client_context)
+        assert client.user("alice").startswith(b"+OK")
         client.quit()
 
 
