@@ -473,9 +473,13 @@ class MaildirAdapter(AdapterBase):
             except OSError as exc:
                 logger.error("%s: cannot read message %s: %s", box.home, base, exc.strerror or exc)
                 raise TemporaryFailure("cannot read message") from None
-            box.retrieved.add(base)
             return f
         raise TemporaryFailure("message no longer exists")
+
+    def message_retrieved(self, username: str, message: MessageInfo) -> None:
+        # Marked seen at the end of the session, like Dovecot: only after a
+        # whole RETR, never for TOP.
+        self._box(username).retrieved.add(_base(message.key[1]))
 
     # -- UPDATE and cleanup ---------------------------------------------------
 

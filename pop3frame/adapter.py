@@ -11,6 +11,7 @@ The call sequence for one session is::
     # -- the server takes the mailbox lock for mailbox_id(user) here --
     messages = list_messages(user)    # the session's snapshot, once
     open_message(user, msg)           # any number of times: RETR / TOP
+    message_retrieved(user, msg)      # after each complete RETR (not TOP)
     delete_messages(user, [msgs])     # only after QUIT, only if any were marked
     close_mailbox(user)               # always, on every path, exactly once
 
@@ -198,6 +199,14 @@ class AdapterBase:
         TemporaryFailure if the message vanished.
         """
         raise NotImplementedError
+
+    def message_retrieved(self, username: str, message: MessageInfo) -> None:
+        """RETR sent the whole of ``message``; the default does nothing.
+
+        The place for a "seen" flag (Maildir's ``S``): TOP, and a RETR cut
+        short by a vanished client, do not call it.  Called with the
+        mailbox lock held; an exception is logged, the client unaffected.
+        """
 
     def delete_messages(self, username: str, messages: Sequence[MessageInfo]) -> None:
         """Delete these messages, all or none (the RFC 1939 UPDATE state).

@@ -447,7 +447,7 @@ class Session:
         number, msg = self._message(cmd.args[0])
         stream = self._open(msg)
         self.retrieved += 1
-        return self._stream(protocol.ok("%d octets" % msg.size), protocol.iter_message(stream), stream)
+        return self._stream(protocol.ok("%d octets" % msg.size), protocol.iter_message(stream), stream, msg)
 
     def do_top(self, cmd: protocol.Command) -> Reply:
         number, msg = self._message(cmd.args[0])
@@ -462,14 +462,26 @@ class Session:
             return io.BytesIO(body)
         return body
 
-    def _stream(self, first: bytes, chunks: Iterator[bytes], stream) -> Iterator[bytes]:
-        """Status line plus body; the stream is closed even if the client vanishes."""
+    def _stream(self, first: bytes, chunks: Iterator[bytes], stream,
+                retrieved: Optional[MessageInfo] = None) -> Iterator[bytes]:
+        """Status line plus body; the stream is closed even if the client vanishes.
+
+        ``retrieved``: the RETR's message, reported to the adapter once the
+        whole of it went out (not for TOP, not after a broken connection).
+        """
         try:
             # The status line travels with the first chunk: one send, not two.
             yield first + next(chunks, b"")
             yield from chunks
         finally:
             stream.close()
+        if retrieved is not None:
+            try:
+                self.adapter.message_retrieved(self.user or "", retrieved)
+            except Exception:
+                # The client has its message; a flag the adapter could not
+                # set is not worth a broken connection.
+                self.log.exception("adapter.message_retrieved failed")
 
     def do_dele(self, cmd: protocol.Command) -> Reply:
         if self.context.read_only:

@@ -16,7 +16,7 @@ from pop3frame.adapters.maildir import CACHE_NAME, MaildirAdapter, safe_user_nam
 from pop3frame.adapters.passwdfile import PasswdFile, set_password
 from pop3frame.testing import Controller
 from tests.harness_maildir import deliver_like_an_mda
-from tests.helpers import RawClient, unstuff
+from tests.helpers import RawClient, drop, unstuff
 
 
 @pytest.fixture
@@ -61,6 +61,23 @@ def test_new_to_cur_with_seen_flag_and_stable_uidl(maildir):
         client = login(server)
         assert uidl(client) == first
         client.quit()
+
+
+def test_top_and_a_cut_retr_do_not_mark_seen(maildir):
+    """Only a whole RETR marks a message seen, as Dovecot does: TOP reads headers
+    (a client previewing), and a RETR the client hung up on was not retrieved."""
+    root, adapter = maildir
+    big_body = b"Subject: big\n\n" + b"x" * 2_000_000 + b"\n"  # more than the socket buffers hold
+    names = [deliver_like_an_mda(root, "alice", body) for body in (b"Subject: a\n\nbody\n", big_body)]
+    with Controller(adapter) as server:
+        client = login(server)
+        assert client.top(1, 0)[1] == [b"Subject: a", b""]
+        client.sock.sendall(b"RETR 2\r\n")
+        assert client.sock.recv(100).startswith(b"+OK")
+        drop(client)  # mid-RETR
+        assert server.wait_for_connections(0)
+    assert sorted(os.listdir(os.path.join(root, "alice", "new"))) == sorted(names)
+    assert os.listdir(os.path.join(root, "alice", "cur")) == []
 
 
 def test_existing_flags_kept_when_marking_seen(maildir):
