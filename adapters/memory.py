@@ -6,7 +6,6 @@ under that mutex in one step.
 """
 from __future__ import annotations
 
-import hashlib
 import hmac
 import itertools
 import threading

@@ -19,7 +19,6 @@ import csv
 import os
 import platform
 import subprocess
-import sys
 import tempfile
 import time
 from typing import Callable, Dict, List, Optional, Tuple

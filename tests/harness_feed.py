@@ -44,7 +44,7 @@ class Harness:
                 raise RuntimeError("CI=true but feedparser is missing (pip install 'pop3frame[feeds]')") from None
             self.skip_reason = "feedparser not installed"
             return
-        from tests.test_feed import FeedServer
+        from tests.feeds import FeedServer
 
         self.state = str(tmp_path / "feed-state.json")
         self._lock = threading.Lock()

@@ -1,9 +1,11 @@
 """Small client-side helpers shared by the tests: raw-socket POP3 talk."""
 from __future__ import annotations
 
+import email.policy
 import os
 import shutil
 import socket
+from email.parser import BytesParser
 from typing import List, Tuple
 
 import pytest
@@ -77,6 +79,29 @@ class RawClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+#: Headers every message a client gets should carry (RFC 5322 section 3.6,
+#: RFC 2045 section 4).
+REQUIRED = ("From", "To", "Subject", "Date", "Message-ID", "MIME-Version")
+
+
+def parse(raw: bytes):
+    return BytesParser(policy=email.policy.default).parsebytes(raw)
+
+
+def assert_clean(raw: bytes, seven_bit: bool = True):
+    """The message parses without a defect in any part or any header, is
+    7-bit (unless told otherwise), and has every header clients need
+    (RFC 5322 section 3.6: From, Date; To, Subject, Message-ID; RFC 2045
+    section 4: MIME-Version)."""
+    msg = parse(raw)
+    assert all(msg[h] for h in REQUIRED), raw
+    for part in msg.walk():
+        assert not part.defects, (part.defects, raw)
+        assert not [(name, value.defects) for name, value in part.items() if value.defects], raw
+    assert raw.isascii() or not seven_bit
+    return msg
 
 
 def unstuff(wire: bytes) -> bytes:

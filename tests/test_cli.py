@@ -1,47 +1,26 @@
 """The pop3frame command, run as a real subprocess."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
+import textwrap
+import urllib.request
 
 import pytest
 
+from pop3frame.proxy import build_v1, build_v2
 from tests.helpers import RawClient
-
-
-def start_server(*args: str, cwd=None, listeners: int = 1):
-    """Start ``pop3frame serve``; returns (process, port) or (process, [ports])."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pop3frame", "serve", *args],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=cwd,
-    )
-    ports = []
-    for line in proc.stderr:
-        m = re.search(r"listening on \S+ port (\d+)", line)
-        if m:
-            ports.append(int(m.group(1)))
-            if len(ports) == listeners:
-                return proc, (ports[0] if listeners == 1 else ports)
-    proc.wait(10)
-    pytest.fail("server did not start (exit %s)" % proc.returncode)
-
-
-def stop_server(proc: subprocess.Popen) -> int:
-    proc.send_signal(signal.SIGTERM)
-    try:
-        return proc.wait(20)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+from tests.processes import Daemon, pop3frame, write_config
 
 
 def test_serve_demo_subprocess():
-    proc, port = start_server("--demo", "--listen", "127.0.0.1:0")
-    try:
-        with RawClient(("127.0.0.1", port)) as c:
+    with Daemon("--demo", "--listen", "127.0.0.1:0") as d:
+        with RawClient(("127.0.0.1", d.port)) as c:
             assert c.greeting.startswith(b"+OK POP3 server ready <")
             assert c.login("demo", "demo") == b"+OK demo's maildrop has 3 messages (683 octets)\r\n"
             c.send(b"RETR 2\r\n")
@@ -49,17 +28,16 @@ def test_serve_demo_subprocess():
             assert b"\r\n..A line that starts with a dot" in body
             c.cmd("DELE 1")
             assert c.cmd("QUIT") == b"+OK " + c.greeting.split(b"@")[1].split(b">")[0] + b" POP3 server signing off (2 messages left)\r\n"
-    finally:
-        assert stop_server(proc) == 0
+        assert d.stop() == 0
 
 
 def test_sigterm_with_live_session_exits_zero_and_session_is_closed():
-    proc, port = start_server("--demo", "--listen", "127.0.0.1:0")
-    with RawClient(("127.0.0.1", port)) as c:
-        c.login("demo", "demo")
-        c.cmd("DELE 1")
-        assert stop_server(proc) == 0
-        assert c.read_all() == b""
+    with Daemon("--demo", "--listen", "127.0.0.1:0") as d:
+        with RawClient(("127.0.0.1", d.port)) as c:
+            c.login("demo", "demo")
+            c.cmd("DELE 1")
+            assert d.stop() == 0
+            assert c.read_all() == b""
 
 
 def test_version_and_module_entry_point():
@@ -78,19 +56,12 @@ def test_bad_listen_address_is_a_one_line_error():
     assert "Traceback" not in out.stderr
 
 
-def pop3frame(*args, input=None, cwd=None):
-    return subprocess.run([sys.executable, "-m", "pop3frame", *args], input=input, capture_output=True,
-                          cwd=cwd, timeout=60)
-
-
 def test_default_store_is_sqlite_seeded_with_demo(tmp_path):
-    proc, port = start_server("--listen", "127.0.0.1:0", cwd=str(tmp_path))
-    try:
-        with RawClient(("127.0.0.1", port)) as c:
+    with Daemon("--listen", "127.0.0.1:0", cwd=str(tmp_path)) as d:
+        with RawClient(("127.0.0.1", d.port)) as c:
             assert c.login("demo", "demo") == b"+OK demo's maildrop has 3 messages (683 octets)\r\n"
             c.cmd("QUIT")
-    finally:
-        assert stop_server(proc) == 0
+        assert d.stop() == 0
     assert (tmp_path / "pop3frame.db").exists()
 
 
@@ -102,14 +73,12 @@ def test_log_lines_become_email(tmp_path):
     assert pop3frame("deliver", "--sqlite", db, "ops", input=message).returncode == 0
     listing = pop3frame("user", "--sqlite", db, "list")
     assert listing.stdout == b"ops\t1 messages\t56 octets\n"
-    proc, port = start_server("--sqlite", db, "--listen", "127.0.0.1:0")
-    try:
-        with RawClient(("127.0.0.1", port)) as c:
+    with Daemon("--sqlite", db, "--listen", "127.0.0.1:0") as d:
+        with RawClient(("127.0.0.1", d.port)) as c:
             assert c.login("ops", "s3cret").startswith(b"+OK ops's maildrop has 1 message")
             c.send(b"RETR 1\r\n")
             assert c.multiline() == b"+OK 56 octets\r\n" + message.replace(b"\n", b"\r\n") + b".\r\n"
-    finally:
-        assert stop_server(proc) == 0
+        assert d.stop() == 0
 
 
 def test_maildir_with_passwd_file(tmp_path):
@@ -117,15 +86,12 @@ def test_maildir_with_passwd_file(tmp_path):
     assert pop3frame("passwd", passwd, "alice", "--password-stdin", input=b"pw\n").returncode == 0
     os.makedirs(tmp_path / "mail" / "alice" / "new")
     (tmp_path / "mail" / "alice" / "new" / "1700000000.M1.host").write_bytes(b"Subject: md\n\nx\n")
-    proc, port = start_server("--listen", "127.0.0.1:0", "--maildir", str(tmp_path / "mail"), "--passwd", passwd,
-                              "--read-only")
-    try:
-        with RawClient(("127.0.0.1", port)) as c:
+    with Daemon("--listen", "127.0.0.1:0", "--maildir", str(tmp_path / "mail"), "--passwd", passwd, "--read-only") as d:
+        with RawClient(("127.0.0.1", d.port)) as c:
             assert c.login("alice", "pw").startswith(b"+OK alice's maildrop has 1 message")
             assert c.cmd("UIDL 1") == b"+OK 1 1700000000.M1.host\r\n"
             assert c.cmd("DELE 1") == b"-ERR [SYS/PERM] mailbox is read-only\r\n"
-    finally:
-        assert stop_server(proc) == 0
+        assert d.stop() == 0
 
 
 @pytest.mark.parametrize("args,message", [
@@ -153,14 +119,12 @@ def test_mbox_and_directory_stores(tmp_path, store):
     else:
         (tmp_path / "alice").mkdir()
         (tmp_path / "alice" / "report.txt").write_bytes(b"Subject: m\n\nFrom x\n")
-    proc, port = start_server("--listen", "127.0.0.1:0", "--" + store, str(tmp_path), "--passwd", passwd)
-    try:
-        with RawClient(("127.0.0.1", port)) as c:
+    with Daemon("--listen", "127.0.0.1:0", "--" + store, str(tmp_path), "--passwd", passwd) as d:
+        with RawClient(("127.0.0.1", d.port)) as c:
             assert c.login("alice", "pw").startswith(b"+OK alice's maildrop has 1 message")
             c.send(b"RETR 1\r\n")
             assert c.multiline() == b"+OK 22 octets\r\nSubject: m\r\n\r\nFrom x\r\n.\r\n"
-    finally:
-        assert stop_server(proc) == 0
+        assert d.stop() == 0
 
 
 def test_tls_listeners_stls_and_sighup_reload(tmp_path):
@@ -176,109 +140,30 @@ def test_tls_listeners_stls_and_sighup_reload(tmp_path):
     issued.private_key_pem.write_to_path(str(key))
     context = ssl.create_default_context()
     ca.configure_trust(context)
-    proc, (plain, secure) = start_server("--demo", "--listen", "127.0.0.1:0", "--tls-listen", "127.0.0.1:0",
-                                         "--cert", str(cert), "--key", str(key), listeners=2)
-    try:
-        client = poplib.POP3("127.0.0.1", plain, timeout=10)
+    with Daemon("--demo", "--listen", "127.0.0.1:0", "--tls-listen", "127.0.0.1:0", "--cert", str(cert), "--key", str(key), listeners=2) as d:
+        client = poplib.POP3("127.0.0.1", d.ports[0], timeout=10)
         assert "STLS" in client.capa()
         client.stls(context)
         client.user("demo")
         client.pass_("demo")
-        pops = poplib.POP3_SSL("127.0.0.1", secure, context=context, timeout=10)
+        pops = poplib.POP3_SSL("127.0.0.1", d.ports[1], context=context, timeout=10)
         first = pops.sock.getpeercert(binary_form=True)
         pops.quit()
         reissued = ca.issue_cert("localhost", "127.0.0.1")
         reissued.cert_chain_pems[0].write_to_path(str(cert))
         reissued.private_key_pem.write_to_path(str(key))
-        proc.send_signal(signal.SIGHUP)
-        for line in proc.stderr:
-            if "TLS certificate reloaded" in line:
-                break
-        pops = poplib.POP3_SSL("127.0.0.1", secure, context=context, timeout=10)
+        d.signal(signal.SIGHUP)
+        d.wait_for("TLS certificate reloaded")
+        pops = poplib.POP3_SSL("127.0.0.1", d.ports[1], context=context, timeout=10)
         assert pops.sock.getpeercert(binary_form=True) != first
         pops.quit()
         assert client.stat()[0] == 3  # the STLS session survived the reload
         client.quit()
-    finally:
-        assert stop_server(proc) == 0
+        assert d.stop() == 0
 
 
 # -- the daemon: config file, signals, limits, PROXY, logs -------------------------
 
-import json
-import queue
-import socket
-import textwrap
-import threading
-import urllib.request
-
-from pop3frame.proxy import build_v1, build_v2
-
-
-class Daemon:
-    """``pop3frame serve`` in a subprocess; stderr pumped into a queue so waits are bounded."""
-
-    def __init__(self, *args: str, cwd=None, listeners: int = 1) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "pop3frame", "serve", *args],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=cwd,
-        )
-        self.lines: "queue.Queue[str]" = queue.Queue()
-        self.seen: list = []
-        self.terminated = False
-        threading.Thread(target=self._pump, daemon=True).start()
-        self.ports = [int(self.wait_for(r"listening on \S+ port (\d+)").group(1)) for _ in range(listeners)]
-        self.port = self.ports[0]
-
-    def _pump(self) -> None:
-        for line in self.proc.stderr:
-            self.lines.put(line)
-        self.lines.put("")
-
-    def wait_for(self, pattern: str, timeout: float = 20.0):
-        while True:
-            try:
-                line = self.lines.get(timeout=timeout)
-            except queue.Empty:
-                pytest.fail("no log line matching %r in %s s; saw:\n%s" % (pattern, timeout, "".join(self.seen)))
-            if not line:
-                pytest.fail("server exited (%s) before logging %r:\n%s" % (self.proc.wait(10), pattern, "".join(self.seen)))
-            self.seen.append(line)
-            m = re.search(pattern, line)
-            if m:
-                return m
-
-    def saw(self, pattern: str):
-        """A line already read (e.g. before the listening lines) that matches."""
-        return next((m for m in (re.search(pattern, l) for l in self.seen) if m), None)
-
-    def signal(self, signum) -> None:
-        self.terminated = self.terminated or signum == signal.SIGTERM
-        self.proc.send_signal(signum)
-
-    def stop(self) -> int:
-        if self.proc.poll() is None and not self.terminated:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(30)
-        finally:
-            if self.proc.poll() is None:
-                self.proc.kill()
-                self.proc.wait()
-
-    def __enter__(self) -> "Daemon":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-
-
-def write_config(tmp_path, text: str, name: str = "pop3frame.toml") -> str:
-    path = tmp_path / name
-    path.write_text(textwrap.dedent(text))
-    return str(path)
 
 
 def test_config_file_sighup_reload_and_per_ip_limits(tmp_path):

@@ -16,7 +16,7 @@ import pytest
 
 from pop3frame.testing import Controller
 from tests.helpers import retr_lines_to_bytes
-from tests.test_sqlquery import assert_clean
+from tests.helpers import assert_clean
 
 EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
 
@@ -158,7 +158,7 @@ def test_custom_adapter(tmp_path):
 
 def test_feed_reader_builder(tmp_path):
     pytest.importorskip("feedparser", reason="pip install 'pop3frame[feeds]'")
-    from tests.test_feed import RSS, FeedServer
+    from tests.feeds import RSS, FeedServer
 
     feeds = FeedServer()
     feeds.publish("/rss", RSS)

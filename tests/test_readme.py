@@ -8,7 +8,7 @@ import textwrap
 from pop3frame.testing import Controller
 
 from .helpers import RawClient
-from .test_cli import Daemon
+from .processes import Daemon
 
 README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.rst")
 

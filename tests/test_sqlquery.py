@@ -7,20 +7,17 @@ delete and the placeholder styles of other drivers.
 """
 from __future__ import annotations
 
-import email.policy
 import logging
 import poplib
 import sqlite3
-from email.parser import BytesParser
 
 import pytest
 
 from pop3frame.adapters.sqlquery import SQLQueryAdapter, _params, _placeholders
 from pop3frame.passwords import hash_password
 from pop3frame.testing import Controller
-from tests.helpers import retr_lines_to_bytes
+from tests.helpers import assert_clean, parse, retr_lines_to_bytes
 
-REQUIRED = ("From", "To", "Subject", "Date", "Message-ID", "MIME-Version")
 
 
 @pytest.fixture
@@ -64,24 +61,6 @@ def fetch(server, user="ops", password="ops-pw"):
         return [retr_lines_to_bytes(client.retr(i)[1]) for i in range(1, client.stat()[0] + 1)]
     finally:
         client.quit()
-
-
-def parse(raw: bytes):
-    return BytesParser(policy=email.policy.default).parsebytes(raw)
-
-
-def assert_clean(raw: bytes, seven_bit: bool = True):
-    """The message parses without a defect in any part or any header, is
-    7-bit (unless told otherwise), and has every header clients need
-    (RFC 5322 section 3.6: From, Date; To, Subject, Message-ID; RFC 2045
-    section 4: MIME-Version)."""
-    msg = parse(raw)
-    assert all(msg[h] for h in REQUIRED), raw
-    for part in msg.walk():
-        assert not part.defects, (part.defects, raw)
-        assert not [(name, value.defects) for name, value in part.items() if value.defects], raw
-    assert raw.isascii() or not seven_bit
-    return msg
 
 
 def text(part) -> str:

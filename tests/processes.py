@@ -1,0 +1,90 @@
+"""The pop3frame command as a subprocess, for tests that drive the real CLI."""
+from __future__ import annotations
+
+import queue
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+
+import pytest
+
+
+def pop3frame(*args, input=None, cwd=None) -> subprocess.CompletedProcess:
+    """Run one ``pop3frame`` command to completion (bounded)."""
+    return subprocess.run([sys.executable, "-m", "pop3frame", *args], input=input, capture_output=True,
+                          cwd=cwd, timeout=60)
+
+
+class Daemon:
+    """``pop3frame serve`` in a subprocess; stderr pumped into a queue so waits are bounded."""
+
+    def __init__(self, *args: str, cwd=None, listeners: int = 1) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "pop3frame", "serve", *args],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=cwd,
+        )
+        self.lines: "queue.Queue[str]" = queue.Queue()
+        self.seen: list = []
+        self.terminated = False
+        threading.Thread(target=self._pump, daemon=True).start()
+        self.ports = [int(self.wait_for(r"listening on \S+ port (\d+)").group(1)) for _ in range(listeners)]
+        self.port = self.ports[0]
+
+    def _pump(self) -> None:
+        for line in self.proc.stderr:
+            self.lines.put(line)
+        self.lines.put("")
+
+    def wait_for(self, pattern: str, timeout: float = 20.0):
+        while True:
+            try:
+                line = self.lines.get(timeout=timeout)
+            except queue.Empty:
+                pytest.fail("no log line matching %r in %s s; saw:\n%s" % (pattern, timeout, "".join(self.seen)))
+            if not line:
+                pytest.fail("server exited (%s) before logging %r:\n%s" % (self.proc.wait(10), pattern, "".join(self.seen)))
+            self.seen.append(line)
+            m = re.search(pattern, line)
+            if m:
+                return m
+
+    def saw(self, pattern: str):
+        """A line already read (e.g. before the listening lines) that matches."""
+        return next((m for m in (re.search(pattern, l) for l in self.seen) if m), None)
+
+    def signal(self, signum) -> None:
+        self.terminated = self.terminated or signum == signal.SIGTERM
+        self.proc.send_signal(signum)
+
+    def stop(self) -> int:
+        if self.proc.poll() is None and not self.terminated:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(30)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait()
+
+    def __enter__(self) -> "Daemon":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def write_config(tmp_path, text: str, name: str = "pop3frame.toml") -> str:
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text))
+    return str(path)
+
+
+def write_config(tmp_path, text: str, name: str = "pop3frame.toml") -> str:
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text))
+    return str(path)
