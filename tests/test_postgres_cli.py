@@ -14,7 +14,7 @@ import signal
 
 from tests.helpers import RawClient
 from tests.pg import pg_db, pg_dsn, sql, wait_until_unlocked  # noqa: F401  (fixtures)
-from tests.test_cli import Daemon, pop3frame, write_config
+from tests.processes import Daemon, pop3frame, write_config
 
 FIRST = b"Subject: first\n\nhello\n"
 SECOND = b"Subject: second\n\n.starts with a dot\n"
@@ -56,7 +56,7 @@ def test_user_and_deliver_commands(pg_db):
 def test_two_serve_processes_share_locks(pg_db, tmp_path):
     """Two ``serve --postgres`` instances with ``[locks] backend = "postgres"``:
     a login on B while A holds the mailbox gets -ERR [IN-USE] (RFC 2449
-    section 8.1.1, RFC 1939 section 8's exclusive lock); after A is killed
+    section 8.1.2, RFC 1939 section 8's exclusive lock); after A is killed
     with SIGKILL, B's login succeeds and A's pending DELE was not applied
     (RFC 1939 section 6: deletions happen only in the UPDATE state).  SIGTERM
     makes B exit 0 without applying the DELE of its live session, and with no
