@@ -265,6 +265,9 @@ def _reload(args: argparse.Namespace, state: Dict[str, Any]) -> None:
         return
     logging.getLogger().setLevel(new.log_level)
     group.apply_limits(config)
+    set_threads = getattr(group.context.adapter, "set_threads", None)
+    if set_threads is not None:  # a pooled store follows the thread count
+        set_threads(config.max_connections)
     applied = {"log_level", "max_connections", "max_connections_per_ip"}
     changed = [f.name for f in dataclasses.fields(Settings)
                if f.name not in ("server", "log_level", "source", "shutdown_grace") and getattr(old, f.name) != getattr(new, f.name)]
@@ -299,7 +302,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # directory opened: files they create must belong to the user that
     # serves them.
     try:
-        build_adapter = configfile.adapter_factory(settings.adapter, logger)
+        build_adapter = configfile.adapter_factory(settings.adapter, logger, threads=config.max_connections)
         build_locks = configfile.locks_factory(settings)
     except ValueError as exc:
         raise UsageError(("--adapter: %s" if args.adapter else "%s") % exc) from None
@@ -352,7 +355,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if stats_server is not None:
             stats_server.start()
             logger.info("stats on http://%s/metrics", configfile.format_address(stats_server.server_address[:2]))
-        logger.info("store: %s", _describe(settings.adapter))
+        pool = getattr(adapter, "pool_size", None)
+        logger.info("store: %s%s", _describe(settings.adapter),
+                    " (pool up to %d connections)" % pool if pool else "")
         for server in group.servers:
             host, port = server.server_address[:2]
             logger.info("listening on %s port %d%s%s", host, port,
@@ -448,7 +453,7 @@ def open_store(args: argparse.Namespace):
         except ImportError as exc:
             raise UsageError("--postgres: the PostgreSQL adapter is not available: %s" % exc) from None
         try:
-            return PostgresStore(dsn)
+            return PostgresStore(dsn, threads=1)  # one command, one connection
         except Exception as exc:
             raise UsageError("--postgres: cannot connect: %s" % str(exc).strip().splitlines()[0]) from None
     from pop3frame.adapters.sqlite import SQLiteStore
@@ -476,6 +481,8 @@ def cmd_user(args: argparse.Namespace) -> int:
         raise UsageError("no such user: %s" % args.name) from None
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+    finally:
+        store.close()
     return 0
 
 
@@ -492,6 +499,8 @@ def cmd_deliver(args: argparse.Namespace) -> int:
         raise UsageError("no such user: %s" % args.name) from None
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+    finally:
+        store.close()
     logger.info("delivered %d octets to %s as %s", len(message), args.name, uid)
     return 0
 

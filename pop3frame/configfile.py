@@ -501,13 +501,15 @@ def check_options(target: Callable[..., Any], options: Dict[str, Any], positiona
                              % (key, name, ", ".join(takes) or "none"))
 
 
-def adapter_factory(spec: AdapterSpec, log=None) -> Callable[[], Any]:
+def adapter_factory(spec: AdapterSpec, log=None, threads: Optional[int] = None) -> Callable[[], Any]:
     """Import the adapter's code now; the returned call builds the adapter.
 
     ``pop3frame serve`` imports before dropping privileges (the code and
     the interpreter may be readable by root only) and builds after (files
     the store creates must belong to the user that serves them).  Both
     steps raise ValueError with a one-line reason on any operator mistake.
+    ``threads``: the server's connection threads, which a pooled store
+    sizes its pool to.
     """
     from .adapter import AdapterBase
 
@@ -542,6 +544,8 @@ def adapter_factory(spec: AdapterSpec, log=None) -> Callable[[], Any]:
         except ImportError as exc:
             raise ValueError("postgres: adapter not available: %s" % exc) from None
         check_options(PostgresStore, options, 1)
+        if threads is not None:
+            options.setdefault("threads", threads)
 
         def postgres():
             try:
