@@ -377,9 +377,11 @@ class SQLQueryAdapter(AdapterBase):
                 raise
             except Exception as exc:
                 # One bad row must not make every other row unreadable.
+                # Not the exception's text nor its traceback: both may quote
+                # the row, and row contents are message bodies.
                 logger.error(
                     "%s: row %r could not be turned into a message (%s); serving a placeholder",
-                    self.name, row_id, type(exc).__name__, exc_info=logger.isEnabledFor(logging.DEBUG),
+                    self.name, row_id, type(exc).__name__,
                 )
                 # A unique-id of its own: the row, once readable, is new mail.
                 uid = stable_uid("unrenderable %s" % uid)

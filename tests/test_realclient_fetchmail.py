@@ -2,9 +2,10 @@
 
 fetchmail hands every message to an MDA on stdin; the MDA here writes it to
 a file, so the delivered bytes can be compared with what was put in the
-Maildir.  A first run keeps the mail and tracks UIDL (so the messages move
-new/ -> cur/ on the server and a second run must find nothing new: the
-unique-ids survived the move); a last run deletes everything.
+Maildir.  A first run keeps the mail and tracks UIDL (peeking with TOP, so
+nothing is marked seen), a second fetches it with RETR (so the messages move
+new/ -> cur/ on the server), a third must find nothing new (the unique-ids
+survived the move); a last run deletes everything.
 """
 from __future__ import annotations
 
@@ -68,22 +69,30 @@ def test_fetchmail_fetches_maildir_byte_exact_keeps_then_deletes(tmp_path):
     mail = str(tmp_path / "mail")
     names = [deliver_like_an_mda(mail, "alice", m) for m in MESSAGES]
     with Controller(MaildirAdapter(mail, PasswdFile(passwd))) as server:
-        # 1: keep the mail on the server, remember its UIDs.
+        # 1: keep the mail on the server, remember its UIDs.  In keep mode
+        # fetchmail peeks ("TOP n 99999999"), and a peek marks nothing seen.
         result, delivered = run_fetchmail(tmp_path, server.port, "keep", uidl=True)
         assert result.returncode == 0, result.stderr.decode(errors="replace")
         assert delivered == sorted(MESSAGES)
         assert server.wait_for_connections(0)
-        # The server marked them seen: new/ -> cur/ with the S flag.
+        assert sorted(os.listdir(os.path.join(mail, "alice", "new"))) == sorted(names)
+
+        # 2: fetchall makes it RETR: the server marks them seen, new/ -> cur/
+        # with the S flag.
+        result, delivered = run_fetchmail(tmp_path, server.port, "keep", "fetchall", uidl=True)
+        assert result.returncode == 0, result.stderr.decode(errors="replace")
+        assert delivered == sorted(MESSAGES)
+        assert server.wait_for_connections(0)
         assert os.listdir(os.path.join(mail, "alice", "new")) == []
         assert sorted(os.listdir(os.path.join(mail, "alice", "cur"))) == sorted(n + ":2,S" for n in names)
 
-        # 2: same UIDs after the move, so fetchmail sees nothing new
+        # 3: same UIDs after the move, so fetchmail sees nothing new
         # (exit code 1 means "no mail").
         result, delivered = run_fetchmail(tmp_path, server.port, "keep", uidl=True)
         assert result.returncode == 1, result.stderr.decode(errors="replace")
         assert delivered == []
 
-        # 3: fetch everything and delete it on the server (DELE + QUIT).
+        # 4: fetch everything and delete it on the server (DELE + QUIT).
         result, delivered = run_fetchmail(tmp_path, server.port, "fetchall", "nokeep")
         assert result.returncode == 0, result.stderr.decode(errors="replace")
         assert delivered == sorted(MESSAGES)
