@@ -284,10 +284,11 @@ class FeedAdapter(AdapterBase):
             except POP3Error:
                 raise
             except Exception as exc:
-                # One odd item must not hide the rest of the feed.
+                # One odd item must not hide the rest of the feed.  The type
+                # only: the exception's text may quote the item's content.
                 logger.error(
                     "%s: item %s could not be turned into a message (%s); left out",
-                    self.source, uid, type(exc).__name__, exc_info=logger.isEnabledFor(logging.DEBUG),
+                    self.source, uid, type(exc).__name__,
                 )
                 continue
             cache[uid] = data

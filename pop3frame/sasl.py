@@ -73,6 +73,21 @@ def _refused(adapter) -> bool:
     return False
 
 
+def _shared_secret(lookup: Callable[[str], Optional[str]], user: str) -> Optional[str]:
+    """The user's plaintext secret SASLprep'd as a stored string, or None.
+
+    APOP, CRAM-MD5 and SCRAM all hash this one value (the adapter's
+    ``apop_secret``); a secret SASLprep refuses matches nothing.
+    """
+    secret = lookup(user)
+    if secret is None:
+        return None
+    try:
+        return saslprep(secret, stored=True)
+    except SASLError:
+        return None
+
+
 def credentials(user: str, password: str) -> Tuple[str, Verify]:
     """``(user, verify)`` for a user name and password (USER/PASS, PLAIN, LOGIN).
 
@@ -109,12 +124,8 @@ def apop(timestamp: str, user: str, digest: str) -> Tuple[str, Verify]:
         return user, _refused
 
     def verify(adapter) -> bool:
-        secret = adapter.apop_secret(user)
+        secret = _shared_secret(adapter.apop_secret, user)
         if secret is None:
-            return False
-        try:
-            secret = saslprep(secret, stored=True)
-        except SASLError:
             return False
         return _digest_matches(hashlib.md5((timestamp + secret).encode("utf-8")).hexdigest(), digest)
 
@@ -180,7 +191,7 @@ def cram_md5(challenge: str) -> Callable[[Optional[bytes]], Exchange]:
         def verify(adapter) -> bool:
             # A digest that is not 32 hex digits is a wrong answer, counted
             # as a failed login like any other.
-            secret = adapter.apop_secret(user)
+            secret = _shared_secret(adapter.apop_secret, user)
             if secret is None:
                 return False
             expected = hmac.new(secret.encode("utf-8"), challenge.encode("ascii"), hashlib.md5).hexdigest()
@@ -244,13 +255,8 @@ def scram_sha_256(
         attributes = _scram_attributes(without_proof)
         if not sep or attributes.get("r") != combined or "c" not in attributes:
             raise SASLError("malformed SCRAM client-final message")
-        password = secret(user)
-        if password is not None:
-            # RFC 5802 section 2.2, Normalize(): SASLprep as a stored string.
-            try:
-                password = saslprep(password, stored=True)
-            except SASLError:
-                password = None
+        # RFC 5802 section 2.2, Normalize(): SASLprep as a stored string.
+        password = _shared_secret(secret, user)
         key_source = password if password is not None else base64.b64encode(user_salt).decode()
         salted = hashlib.pbkdf2_hmac("sha256", key_source.encode("utf-8"), user_salt, iterations)
         client_key = hmac.new(salted, b"Client Key", hashlib.sha256).digest()
