@@ -52,8 +52,10 @@ class TLSCertificates:
                 raise ValueError("TLSCertificates takes certfile and keyfile, or context, not both")
             if not isinstance(context, ssl.SSLContext):
                 raise TypeError("context must be an ssl.SSLContext")
-            if context.protocol is ssl.PROTOCOL_TLS_CLIENT:
-                # It would fail every handshake, only once clients connect.
+            # Checked now: it would fail every handshake, once clients
+            # connect.  (Before Python 3.10 create_default_context() made a
+            # PROTOCOL_TLS context; check_hostname still marks it a client's.)
+            if context.protocol is ssl.PROTOCOL_TLS_CLIENT or context.check_hostname:
                 raise ValueError("context is a client context; use ssl.PROTOCOL_TLS_SERVER")
         self.certfile = certfile
         self.keyfile = keyfile
