@@ -274,6 +274,11 @@ class MaildirAdapter(AdapterBase):
         self.mark_seen = mark_seen and not read_only
         self._mutex = threading.Lock()
         self._boxes: Dict[str, _Box] = {}
+        #: Homes whose new/, cur/ and tmp/ this adapter has made or found:
+        #: three mkdir() calls per login are not free when threads queue
+        #: for the GIL after each.  A directory removed later reads as
+        #: empty, and delivery makes it again.
+        self._prepared: Set[str] = set()
 
     # -- users ----------------------------------------------------------------
 
@@ -300,9 +305,11 @@ class MaildirAdapter(AdapterBase):
             owner = None  # no mail delivered yet; see the module docstring
         listed = []
         if owner is not None:
-            if not self.read_only:
+            if not self.read_only and home not in self._prepared:
                 for sub in ("new", "cur", "tmp"):
                     self._make_private_dir(os.path.join(home, sub), owner)
+                with self._mutex:
+                    self._prepared.add(home)
             listed = self._index(home, owner, box)
         with self._mutex:
             self._boxes[username] = box
