@@ -52,6 +52,7 @@ shape.  With ``passwd=None`` nobody can log in unless a subclass overrides
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import hashlib
@@ -192,6 +193,14 @@ def _entries(home: str, sub: str) -> Iterator[os.DirEntry]:
         os.close(fd)
 
 
+#: Size caches kept parsed in memory (the most recently used mailboxes).
+_CACHES_IN_MEMORY = 1024
+
+
+def _file_version(st: os.stat_result) -> Tuple[int, ...]:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
 def _open_regular(name: str, dir_fd: Optional[int] = None) -> BinaryIO:
     """Open a regular file for reading, not following a symlink; else OSError."""
     fd = os.open(name, _FILE_FLAGS, dir_fd=dir_fd)
@@ -274,6 +283,10 @@ class MaildirAdapter(AdapterBase):
         self.mark_seen = mark_seen and not read_only
         self._mutex = threading.Lock()
         self._boxes: Dict[str, _Box] = {}
+        #: Size caches as last read or written: path -> (file version, sizes),
+        #: least recently used first.
+        self._caches: "collections.OrderedDict[str, Tuple[Tuple[int, ...], Dict[str, List[int]]]]" = (
+            collections.OrderedDict())
         #: Homes whose new/, cur/ and tmp/ this adapter has made or found:
         #: three mkdir() calls per login are not free when threads queue
         #: for the GIL after each.  A directory removed later reads as
@@ -409,10 +422,25 @@ class MaildirAdapter(AdapterBase):
             last = os.pread(f.fileno(), 1, end - 1) if end else b"\n"
         return named + (0 if last == b"\n" else 1 if last == b"\r" else 2)
 
-    @staticmethod
-    def _load_cache(path: str) -> Dict[str, List[int]]:
+    def _load_cache(self, path: str) -> Dict[str, List[int]]:
+        """The size cache at ``path``; parsed again only when the file changed.
+
+        Every write replaces the file (a new inode), so an unchanged stat
+        means unchanged content: a login to a big mailbox costs one stat()
+        here, not a read and a JSON parse.
+        """
+        try:
+            known = _file_version(os.stat(path, follow_symlinks=False))
+        except OSError:
+            known = None
+        with self._mutex:
+            hit = self._caches.get(path)
+            if hit is not None and hit[0] == known:
+                self._caches.move_to_end(path)
+                return hit[1]
         try:
             with _open_regular(path) as f:
+                version = _file_version(os.fstat(f.fileno()))
                 data = json.loads(f.read().decode("utf-8"))
         except FileNotFoundError:
             return {}
@@ -423,12 +451,20 @@ class MaildirAdapter(AdapterBase):
             return {}
         stale_named = data.get(_CACHE_FORMAT_KEY) != _CACHE_FORMAT
         # A damaged entry is a cache miss, never a wrong size.
-        return {k: v for k, v in data.items()
-                if isinstance(v, list) and len(v) == 3 and all(type(x) is int and x >= 0 for x in v)
-                and not (stale_named and _WIRE_SIZE.search(k))}
+        sizes = {k: v for k, v in data.items()
+                 if isinstance(v, list) and len(v) == 3 and all(type(x) is int and x >= 0 for x in v)
+                 and not (stale_named and _WIRE_SIZE.search(k))}
+        self._remember(path, version, sizes)
+        return sizes
 
-    @staticmethod
-    def _save_cache(path: str, data: Dict[str, List[int]], owner: os.stat_result) -> None:
+    def _remember(self, path: str, version: Tuple[int, ...], sizes: Dict[str, List[int]]) -> None:
+        with self._mutex:
+            self._caches[path] = (version, sizes)
+            self._caches.move_to_end(path)
+            if len(self._caches) > _CACHES_IN_MEMORY:
+                self._caches.popitem(last=False)
+
+    def _save_cache(self, path: str, data: Dict[str, List[int]], owner: os.stat_result) -> None:
         tmp = None
         try:
             fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".sizes-")
@@ -437,8 +473,14 @@ class MaildirAdapter(AdapterBase):
                 # ensure_ascii keeps non-UTF-8 file names (surrogates) round-trippable.
                 marked = dict(data, **{_CACHE_FORMAT_KEY: _CACHE_FORMAT})
                 f.write(json.dumps(marked, separators=(",", ":")).encode("ascii"))
+                f.flush()
+                # The rename keeps inode, size and mtime: this is the version
+                # readers will stat, whoever writes after us.
+                version = _file_version(os.fstat(f.fileno()))
             # Readers see the old cache or the new one, never half of one.
             os.replace(tmp, path)
+            tmp = None
+            self._remember(path, version, data)
         except OSError as exc:
             # The cache only saves work; serving mail must not depend on it.
             logger.warning("cannot write size cache %s: %s", path, exc.strerror or exc)

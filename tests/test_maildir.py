@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import poplib
 import pwd
@@ -180,6 +181,34 @@ def test_damaged_size_cache_is_ignored_and_rebuilt(maildir):
         assert b"body" not in f.read()  # sizes only, never content
     # The damaged copy was replaced by rename, and no temporary file is left.
     assert sorted(os.listdir(os.path.join(root, "alice"))) == sorted([CACHE_NAME, "cur", "new", "tmp"])
+
+
+def test_unchanged_size_cache_is_not_read_again(maildir, caplog):
+    """A login reads the size cache only if the file changed since this adapter
+    last read or wrote it (one stat() instead of a parse of a big file); a
+    cache another program replaced is read."""
+    root, adapter = maildir
+    deliver_like_an_mda(root, "alice", b"Subject: a\n\nbody\n")
+    cache = os.path.join(root, "alice", CACHE_NAME)
+    with Controller(adapter) as server:
+        login(server).quit()  # writes the cache
+        assert server.wait_for_connections(0)
+        st = os.stat(cache)
+        with open(cache, "r+b") as f:  # same inode, size and mtime, garbage inside
+            f.write(b"#" * st.st_size)
+        os.utime(cache, ns=(st.st_atime_ns, st.st_mtime_ns))
+        with caplog.at_level(logging.WARNING, logger="pop3frame.adapters.maildir"):
+            client = login(server)
+            assert client.stat() == (1, 20)
+            client.quit()
+            assert server.wait_for_connections(0)
+            assert "unreadable size cache" not in caplog.text  # not even opened
+            _write(cache + ".new", b"{not json")
+            os.replace(cache + ".new", cache)  # a new file: read, found damaged, rebuilt
+            client = login(server)
+            assert client.stat() == (1, 20)
+            client.quit()
+            assert "ignoring unreadable size cache" in caplog.text
 
 
 def test_dovecot_wire_size_in_name_is_used(maildir):
