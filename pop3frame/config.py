@@ -78,6 +78,9 @@ class ServerConfig:
     #: Stack size of connection threads in bytes (at least 32 KiB, the
     #: smallest threading.stack_size() takes); 0 keeps the interpreter default.
     stack_size: int = 512 * 1024
+    #: Seconds a connection thread whose connection ended waits for the
+    #: next one before it ends (0: at once); reuse saves starting a thread.
+    thread_keepalive: float = 5.0
     #: Monotonic clock in seconds; injectable so tests can move time.
     clock: Callable[[], float] = time.monotonic
 
@@ -92,7 +95,7 @@ class ServerConfig:
         for name in ("max_connections", "max_auth_failures"):
             if getattr(self, name) < 1:
                 raise ValueError("%s must be at least 1" % name)
-        for name in ("max_connections_per_ip", "login_delay", "stack_size", "free_auth_failures",
+        for name in ("max_connections_per_ip", "login_delay", "stack_size", "free_auth_failures", "thread_keepalive",
                      "max_auth_failure_delay", "auth_lockout_failures", "auth_lockout_duration"):
             if getattr(self, name) < 0:
                 raise ValueError("%s must not be negative" % name)

@@ -14,7 +14,9 @@ numbers are counted.
 """
 from __future__ import annotations
 
+import functools
 import logging
+import queue
 import socket
 import socketserver
 import ssl
@@ -32,7 +34,7 @@ from .session import SessionContext, State
 from .stats import Stats
 from .tls import TLSCertificates
 
-__all__ = ["POP3Server", "ServerGroup", "ConnectionTracker", "SessionHandler", "bind_socket"]
+__all__ = ["POP3Server", "ServerGroup", "ConnectionTracker", "SessionHandler", "Workers", "bind_socket"]
 
 logger = logging.getLogger("pop3frame.server")
 
@@ -51,7 +53,7 @@ class ConnectionTracker:
         self.max_total = max_total
         self.max_per_ip = max_per_ip
         self._mutex = threading.Condition()
-        self._live: Dict[socket.socket, Tuple[str, "POP3Server", Optional[threading.Thread]]] = {}
+        self._live: Dict[socket.socket, Tuple[Optional[str], "POP3Server"]] = {}
         self._per_ip: Dict[str, int] = {}
 
     @classmethod
@@ -69,7 +71,7 @@ class ConnectionTracker:
                 return "too many connections"
             if ip is not None and self.max_per_ip and self._per_ip.get(ip, 0) >= self.max_per_ip:
                 return "too many connections from your address"
-            self._live[sock] = (ip, server, None)
+            self._live[sock] = (ip, server)
             if ip is not None:
                 self._per_ip[ip] = self._per_ip.get(ip, 0) + 1
             return None
@@ -82,7 +84,7 @@ class ConnectionTracker:
                 raise ValueError("connection not admitted, or its address is already known")
             if self.max_per_ip and self._per_ip.get(ip, 0) >= self.max_per_ip:
                 return "too many connections from your address"
-            self._live[sock] = (ip, entry[1], entry[2])
+            self._live[sock] = (ip, entry[1])
             self._per_ip[ip] = self._per_ip.get(ip, 0) + 1
             return None
 
@@ -91,13 +93,6 @@ class ConnectionTracker:
         with self._mutex:
             self.max_total = max_total
             self.max_per_ip = max_per_ip
-
-    def attach(self, sock: socket.socket, thread: threading.Thread) -> None:
-        with self._mutex:
-            # The thread may already have finished and released the entry.
-            entry = self._live.get(sock)
-            if entry is not None:
-                self._live[sock] = (entry[0], entry[1], thread)
 
     def release(self, sock: socket.socket) -> None:
         with self._mutex:
@@ -130,7 +125,7 @@ class ConnectionTracker:
             return self._mutex.wait_for(lambda: len(self._live) <= n, timeout)
 
     def close_all(self, server: Optional["POP3Server"] = None, timeout: float = 10.0) -> None:
-        """Disconnect live sessions (of one server, or all) and wait for their threads.
+        """Disconnect live sessions (of one server, or all) and wait until they ended.
 
         Shutting the socket down makes the session's next read see end of
         stream, so it ends the way a dropped connection does: the lock is
@@ -138,15 +133,16 @@ class ConnectionTracker:
         finishes its deletions first, because nothing interrupts the adapter.
         """
         with self._mutex:
-            victims = [(s, t) for s, (_, srv, t) in self._live.items() if server is None or srv is server]
-        for sock, _ in victims:
+            victims = [sock for sock, (_, srv) in self._live.items() if server is None or srv is server]
+        for sock in victims:
             try:
                 sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
-        for _, thread in victims:
-            if thread is not None and thread is not threading.current_thread():
-                thread.join(timeout)
+        # A session's thread releases its entry after Session.finish(): the
+        # lock is free and the adapter was told once the entry is gone.
+        with self._mutex:
+            self._mutex.wait_for(lambda: not any(sock in self._live for sock in victims), timeout)
 
 
 class SessionHandler(POP3Handler):
@@ -228,6 +224,89 @@ def bind_socket(address: Tuple[str, int], backlog: int = BACKLOG) -> socket.sock
     return sock
 
 
+class Workers:
+    """The connection threads of a server, kept for reuse.
+
+    Each thread serves one connection at a time, start to end.  Starting a
+    thread costs a clone(), a fresh stack and a hand-shake with the
+    accepting thread, about a third of a short session's CPU time, so a
+    thread whose connection ended waits ``keepalive`` seconds for the next
+    one before it ends (0: it ends at once).  Idle threads hold no socket,
+    lock or file; :meth:`close` ends them.
+    """
+
+    def __init__(self, stack_size: int = 0, keepalive: float = 5.0) -> None:
+        self.stack_size = stack_size
+        self.keepalive = keepalive
+        self._jobs: "queue.SimpleQueue[Optional[Callable[[], None]]]" = queue.SimpleQueue()
+        self._mutex = threading.Condition()
+        self._idle = 0
+        self._closed = False
+
+    @classmethod
+    def for_config(cls, config: ServerConfig) -> "Workers":
+        return cls(config.stack_size, config.thread_keepalive)
+
+    def submit(self, job: Callable[[], None], name: str) -> None:
+        """Run ``job`` in an idle thread, or in a new one (OSError if none can start)."""
+        with self._mutex:
+            if self._idle:
+                self._idle -= 1
+                self._jobs.put(job)
+                return
+        thread = threading.Thread(target=self._run, args=(job,), name=name, daemon=True)
+        if self.stack_size:
+            with _stack_size_lock:
+                previous = threading.stack_size(self.stack_size)
+                try:
+                    thread.start()
+                finally:
+                    threading.stack_size(previous)
+        else:
+            thread.start()
+
+    def _run(self, job: Optional[Callable[[], None]]) -> None:
+        while job is not None:
+            job()
+            job = self._next()
+
+    def _next(self) -> Optional[Callable[[], None]]:
+        with self._mutex:
+            if self._closed or self.keepalive <= 0:
+                return None
+            self._idle += 1
+            self._mutex.notify_all()
+        try:
+            return self._jobs.get(timeout=self.keepalive)
+        except queue.Empty:
+            with self._mutex:
+                # submit() may have counted on this thread just as it gave up.
+                try:
+                    return self._jobs.get_nowait()
+                except queue.Empty:
+                    self._idle -= 1
+                    return None
+
+    @property
+    def idle(self) -> int:
+        """Threads waiting for a connection."""
+        with self._mutex:
+            return self._idle
+
+    def wait_idle(self, count: int, timeout: float = 10.0) -> bool:
+        """Wait until at least ``count`` threads wait for a connection (tests)."""
+        with self._mutex:
+            return self._mutex.wait_for(lambda: self._idle >= count, timeout)
+
+    def close(self) -> None:
+        """End the idle threads now; busy ones end when their connection does."""
+        with self._mutex:
+            self._closed = True
+            idle, self._idle = self._idle, 0
+        for _ in range(idle):
+            self._jobs.put(None)
+
+
 def _context(
     adapter: Union[AdapterBase, SessionContext],
     config: Optional[ServerConfig],
@@ -270,6 +349,7 @@ class POP3Server(socketserver.ThreadingTCPServer):
         locks: Optional[LockManager] = None,
         tls: Union[TLSCertificates, ssl.SSLContext, None] = None,
         tracker: Optional[ConnectionTracker] = None,
+        workers: Optional[Workers] = None,
         secure: bool = False,
         proxy_protocol: bool = False,
         proxy_timeout: float = 5.0,
@@ -279,6 +359,9 @@ class POP3Server(socketserver.ThreadingTCPServer):
     ) -> None:
         self.context = _context(adapter, config, locks, tls)
         self.tracker = tracker or ConnectionTracker.for_config(self.context.config)
+        #: Connection threads; shared by the listeners of a ServerGroup.
+        self.workers = workers or Workers.for_config(self.context.config)
+        self._own_workers = workers is None
         #: Whether connections on this listener are encrypted from the start.
         self.secure = secure
         #: Whether connections start with a PROXY protocol header.
@@ -322,28 +405,13 @@ class POP3Server(socketserver.ThreadingTCPServer):
             self._refuse(request, client_address[0], refusal)
             self.shutdown_request(request)
             return
-        thread = threading.Thread(
-            target=self.process_request_thread,
-            args=(request, client_address),
-            name="pop3-%s:%s" % client_address[:2],
-            daemon=True,
-        )
-        stack = self.context.config.stack_size
         try:
-            if stack:
-                with _stack_size_lock:
-                    previous = threading.stack_size(stack)
-                    try:
-                        thread.start()
-                    finally:
-                        threading.stack_size(previous)
-            else:
-                thread.start()
+            self.workers.submit(functools.partial(self.process_request_thread, request, client_address),
+                                "pop3-%s:%s" % client_address[:2])
         except BaseException:
             self.tracker.release(request)
             self.shutdown_request(request)
             raise
-        self.tracker.attach(request, thread)
 
     def process_request_thread(self, request: socket.socket, client_address) -> None:
         try:
@@ -385,6 +453,13 @@ class POP3Server(socketserver.ThreadingTCPServer):
         """
         super().shutdown()
         self.tracker.close_all(self)
+        if self._own_workers:
+            self.workers.close()
+
+    def server_close(self) -> None:
+        super().server_close()
+        if self._own_workers:
+            self.workers.close()
 
 
 class ServerGroup:
@@ -401,6 +476,7 @@ class ServerGroup:
     ) -> None:
         self.context = _context(adapter, config, locks, tls)
         self.tracker = ConnectionTracker.for_config(self.context.config)
+        self.workers = Workers.for_config(self.context.config)
         self.stats = stats
         if stats is not None and stats.active is None:
             stats.active = self.tracker.count
@@ -427,7 +503,8 @@ class ServerGroup:
             options.update(proxy_protocol=True, proxy_timeout=proxy_timeout)
         if self.stats is not None:
             options["stats"] = self.stats
-        server = server_class(address, self.context, tracker=self.tracker, secure=secure, sock=sock, **options)
+        server = server_class(address, self.context, tracker=self.tracker, workers=self.workers, secure=secure,
+                              sock=sock, **options)
         self.servers.append(server)
         return server
 
@@ -461,6 +538,8 @@ class ServerGroup:
         for thread in self._threads:
             thread.join()
         self._threads.clear()
+        # No connection will come: idle threads go, busy ones after theirs.
+        self.workers.close()
 
     def graceful_shutdown(self, grace: float, wait: Optional[Callable[[float], bool]] = None) -> bool:
         """Stop accepting, give sessions ``grace`` seconds to finish, then cut the rest.
@@ -500,3 +579,4 @@ class ServerGroup:
             thread.join()
         self._threads.clear()
         self.tracker.close_all()
+        self.workers.close()

@@ -218,8 +218,9 @@ def test_threads_and_fds_return_to_baseline(adapter):
     def fds():
         return len(os.listdir("/proc/self/fd"))
 
+    before_threads, before_fds = set(threading.enumerate()), fds()
     with Controller(adapter) as server:
-        before_threads, before_fds = threading.active_count(), fds()
+        listening = threading.active_count()
         for _ in range(30):
             client = server.pop3()
             client.user("alice")
@@ -227,8 +228,36 @@ def test_threads_and_fds_return_to_baseline(adapter):
             client.retr(1)
             client.quit()
         assert server.wait_for_connections(0)
-        assert threading.active_count() == before_threads
-        assert fds() == before_fds
+        assert threading.active_count() - listening <= 3  # reused, not one per session
+    for thread in set(threading.enumerate()) - before_threads:
+        thread.join(10)
+    assert set(threading.enumerate()) - before_threads == set()
+    assert fds() == before_fds
+
+
+def test_connection_threads_are_reused_and_end_when_idle(adapter):
+    """A finished connection's thread serves the next one; with thread_keepalive=0
+    each ends with its connection; Workers.close() ends the idle ones."""
+    with Controller(adapter) as server:
+        first = server.pop3()
+        first.quit()
+        workers = server.group.workers
+        assert workers.wait_idle(1)
+        idle = [t for t in threading.enumerate() if t.name.startswith("pop3-127.0.0.1")]
+        client = server.pop3()
+        assert client.user("alice").startswith(b"+OK")
+        assert [t for t in threading.enumerate() if t.name.startswith("pop3-127.0.0.1")] == idle  # no new thread
+        client.quit()
+    assert workers.idle == 0
+    for thread in idle:
+        thread.join(10)
+        assert not thread.is_alive()
+    with Controller(adapter, thread_keepalive=0) as server:
+        client = server.pop3()
+        (serving,) = [t for t in threading.enumerate() if t.name.startswith("pop3-127.0.0.1")]
+        client.quit()
+        serving.join(10)
+        assert not serving.is_alive() and server.group.workers.idle == 0
 
 
 # -- lock managers --------------------------------------------------------------------
