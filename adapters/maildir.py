@@ -193,8 +193,9 @@ def _entries(home: str, sub: str) -> Iterator[os.DirEntry]:
         os.close(fd)
 
 
-#: Size caches kept parsed in memory (the most recently used mailboxes).
-_CACHES_IN_MEMORY = 1024
+#: Message sizes kept parsed in memory, over all mailboxes (the most
+#: recently used ones; about 200 bytes each).
+_SIZES_IN_MEMORY = 200_000
 
 
 def _file_version(st: os.stat_result) -> Tuple[int, ...]:
@@ -284,9 +285,10 @@ class MaildirAdapter(AdapterBase):
         self._mutex = threading.Lock()
         self._boxes: Dict[str, _Box] = {}
         #: Size caches as last read or written: path -> (file version, sizes),
-        #: least recently used first.
+        #: least recently used first, and how many sizes they hold.
         self._caches: "collections.OrderedDict[str, Tuple[Tuple[int, ...], Dict[str, List[int]]]]" = (
             collections.OrderedDict())
+        self._cached_sizes = 0
         #: Homes whose new/, cur/ and tmp/ this adapter has made or found:
         #: three mkdir() calls per login are not free when threads queue
         #: for the GIL after each.  A directory removed later reads as
@@ -459,10 +461,12 @@ class MaildirAdapter(AdapterBase):
 
     def _remember(self, path: str, version: Tuple[int, ...], sizes: Dict[str, List[int]]) -> None:
         with self._mutex:
+            old = self._caches.pop(path, None)
+            self._cached_sizes += len(sizes) - (len(old[1]) if old else 0)
             self._caches[path] = (version, sizes)
-            self._caches.move_to_end(path)
-            if len(self._caches) > _CACHES_IN_MEMORY:
-                self._caches.popitem(last=False)
+            while self._cached_sizes > _SIZES_IN_MEMORY and len(self._caches) > 1:
+                _, (_, evicted) = self._caches.popitem(last=False)
+                self._cached_sizes -= len(evicted)
 
     def _save_cache(self, path: str, data: Dict[str, List[int]], owner: os.stat_result) -> None:
         tmp = None
