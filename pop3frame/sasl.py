@@ -118,6 +118,15 @@ def apop(timestamp: str, user: str, digest: str) -> Tuple[str, Verify]:
     RFC 6856 section 2.2: the user name is SASLprep'd as a query string and
     the secret (the adapter's ``apop_secret``) as a stored string.
     """
+    return _proved_by_digest(user, digest, lambda secret: hashlib.md5((timestamp + secret).encode("utf-8")).hexdigest())
+
+
+def _proved_by_digest(user: str, given: str, digest_of: Callable[[str], str]) -> Tuple[str, Verify]:
+    """``(user, verify)`` for a login proved by a hex MD5 digest of the shared secret.
+
+    A digest that is not 32 hex digits is a wrong answer, counted as a
+    failed login like any other.
+    """
     try:
         user = saslprep(user)
     except SASLError:
@@ -125,9 +134,7 @@ def apop(timestamp: str, user: str, digest: str) -> Tuple[str, Verify]:
 
     def verify(adapter) -> bool:
         secret = _shared_secret(adapter.apop_secret, user)
-        if secret is None:
-            return False
-        return _digest_matches(hashlib.md5((timestamp + secret).encode("utf-8")).hexdigest(), digest)
+        return secret is not None and _digest_matches(digest_of(secret), given)
 
     return user, verify
 
@@ -183,21 +190,9 @@ def cram_md5(challenge: str) -> Callable[[Optional[bytes]], Exchange]:
         user, sep, digest = response.rpartition(" ")
         if not sep or not user:
             raise SASLError("malformed CRAM-MD5 response")
-        try:
-            user = saslprep(user)
-        except SASLError:
-            return user, _refused
-
-        def verify(adapter) -> bool:
-            # A digest that is not 32 hex digits is a wrong answer, counted
-            # as a failed login like any other.
-            secret = _shared_secret(adapter.apop_secret, user)
-            if secret is None:
-                return False
-            expected = hmac.new(secret.encode("utf-8"), challenge.encode("ascii"), hashlib.md5).hexdigest()
-            return _digest_matches(expected, digest)
-
-        return user, verify
+        return _proved_by_digest(
+            user, digest,
+            lambda secret: hmac.new(secret.encode("utf-8"), challenge.encode("ascii"), hashlib.md5).hexdigest())
 
     return exchange
 

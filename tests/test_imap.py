@@ -339,16 +339,23 @@ def test_upstream_connection_lost_mid_session_is_sys_temp(dovecot):
     assert len(folder_messages(dovecot, "INBOX")) == 1
 
 
+def login_then_in_use(server):
+    """alice logged in, and a second login of hers refused with [IN-USE] (it parks
+    an upstream connection); both POP3 clients, still open."""
+    first = login(server)
+    second = server.pop3()
+    second.user("alice")
+    with pytest.raises(poplib.error_proto, match=r"\[IN-USE\]"):
+        second.pass_("alice-pw")
+    return first, second
+
+
 def test_in_use_login_leaves_no_connection_behind(dovecot, caplog):
     """A login refused with [IN-USE] parks an IMAP connection; the next
     session logs it out, so upstream connections do not pile up."""
     adapter = IMAPUpstreamAdapter("127.0.0.1", dovecot.port)
     with Controller(adapter) as server:
-        first = login(server)
-        second = server.pop3()
-        second.user("alice")
-        with pytest.raises(poplib.error_proto, match=r"\[IN-USE\]"):
-            second.pass_("alice-pw")
+        first, second = login_then_in_use(server)
         assert len(adapter._parked["alice"]) == 1
         first.quit()
         assert server.wait_for_connections(1)
@@ -396,11 +403,7 @@ def test_close_logs_out_every_upstream_connection(dovecot):
     dovecot.append("alice", b"Subject: a\r\n\r\na\r\n")
     adapter = IMAPUpstreamAdapter("127.0.0.1", dovecot.port)
     with Controller(adapter) as server:
-        first = login(server)
-        second = server.pop3()
-        second.user("alice")
-        with pytest.raises(poplib.error_proto, match=r"\[IN-USE\]"):
-            second.pass_("alice-pw")
+        first, second = login_then_in_use(server)
         conns = [adapter._parked["alice"][0].conn, adapter._sessions["alice"].conn]
         adapter.close()
         assert [c.state for c in conns] == ["LOGOUT", "LOGOUT"]
