@@ -15,7 +15,7 @@ import socket
 import socketserver
 import ssl
 import struct
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import TYPE_CHECKING, Callable, Iterator, Optional
 
 from .session import Session
 
@@ -208,18 +208,27 @@ class Connection:
         the retry, which is what the loop passes.
         """
         view = memoryview(data)
-        deadline = self.clock() + self.send_timeout
+        tries = self.tries(self.clock() + self.send_timeout, "send (the client stopped reading)")
         while view:
-            remaining = deadline - self.clock()
-            if remaining <= 0:
-                raise socket.timeout("send timed out: the client stopped reading")
-            self._set_timeout(min(remaining, self.poll_interval))
+            self._set_timeout(next(tries))
             try:
                 sent = self.sock.send(view)
             except TIMEOUTS:
                 continue
             view = view[sent:]
             self.bytes_out += sent
+
+    def tries(self, deadline: float, what: str) -> Iterator[float]:
+        """Socket timeouts for the tries of a blocking call that must end by ``deadline``.
+
+        Each try waits at most ``poll_interval``, so the clock is read again
+        in between; past the deadline, ``socket.timeout`` naming ``what``.
+        """
+        while True:
+            remaining = deadline - self.clock()
+            if remaining <= 0:
+                raise socket.timeout("%s timed out" % what)
+            yield min(remaining, self.poll_interval)
 
 
 class POP3Handler(socketserver.BaseRequestHandler):
@@ -307,13 +316,9 @@ class POP3Handler(socketserver.BaseRequestHandler):
                             fileno=os.dup(self.request.fileno()))
         tls = context.tls.context.wrap_socket(raw, server_side=True, do_handshake_on_connect=False)
         conn = self.conn
-        deadline = conn.clock() + context.config.tls_handshake_timeout
         try:
-            while True:
-                remaining = deadline - conn.clock()
-                if remaining <= 0:
-                    raise socket.timeout("handshake timed out")
-                tls.settimeout(min(remaining, conn.poll_interval))
+            for timeout in conn.tries(conn.clock() + context.config.tls_handshake_timeout, "handshake"):
+                tls.settimeout(timeout)
                 try:
                     # A timed-out do_handshake() leaves OpenSSL waiting for
                     # more bytes (SSL_ERROR_WANT_READ/WRITE); calling it
