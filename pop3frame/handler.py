@@ -100,7 +100,7 @@ class Connection:
         :class:`TimedOut` if ``timeout`` seconds pass after the previous
         line without a new one.
         """
-        deadline = self.last_line_at + timeout
+        tries = self.tries(self.last_line_at + timeout)
         discarded = 0
         while True:
             end = self._in.find(b"\n")
@@ -115,10 +115,10 @@ class Connection:
                 self._in = b""
                 if discarded > MAX_DISCARD:
                     raise LineTooLong(fatal=True)
-            remaining = deadline - self.clock()
-            if remaining <= 0:
+            wait = next(tries, None)
+            if wait is None:
                 raise TimedOut()
-            self._set_timeout(min(remaining, self.poll_interval))
+            self._set_timeout(wait)
             try:
                 data = self.sock.recv(RECV_SIZE)
             except TIMEOUTS:
@@ -138,12 +138,8 @@ class Connection:
         then counts from the end of the wait, during which the client could
         do nothing.
         """
-        while True:
-            remaining = when - self.clock()
-            if remaining <= 0:
-                self.last_line_at = self.clock()
-                return True
-            self._set_timeout(min(remaining, self.poll_interval))
+        for wait in self.tries(when):
+            self._set_timeout(wait)
             try:
                 data = self.sock.recv(RECV_SIZE)
             except TIMEOUTS:
@@ -151,6 +147,8 @@ class Connection:
             if not data or len(self._in) + len(data) > MAX_DISCARD:
                 return False
             self._in += data
+        self.last_line_at = self.clock()
+        return True
 
     def use_socket(self, sock: socket.socket) -> None:
         """Go on over ``sock`` (the TLS socket after a handshake)."""
@@ -208,9 +206,12 @@ class Connection:
         the retry, which is what the loop passes.
         """
         view = memoryview(data)
-        tries = self.tries(self.clock() + self.send_timeout, "send (the client stopped reading)")
+        tries = self.tries(self.clock() + self.send_timeout)
         while view:
-            self._set_timeout(next(tries))
+            wait = next(tries, None)
+            if wait is None:
+                raise socket.timeout("send timed out: the client stopped reading")
+            self._set_timeout(wait)
             try:
                 sent = self.sock.send(view)
             except TIMEOUTS:
@@ -218,17 +219,16 @@ class Connection:
             view = view[sent:]
             self.bytes_out += sent
 
-    def tries(self, deadline: float, what: str) -> Iterator[float]:
+    def tries(self, deadline: float) -> Iterator[float]:
         """Socket timeouts for the tries of a blocking call that must end by ``deadline``.
 
-        Each try waits at most ``poll_interval``, so the clock is read again
-        in between; past the deadline, ``socket.timeout`` naming ``what``.
+        Each try waits at most ``poll_interval``, so the (injectable) clock
+        is read again in between; the iteration ends once the deadline passed.
         """
-        while True:
-            remaining = deadline - self.clock()
-            if remaining <= 0:
-                raise socket.timeout("%s timed out" % what)
+        remaining = deadline - self.clock()
+        while remaining > 0:
             yield min(remaining, self.poll_interval)
+            remaining = deadline - self.clock()
 
 
 class POP3Handler(socketserver.BaseRequestHandler):
@@ -317,8 +317,8 @@ class POP3Handler(socketserver.BaseRequestHandler):
         tls = context.tls.context.wrap_socket(raw, server_side=True, do_handshake_on_connect=False)
         conn = self.conn
         try:
-            for timeout in conn.tries(conn.clock() + context.config.tls_handshake_timeout, "handshake"):
-                tls.settimeout(timeout)
+            for wait in conn.tries(conn.clock() + context.config.tls_handshake_timeout):
+                tls.settimeout(wait)
                 try:
                     # A timed-out do_handshake() leaves OpenSSL waiting for
                     # more bytes (SSL_ERROR_WANT_READ/WRITE); calling it
@@ -327,6 +327,8 @@ class POP3Handler(socketserver.BaseRequestHandler):
                     break
                 except socket.timeout:
                     continue
+            else:
+                raise socket.timeout("handshake timed out")
         except (ssl.SSLError, OSError) as exc:
             self.session.log.info("TLS handshake failed: %s", exc)
             tls.close()
