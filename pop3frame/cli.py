@@ -393,6 +393,10 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     from .lifecycle import resolve_ids
 
     settings = configfile.load(args.file)
+
+    def error(path: Tuple[str, ...], message: str) -> ConfigError:
+        return ConfigError(message, ".".join(path), configfile.locate(_read(args.file), path), args.file)
+
     spec = settings.adapter
     try:
         # Imports the adapter and checks its options; builds nothing (a
@@ -402,15 +406,13 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         field, _, message = str(exc).partition(": ")
         if ":" in spec.type and not field.startswith("options."):
             field, message = "type", str(exc)  # import errors of module:Class
-        path = ("adapter",) + tuple(field.split(".")) if field.startswith("options.") else ("adapter", field)
-        raise ConfigError(message, ".".join(path),
-                          configfile.locate(_read(args.file), path), args.file) from None
+        raise error(("adapter",) + tuple(field.split(".")), message) from None
     if settings.user or settings.group:
         try:
             resolve_ids(settings.user, settings.group)
         except ValueError as exc:
             field, _, message = str(exc).partition(": ")
-            raise ConfigError(message, field, configfile.locate(_read(args.file), (field,)), args.file) from None
+            raise error((field,), message) from None
     if settings.cert:
         from .tls import TLSCertificates
 
@@ -418,8 +420,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
             TLSCertificates(settings.cert, settings.key)
         except (OSError, ssl.SSLError) as exc:
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
-            raise ConfigError("cannot load certificate/key: %s" % reason, "tls.cert",
-                              configfile.locate(_read(args.file), ("tls", "cert")), args.file) from None
+            raise error(("tls", "cert"), "cannot load certificate/key: %s" % reason) from None
     sys.stdout.write(configfile.dump(settings))
     return 0
 
