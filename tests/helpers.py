@@ -1,10 +1,12 @@
 """Small client-side helpers shared by the tests: raw-socket POP3 talk."""
 from __future__ import annotations
 
+import contextlib
 import email.policy
 import os
 import shutil
 import socket
+import tempfile
 from email.parser import BytesParser
 from typing import List, Tuple
 
@@ -122,6 +124,24 @@ def drop(client) -> None:
     client.sock.shutdown(socket.SHUT_RDWR)
     client.file.close()
     client.sock.close()
+
+
+@contextlib.contextmanager
+def reachable_dir(prefix: str, mode: int = 0o755, owner=None):
+    """A fresh directory other users can reach, removed afterwards.
+
+    pytest's ``tmp_path`` lies under root's 0700 directory, so a server that
+    drops to another user, or a delivery agent running as one, cannot use
+    it.  ``owner``: a ``pwd`` entry to give the directory to.
+    """
+    path = tempfile.mkdtemp(prefix=prefix)
+    try:
+        os.chmod(path, mode)
+        if owner is not None:
+            os.chown(path, owner.pw_uid, owner.pw_gid)
+        yield path
+    finally:
+        shutil.rmtree(path)
 
 
 def tick_until_closed(server, frozen, seconds: float, tries: int = 100) -> bool:

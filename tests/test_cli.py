@@ -14,7 +14,7 @@ import urllib.request
 import pytest
 
 from pop3frame.proxy import build_v1, build_v2
-from tests.helpers import RawClient
+from tests.helpers import RawClient, reachable_dir
 from tests.processes import Daemon, pop3frame, write_config
 
 
@@ -337,16 +337,12 @@ def test_user_drops_privileges_after_binding(tmp_path):
 
 @pytest.fixture
 def nobody_dir():
-    """A directory owned by nobody, where nobody can reach it (not under root's 0700 tmp_path)."""
+    """A private directory owned by nobody, where nobody can reach it."""
     import pwd
-    import shutil
-    import tempfile
 
     entry = pwd.getpwnam("nobody")
-    path = tempfile.mkdtemp(prefix="pop3frame-nobody-")
-    os.chown(path, entry.pw_uid, entry.pw_gid)
-    yield path, entry
-    shutil.rmtree(path)
+    with reachable_dir("pop3frame-nobody-", 0o700, owner=entry) as path:
+        yield path, entry
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="privilege drop needs root")

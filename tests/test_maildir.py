@@ -8,7 +8,6 @@ import poplib
 import pwd
 import shutil
 import subprocess
-import tempfile
 import threading
 
 import pytest
@@ -17,7 +16,7 @@ from pop3frame.adapters.maildir import CACHE_NAME, MaildirAdapter, safe_user_nam
 from pop3frame.adapters.passwdfile import PasswdFile, set_password
 from pop3frame.testing import Controller
 from tests.harness_maildir import deliver_like_an_mda
-from tests.helpers import RawClient, drop, unstuff
+from tests.helpers import RawClient, drop, reachable_dir, unstuff
 
 
 @pytest.fixture
@@ -575,11 +574,9 @@ def test_passwd_may_be_a_path_a_callable_or_none(maildir, tmp_path):
 
 @pytest.fixture
 def shared_root():
-    """A Maildir root another user can reach (pytest's tmp_path is root-only)."""
-    root = tempfile.mkdtemp(prefix="pop3frame-maildir-")
-    os.chmod(root, 0o755)
-    yield root
-    shutil.rmtree(root)
+    """A Maildir root another user can reach."""
+    with reachable_dir("pop3frame-maildir-") as root:
+        yield root
 
 
 def test_directories_made_for_a_maildir_belong_to_its_owner(shared_root, tmp_path):

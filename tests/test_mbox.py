@@ -6,10 +6,8 @@ import io
 import os
 import poplib
 import pwd
-import shutil
 import subprocess
 import sys
-import tempfile
 import tracemalloc
 
 import pytest
@@ -19,7 +17,7 @@ from pop3frame.adapters.mbox import MboxAdapter
 from pop3frame.adapters.passwdfile import PasswdFile, set_password
 from pop3frame.testing import ManualClock, Controller
 from tests.harness_mbox import append_like_an_mda
-from tests.helpers import RawClient, retr_lines_to_bytes
+from tests.helpers import RawClient, reachable_dir, retr_lines_to_bytes
 
 
 @pytest.fixture
@@ -354,11 +352,9 @@ def test_rewrite_keeps_owner_group_and_mode(spool):
 
 @pytest.fixture
 def shared_spool():
-    """A spool directory nobody can write to (not under root's 0700 tmp_path)."""
-    path = tempfile.mkdtemp(prefix="pop3frame-mbox-")
-    os.chmod(path, 0o777)
-    yield path
-    shutil.rmtree(path)
+    """A spool directory nobody can write to."""
+    with reachable_dir("pop3frame-mbox-", 0o777) as path:
+        yield path
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="privilege drop needs root")
