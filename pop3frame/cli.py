@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import getpass
+import ipaddress
 import logging
 import os
 import ssl
@@ -86,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     store.add_argument("--demo", action="store_true", default=None,
                        help="serve an in-memory demo mailbox (user demo, password demo)")
     store.add_argument("--sqlite", metavar="PATH",
-                       help="SQLite store (the default: %s, created and seeded with a demo user)" % DEFAULT_DB)
+                       help="SQLite store (the default: %s; when serve creates it with every listener on loopback, "
+                            "it is seeded with user demo, password demo)" % DEFAULT_DB)
     store.add_argument("--maildir", metavar="ROOT", help="serve ROOT/<user>/ Maildirs (needs --passwd)")
     store.add_argument("--mbox", metavar="TEMPLATE",
                        help="serve mbox files: a directory, or a path with {user} (needs --passwd)")
@@ -297,16 +299,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         except ValueError as exc:
             raise UsageError("--%s" % exc) from None
     tls = load_tls(settings)
-    # Code is imported and ports are bound first (110 and 995 need root),
+    # Ports are bound and code is imported first (110 and 995 need root),
     # then privileges are dropped, and only then are the store and the lock
     # directory opened: files they create must belong to the user that
     # serves them.
-    try:
-        build_adapter = configfile.adapter_factory(settings.adapter, logger, threads=config.max_connections)
-        build_locks = configfile.locks_factory(settings)
-    except ValueError as exc:
-        raise UsageError(("--adapter: %s" if args.adapter else "%s") % exc) from None
-    passwords.preload()
     listeners = settings.effective_listeners()
     sockets = []
     for listener in listeners:
@@ -315,6 +311,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         except OSError as exc:
             raise UsageError("cannot listen on %s: %s"
                              % (configfile.format_address(listener.address), exc.strerror or exc)) from None
+    try:
+        build_adapter = configfile.adapter_factory(settings.adapter, logger, threads=config.max_connections,
+                                                   demo_hint=_demo_hint(listeners, sockets))
+        build_locks = configfile.locks_factory(settings)
+    except ValueError as exc:
+        raise UsageError(("--adapter: %s" if args.adapter else "%s") % exc) from None
+    passwords.preload()
     stats = Stats()
     stats_server = None
     if settings.stats_listen:
@@ -378,6 +381,29 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if pid_file is not None:
             pid_file.remove()
     return 0
+
+
+def _demo_hint(listeners: Sequence[Listener], sockets: Sequence[Any]) -> Optional[str]:
+    """How to reach the demo account, or None where it must not exist.
+
+    Only while every listener is bound to a loopback address and none takes
+    PROXY headers (a proxy in front would carry other hosts' clients to it).
+    """
+    bound = [sock.getsockname()[:2] for sock in sockets]
+    if any(l.proxy_protocol for l in listeners) or not all(_loopback(host) for host, _ in bound):
+        return None
+    names = ["localhost" if host in ("127.0.0.1", "::1") else host for host, _ in bound]
+    for listener, name, (_, port) in zip(listeners, names, bound):
+        if not listener.tls:
+            return "telnet %s %d" % (name, port)
+    return "curl -k pop3s://demo:demo@%s/1" % configfile.format_address((names[0], bound[0][1]))
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.split("%", 1)[0]).is_loopback
+    except ValueError:
+        return False
 
 
 def _describe(spec: configfile.AdapterSpec) -> str:

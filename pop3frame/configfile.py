@@ -12,6 +12,7 @@ Python 3.11+ reads TOML with :mod:`tomllib`; older versions need ``tomli``
 from __future__ import annotations
 
 import collections.abc
+import contextlib
 import dataclasses
 import difflib
 import importlib
@@ -501,7 +502,8 @@ def check_options(target: Callable[..., Any], options: Dict[str, Any], positiona
                              % (key, name, ", ".join(takes) or "none"))
 
 
-def adapter_factory(spec: AdapterSpec, log=None, threads: Optional[int] = None) -> Callable[[], Any]:
+def adapter_factory(spec: AdapterSpec, log=None, threads: Optional[int] = None,
+                    demo_hint: Optional[str] = None) -> Callable[[], Any]:
     """Import the adapter's code now; the returned call builds the adapter.
 
     ``pop3frame serve`` imports before dropping privileges (the code and
@@ -510,6 +512,14 @@ def adapter_factory(spec: AdapterSpec, log=None, threads: Optional[int] = None) 
     steps raise ValueError with a one-line reason on any operator mistake.
     ``threads``: the server's connection threads, which a pooled store
     sizes its pool to.
+
+    ``demo_hint``: how to reach the server (``telnet localhost 1100``), for
+    the log, when the embedded default may be seeded with user ``demo``
+    (password ``demo``); None, the default, never seeds.  Even then only a
+    store at the implicit default path (no ``path`` given) that this call
+    creates gets it: never a store the operator named, nor one that existed
+    before (whatever its users).  ``pop3frame serve`` gives a hint only
+    while every listener is loopback.
     """
     from .adapter import AdapterBase
 
@@ -525,14 +535,20 @@ def adapter_factory(spec: AdapterSpec, log=None, threads: Optional[int] = None) 
         check_options(SQLiteStore, options, 1)
 
         def sqlite():
+            path = spec.path or DEFAULT_DB
+            new = False
             try:
-                store = SQLiteStore(spec.path or DEFAULT_DB, **options)
-                seeded = store.ensure_demo()
+                new = demo_hint is not None and spec.path is None and _create_new(path)
+                store = SQLiteStore(path, **options)
+                seeded = new and store.ensure_demo()
             except Exception as exc:
-                raise ValueError("sqlite: cannot open %s: %s" % (spec.path or DEFAULT_DB, exc)) from None
+                if new:  # so that the next start creates (and seeds) it again
+                    with contextlib.suppress(OSError):
+                        os.unlink(path)
+                raise ValueError("sqlite: cannot open %s: %s" % (path, exc)) from None
             if seeded and log is not None:
-                log.info("new store %s: added user 'demo' (password 'demo') with sample mail; "
-                         "try: telnet localhost 1100", store.path)
+                log.info("new store %s: added user 'demo' (password 'demo') with sample mail; try: %s",
+                         store.path, demo_hint)
             return store
 
         return sqlite
@@ -587,6 +603,16 @@ def adapter_factory(spec: AdapterSpec, log=None, threads: Optional[int] = None) 
         return adapter
 
     return custom
+
+
+def _create_new(path: str) -> bool:
+    """Create ``path`` as an empty file (mode 0600) if nothing, not even a
+    dangling symlink, is there; whether it was created by this call."""
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600))
+    except FileExistsError:
+        return False
+    return True
 
 
 def make_adapter(spec: AdapterSpec, log=None):

@@ -126,6 +126,15 @@ def drop(client) -> None:
     client.sock.close()
 
 
+def demo_store(path: str) -> str:
+    """A SQLite store at ``path`` holding user ``demo`` (password ``demo``) and
+    the three sample messages, as ``pop3frame serve`` seeds its own new default."""
+    from pop3frame.adapters.sqlite import SQLiteStore
+
+    assert SQLiteStore(path).ensure_demo()
+    return path
+
+
 @contextlib.contextmanager
 def reachable_dir(prefix: str, mode: int = 0o755, owner=None):
     """A fresh directory other users can reach, removed afterwards.

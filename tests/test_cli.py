@@ -14,7 +14,7 @@ import urllib.request
 import pytest
 
 from pop3frame.proxy import build_v1, build_v2
-from tests.helpers import RawClient, reachable_dir
+from tests.helpers import RawClient, demo_store, reachable_dir
 from tests.processes import Daemon, pop3frame, write_config
 
 
@@ -57,12 +57,53 @@ def test_bad_listen_address_is_a_one_line_error():
 
 
 def test_default_store_is_sqlite_seeded_with_demo(tmp_path):
+    """The quick start: a new ./pop3frame.db on loopback gets demo/demo, and
+    the log says where to reach it: the port really bound, not 1100."""
     with Daemon("--listen", "127.0.0.1:0", cwd=str(tmp_path)) as d:
+        assert d.saw(r"new store pop3frame\.db: added user 'demo' .*; try: telnet localhost %d$" % d.port)
         with RawClient(("127.0.0.1", d.port)) as c:
             assert c.login("demo", "demo") == b"+OK demo's maildrop has 3 messages (683 octets)\r\n"
             c.cmd("QUIT")
         assert d.stop() == 0
     assert (tmp_path / "pop3frame.db").exists()
+
+
+def test_named_store_without_users_gets_no_demo(tmp_path):
+    db = str(tmp_path / "named.db")
+    with Daemon("--sqlite", db, "--listen", "127.0.0.1:0") as d:
+        with RawClient(("127.0.0.1", d.port)) as c:
+            assert c.login("demo", "demo") == b"-ERR [AUTH] invalid user name or password\r\n"
+        assert d.stop() == 0
+    assert not any("added user" in line for line in d.seen)
+    assert pop3frame("user", "--sqlite", db, "list").stdout == b""
+
+
+def test_default_store_whose_users_were_all_deleted_gets_no_demo_again(tmp_path):
+    with Daemon("--listen", "127.0.0.1:0", cwd=str(tmp_path)) as d:
+        assert d.saw(r"added user 'demo'")
+        assert d.stop() == 0
+    assert pop3frame("user", "del", "demo", cwd=str(tmp_path)).returncode == 0
+    with Daemon("--listen", "127.0.0.1:0", cwd=str(tmp_path)) as d:
+        with RawClient(("127.0.0.1", d.port)) as c:
+            assert c.login("demo", "demo") == b"-ERR [AUTH] invalid user name or password\r\n"
+        assert d.stop() == 0
+    assert not any("added user" in line for line in d.seen)
+    assert pop3frame("user", "list", cwd=str(tmp_path)).stdout == b""
+
+
+@pytest.mark.parametrize("listeners", [
+    ("--listen", "0.0.0.0:0"),
+    ("--listen", "127.0.0.1:0", "--listen", "0.0.0.0:0"),
+    ("--proxy-listen", "127.0.0.1:0"),  # a proxy in front brings other hosts' clients
+], ids=["any-address", "one-of-two", "proxy"])
+def test_default_store_gets_no_demo_unless_every_listener_is_loopback(tmp_path, listeners):
+    with Daemon(*listeners, cwd=str(tmp_path), listeners=len(listeners) // 2) as d:
+        if listeners[0] == "--listen":
+            with RawClient(("127.0.0.1", d.ports[-1])) as c:  # the 0.0.0.0 port, reached on loopback
+                assert c.login("demo", "demo") == b"-ERR [AUTH] invalid user name or password\r\n"
+        assert d.stop() == 0
+    assert not any("added user" in line for line in d.seen)
+    assert pop3frame("user", "list", cwd=str(tmp_path)).stdout == b""
 
 
 def test_log_lines_become_email(tmp_path):
@@ -178,9 +219,8 @@ def test_config_file_sighup_reload_and_per_ip_limits(tmp_path):
         greeting = "from the file"
         [logging]
         level = "INFO"
-    """ % (tmp_path / "store.db"))
+    """ % demo_store(str(tmp_path / "store.db")))
     with Daemon("--config", config) as d:
-        assert d.saw(r"added user 'demo'.*telnet localhost 1100")  # new store: seeded, and it says so
         with RawClient(("127.0.0.1", d.port)) as keep:
             assert keep.greeting.startswith(b"+OK from the file")
             assert keep.login("demo", "demo").startswith(b"+OK")
@@ -204,7 +244,7 @@ def test_config_file_sighup_reload_and_per_ip_limits(tmp_path):
 
 
 def test_sigterm_grace_applies_deletions_of_a_session_that_quits(tmp_path):
-    db = str(tmp_path / "g.db")
+    db = demo_store(str(tmp_path / "g.db"))
     with Daemon("--sqlite", db, "--listen", "127.0.0.1:0", "--shutdown-grace", "60") as d:
         with RawClient(("127.0.0.1", d.port)) as c:
             c.login("demo", "demo")
@@ -219,7 +259,7 @@ def test_sigterm_grace_applies_deletions_of_a_session_that_quits(tmp_path):
 
 
 def test_sigterm_grace_over_cuts_a_session_without_deleting(tmp_path):
-    db = str(tmp_path / "g.db")
+    db = demo_store(str(tmp_path / "g.db"))
     with Daemon("--sqlite", db, "--listen", "127.0.0.1:0", "--shutdown-grace", "0.2") as d:
         with RawClient(("127.0.0.1", d.port)) as c:
             c.login("demo", "demo")
@@ -348,10 +388,11 @@ def nobody_dir():
 @pytest.mark.skipif(os.geteuid() != 0, reason="privilege drop needs root")
 def test_store_and_locks_are_created_by_the_dropped_user(nobody_dir):
     """The store and the lock files are opened after the switch, so a user-owned
-    directory is all the server needs: login, DELE and QUIT work as nobody."""
+    directory is all the server needs: the default store is created (and
+    seeded) by nobody, and login, DELE and QUIT work as nobody."""
     path, nobody = nobody_dir
-    db, lock_dir = os.path.join(path, "store.db"), os.path.join(path, "locks")
-    with Daemon("--sqlite", db, "--lock-dir", lock_dir, "--listen", "127.0.0.1:0", "--user", "nobody") as d:
+    db, lock_dir = os.path.join(path, "pop3frame.db"), os.path.join(path, "locks")
+    with Daemon("--lock-dir", lock_dir, "--listen", "127.0.0.1:0", "--user", "nobody", cwd=path) as d:
         with RawClient(("127.0.0.1", d.port)) as c:
             assert c.login("demo", "demo").startswith(b"+OK")
             assert c.cmd("DELE 1") == b"+OK message 1 deleted\r\n"
@@ -359,7 +400,7 @@ def test_store_and_locks_are_created_by_the_dropped_user(nobody_dir):
         assert d.stop() == 0
     for name in (db, lock_dir) + tuple(os.path.join(lock_dir, f) for f in os.listdir(lock_dir)):
         assert os.stat(name).st_uid == nobody.pw_uid, name
-    with Daemon("--sqlite", db, "--listen", "127.0.0.1:0", "--user", "nobody") as d:
+    with Daemon("--listen", "127.0.0.1:0", "--user", "nobody", cwd=path) as d:
         with RawClient(("127.0.0.1", d.port)) as c:
             assert c.login("demo", "demo").startswith(b"+OK demo's maildrop has 2 messages")
         assert d.stop() == 0
