@@ -19,7 +19,7 @@ from typing import Any, Dict, List, NoReturn, Optional, Sequence, Tuple
 
 from . import __version__
 from . import configfile, passwords
-from .config import ServerConfig
+from .config import ServerConfig, parse_networks
 from .configfile import DEFAULT_DB, ConfigError, Listener, Settings
 
 __all__ = ["main", "parse_address", "build_parser"]
@@ -83,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="implicit-TLS (POP3S) listener (repeatable; needs --cert and --key)")
     serve.add_argument("--proxy-listen", action="append", type=parse_address, metavar="HOST:PORT",
                        help="plain listener expecting a HAProxy PROXY v1/v2 header first (repeatable)")
+    serve.add_argument("--proxy-trusted-network", action="append", metavar="CIDR",
+                       help="network whose PROXY headers are believed (repeatable; default loopback); "
+                            "other peers of a --proxy-listen port are closed unread")
     store = serve.add_mutually_exclusive_group()
     store.add_argument("--demo", action="store_true", default=None,
                        help="serve an in-memory demo mailbox (user demo, password demo)")
@@ -193,6 +196,8 @@ def apply_flags(settings: Settings, args: argparse.Namespace) -> Settings:
         s.server["allow_plaintext_auth"] = True
     if args.trusted_network:
         s.server["trusted_networks"] = tuple(args.trusted_network)
+    if args.proxy_trusted_network:
+        s.proxy_trusted_networks = tuple(args.proxy_trusted_network)
     if args.max_connections is not None:
         s.server["max_connections"] = args.max_connections
     if args.max_connections_per_ip is not None:
@@ -222,6 +227,10 @@ def _flag_errors(s: Settings) -> None:
         raise UsageError("--passwd: no such file: %s" % spec.passwd)
     if any(l.tls for l in s.listeners) and not (s.cert and s.key) or bool(s.cert) != bool(s.key):
         raise UsageError("TLS needs both --cert FILE and --key FILE")
+    try:
+        parse_networks(s.proxy_trusted_networks, "--proxy-trusted-network")
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def resolve_settings(args: argparse.Namespace) -> Settings:
@@ -350,7 +359,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         group = ServerGroup(adapter, config, locks=locks, tls=tls, stats=stats)
         for listener, sock in zip(listeners, sockets):
             group.add_listener(listener.address, secure=listener.tls, proxy_protocol=listener.proxy_protocol,
-                               proxy_timeout=settings.proxy_timeout, sock=sock)
+                               proxy_timeout=settings.proxy_timeout,
+                               proxy_trusted_networks=settings.proxy_trusted_networks, sock=sock)
         state = {"group": group, "settings": settings}
         loop = SignalLoop(lambda: _reload(args, state))
         loop.install()
@@ -365,7 +375,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             host, port = server.server_address[:2]
             logger.info("listening on %s port %d%s%s", host, port,
                         " (TLS)" if server.secure else " (STLS offered)" if tls else "",
-                        " (PROXY protocol)" if server.proxy_protocol else "")
+                        " (PROXY protocol from %s)" % ", ".join(settings.proxy_trusted_networks)
+                        if server.proxy_protocol else "")
         signum = loop.run()
         logger.info("signal %d: stopping; sessions get %g s to finish", signum, state["settings"].shutdown_grace)
         # The handlers stay installed: a second SIGTERM during the grace

@@ -5,9 +5,34 @@ import dataclasses
 import ipaddress
 import socket
 import time
-from typing import Callable, Optional, Sequence
+from typing import Callable, List, Optional, Sequence, Union
 
-__all__ = ["ServerConfig", "RFC1939_MIN_AUTOLOGOUT"]
+__all__ = ["ServerConfig", "RFC1939_MIN_AUTOLOGOUT", "LOOPBACK", "parse_networks", "in_networks"]
+
+#: The networks trusted by default, for plaintext passwords and PROXY headers.
+LOOPBACK = ("127.0.0.0/8", "::1/128")
+
+Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
+
+
+def parse_networks(cidrs: Sequence[str], what: str) -> List[Network]:
+    """``["10.0.0.0/8", ...]`` as networks; ValueError ``what: <reason>`` for a bad one."""
+    try:
+        return [ipaddress.ip_network(cidr, strict=False) for cidr in cidrs]
+    except (TypeError, ValueError) as exc:
+        raise ValueError("%s: %s" % (what, exc)) from None
+
+
+def in_networks(address: str, networks: Sequence[Network]) -> bool:
+    """Whether an IP address is in one of ``networks``; an IPv6 zone is
+    ignored and an IPv4-mapped IPv6 address counts as its IPv4 address."""
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return False
+    if ip.version == 6 and ip.ipv4_mapped:
+        ip = ip.ipv4_mapped
+    return any(ip in net for net in networks)
 
 #: RFC 1939 section 3: an autologout timer "MUST be of at least 10 minutes".
 RFC1939_MIN_AUTOLOGOUT = 600.0
@@ -66,7 +91,7 @@ class ServerConfig:
     #: anywhere.  Off by default, as Dovecot's disable_plaintext_auth.
     allow_plaintext_auth: bool = False
     #: Networks where plaintext authentication is allowed without TLS.
-    trusted_networks: Sequence[str] = ("127.0.0.0/8", "::1/128")
+    trusted_networks: Sequence[str] = LOOPBACK
     #: Seconds a client gets to finish a TLS handshake.
     tls_handshake_timeout: float = 30.0
 
@@ -107,10 +132,6 @@ class ServerConfig:
             raise ValueError("stack_size must be 0 or at least %d bytes" % MIN_STACK_SIZE)
         if self.expire != "NEVER" and not self.expire.isdigit():
             raise ValueError("expire must be NEVER or a number of days")
-        for network in self.trusted_networks:
-            try:
-                ipaddress.ip_network(network, strict=False)
-            except ValueError as exc:
-                raise ValueError("trusted_networks: %s" % exc) from None
+        parse_networks(self.trusted_networks, "trusted_networks")
         if self.server_name is None:
             self.server_name = self.hostname

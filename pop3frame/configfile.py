@@ -23,7 +23,7 @@ import sys
 import typing
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-from .config import ServerConfig
+from .config import LOOPBACK, ServerConfig, parse_networks
 
 __all__ = [
     "ConfigError",
@@ -135,6 +135,8 @@ class Settings:
     group: Optional[str] = None
     shutdown_grace: float = 10.0
     proxy_timeout: float = 5.0
+    #: Peers whose PROXY headers are believed (CIDR); others are closed unread.
+    proxy_trusted_networks: Tuple[str, ...] = LOOPBACK
     stats_listen: Optional[Tuple[str, int]] = None
     #: The file these settings came from, if any.
     source: Optional[str] = None
@@ -370,10 +372,15 @@ def parse(text: str, source: Optional[str] = None) -> Settings:
         s.stats_listen = r.typed(stats, ("stats",), "listen", "address")
 
     if "proxy" in data:
-        proxy = r.table(data["proxy"], ("proxy",), ("timeout",))
+        proxy = r.table(data["proxy"], ("proxy",), ("timeout", "trusted_networks"))
         s.proxy_timeout = r.typed(proxy, ("proxy",), "timeout", float, 5.0)
         if s.proxy_timeout <= 0:
             raise r.error(("proxy", "timeout"), "must be positive")
+        s.proxy_trusted_networks = r.typed(proxy, ("proxy",), "trusted_networks", "strings", LOOPBACK)
+        try:
+            parse_networks(s.proxy_trusted_networks, "trusted_networks")
+        except ValueError as exc:
+            raise r.error(("proxy", "trusted_networks"), str(exc).partition(": ")[2]) from None
 
     s.shutdown_grace = r.typed(data, (), "shutdown_grace", float, 10.0)
     if s.shutdown_grace < 0:
@@ -729,6 +736,7 @@ def dump(settings: Settings) -> str:
     put("json", settings.log_json)
     out += ["", "[proxy]"]
     put("timeout", settings.proxy_timeout)
+    put("trusted_networks", settings.proxy_trusted_networks)
     if settings.stats_listen:
         out += ["", "[stats]"]
         put("listen", format_address(settings.stats_listen))

@@ -6,8 +6,9 @@ several of them (IPv4, IPv6, plain and TLS ports) over one shared
 :class:`~pop3frame.session.SessionContext` and one connection budget.
 
 A listener with ``proxy_protocol=True`` expects a HAProxy PROXY v1/v2 header
-first (:mod:`pop3frame.proxy`); the real client address from it is what
-limits, the failed-login throttle, login delay and logs see.  Each session
+first (:mod:`pop3frame.proxy`), and only from a trusted proxy's address; the
+real client address from it is what limits, the failed-login throttle,
+login delay and logs see.  Each session
 ends with one summary log line (peer, user, messages retrieved and deleted,
 octets sent, duration); with a :class:`~pop3frame.stats.Stats` the same
 numbers are counted.
@@ -26,7 +27,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from . import protocol
 from .adapter import AdapterBase
-from .config import ServerConfig
+from .config import LOOPBACK, ServerConfig, in_networks, parse_networks
 from .handler import POP3Handler
 from .locks import LockManager
 from .proxy import ProxyError, read_header
@@ -333,6 +334,10 @@ class POP3Server(socketserver.ThreadingTCPServer):
     With ``proxy_protocol=True`` every connection must start with a PROXY
     v1 or v2 header, read in the connection's thread within
     ``proxy_timeout`` seconds; without a valid one the connection is closed.
+    Only peers in ``proxy_trusted_networks`` (CIDR strings; loopback by
+    default, as Dovecot's ``haproxy_trusted_networks``) may send one: a
+    connection from anywhere else is closed at once, with nothing read and
+    nothing sent, since its header would name whatever address it liked.
     """
 
     daemon_threads = True
@@ -353,6 +358,7 @@ class POP3Server(socketserver.ThreadingTCPServer):
         secure: bool = False,
         proxy_protocol: bool = False,
         proxy_timeout: float = 5.0,
+        proxy_trusted_networks: Sequence[str] = LOOPBACK,
         stats: Optional[Stats] = None,
         bind_and_activate: bool = True,
         sock: Optional[socket.socket] = None,
@@ -367,6 +373,7 @@ class POP3Server(socketserver.ThreadingTCPServer):
         #: Whether connections start with a PROXY protocol header.
         self.proxy_protocol = proxy_protocol
         self.proxy_timeout = proxy_timeout
+        self.proxy_networks = parse_networks(proxy_trusted_networks, "proxy_trusted_networks")
         self.stats = stats
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         super().__init__(address, self.handler_class, bind_and_activate and sock is None)
@@ -398,6 +405,12 @@ class POP3Server(socketserver.ThreadingTCPServer):
             pass
 
     def process_request(self, request: socket.socket, client_address) -> None:
+        if self.proxy_protocol and not in_networks(client_address[0], self.proxy_networks):
+            logger.warning("refusing %s port %s: not a trusted proxy; closed unread", *client_address[:2])
+            if self.stats is not None:
+                self.stats.add("refused")
+            self.shutdown_request(request)
+            return
         # Behind a proxy the peer is the proxy: per-address admission waits
         # for the header, in the connection's thread.
         refusal = self.tracker.admit(request, None if self.proxy_protocol else client_address[0], self)
@@ -490,6 +503,7 @@ class ServerGroup:
         secure: bool = False,
         proxy_protocol: bool = False,
         proxy_timeout: float = 5.0,
+        proxy_trusted_networks: Sequence[str] = LOOPBACK,
         server_class=POP3Server,
         sock: Optional[socket.socket] = None,
     ) -> POP3Server:
@@ -500,7 +514,8 @@ class ServerGroup:
         """
         options = {}
         if proxy_protocol:
-            options.update(proxy_protocol=True, proxy_timeout=proxy_timeout)
+            options.update(proxy_protocol=True, proxy_timeout=proxy_timeout,
+                           proxy_trusted_networks=proxy_trusted_networks)
         if self.stats is not None:
             options["stats"] = self.stats
         server = server_class(address, self.context, tracker=self.tracker, workers=self.workers, secure=secure,

@@ -11,7 +11,6 @@ import base64
 import binascii
 import enum
 import io
-import ipaddress
 import itertools
 import logging
 import os
@@ -33,7 +32,7 @@ from .adapter import (
     TemporaryFailure,
 )
 from .auth import FailureThrottle, LoginDelayTracker
-from .config import ServerConfig
+from .config import ServerConfig, in_networks, parse_networks
 from .locks import Lock, LockManager
 from .tls import TLSCertificates
 
@@ -124,7 +123,7 @@ class SessionContext:
             lockout_failures=self.config.auth_lockout_failures,
             lockout_duration=self.config.auth_lockout_duration,
         )
-        self.trusted_networks = [ipaddress.ip_network(n, strict=False) for n in self.config.trusted_networks]
+        self.trusted_networks = parse_networks(self.config.trusted_networks, "trusted_networks")
         apop = self.config.apop
         if apop is None:
             apop = adapter.offers_apop()
@@ -132,13 +131,7 @@ class SessionContext:
         self.read_only = self.config.read_only or adapter.read_only
 
     def is_trusted(self, address: str) -> bool:
-        try:
-            ip = ipaddress.ip_address(address.split("%", 1)[0])
-        except ValueError:
-            return False
-        if ip.version == 6 and ip.ipv4_mapped:
-            ip = ip.ipv4_mapped
-        return any(ip in net for net in self.trusted_networks)
+        return in_networks(address, self.trusted_networks)
 
 
 class CommandError(POP3Error):

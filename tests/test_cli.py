@@ -142,6 +142,7 @@ def test_maildir_with_passwd_file(tmp_path):
     (("user", "del", "nobody"), "no such user: nobody"),
     (("serve", "--demo", "--max-connections", "0"), "max_connections must be at least 1"),
     (("serve", "--demo", "--trusted-network", "10.0.0.0/33"), "trusted_networks: '10.0.0.0/33'"),
+    (("serve", "--demo", "--proxy-trusted-network", "nonsense"), "--proxy-trusted-network: 'nonsense'"),
 ])
 def test_operator_mistakes_are_one_line(tmp_path, args, message):
     out = pop3frame(*args, input=b"Subject: x\n\nx\n", cwd=str(tmp_path))
@@ -300,6 +301,24 @@ def test_proxy_listener_end_to_end(tmp_path, header):
         assert d.stop() == 0
 
 
+def test_proxy_trusted_network_replaces_the_loopback_default():
+    """--proxy-trusted-network 127.0.0.1/32: a client from 127.0.0.2 (loopback,
+    trusted by default) may no longer send a header, and is closed unread."""
+    with Daemon("--demo", "--proxy-listen", "127.0.0.1:0", "--proxy-trusted-network", "127.0.0.1/32") as d:
+        assert d.saw(r"listening on 127\.0\.0\.1 port \d+ \(PROXY protocol from 127\.0\.0\.1/32\)")
+        with socket.create_connection(("127.0.0.1", d.port), timeout=10, source_address=("127.0.0.2", 0)) as raw:
+            raw.sendall(build_v1(("127.0.0.1", 40000), ("127.0.0.1", d.port)) + b"USER demo\r\n")
+            try:
+                assert raw.recv(100) == b""
+            except ConnectionResetError:
+                pass  # closed with our bytes unread
+        d.wait_for(r"refusing 127\.0\.0\.2 port \d+: not a trusted proxy; closed unread")
+        with socket.create_connection(("127.0.0.1", d.port), timeout=10) as raw:
+            raw.sendall(build_v1(("198.51.100.7", 40000), ("127.0.0.1", d.port)))
+            assert raw.recv(100).startswith(b"+OK")
+        assert d.stop() == 0
+
+
 def test_custom_adapter_script_with_options(tmp_path):
     script = tmp_path / "reports.py"
     script.write_text(textwrap.dedent('''
@@ -418,6 +437,7 @@ def test_check_config_prints_effective_settings(tmp_path):
     text = out.stdout.decode()
     assert 'address = "127.0.0.1:1100"' in text and "max_connections_per_ip = 4" in text
     assert "timeout = 600.0" in text and 'type = "sqlite"' in text
+    assert 'trusted_networks = ["127.0.0.0/8", "::1/128"]' in text.split("[proxy]")[1]
 
 
 @pytest.mark.parametrize("text,message", [
@@ -428,6 +448,8 @@ def test_check_config_prints_effective_settings(tmp_path):
     ("[tls]\ncert = \"/nonexistent.pem\"\nkey = \"/nonexistent.key\"\n",
      "pop3frame: {f}:2: tls.cert: cannot load certificate/key"),
     ("x = = 1\n", "pop3frame: {f}:1: invalid TOML"),
+    ("[proxy]\ntrusted_networks = [\"10.0.0.0/33\"]\n",
+     "pop3frame: {f}:2: proxy.trusted_networks: '10.0.0.0/33' does not appear to be an IPv4 or IPv6 network"),
 ])
 def test_bad_config_files_are_one_line_errors(tmp_path, text, message):
     config = write_config(tmp_path, text)

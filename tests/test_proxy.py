@@ -278,3 +278,72 @@ def test_local_command_keeps_the_peer_address(proxied):
     assert c.greeting.startswith(b"+OK")
     assert group.tracker.count_ip("127.0.0.1") == 1
     c.close()
+
+
+# -- who may send a header ------------------------------------------------------
+
+
+@pytest.fixture
+def one_proxy(adapter, caplog):
+    """A PROXY listener that believes headers from 127.0.0.1 only, with plaintext
+    passwords allowed from 127.0.0.1 only, one connection per address, and a
+    failed-login delay from the first failure; the header timeout is long, so
+    a close that comes at once was not a wait for one."""
+    stats = Stats()
+    config = ServerConfig(hostname="localhost", max_connections_per_ip=1, trusted_networks=["127.0.0.1/32"],
+                          free_auth_failures=0)
+    group = ServerGroup(adapter, config, stats=stats)
+    server = group.add_listener(("127.0.0.1", 0), proxy_protocol=True, proxy_timeout=60,
+                                proxy_trusted_networks=["127.0.0.1/32"])
+    group.start(poll_interval=0.05)
+    yield group, server.server_address[:2], stats
+    group.shutdown()
+
+
+def closed_unread(address, source: str, data: bytes) -> bool:
+    """Connect from ``source``, send ``data``: whether the server closes with
+    nothing sent, without waiting for more (a reset counts as a close)."""
+    with socket.create_connection(address, timeout=10, source_address=(source, 0)) as sock:
+        if data:
+            sock.sendall(data)
+        try:
+            return sock.recv(100) == b""
+        except ConnectionResetError:
+            return True
+
+
+def test_header_from_outside_the_trusted_proxies_closes_the_connection_unread(one_proxy, caplog):
+    """A direct client that is not a listed proxy cannot choose its address:
+    posing as the trusted 127.0.0.1 it would escape the plaintext policy, with
+    a fresh address per connection the per-address limit and the failed-login
+    delay.  It is closed before anything is read, even silent (so no wait for
+    a header); a trusted proxy's connections are served as before."""
+    group, address, stats = one_proxy
+    spoofs = [build_v1(("127.0.0.1", 5000), ("127.0.0.1", 110)) + b"USER alice\r\nPASS alice-pw\r\n"]
+    spoofs += [build_v2(("203.0.113.%d" % i, 5000), ("127.0.0.1", 110)) + b"USER alice\r\nPASS x\r\n"
+               for i in range(1, 4)]
+    for data in spoofs + [b""]:
+        assert closed_unread(address, "127.0.0.2", data)
+    assert stats.get("refused") == len(spoofs) + 1
+    assert caplog.text.count("refusing 127.0.0.2 port") == len(spoofs) + 1
+    assert "not a trusted proxy; closed unread" in caplog.text
+    assert "login" not in caplog.text and "USER" not in caplog.text
+    assert group.tracker.wait_until_at_most(0, 10)
+    # From the trusted proxy the header's address counts, as before.
+    trusted = connect(address, build_v1(("127.0.0.1", 5000), ("127.0.0.1", 110)))
+    assert trusted.login("alice", "alice-pw").startswith(b"+OK")
+    untrusted_client = connect(address, build_v1(("203.0.113.9", 5000), ("127.0.0.1", 110)))
+    assert untrusted_client.cmd("USER alice").startswith(b"-ERR [AUTH] Plaintext authentication disallowed")
+    for c in (trusted, untrusted_client):
+        c.close()
+
+
+def test_proxy_trusted_networks_default_to_loopback(adapter):
+    group = ServerGroup(adapter, ServerConfig(hostname="localhost"))
+    try:
+        server = group.add_listener(("127.0.0.1", 0), proxy_protocol=True)
+        assert [str(n) for n in server.proxy_networks] == ["127.0.0.0/8", "::1/128"]
+        with pytest.raises(ValueError, match="^proxy_trusted_networks: "):
+            group.add_listener(("127.0.0.1", 0), proxy_protocol=True, proxy_trusted_networks=["10.0.0.0/33"])
+    finally:
+        group.shutdown()
