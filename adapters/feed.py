@@ -52,6 +52,7 @@ import urllib.request
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Set, Tuple, Union
 
 from pop3frame import AdapterBase, MessageInfo, PermanentFailure, POP3Error, TemporaryFailure
+from pop3frame.failures import log_failure
 from pop3frame.passwords import verify_password
 from pop3frame.protocol import wire_size
 
@@ -171,8 +172,8 @@ class FeedAdapter(AdapterBase):
             request = urllib.request.Request(source, headers={"User-Agent": self.user_agent})
             with urllib.request.urlopen(request, timeout=self.timeout) as response:
                 return response.read(MAX_FEED_BYTES)
-        except (OSError, ValueError, urllib.error.URLError):
-            logger.warning("cannot fetch feed %s", source, exc_info=True)
+        except (OSError, ValueError, urllib.error.URLError) as exc:
+            log_failure(logger, logging.WARNING, "cannot fetch feed %s", source, exc=exc)
             raise TemporaryFailure("feed unavailable") from None
 
     def items(self) -> Tuple[Any, List[Any]]:
@@ -244,8 +245,8 @@ class FeedAdapter(AdapterBase):
             return {str(k): [str(u) for u in v] for k, v in data.items()} if isinstance(data, dict) else {}
         except FileNotFoundError:
             return {}
-        except (OSError, ValueError):
-            logger.exception("cannot read state file %s", self.state_file)
+        except (OSError, ValueError) as exc:
+            log_failure(logger, logging.ERROR, "cannot read state file %s", self.state_file, exc=exc)
             raise TemporaryFailure("feed state unavailable") from None
 
     def _save_state(self, state: Dict[str, List[str]]) -> None:
@@ -317,8 +318,8 @@ class FeedAdapter(AdapterBase):
             state[username] = sorted(seen)
             try:
                 self._save_state(state)
-            except OSError:
-                logger.exception("cannot write state file %s", self.state_file)
+            except OSError as exc:
+                log_failure(logger, logging.ERROR, "cannot write state file %s", self.state_file, exc=exc)
                 raise TemporaryFailure("could not remember deleted items") from None
         logger.info("hid %d feed item(s) for %r", len(messages), username)
 

@@ -73,6 +73,7 @@ from collections import OrderedDict
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from pop3frame import AdapterBase, MessageInfo, PermanentFailure, TemporaryFailure
+from pop3frame.failures import log_failure
 
 __all__ = ["IMAPUpstreamAdapter"]
 
@@ -283,8 +284,8 @@ class IMAPUpstreamAdapter(AdapterBase):
                 )
             else:
                 conn = imaplib.IMAP4(self.host, self.port, timeout=self.timeout)
-        except (*_CONNECTION_ERRORS, imaplib.IMAP4.error):
-            logger.warning("cannot connect to IMAP server %s:%s", self.host, self.port, exc_info=True)
+        except (*_CONNECTION_ERRORS, imaplib.IMAP4.error) as exc:
+            log_failure(logger, logging.WARNING, "cannot connect to IMAP server %s:%s", self.host, self.port, exc=exc)
             raise TemporaryFailure("upstream mail server unavailable") from None
         if self.security == "starttls":
             try:
@@ -293,7 +294,7 @@ class IMAPUpstreamAdapter(AdapterBase):
                 conn.shutdown()  # no LOGOUT over a connection that may be half in TLS
                 if not isinstance(exc, (*_CONNECTION_ERRORS, imaplib.IMAP4.error)):
                     raise
-                logger.warning("STARTTLS with %s:%s failed", self.host, self.port, exc_info=True)
+                log_failure(logger, logging.WARNING, "STARTTLS with %s:%s failed", self.host, self.port, exc=exc)
                 raise TemporaryFailure("upstream mail server unavailable") from None
         return conn
 
@@ -341,7 +342,7 @@ class IMAPUpstreamAdapter(AdapterBase):
         credentials, raise TemporaryFailure if it is unavailable."""
         self._logout(conn)
         if isinstance(exc, _CONNECTION_ERRORS):
-            logger.warning("IMAP login for %r: connection failed", username, exc_info=exc)
+            log_failure(logger, logging.WARNING, "IMAP login for %r: connection failed", username, exc=exc)
             raise TemporaryFailure("upstream mail server unavailable") from None
         if not isinstance(exc, imaplib.IMAP4.error):
             raise exc
@@ -439,9 +440,9 @@ class IMAPUpstreamAdapter(AdapterBase):
         except (TemporaryFailure, PermanentFailure):
             self._logout(conn)
             raise
-        except (*_CONNECTION_ERRORS, imaplib.IMAP4.error, ValueError):
+        except (*_CONNECTION_ERRORS, imaplib.IMAP4.error, ValueError) as exc:
             self._logout(conn)
-            logger.warning("listing IMAP folder %r for %r failed", self.folder, username, exc_info=True)
+            log_failure(logger, logging.WARNING, "listing IMAP folder %r for %r failed", self.folder, username, exc=exc)
             raise TemporaryFailure("upstream mail server unavailable") from None
         except BaseException:
             self._logout(conn)
@@ -463,8 +464,8 @@ class IMAPUpstreamAdapter(AdapterBase):
         """Octets ``offset`` .. ``offset+length`` of the message, or None if it is gone."""
         try:
             typ, data = conn.uid("FETCH", str(uid), "(BODY.PEEK[]<%d.%d>)" % (offset, length))
-        except (*_CONNECTION_ERRORS, imaplib.IMAP4.error):
-            logger.warning("IMAP fetch of UID %d failed", uid, exc_info=True)
+        except (*_CONNECTION_ERRORS, imaplib.IMAP4.error) as exc:
+            log_failure(logger, logging.WARNING, "IMAP fetch of UID %d failed", uid, exc=exc)
             raise TemporaryFailure("upstream mail server unavailable") from None
         if typ != "OK":
             raise TemporaryFailure("upstream mail server refused the fetch")
@@ -511,11 +512,11 @@ class IMAPUpstreamAdapter(AdapterBase):
                 # Leave no message flagged for someone else's EXPUNGE to take.
                 try:
                     conn.uid("STORE", uids, "-FLAGS.SILENT", r"(\Deleted)")
-                except Exception:
-                    logger.warning("could not remove \\Deleted flags again", exc_info=True)
+                except Exception as exc:
+                    log_failure(logger, logging.WARNING, "could not remove \\Deleted flags again", exc=exc)
                 raise
-        except (*_CONNECTION_ERRORS, imaplib.IMAP4.error):
-            logger.warning("IMAP delete for %r failed", username, exc_info=True)
+        except (*_CONNECTION_ERRORS, imaplib.IMAP4.error) as exc:
+            log_failure(logger, logging.WARNING, "IMAP delete for %r failed", username, exc=exc)
             raise TemporaryFailure("could not delete messages upstream") from None
         logger.info("deleted %d message(s) of %r upstream", len(messages), username)
 

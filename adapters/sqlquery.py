@@ -84,6 +84,7 @@ import threading
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Set, Tuple, Union
 
 from pop3frame import AdapterBase, MessageInfo, PermanentFailure, POP3Error, TemporaryFailure
+from pop3frame.failures import log_failure
 from pop3frame.passwords import verify_password
 from pop3frame.protocol import wire_size
 
@@ -241,8 +242,8 @@ class SQLQueryAdapter(AdapterBase):
     def _open(self) -> Any:
         try:
             return self._connect()
-        except Exception:
-            logger.exception("%s: cannot connect to the database", self.name)
+        except Exception as exc:
+            log_failure(logger, logging.ERROR, "%s: cannot connect to the database", self.name, exc=exc)
             raise TemporaryFailure("database unavailable") from None
 
     @staticmethod

@@ -564,14 +564,18 @@ class Session:
         try:
             challenge = exchange.send(response) if response is not None else next(exchange)
         except StopIteration as done:
-            self._sasl = None
-            user, verify = done.value
-            return self._login(user, lambda: verify(self.adapter))
+            result = done.value
         except sasl.SASLError as exc:
             self._sasl = None
             return [protocol.err(str(exc))]
-        self._sasl = exchange
-        return [b"+ " + base64.b64encode(challenge) + protocol.CRLF]
+        else:
+            self._sasl = exchange
+            return [b"+ " + base64.b64encode(challenge) + protocol.CRLF]
+        # The login runs outside the except block, so whatever it raises
+        # does not carry the exchange's StopIteration as its context.
+        self._sasl = None
+        user, verify = result
+        return self._login(user, lambda: verify(self.adapter))
 
     def _sasl_continue(self, line: bytes) -> Reply:
         exchange = self._sasl

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import email.policy
+import logging
 import os
 import shutil
 import socket
@@ -175,3 +176,14 @@ def require_program(name: str) -> str:
             pytest.fail("%s is missing under CI; .ci/run installs it" % name)
         pytest.skip("%s not installed" % name)
     return path
+
+
+def expected_failure_logged_once(records, cause: str):
+    """The log of an expected failure (network down, upstream refused, store
+    unavailable): exactly one line at WARNING or above, naming ``cause``,
+    and no traceback anywhere (tracebacks are for bugs, or DEBUG)."""
+    loud = [r for r in records if r.levelno >= logging.WARNING]
+    assert len(loud) == 1, [r.getMessage() for r in loud]
+    assert cause in loud[0].getMessage() and "\n" not in loud[0].getMessage(), loud[0].getMessage()
+    assert [r.getMessage() for r in records if r.exc_info] == []
+    return loud[0]

@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import email.policy
 import json
+import logging
 import poplib
+import socket
 from email.parser import BytesParser
 
 import pytest
 
 pytest.importorskip("feedparser", reason="pip install 'pop3frame[feeds]'")
 
+from pop3frame import TemporaryFailure  # noqa: E402
 from pop3frame.adapters.feed import FeedAdapter, html_to_text  # noqa: E402
 from pop3frame.testing import Controller  # noqa: E402
 from tests.helpers import retr_lines_to_bytes  # noqa: E402
 from tests.feeds import ATOM, RSS, FeedServer  # noqa: E402
-from tests.helpers import assert_clean  # noqa: E402
+from tests.helpers import assert_clean, expected_failure_logged_once  # noqa: E402
 
 
 
@@ -187,6 +190,38 @@ def test_local_path_and_fetch_failures(feeds, tmp_path):
             with pytest.raises(poplib.error_proto, match=r"\[SYS/TEMP\]"):
                 client.pass_("pw")
             client.quit()
+
+
+def test_feed_unreachable_is_one_log_line(caplog):
+    """No network (connection refused): -ERR [SYS/TEMP], and one WARNING
+    line with the cause instead of urllib's chained traceback."""
+    caplog.set_level(logging.INFO)
+    with socket.socket() as s:  # a port the OS picked and nobody listens on
+        s.bind(("127.0.0.1", 0))
+        url = "http://127.0.0.1:%d/feed" % s.getsockname()[1]
+    with Controller(FeedAdapter(url, users={"me": "pw"})) as server:
+        client = server.pop3()
+        client.user("me")
+        with pytest.raises(poplib.error_proto, match=r"^b'-ERR \[SYS/TEMP\] feed unavailable'$"):
+            client.pass_("pw")
+        client.quit()
+        client.close()
+        assert server.wait_for_connections(0)
+    line = expected_failure_logged_once(caplog.records, "Connection refused")
+    assert line.getMessage() == "cannot fetch feed %s: Connection refused" % url
+    assert "Traceback" not in caplog.text
+
+
+def test_feed_unreachable_at_debug_logs_the_traceback(caplog):
+    """At DEBUG the same one line carries the traceback, for whoever digs."""
+    caplog.set_level(logging.DEBUG)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        url = "http://127.0.0.1:%d/feed" % s.getsockname()[1]
+    with pytest.raises(TemporaryFailure):
+        FeedAdapter(url, users={"me": "pw"}).fetch()
+    (line,) = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert line.getMessage().endswith(": Connection refused") and line.exc_info is not None
 
 
 def test_wrong_password_and_hits_once_per_login(feeds):

@@ -6,6 +6,7 @@ upstream side; RFC 1939 on the POP3 side.
 """
 from __future__ import annotations
 
+import base64
 import gc
 import logging
 import os
@@ -20,7 +21,7 @@ from pop3frame.adapters import imap
 from pop3frame.adapters.imap import PARK_SECONDS, IMAPUpstreamAdapter, _body_sections, _uid_set
 from pop3frame.testing import Controller, ManualClock
 from tests.harness_imap import Dovecot, missing_reason
-from tests.helpers import RawClient, retr_lines_to_bytes
+from tests.helpers import RawClient, expected_failure_logged_once, retr_lines_to_bytes
 
 
 @pytest.fixture
@@ -289,17 +290,28 @@ def test_credentials_mapping_and_non_ascii_password(dovecot):
             raw.cmd("QUIT")
 
 
-def test_unreachable_server_is_sys_temp():
-    """Connection refused upstream: -ERR [SYS/TEMP], never [AUTH]."""
+@pytest.mark.parametrize("command", ["PASS", "AUTH PLAIN"])
+def test_unreachable_server_is_sys_temp_and_one_log_line(caplog, command):
+    """Connection refused upstream: -ERR [SYS/TEMP], never [AUTH]; the log
+    says so in one WARNING line with the cause, no traceback (and none
+    chained to the SASL exchange's StopIteration)."""
+    caplog.set_level(logging.INFO)
     with socket.socket() as s:  # a port the OS picked and nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     with Controller(IMAPUpstreamAdapter("127.0.0.1", port, timeout=5)) as server:
-        client = server.pop3()
-        client.user("alice")
-        with pytest.raises(poplib.error_proto, match=r"\[SYS/TEMP\]"):
-            client.pass_("alice-pw")
-        client.quit()
+        with RawClient(server.address) as client:
+            if command == "PASS":
+                assert client.cmd("USER alice").startswith(b"+OK")
+                reply = client.cmd("PASS alice-pw")
+            else:
+                reply = client.cmd("AUTH PLAIN " + base64.b64encode(b"\0alice\0alice-pw").decode())
+            assert reply == b"-ERR [SYS/TEMP] upstream mail server unavailable\r\n"
+            client.cmd("QUIT")
+        assert server.wait_for_connections(0)
+    line = expected_failure_logged_once(caplog.records, "Connection refused")
+    assert line.getMessage() == "cannot connect to IMAP server 127.0.0.1:%d: Connection refused" % port
+    assert "Traceback" not in caplog.text and "StopIteration" not in caplog.text
 
 
 def test_failed_starttls_is_sys_temp_and_closes_the_socket(dovecot):

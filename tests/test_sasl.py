@@ -201,6 +201,29 @@ def test_auth_abort_bad_base64_unknown_and_wrong(server):
         assert c.login("tim", "tanstaaftanstaaf").startswith(b"+OK")  # the session is still usable
 
 
+class Broken(MemoryAdapter):
+    def authenticate(self, username, password):
+        raise RuntimeError("bug in the adapter")
+
+
+@pytest.mark.parametrize("continued", [False, True])
+def test_adapter_bug_during_auth_is_logged_without_the_exchanges_stop_iteration(caplog, continued):
+    """RFC 5034 section 4: an adapter failure ends AUTH with -ERR; the traceback
+    (a bug) is logged, and shows the bug alone: the mechanism's StopIteration
+    is not chained to it as "During handling of the above exception"."""
+    with Controller(Broken({"tim": "pw"})) as server, RawClient(server.address) as c:
+        if continued:
+            assert c.cmd("AUTH PLAIN") == b"+ \r\n"
+            reply = c.cmd(b64(b"\0tim\0pw"))
+        else:
+            reply = c.cmd("AUTH PLAIN " + b64(b"\0tim\0pw"))
+        assert reply == b"-ERR [SYS/TEMP] internal server error\r\n"
+    (record,) = [r for r in caplog.records if r.exc_info]
+    assert isinstance(record.exc_info[1], RuntimeError)
+    assert record.exc_info[1].__context__ is None
+    assert "StopIteration" not in caplog.text and "During handling" not in caplog.text
+
+
 def test_auth_without_mechanism_lists_them(server):
     """No RFC rule: RFC 5034 has no listing form of AUTH.  Checks the RFC 1734-era
     listing (as Dovecot answers it) that some clients probe with."""

@@ -16,7 +16,7 @@ import pytest
 from pop3frame.adapters.sqlquery import SQLQueryAdapter, _params, _placeholders
 from pop3frame.passwords import hash_password
 from pop3frame.testing import Controller
-from tests.helpers import assert_clean, parse, retr_lines_to_bytes
+from tests.helpers import assert_clean, expected_failure_logged_once, parse, retr_lines_to_bytes
 
 
 
@@ -362,15 +362,20 @@ def test_hashed_and_plain_passwords_and_callable(db, caplog):
 
 
 def test_database_failures_are_sys_temp(tmp_path, caplog):
-    def broken():
-        raise sqlite3.OperationalError("unable to open database file")
-
-    with Controller(SQLQueryAdapter(broken, QUERY, users={"ops": "ops-pw"})) as server:
+    """A database that cannot be opened: -ERR [SYS/TEMP] and one ERROR line with the cause."""
+    unavailable = connector(str(tmp_path / "no-such-dir" / "logs.db"))
+    with Controller(SQLQueryAdapter(unavailable, QUERY, users={"ops": "ops-pw"}, name="logs")) as server:
         client = server.pop3()
         client.user("ops")
         with pytest.raises(poplib.error_proto, match=r"\[SYS/TEMP\]"):
             client.pass_("ops-pw")
         client.quit()
+        client.close()
+        assert server.wait_for_connections(0)
+    line = expected_failure_logged_once(caplog.records, "unable to open database file")
+    assert line.levelno == logging.ERROR
+    assert line.getMessage() == "logs: cannot connect to the database: unable to open database file"
+    caplog.clear()
     missing_table = connector(str(tmp_path / "empty.db"))
     with Controller(SQLQueryAdapter(missing_table, QUERY, users={"ops": "ops-pw"})) as server:
         client = server.pop3()
