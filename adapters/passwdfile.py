@@ -31,6 +31,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 from pop3frame import TemporaryFailure
 from pop3frame.passwords import hash_password, split_scheme, verify_password
+from pop3frame.protocol import plural
 
 __all__ = ["PasswdFile", "set_password", "delete_user", "read_entries"]
 
@@ -125,7 +126,7 @@ class PasswdFile:
                                        self.path, ", ".join(map(repr, unusable)))
                     self._dummy = self._pick_dummy()
                     self._raw = raw
-                    logger.info("loaded %d users from %s", len(self._entries), self.path)
+                    logger.info("loaded %s from %s", plural(len(self._entries), "user"), self.path)
                 self._stamp = stamp
             return self._entries, self._dummy or ""
 

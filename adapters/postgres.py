@@ -324,6 +324,7 @@ class PostgresStore(AdapterBase):
             name="pop3frame",
             open=True,
         )
+        self._check_pool_fits()
 
     # -- schema ---------------------------------------------------------------
 
@@ -386,6 +387,23 @@ class PostgresStore(AdapterBase):
             raise ValueError("threads must be at least 1")
         if self.pool_follows_threads and threads != self._pool.max_size:
             self._pool.resize(min(self.pool_min_size, threads), threads)
+            self._check_pool_fits()
+
+    def _check_pool_fits(self) -> None:
+        """Warn when the pool may grow beyond what the database server accepts.
+
+        Sessions beyond the server's ``max_connections`` would find no
+        connection and get ``-ERR [SYS/TEMP]`` after ``pool_timeout``; better
+        the operator reads that at start-up than from users.
+        """
+        limit = int(self._run(lambda c: c.execute("SHOW max_connections").fetchone()[0]))
+        if self.pool_size > limit:
+            logger.warning(
+                "the connection pool may grow to %d, above the PostgreSQL server's max_connections = %d"
+                " (shared by all its clients): logins beyond that get -ERR [SYS/TEMP]; lower this server's"
+                " max_connections, set the store's pool_size, or raise PostgreSQL's max_connections",
+                self.pool_size, limit,
+            )
 
     # -- connections ------------------------------------------------------------
 

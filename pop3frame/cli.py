@@ -21,6 +21,8 @@ from . import __version__
 from . import configfile, passwords
 from .config import ServerConfig, parse_networks
 from .configfile import DEFAULT_DB, ConfigError, Listener, Settings
+from .failures import reason
+from .protocol import plural, wire_size
 
 __all__ = ["main", "parse_address", "build_parser"]
 
@@ -370,7 +372,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             logger.info("stats on http://%s/metrics", configfile.format_address(stats_server.server_address[:2]))
         pool = getattr(adapter, "pool_size", None)
         logger.info("store: %s%s", _describe(settings.adapter),
-                    " (pool up to %d connections)" % pool if pool else "")
+                    " (pool up to %s)" % plural(pool, "connection") if pool else "")
         for server in group.servers:
             host, port = server.server_address[:2]
             logger.info("listening on %s port %d%s%s", host, port,
@@ -482,29 +484,38 @@ def read_password(args: argparse.Namespace) -> str:
     return password
 
 
-def open_store(args: argparse.Namespace):
-    """The SQLite (default) or PostgreSQL store for user/deliver."""
+def open_store(args: argparse.Namespace, create: bool = False):
+    """The SQLite (default) or PostgreSQL store for user/deliver.
+
+    Only a command that adds a user may ``create`` a SQLite store: any
+    other finding no file means a wrong path, not an empty store.
+    """
     dsn = getattr(args, "postgres", None)
     if dsn:
         try:
-            from pop3frame.adapters.postgres import PostgresStore
+            from pop3frame.adapters.postgres import PostgresStore, import_driver
+
+            import_driver()
         except ImportError as exc:
-            raise UsageError("--postgres: the PostgreSQL adapter is not available: %s" % exc) from None
+            raise UsageError("--postgres: %s" % exc) from None
         try:
             return PostgresStore(dsn, threads=1)  # one command, one connection
         except Exception as exc:
-            raise UsageError("--postgres: cannot connect: %s" % str(exc).strip().splitlines()[0]) from None
+            raise UsageError("--postgres: cannot connect: %s" % reason(exc)) from None
     from pop3frame.adapters.sqlite import SQLiteStore
 
     path = getattr(args, "sqlite", None) or DEFAULT_DB
+    shown = path if os.path.dirname(path) else os.path.join(".", path)
+    if not create and not os.path.exists(path):
+        raise UsageError("no store at %s (pop3frame user add NAME creates one; --sqlite PATH names another)" % shown)
     try:
         return SQLiteStore(path)
     except Exception as exc:
-        raise UsageError("--sqlite: cannot open %s: %s" % (path, exc)) from None
+        raise UsageError("--sqlite: cannot open %s: %s" % (shown, reason(exc))) from None
 
 
 def cmd_user(args: argparse.Namespace) -> int:
-    store = open_store(args)
+    store = open_store(args, create=args.action == "add")
     try:
         if args.action == "add":
             store.add_user(args.name, read_password(args), args.scheme)
@@ -514,7 +525,7 @@ def cmd_user(args: argparse.Namespace) -> int:
             store.delete_user(args.name)
         else:
             for name, count, size in store.list_users():
-                print("%s\t%d messages\t%d octets" % (name, count, size))
+                print("%s\t%s\t%s" % (name, plural(count, "message"), plural(size, "octet")))
     except LookupError:
         raise UsageError("no such user: %s" % args.name) from None
     except ValueError as exc:
@@ -539,7 +550,7 @@ def cmd_deliver(args: argparse.Namespace) -> int:
         raise UsageError(str(exc)) from None
     finally:
         store.close()
-    logger.info("delivered %d octets to %s as %s", len(message), args.name, uid)
+    logger.info("delivered %s to %s as %s", plural(wire_size(message), "octet"), args.name, uid)
     return 0
 
 

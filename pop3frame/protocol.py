@@ -173,6 +173,11 @@ def stuff(data: bytes) -> bytes:
     return s.feed(data) + s.finish()
 
 
+def plural(n: int, noun: str) -> str:
+    """``1 message``, ``2 messages``: a count and its noun, for replies and logs."""
+    return "%d %s%s" % (n, noun, "" if n == 1 else "s")
+
+
 def wire_size(data: bytes) -> int:
     """Size in octets of ``data`` as POP3 transmits it, before byte-stuffing.
 

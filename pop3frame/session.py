@@ -377,11 +377,12 @@ class Session:
         self._messages = messages
         self.state = State.TRANSACTION
         count, size = len(messages), sum(m.size for m in messages)
-        self.log.info("login %r from %s: %d messages, %d octets", user, self.peer[0], count, size)
+        self.log.info("login %r from %s: %s, %s", user, self.peer[0], protocol.plural(count, "message"),
+                      protocol.plural(size, "octet"))
         # RFC 6856 section 2.1: outside UTF-8 mode no non-ASCII string may
         # reach the client, and a UTF-8 name may log in before UTF8 (2.2).
         whose = "%s's maildrop" % user if self.utf8 or user.isascii() else "maildrop"
-        return [protocol.ok("%s has %d message%s (%d octets)" % (whose, count, _s(count), size))]
+        return [protocol.ok("%s has %s (%d octets)" % (whose, protocol.plural(count, "message"), size))]
 
     def _failed(self, user: str, why: str) -> None:
         """Count a refused login on this connection; close it at the limit."""
@@ -427,7 +428,7 @@ class Session:
             number, msg = self._message(cmd.args[0])
             return [protocol.ok("%d %d" % (number, msg.size))]
         count, size = self._totals()
-        first = protocol.ok("%d message%s (%d octets)" % (count, _s(count), size))
+        first = protocol.ok("%s (%d octets)" % (protocol.plural(count, "message"), size))
         return [protocol.multiline(first, ["%d %d" % (n, m.size) for n, m in self._live()])]
 
     def do_uidl(self, cmd: protocol.Command) -> Reply:
@@ -489,7 +490,7 @@ class Session:
     def do_rset(self, cmd: protocol.Command) -> Reply:
         self._deleted.clear()
         count, size = self._totals()
-        return [protocol.ok("maildrop has %d message%s (%d octets)" % (count, _s(count), size))]
+        return [protocol.ok("maildrop has %s (%d octets)" % (protocol.plural(count, "message"), size))]
 
     # -- both states ----------------------------------------------------------
 
@@ -650,7 +651,7 @@ class Session:
         finally:
             self.finish()
         self.log.info("quit %r: %d retrieved, %d deleted", self.user, self.retrieved, self.deleted_count)
-        suffix = "maildrop empty" if left == 0 else "%d message%s left" % (left, _s(left))
+        suffix = "maildrop empty" if left == 0 else "%s left" % protocol.plural(left, "message")
         return [protocol.ok("%s (%s)" % (signoff, suffix))]
 
 
@@ -685,7 +686,3 @@ def _b64decode(text: str) -> Optional[bytes]:
         return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
         return None
-
-
-def _s(n: int) -> str:
-    return "" if n == 1 else "s"

@@ -113,13 +113,51 @@ def test_log_lines_become_email(tmp_path):
     message = b"Subject: backup finished\n\n2026-11-25 03:00 backup ok\n"
     assert pop3frame("deliver", "--sqlite", db, "ops", input=message).returncode == 0
     listing = pop3frame("user", "--sqlite", db, "list")
-    assert listing.stdout == b"ops\t1 messages\t56 octets\n"
+    assert listing.stdout == b"ops\t1 message\t56 octets\n"
     with Daemon("--sqlite", db, "--listen", "127.0.0.1:0") as d:
         with RawClient(("127.0.0.1", d.port)) as c:
             assert c.login("ops", "s3cret").startswith(b"+OK ops's maildrop has 1 message")
             c.send(b"RETR 1\r\n")
             assert c.multiline() == b"+OK 56 octets\r\n" + message.replace(b"\n", b"\r\n") + b".\r\n"
         assert d.stop() == 0
+
+
+def test_deliver_logs_the_size_list_reports(tmp_path):
+    """RFC 1939 section 11: a size is counted with CRLF line ends; deliver,
+    user list and LIST give the same number for one message (65 bytes with
+    LF line ends: 68 on the wire), and "1 message" is singular."""
+    db = str(tmp_path / "s.db")
+    assert pop3frame("user", "--sqlite", db, "add", "ops", "--password-stdin", input=b"pw\n").returncode == 0
+    message = b"Subject: size check\n\n" + b"x" * 40 + b"\n"
+    assert len(message) == 62
+    delivered = pop3frame("deliver", "--sqlite", db, "ops", input=message)
+    assert delivered.returncode == 0
+    (line,) = delivered.stderr.decode().splitlines()
+    assert re.search(r"INFO pop3frame\.cli delivered 65 octets to ops as \S+$", line), line
+    assert pop3frame("user", "--sqlite", db, "list").stdout == b"ops\t1 message\t65 octets\n"
+    with Daemon("--sqlite", db, "--listen", "127.0.0.1:0") as d:
+        with RawClient(("127.0.0.1", d.port)) as c:
+            assert c.login("ops", "pw") == b"+OK ops's maildrop has 1 message (65 octets)\r\n"
+            d.wait_for(r"login 'ops' from 127\.0\.0\.1: 1 message, 65 octets$")
+            assert c.cmd("LIST 1") == b"+OK 1 65\r\n"
+            c.cmd("QUIT")
+        assert d.stop() == 0
+
+
+@pytest.mark.parametrize("args", [("user", "list"), ("user", "del", "bob"), ("user", "passwd", "bob"),
+                                  ("deliver", "bob")])
+def test_commands_that_need_a_store_never_create_one(tmp_path, args):
+    """Only ``user add`` creates a store; the others name the missing file."""
+    out = pop3frame(*args, input=b"pw\n", cwd=str(tmp_path))
+    assert out.returncode == 2
+    assert out.stderr.decode().splitlines() == [
+        "pop3frame: no store at ./pop3frame.db (pop3frame user add NAME creates one; --sqlite PATH names another)"]
+    assert out.stdout == b"" and os.listdir(tmp_path) == []
+    elsewhere = pop3frame(*args[:2], "--sqlite", str(tmp_path / "x" / "m.db"), *args[2:], input=b"pw\n")
+    assert elsewhere.returncode == 2 and b"no store at %s " % str(tmp_path / "x" / "m.db").encode() in elsewhere.stderr
+    assert os.listdir(tmp_path) == []
+    assert pop3frame("user", "add", "bob", "--password-stdin", input=b"pw\n", cwd=str(tmp_path)).returncode == 0
+    assert os.path.exists(tmp_path / "pop3frame.db")
 
 
 def test_maildir_with_passwd_file(tmp_path):
@@ -138,8 +176,8 @@ def test_maildir_with_passwd_file(tmp_path):
 @pytest.mark.parametrize("args,message", [
     (("serve", "--maildir", "/nonexistent"), "--maildir needs --passwd FILE"),
     (("serve", "--maildir", "/tmp", "--passwd", "/nonexistent/passwd"), "--passwd: no such file"),
-    (("deliver", "nobody"), "no such user: nobody"),
-    (("user", "del", "nobody"), "no such user: nobody"),
+    (("deliver", "nobody"), "no store at ./pop3frame.db"),
+    (("user", "del", "nobody"), "no store at ./pop3frame.db"),
     (("serve", "--demo", "--max-connections", "0"), "max_connections must be at least 1"),
     (("serve", "--demo", "--trusted-network", "10.0.0.0/33"), "trusted_networks: '10.0.0.0/33'"),
     (("serve", "--demo", "--proxy-trusted-network", "nonsense"), "--proxy-trusted-network: 'nonsense'"),
@@ -512,7 +550,7 @@ def test_user_subcommand_options_after_the_action(tmp_path):
     db = str(tmp_path / "u.db")
     assert pop3frame("user", "add", "--sqlite", db, "ann", "--password-stdin", input=b"pw\n").returncode == 0
     assert pop3frame("deliver", "ann", "--sqlite", db, input=b"Subject: hi\n\nhello\n").returncode == 0
-    assert pop3frame("user", "list", "--sqlite", db).stdout == b"ann\t1 messages\t22 octets\n"
+    assert pop3frame("user", "list", "--sqlite", db).stdout == b"ann\t1 message\t22 octets\n"
     assert pop3frame("user", "del", "--sqlite", db, "ann").returncode == 0
     assert pop3frame("user", "list", "--sqlite", db).stdout == b""
 
@@ -552,3 +590,24 @@ def test_tls_listeners_from_a_config_file(tmp_path):
         assert "STLS" in client.capa()
         client.quit()
         assert d.stop() == 0
+
+
+BLOCK_PSYCOPG = ("import sys; sys.modules['psycopg'] = sys.modules['psycopg_pool'] = None; "
+                 "from pop3frame.cli import main; sys.exit(main(sys.argv[1:]))")
+
+
+@pytest.mark.parametrize("args,prefix", [
+    (("user", "list", "--postgres", "postgresql://u@127.0.0.1:1/mail"), "pop3frame: --postgres: "),
+    (("deliver", "ops", "--postgres", "postgresql://u@127.0.0.1:1/mail"), "pop3frame: --postgres: "),
+    (("serve", "--postgres", "postgresql://u@127.0.0.1:1/mail"), "pop3frame: postgres: adapter not available: "),
+])
+def test_postgres_without_psycopg_says_what_to_install(args, prefix):
+    """In an interpreter where psycopg cannot be imported (None in
+    sys.modules makes every import of it fail), the one line names the extra
+    to install instead of claiming it cannot connect."""
+    out = subprocess.run([sys.executable, "-c", BLOCK_PSYCOPG, *args], input=b"Subject: x\n\nx\n",
+                         capture_output=True, timeout=60)
+    err = out.stderr.decode()
+    assert out.returncode == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith(prefix + "the PostgreSQL store needs psycopg 3 and psycopg_pool"), err
+    assert err.rstrip().endswith("pip install 'pop3frame[postgres]'") and "cannot connect" not in err

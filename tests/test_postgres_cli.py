@@ -99,3 +99,18 @@ def test_two_serve_processes_share_locks(pg_db, tmp_path):
             assert b.stop() == 0
     assert run("user", "list", "--postgres", pg_db) == b"alice\t2 messages\t64 octets\n"
     assert advisory_locks(pg_db) == 0  # B released its locks before it exited
+
+
+def test_serve_warns_when_the_pool_exceeds_the_servers_max_connections(pg_db):
+    """The test cluster allows 300 connections; serve's default of 1,000
+    connections means a pool of up to 1,000: one WARNING at start-up, before
+    the listening line.  At 40 the pool fits and nothing is said."""
+    with Daemon("--postgres", pg_db, "--listen", "127.0.0.1:0") as d:
+        warning = d.saw(r"WARNING pop3frame\.adapters\.postgres the connection pool may grow to 1000, above "
+                        r"the PostgreSQL server's max_connections = 300 ")
+        assert warning, "".join(d.seen)
+        assert d.saw(r"store: postgres .* \(pool up to 1000 connections\)")
+        assert d.stop() == 0
+    with Daemon("--postgres", pg_db, "--listen", "127.0.0.1:0", "--max-connections", "40") as d:
+        assert d.saw(r"\(pool up to 40 connections\)") and not d.saw("WARNING")
+        assert d.stop() == 0
