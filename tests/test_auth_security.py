@@ -229,6 +229,7 @@ def test_lockout_refuses_without_checking_the_password(frozen, withheld):
             assert c.cmd("AUTH PLAIN AGFsaWNlAHJpZ2h0") == LOCKED  # \0alice\0right
         with RawClient(server.address) as c:
             assert c.login("alice", "right").startswith(b"+OK")
+        assert server.wait_for_connections(0)  # alice's mailbox lock is released
         frozen.tick(900)
         with attacker(server) as c:
             assert c.login("alice", "right").startswith(b"+OK")
