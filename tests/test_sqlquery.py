@@ -363,6 +363,7 @@ def test_hashed_and_plain_passwords_and_callable(db, caplog):
 
 def test_database_failures_are_sys_temp(tmp_path, caplog):
     """A database that cannot be opened: -ERR [SYS/TEMP] and one ERROR line with the cause."""
+    caplog.set_level(logging.INFO)
     unavailable = connector(str(tmp_path / "no-such-dir" / "logs.db"))
     with Controller(SQLQueryAdapter(unavailable, QUERY, users={"ops": "ops-pw"}, name="logs")) as server:
         client = server.pop3()
