@@ -197,6 +197,19 @@ class AdapterBase:
         messages never sit in memory whole.  LF or CRLF line endings are both
         fine; the server converts to CRLF and byte-stuffs.  Raise
         TemporaryFailure if the message vanished.
+
+        A multi-line reply that ends in ``.`` tells the client it has the
+        whole message, so the server sends that terminator only when it can
+        vouch for it.  It counts the octets of a RETR before byte-stuffing:
+        if the stream ends short of ``message.size``, or runs past it (it
+        stops at once, before sending the surplus), the server logs an error
+        and closes the connection without the terminator, and does not call
+        :meth:`message_retrieved`; the client fetches the message again
+        later.  The same holds for an exception raised by ``read()``
+        part-way, for RETR and TOP alike (TOP sends part of a message, so
+        its length is not checked).  So a file object must raise, not
+        return EOF early, when the message vanishes or changes while being
+        read; and it must deliver exactly the bytes whose size was listed.
         """
         raise NotImplementedError
 

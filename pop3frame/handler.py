@@ -285,8 +285,10 @@ class POP3Handler(socketserver.BaseRequestHandler):
                 if not conn.has_line():
                     conn.flush()
             conn.flush()
-        except ReplyFailed:
-            log.exception("reply failed part-way; closing the connection")
+        except ReplyFailed as exc:
+            # Session._stream logged the details (and the adapter's traceback).
+            log.error("reply failed part-way (%s); closing the connection without ending it",
+                      type(exc.__cause__).__name__)
         except TimedOut:
             # RFC 1939 section 3: on autologout, close without a response
             # and without entering UPDATE.

@@ -125,13 +125,20 @@ class Stuffer:
     case the next chunk starts with LF, and whether the output so far ends at
     a line start.  Work per chunk is a handful of ``bytes.replace`` calls,
     never a Python loop over lines.
+
+    ``octets`` counts what went out before byte-stuffing, the measure of
+    :attr:`pop3frame.MessageInfo.size` (:func:`wire_size` of the bytes fed):
+    the length of each chunk once its line ends are CRLF, taken before the
+    dots are doubled, plus the line end :meth:`finish` adds.  Counting here,
+    where the converted chunk is at hand, costs one addition per chunk.
     """
 
-    __slots__ = ("_held_cr", "_at_line_start")
+    __slots__ = ("_held_cr", "_at_line_start", "octets")
 
     def __init__(self) -> None:
         self._held_cr = False
         self._at_line_start = True
+        self.octets = 0
 
     def feed(self, chunk: bytes) -> bytes:
         if self._held_cr:
@@ -151,6 +158,7 @@ class Stuffer:
         elif chunk.count(b"\n") != chunk.count(CRLF):
             chunk = chunk.replace(CRLF, b"\n").replace(b"\n", CRLF)  # mixed
         # else: already CRLF throughout; send as is, no copy.
+        self.octets += len(chunk)
         if b"." in chunk and b"\n." in chunk:
             chunk = chunk.replace(b"\n.", b"\n..")
         if self._at_line_start and chunk.startswith(b"."):
@@ -160,11 +168,14 @@ class Stuffer:
 
     def finish(self) -> bytes:
         """Close the message: end its last line if needed, then ``.CRLF``."""
-        if self._held_cr:
-            # A message ending in a lone CR: treat it as the final line end.
-            self._held_cr = False
-            return CRLF + TERMINATOR
-        return TERMINATOR if self._at_line_start else CRLF + TERMINATOR
+        if self._at_line_start and not self._held_cr:
+            return TERMINATOR
+        # The last line has no end yet (or ends in a lone CR, which stands
+        # for it): CRLF closes it.
+        self._held_cr = False
+        self._at_line_start = True
+        self.octets += 2
+        return CRLF + TERMINATOR
 
 
 def stuff(data: bytes) -> bytes:
@@ -208,8 +219,29 @@ def stream_wire_size(stream: BinaryIO, chunk_size: int = CHUNK_SIZE) -> int:
     return n + newlines - crlfs
 
 
-def iter_message(stream: BinaryIO, chunk_size: int = CHUNK_SIZE) -> Iterator[bytes]:
-    """Wire bytes of a whole message read from ``stream`` (RETR)."""
+class SizeMismatch(Exception):
+    """A message stream was not as long as the size announced for it.
+
+    Raised by :func:`iter_message` *instead of* the terminating ``.CRLF``:
+    a client that saw ``+OK n octets`` and a terminator trusts it has the
+    whole message, so a short or overlong one must end without it.
+    """
+
+    def __init__(self, announced: int, sent: int, ended: bool) -> None:
+        super().__init__("the message %s after %d octets where %d were announced" % (
+            "ended" if ended else "ran past its size", sent, announced))
+        self.announced = announced
+        self.sent = sent
+
+
+def iter_message(stream: BinaryIO, size: Optional[int] = None, chunk_size: int = CHUNK_SIZE) -> Iterator[bytes]:
+    """Wire bytes of a whole message read from ``stream`` (RETR).
+
+    With ``size`` (the octets announced, before byte-stuffing), raises
+    :class:`SizeMismatch` as soon as the stream runs past it, before the
+    chunk that does is yielded, or when it ends short of it, in place of
+    the terminator.
+    """
     s = Stuffer()
     read = stream.read
     while True:
@@ -217,9 +249,14 @@ def iter_message(stream: BinaryIO, chunk_size: int = CHUNK_SIZE) -> Iterator[byt
         if not chunk:
             break
         out = s.feed(chunk)
+        if size is not None and s.octets > size:
+            raise SizeMismatch(size, s.octets, ended=False)
         if out:
             yield out
-    yield s.finish()
+    end = s.finish()
+    if size is not None and s.octets != size:
+        raise SizeMismatch(size, s.octets, ended=True)
+    yield end
 
 
 #: Longest line TOP keeps whole; a longer one is streamed in pieces.

@@ -441,7 +441,7 @@ class Session:
         number, msg = self._message(cmd.args[0])
         stream = self._open(msg)
         self.retrieved += 1
-        return self._stream(protocol.ok("%d octets" % msg.size), protocol.iter_message(stream), stream, msg)
+        return self._stream(protocol.ok("%d octets" % msg.size), protocol.iter_message(stream, msg.size), stream, msg)
 
     def do_top(self, cmd: protocol.Command) -> Reply:
         number, msg = self._message(cmd.args[0])
@@ -462,11 +462,21 @@ class Session:
 
         ``retrieved``: the RETR's message, reported to the adapter once the
         whole of it went out (not for TOP, not after a broken connection).
+        An error while streaming (the adapter's, or a RETR body that is not
+        the size LIST gave: :class:`~pop3frame.protocol.SizeMismatch`) is
+        logged here and raised on, before the terminator: the handler then
+        closes the connection, so the client knows the reply is incomplete.
         """
         try:
             # The status line travels with the first chunk: one send, not two.
             yield first + next(chunks, b"")
             yield from chunks
+        except protocol.SizeMismatch as exc:
+            self.log.error("message %s: %s; closing without the terminator", retrieved.uid if retrieved else "?", exc)
+            raise
+        except Exception:
+            self.log.exception("the adapter's message stream failed part-way; closing without the terminator")
+            raise
         finally:
             stream.close()
         if retrieved is not None:

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, strategies as st
 
 from pop3frame import protocol
-from pop3frame.protocol import Stuffer, iter_message, iter_top, parse_command, stream_wire_size, stuff, wire_size
+from pop3frame.protocol import SizeMismatch, Stuffer, iter_message, iter_top, parse_command, stream_wire_size, stuff, wire_size
 
 
 def unstuff(wire: bytes) -> bytes:
@@ -140,6 +140,38 @@ def test_chunked_equals_whole_and_round_trips(data, chunk):
     assert (b"\r\n" + whole).find(b"\r\n.\r\n") == len(whole) - 3
     # Every LF on the wire is part of CRLF.
     assert whole.count(b"\n") == whole.count(b"\r\n")
+
+
+@given(messages, st.integers(min_value=1, max_value=7))
+def test_stuffer_counts_the_octets_list_announces(data, chunk):
+    """RFC 1939 section 11: what the Stuffer counts as sent is exactly wire_size, the
+    size LIST gives, for any chunking (bare CR, mixed line ends, no final line end)."""
+    assert b"".join(iter_message(io.BytesIO(data), wire_size(data), chunk_size=chunk)) == stuff(data)
+    s = Stuffer()
+    for i in range(0, len(data), chunk):
+        s.feed(data[i:i + chunk])
+    s.finish()
+    assert s.octets == wire_size(data)
+
+
+def test_iter_message_never_ends_a_message_of_the_wrong_size():
+    """A stream shorter or longer than the announced size gets no '.CRLF': the short one
+    raises where the terminator would come, the long one before the chunk that runs past."""
+    data = b"Subject: x\n\n" + b"line\n" * 100
+    size = wire_size(data)
+    out = []
+    with pytest.raises(SizeMismatch) as short:
+        for chunk in iter_message(io.BytesIO(data), size + 1, chunk_size=64):
+            out.append(chunk)
+    assert short.value.sent == size and short.value.announced == size + 1
+    assert b"".join(out) == stuff(data)[:-3]
+    out = []
+    with pytest.raises(SizeMismatch) as long:
+        for chunk in iter_message(io.BytesIO(data), size - 10, chunk_size=64):
+            out.append(chunk)
+    assert long.value.sent > size - 10
+    assert len(b"".join(out)) <= size - 10 and not b"".join(out).endswith(b".\r\n")
+    assert b"".join(iter_message(io.BytesIO(data), size)) == stuff(data)
 
 
 def test_wire_size_counts_crlf():

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import poplib
 import socket
 
@@ -514,6 +515,111 @@ def test_stream_failing_mid_retr_closes_connection_and_frees_lock():
         assert not server.context.locks.held_names()
     assert stream.closed
     assert len(store.messages("alice")) == 2
+
+
+BIG = b"Subject: big\r\n\r\n" + b"0123456789" * 100_000 + b"\r\n"
+
+
+class Misreported(MemoryAdapter):
+    """Lists every message ``delta`` octets longer (or shorter) than its stream
+    turns out to be, and records message_retrieved calls."""
+
+    def __init__(self, delta):
+        super().__init__({"alice": "pw"}, apop=False)
+        self.delta = delta
+        self.retrieved = []
+        self.deliver("alice", BIG)
+
+    def list_messages(self, username):
+        return [MessageInfo(m.uid, m.size + self.delta, m.key) for m in super().list_messages(username)]
+
+    def message_retrieved(self, username, message):
+        self.retrieved.append(message.uid)
+
+
+@pytest.mark.parametrize("delta", [1, 5000, -1, -5000])
+def test_retr_of_the_wrong_length_never_ends_cleanly(delta, caplog):
+    """RFC 1939 section 3: the terminator says the message is complete, so a RETR whose
+    stream ends short of (delta > 0) or runs past (delta < 0) the size LIST announced
+    ends with a closed connection instead, with at most the announced octets sent; the
+    error is logged, message_retrieved is not called, pipelined commands get no reply."""
+    store = Misreported(delta)
+    size = len(BIG) + delta
+    with Controller(store) as server, RawClient(server.address) as c:
+        c.login("alice", "pw")
+        c.send(b"RETR 1\r\nNOOP\r\n")
+        assert c.line() == b"+OK %d octets\r\n" % size
+        body = c.read_all()
+        assert b"\r\n.\r\n" not in body and b"+OK" not in body
+        assert len(body) <= min(size, len(BIG))
+        assert server.wait_for_connections(0)
+        assert not server.context.locks.held_names()
+    assert store.retrieved == []
+    assert "announced" in caplog.text and "closing without the terminator" in caplog.text
+
+
+def test_runaway_stream_is_cut_at_the_announced_size():
+    """An adapter stream that never ends is not streamed on and on: the server stops
+    reading it as soon as it ran past the size, and closes the connection."""
+    class Endless:
+        reads = 0
+
+        def read(self, n):
+            Endless.reads += 1
+            return b"y" * n
+
+        def close(self):
+            pass
+
+    class Runaway(Misreported):
+        def open_message(self, username, message):
+            return Endless()
+
+    store = Runaway(0)
+    with Controller(store) as server, RawClient(server.address) as c:
+        c.login("alice", "pw")
+        c.send(b"RETR 1\r\n")
+        assert c.line() == b"+OK %d octets\r\n" % len(BIG)
+        received = 0
+        while received <= len(BIG) and c._fill():  # bounded: a server that streams on fails here
+            received, c.buf = received + len(c.buf), b""
+        assert received <= len(BIG)
+        assert c.read_all() == b""
+    assert Endless.reads <= len(BIG) // (256 * 1024) + 2
+    assert store.retrieved == []
+
+
+def test_top_is_exempt_from_the_length_check_but_not_from_the_rule():
+    """RFC 1939 section 7: TOP sends part of a message, so a stream shorter than LIST
+    said still ends with '.CRLF'; an adapter error part-way still means no terminator."""
+    store = Misreported(1000)
+    with Controller(store) as server, RawClient(server.address) as c:
+        c.login("alice", "pw")
+        c.send(b"TOP 1 100000\r\n")
+        assert c.line() == b"+OK\r\n"
+        assert c.multiline() == BIG + b".\r\n"
+
+    class Failing:
+        def __init__(self):
+            self.data = io.BytesIO(BIG)
+
+        def readline(self, limit=-1):
+            if self.data.tell() > 100_000:
+                raise OSError("disk gone")
+            return self.data.readline(limit)
+
+        def close(self):
+            pass
+
+    class Broken(Misreported):
+        def open_message(self, username, message):
+            return Failing()
+
+    with Controller(Broken(0)) as server, RawClient(server.address) as c:
+        c.login("alice", "pw")
+        c.send(b"TOP 1 100000\r\n")
+        assert c.line() == b"+OK\r\n"
+        assert not c.read_all().endswith(b".\r\n")
 
 
 def test_read_only_refuses_dele(adapter):
