@@ -5,10 +5,11 @@ tests can move time in any thread without sleeping.
 """
 from __future__ import annotations
 
+import collections
 import threading
-from typing import Callable, Dict, List
+from typing import Callable, Deque, Dict, List
 
-__all__ = ["LoginDelayTracker", "FailureThrottle"]
+__all__ = ["LoginDelayTracker", "FailureThrottle", "PasswordChecks"]
 
 
 class LoginDelayTracker:
@@ -133,3 +134,88 @@ class FailureThrottle:
 
     def _live(self, record: List[float], now: float) -> bool:
         return now - record[1] <= self.FORGET_AFTER or record[2] > now or record[3] > now
+
+
+class PasswordChecks:
+    """At most ``limit`` password checks at once, server-wide; the rest wait in line.
+
+    A memory-hard hash (Argon2 at 64 MiB) costs its memory for every check
+    running, and anyone can start one before logging in, with any user
+    name (the store checks a dummy hash for unknown names).  So checks take
+    a place here first: peak memory is ``limit`` checks, whatever the number
+    of connections, and running more checks than there are cores would not
+    finish them sooner anyway.
+
+    Places are handed out first come, first served.  A waiter gives up at
+    its ``deadline`` (on ``clock``, the connection's login deadline) or as
+    soon as ``gone()`` says its client hung up, checked every ``poll``
+    seconds; either way its place in line goes to the next.
+
+    Thread-safe.  The interface is :meth:`acquire` and :meth:`release`
+    only, so a host-wide implementation (shared memory for pre-forked
+    workers) can replace this one.
+    """
+
+    def __init__(self, limit: int, clock: Callable[[], float], poll: float = 1.0) -> None:
+        if limit < 1:
+            raise ValueError("limit must be at least 1")
+        self.limit = limit
+        self.poll = poll
+        self._clock = clock
+        self._mutex = threading.Lock()
+        self._free = limit
+        # One event per waiter, oldest first; release() sets the oldest one's
+        # after handing its place over.
+        self._line: Deque[threading.Event] = collections.deque()
+
+    def acquire(self, deadline: float, gone: Callable[[], bool] = lambda: False) -> bool:
+        """Wait for a place; True once this thread holds one (then :meth:`release` it).
+
+        False if ``deadline`` passed or ``gone()`` answered True first.
+        """
+        with self._mutex:
+            if self._free and not self._line:
+                self._free -= 1
+                return True
+            turn = threading.Event()
+            self._line.append(turn)
+        try:
+            while True:
+                remaining = deadline - self._clock()
+                if remaining <= 0 or gone():
+                    break
+                if turn.wait(min(remaining, self.poll)):
+                    return True
+        except BaseException:
+            self._leave(turn)
+            raise
+        self._leave(turn)
+        return False
+
+    def _leave(self, turn: threading.Event) -> None:
+        with self._mutex:
+            if not turn.is_set():
+                self._line.remove(turn)
+                return
+        # The place was handed over just as the waiter gave up: pass it on.
+        self.release()
+
+    def release(self) -> None:
+        """Give a place back: to the oldest waiter, or to the pool."""
+        with self._mutex:
+            if self._line:
+                self._line.popleft().set()
+            else:
+                self._free += 1
+
+    @property
+    def running(self) -> int:
+        """Checks holding a place now."""
+        with self._mutex:
+            return self.limit - self._free
+
+    @property
+    def waiting(self) -> int:
+        """Checks waiting for a place now."""
+        with self._mutex:
+            return len(self._line)

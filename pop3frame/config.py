@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import os
 import socket
 import time
 from typing import Callable, List, Optional, Sequence, Union
@@ -63,6 +64,12 @@ class ServerConfig:
     timeout: float = RFC1939_MIN_AUTOLOGOUT
     #: Inactivity timeout before login, seconds (may be short).
     auth_timeout: float = 60.0
+    #: Seconds from connect to a successful login, whatever the client does
+    #: meanwhile (commands, TLS, waiting for a password check or a withheld
+    #: reply); then the connection is closed without a reply.  Room for a
+    #: TLS handshake (30 s), one failed-login delay at its cap (60 s) and a
+    #: client's own pace.
+    login_timeout: float = 120.0
     #: How often an idle connection re-reads ``clock``: bounds how late a
     #: timeout fires when the clock is not the wall clock (tests).
     poll_interval: float = 30.0
@@ -86,6 +93,10 @@ class ServerConfig:
     #: seconds with ``-ERR [SYS/TEMP]``, right password or not.
     auth_lockout_failures: int = 0
     auth_lockout_duration: float = 900.0
+    #: Password checks running at once, server-wide; more wait their turn
+    #: (within ``login_timeout``).  Peak memory for hashing is this many
+    #: times one check's cost (Argon2: 64 MiB).  Default: the CPU count.
+    max_password_checks: int = dataclasses.field(default_factory=lambda: os.cpu_count() or 1)
 
     #: Allow USER/PASS and SASL PLAIN/LOGIN on unencrypted connections from
     #: anywhere.  Off by default, as Dovecot's disable_plaintext_auth.
@@ -114,10 +125,10 @@ class ServerConfig:
             raise ValueError(
                 "timeout must be at least %d seconds (RFC 1939 section 3)" % RFC1939_MIN_AUTOLOGOUT
             )
-        for name in ("auth_timeout", "poll_interval", "send_timeout", "tls_handshake_timeout"):
+        for name in ("auth_timeout", "login_timeout", "poll_interval", "send_timeout", "tls_handshake_timeout"):
             if getattr(self, name) <= 0:
                 raise ValueError("%s must be positive" % name)
-        for name in ("max_connections", "max_auth_failures"):
+        for name in ("max_connections", "max_auth_failures", "max_password_checks"):
             if getattr(self, name) < 1:
                 raise ValueError("%s must be at least 1" % name)
         for name in ("max_connections_per_ip", "login_delay", "stack_size", "free_auth_failures", "thread_keepalive",

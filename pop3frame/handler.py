@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import select
 import socket
 import socketserver
 import ssl
@@ -69,6 +70,8 @@ class Connection:
 
     def __init__(self, sock: socket.socket, clock: Callable[[], float], poll_interval: float, send_timeout: float) -> None:
         self.sock = sock
+        #: The TCP socket, also under TLS (which wraps a duplicate of it).
+        self.raw = sock
         self.clock = clock
         self.poll_interval = poll_interval
         self.send_timeout = send_timeout
@@ -149,6 +152,23 @@ class Connection:
             self._in += data
         self.last_line_at = self.clock()
         return True
+
+    def peer_closed(self) -> bool:
+        """Whether the client has closed its side or the connection broke; never blocks.
+
+        Looks at the TCP socket without reading from it, so input (even
+        TLS records) stays for :meth:`read_line`.
+        """
+        poller = select.poll()
+        poller.register(self.raw, select.POLLIN)
+        if not poller.poll(0):
+            return False
+        try:
+            return self.raw.recv(1, socket.MSG_PEEK) == b""
+        except TIMEOUTS:
+            return False
+        except OSError:
+            return True
 
     def use_socket(self, sock: socket.socket) -> None:
         """Go on over ``sock`` (the TLS socket after a handshake)."""
@@ -246,6 +266,7 @@ class POP3Handler(socketserver.BaseRequestHandler):
         self.conn = Connection(sock, config.clock, config.poll_interval, config.send_timeout)
         context = self.server.context
         self.session: Session = context.session_class(context, self.client_address[:2], secure=self.server.secure)
+        self.session.client_gone = self.conn.peer_closed
 
     def handle(self) -> None:
         session, conn = self.session, self.conn

@@ -31,7 +31,7 @@ from .adapter import (
     PermanentFailure,
     TemporaryFailure,
 )
-from .auth import FailureThrottle, LoginDelayTracker
+from .auth import FailureThrottle, LoginDelayTracker, PasswordChecks
 from .config import ServerConfig, in_networks, parse_networks
 from .locks import Lock, LockManager
 from .tls import TLSCertificates
@@ -123,6 +123,9 @@ class SessionContext:
             lockout_failures=self.config.auth_lockout_failures,
             lockout_duration=self.config.auth_lockout_duration,
         )
+        #: Places for password checks, shared by every session of the server.
+        self.password_checks = PasswordChecks(self.config.max_password_checks, self.config.clock,
+                                              poll=min(1.0, self.config.poll_interval))
         self.trusted_networks = parse_networks(self.config.trusted_networks, "trusted_networks")
         apop = self.config.apop
         if apop is None:
@@ -195,6 +198,12 @@ class Session:
         #: command must not be sent, or None to send it at once: the
         #: failed-login delay of :class:`~pop3frame.auth.FailureThrottle`.
         self.reply_not_before: Optional[float] = None
+        #: Clock time by which the client must have logged in
+        #: (``config.login_timeout`` after the connection started).
+        self.login_deadline = self.config.clock() + self.config.login_timeout
+        #: Whether the client has hung up; the handler sets it, so a session
+        #: waiting for a password check does not outlive its client.
+        self.client_gone: Callable[[], bool] = _never
         self._sasl = None
         self.user: Optional[str] = None
         self.utf8 = False
@@ -351,8 +360,19 @@ class Session:
             # [SYS/TEMP] (RFC 3206 section 4: "no need to alarm the user,
             # unless the failure persists").
             raise TemporaryFailure(LOCKED_OUT)
+        checks = self.context.password_checks
+        if not checks.acquire(self.login_deadline, self.client_gone):
+            # The deadline passed or the client left while others' checks
+            # ran: end like an autologout, with no reply.
+            self.log.info("no password check for %r before the login deadline or the client left; closing", user)
+            self.closing = True
+            return []
         try:
-            if not check():
+            try:
+                verified = check()
+            finally:
+                checks.release()
+            if not verified:
                 raise AuthenticationFailed()
         except AuthenticationFailed:
             self._withhold_until(throttle.failure(address))
@@ -689,6 +709,10 @@ def _lookup_language(language_range: str) -> Optional[str]:
         if subtags and len(subtags[-1]) == 1:
             subtags.pop()
     return None
+
+
+def _never() -> bool:
+    return False
 
 
 def _b64decode(text: str) -> Optional[bytes]:
