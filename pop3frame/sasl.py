@@ -21,13 +21,15 @@ import hmac
 import re
 import stringprep
 import unicodedata
-from typing import Callable, Dict, Generator, Optional, Tuple
+from typing import Callable, Dict, Generator, Optional, Tuple, Union
 
 __all__ = ["SASLError", "MECHANISMS", "PLAINTEXT_MECHANISMS", "plain", "login", "cram_md5", "scram_sha_256",
-           "parse_plain", "saslprep", "credentials", "apop"]
+           "parse_plain", "saslprep", "credentials", "apop", "success_data"]
 
-Verify = Callable[[object], bool]
-Exchange = Generator[bytes, bytes, Tuple[str, Verify]]
+#: True or False; or, for a mechanism whose server proves itself on
+#: success (SCRAM's server-final message), those bytes instead of True.
+Verify = Callable[[object], Union[bool, bytes]]
+Exchange = Generator[bytes, bytes, Tuple[str, Optional[Verify]]]
 
 
 class SASLError(ValueError):
@@ -99,7 +101,8 @@ def credentials(user: str, password: str) -> Tuple[str, Verify]:
         user, password = saslprep(user), saslprep(password)
     except SASLError:
         return user, _refused
-    return user, lambda adapter: adapter.authenticate(user, password)
+    # bool(): whatever the adapter returns is a yes or no, never data for the client.
+    return user, lambda adapter: bool(adapter.authenticate(user, password))
 
 
 _HEX_DIGEST = re.compile(r"[0-9a-fA-F]{32}\Z")
@@ -226,6 +229,12 @@ def scram_sha_256(
     or None; an unknown user still gets a full exchange and fails at the
     proof, so the exchange does not reveal which names exist.  ``nonce`` and
     ``salt`` are injectable for the RFC test vector.
+
+    The exchange ends after the client-final message, before anything
+    depends on the secret: its ``verify`` looks the secret up and checks
+    the proof, and returns the server-final message (``v=...``) on success.
+    The session sends that only when the failed-login delay and the lockout
+    allow an answer (:func:`success_data`).
     """
 
     def exchange(initial: Optional[bytes]) -> Exchange:
@@ -250,29 +259,39 @@ def scram_sha_256(
         attributes = _scram_attributes(without_proof)
         if not sep or attributes.get("r") != combined or "c" not in attributes:
             raise SASLError("malformed SCRAM client-final message")
-        # RFC 5802 section 2.2, Normalize(): SASLprep as a stored string.
-        password = _shared_secret(secret, user)
-        key_source = password if password is not None else base64.b64encode(user_salt).decode()
-        salted = hashlib.pbkdf2_hmac("sha256", key_source.encode("utf-8"), user_salt, iterations)
-        client_key = hmac.new(salted, b"Client Key", hashlib.sha256).digest()
-        auth_message = ("%s,%s,%s" % (bare, server_first, without_proof)).encode("utf-8")
-        signature = hmac.new(hashlib.sha256(client_key).digest(), auth_message, hashlib.sha256).digest()
         try:
             given = base64.b64decode(proof, validate=True)
         except (binascii.Error, ValueError):
             raise SASLError("malformed SCRAM proof") from None
-        expected = bytes(a ^ b for a, b in zip(client_key, signature))
-        if password is None or not hmac.compare_digest(given, expected):
-            return user, lambda adapter: False
-        server_key = hmac.new(salted, b"Server Key", hashlib.sha256).digest()
-        verifier = hmac.new(server_key, auth_message, hashlib.sha256).digest()
-        # RFC 5034 section 4: server data on success goes in a last challenge,
-        # answered by an empty line before the +OK.
-        if (yield b"v=" + base64.b64encode(verifier)):
-            raise SASLError("unexpected data after SCRAM server-final message")
-        return user, lambda adapter: True
+        auth_message = ("%s,%s,%s" % (bare, server_first, without_proof)).encode("utf-8")
+
+        def verify(adapter) -> Union[bool, bytes]:
+            # RFC 5802 section 2.2, Normalize(): SASLprep as a stored string.
+            password = _shared_secret(secret, user)
+            key_source = password if password is not None else base64.b64encode(user_salt).decode()
+            salted = hashlib.pbkdf2_hmac("sha256", key_source.encode("utf-8"), user_salt, iterations)
+            client_key = hmac.new(salted, b"Client Key", hashlib.sha256).digest()
+            signature = hmac.new(hashlib.sha256(client_key).digest(), auth_message, hashlib.sha256).digest()
+            expected = bytes(a ^ b for a, b in zip(client_key, signature))
+            if password is None or not hmac.compare_digest(given, expected):
+                return False
+            server_key = hmac.new(salted, b"Server Key", hashlib.sha256).digest()
+            return b"v=" + base64.b64encode(hmac.new(server_key, auth_message, hashlib.sha256).digest())
+
+        return user, verify
 
     return exchange
+
+
+def success_data(user: str, data: bytes) -> Exchange:
+    """RFC 5034 section 4: data the server sends with a success go in a last
+    challenge, which the client answers with an empty response.
+
+    Ends with ``(user, None)``: the credentials were verified before.
+    """
+    if (yield data):
+        raise SASLError("unexpected data after the server's last challenge")
+    return user, None
 
 
 #: Mechanisms that carry the password itself: offered only where plaintext

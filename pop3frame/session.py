@@ -341,12 +341,31 @@ class Session:
         user, verify = sasl.apop(self._timestamp, *cmd.args)
         return self._login(user, lambda: verify(self.adapter))
 
-    def _login(self, user: str, check: Callable[[], bool]) -> Reply:
+    def _login(self, user: str, check: Callable[[], Union[bool, bytes]]) -> Reply:
         """Shared tail of every authentication command: verify, lock, open.
 
-        Once the password was checked, whatever the answer is, it is withheld
-        until :attr:`reply_not_before` (the failed-login delay of the
-        client's address): a fast answer must not tell a right guess.
+        Every answer that depends on the password, whatever it is, is
+        withheld until :attr:`reply_not_before` (the failed-login delay of
+        the client's address): a fast answer must not tell a right guess.
+        That includes a mechanism's success data (SCRAM's server-final
+        message), which ``check`` returns instead of True: it goes out as a
+        last challenge, and the mailbox opens after the client's empty
+        response (RFC 5034 section 4).
+        """
+        verified = self._verify(user, check)
+        if verified is None:
+            return []
+        if isinstance(verified, bytes):
+            return self._sasl_step(sasl.success_data(user, verified), None)
+        return self._open_mailbox(user)
+
+    def _verify(self, user: str, check: Callable[[], Union[bool, bytes]]) -> Union[bool, bytes, None]:
+        """Check the credentials; raise the refusal, or return ``check()``'s success.
+
+        A locked-out address is refused before anything is verified.  The
+        check waits for a place among :attr:`SessionContext.password_checks`;
+        None means the login deadline passed or the client left meanwhile,
+        and the connection is to close without a reply.
         """
         address = self.peer[0]
         throttle = self.context.failures
@@ -366,7 +385,7 @@ class Session:
             # ran: end like an autologout, with no reply.
             self.log.info("no password check for %r before the login deadline or the client left; closing", user)
             self.closing = True
-            return []
+            return None
         try:
             try:
                 verified = check()
@@ -379,6 +398,10 @@ class Session:
             self._failed(user, "credentials rejected")
             raise
         self._withhold_until(throttle.not_before(address))
+        return verified
+
+    def _open_mailbox(self, user: str) -> Reply:
+        """After the credentials were verified: lock, snapshot, TRANSACTION."""
         mailbox = self.adapter.mailbox_id(user)
         # The lock comes only after the password was verified, so nobody can
         # lock a victim out (or free the victim's lock) by naming it in USER.
@@ -606,6 +629,8 @@ class Session:
         # does not carry the exchange's StopIteration as its context.
         self._sasl = None
         user, verify = result
+        if verify is None:  # sasl.success_data(): verified before its last challenge
+            return self._open_mailbox(user)
         return self._login(user, lambda: verify(self.adapter))
 
     def _sasl_continue(self, line: bytes) -> Reply:

@@ -6,6 +6,9 @@ that no byte has arrived, moves the clock and only then reads the reply.
 """
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 import logging
 import poplib
 import queue
@@ -233,6 +236,110 @@ def test_lockout_refuses_without_checking_the_password(frozen, withheld):
         frozen.tick(900)
         with attacker(server) as c:
             assert c.login("alice", "right").startswith(b"+OK")
+        assert withheld.delays.empty()
+
+
+# -- every mechanism: nothing that depends on the password before the delay or lockout --
+
+
+def b64(data: bytes) -> bytes:
+    return base64.b64encode(data)
+
+
+def send_credentials(c: RawClient, mechanism: str, user: str, password: str) -> None:
+    """Log in with ``mechanism`` up to its last message, whose answer depends on the
+    password and is left unread.  Earlier challenges depend on nothing secret."""
+    if mechanism == "USER":
+        assert c.cmd("USER " + user) == b"+OK send PASS\r\n"
+        c.send(b"PASS %s\r\n" % password.encode())
+    elif mechanism == "APOP":
+        timestamp = re.search(rb"<[^>]*>", c.greeting).group(0)
+        c.send(b"APOP %s %s\r\n" % (user.encode(), hashlib.md5(timestamp + password.encode()).hexdigest().encode()))
+    elif mechanism == "PLAIN":
+        c.send(b"AUTH PLAIN %s\r\n" % b64(b"\0%s\0%s" % (user.encode(), password.encode())))
+    elif mechanism == "LOGIN":
+        assert c.cmd("AUTH LOGIN") == b"+ " + b64(b"Username:") + b"\r\n"
+        assert c.cmd(b64(user.encode()).decode()) == b"+ " + b64(b"Password:") + b"\r\n"
+        c.send(b64(password.encode()) + b"\r\n")
+    elif mechanism == "CRAM-MD5":
+        challenge = base64.b64decode(c.cmd("AUTH CRAM-MD5")[2:])
+        digest = hmac.new(password.encode(), challenge, hashlib.md5).hexdigest()
+        c.send(b64(("%s %s" % (user, digest)).encode()) + b"\r\n")
+    else:  # SCRAM-SHA-256, RFC 5802 section 3
+        bare = "n=%s,r=clientnonce" % user
+        server_first = base64.b64decode(c.cmd("AUTH SCRAM-SHA-256 " + b64(("n,," + bare).encode()).decode())[2:])
+        attrs = dict(part.split(b"=", 1) for part in server_first.split(b","))
+        salted = hashlib.pbkdf2_hmac("sha256", password.encode(), base64.b64decode(attrs[b"s"]), int(attrs[b"i"]))
+        client_key = hmac.new(salted, b"Client Key", hashlib.sha256).digest()
+        without_proof = b"c=biws,r=" + attrs[b"r"]
+        auth_message = b",".join((bare.encode(), server_first, without_proof))
+        signature = hmac.new(hashlib.sha256(client_key).digest(), auth_message, hashlib.sha256).digest()
+        proof = bytes(a ^ b for a, b in zip(client_key, signature))
+        c.send(b64(without_proof + b",p=" + b64(proof)) + b"\r\n")
+
+
+MECHANISMS = ["USER", "APOP", "PLAIN", "LOGIN", "CRAM-MD5", "SCRAM-SHA-256"]
+
+
+class Counted(MemoryAdapter):
+    """Counts every look at a secret: password checks and shared-secret lookups."""
+
+    def __init__(self) -> None:
+        super().__init__({"alice": "right"}, apop=True)
+        self.looks = 0
+
+    def authenticate(self, username, password):
+        self.looks += 1
+        return super().authenticate(username, password)
+
+    def apop_secret(self, username):
+        self.looks += 1
+        return super().apop_secret(username)
+
+
+def throttled_server(frozen, **options) -> Controller:
+    return Controller(Counted(), host="0.0.0.0", clock=clock_of(frozen), poll_interval=0.01,
+                      allow_plaintext_auth=True, **options)
+
+
+@pytest.mark.parametrize("mechanism", MECHANISMS)
+def test_right_and_wrong_guesses_are_answered_together_after_failures(frozen, withheld, mechanism):
+    """Issue 14, defect 4: after a failure, a right and a wrong guess made at once are
+    both withheld until the failed-login delay is over, for every mechanism.  Before,
+    SCRAM-SHA-256 sent its server-final message (RFC 5802 section 3: ``v=``, which only
+    a right password earns) at once, so a guesser could hang up on every slow answer."""
+    with throttled_server(frozen, free_auth_failures=1) as server, attacker(server) as first, \
+            attacker(server) as wrong, attacker(server) as right:
+        assert first.login("alice", "wrong") == WRONG
+        send_credentials(wrong, mechanism, "alice", "wrong")
+        assert withheld.next() == 1
+        send_credentials(right, mechanism, "alice", "right")
+        assert withheld.next() == 1  # the pending failure's answer time: nothing sooner
+        assert nothing_to_read(wrong) and nothing_to_read(right)
+        frozen.tick(1)
+        assert wrong.line() == WRONG
+        answer = right.line()
+        if mechanism == "SCRAM-SHA-256":
+            assert answer.startswith(b"+ ") and base64.b64decode(answer[2:]).startswith(b"v=")
+            answer = right.cmd("")  # RFC 5034 section 4: the success data is answered empty
+        assert answer.startswith(b"+OK alice's maildrop")
+
+
+@pytest.mark.parametrize("mechanism", MECHANISMS)
+def test_lockout_answers_right_and_wrong_alike_before_any_check(frozen, withheld, mechanism):
+    """Issue 14, defect 4: a locked-out address gets the same -ERR [SYS/TEMP] at once for a
+    right and a wrong guess, with every mechanism, and no secret is looked at (for SCRAM
+    the decision comes before the server-final message)."""
+    with throttled_server(frozen, auth_lockout_failures=1, auth_lockout_duration=900) as server:
+        with attacker(server) as c:
+            assert c.login("alice", "wrong") == WRONG
+        store = server.context.adapter
+        looks = store.looks
+        for password in ("right", "wrong"):
+            with attacker(server) as c:
+                send_credentials(c, mechanism, "alice", password)
+                assert c.line() == LOCKED
+        assert store.looks == looks
         assert withheld.delays.empty()
 
 

@@ -283,13 +283,19 @@ def test_scram_sha_256_rfc7677_vector():
     )(b"n,,n=user,r=rOprNGfwEbeRWgbNEkqO")
     assert next(exchange) == (b"r=rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0,"
                               b"s=W22ZaJ0SNY7soEsUEjb6gQ==,i=4096")
-    final = exchange.send(b"c=biws,r=rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0,"
-                          b"p=dHzbZapWIk4jUhN+Ute9ytag9zjfMHgsqmmiz7AndVQ=")
-    assert final == b"v=6rriTRBi23WpRR/wtup+mMhUZUn/dB5nLTJRsjl95G4="
+    # The exchange ends at the client-final message; verify() gives the server-final
+    # one, which the session sends only when the failed-login delay allows an answer.
     with pytest.raises(StopIteration) as done:
-        exchange.send(b"")
+        exchange.send(b"c=biws,r=rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0,"
+                      b"p=dHzbZapWIk4jUhN+Ute9ytag9zjfMHgsqmmiz7AndVQ=")
     user, verify = done.value.value
-    assert user == "user" and verify(None)
+    assert user == "user" and verify(None) == b"v=6rriTRBi23WpRR/wtup+mMhUZUn/dB5nLTJRsjl95G4="
+    # RFC 5034 section 4: that success data is a last challenge, answered empty.
+    last = sasl.success_data(user, verify(None))
+    assert next(last) == b"v=6rriTRBi23WpRR/wtup+mMhUZUn/dB5nLTJRsjl95G4="
+    with pytest.raises(StopIteration) as done:
+        last.send(b"")
+    assert done.value.value == ("user", None)
 
 
 def test_scram_wrong_proof_and_unknown_user_fail_at_the_end():
