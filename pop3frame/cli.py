@@ -114,7 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-connections", type=int, metavar="N",
                        help="concurrent connections in total (default %d)" % ServerConfig.max_connections)
     serve.add_argument("--max-connections-per-ip", type=int, metavar="N",
-                       help="concurrent connections per client address (default: no limit)")
+                       help="concurrent connections per client address outside the trusted networks, "
+                            "0 for no limit (default %d)" % ServerConfig.max_connections_per_ip)
     serve.add_argument("--read-only", action="store_true", default=None, help="refuse DELE for every mailbox")
     serve.add_argument("--lock-dir", metavar="DIR",
                        help="file locks in DIR, so several server processes on one host exclude each other")

@@ -78,10 +78,16 @@ class ServerConfig:
 
     #: Concurrent connections in total; excess ones get ``-ERR [SYS/TEMP]``.
     max_connections: int = 1000
-    #: Concurrent connections per client address; 0 means no limit.
-    max_connections_per_ip: int = 0
+    #: Concurrent connections per client address outside
+    #: ``trusted_networks`` (those have none); 0 means no limit.  One address
+    #: cannot take every connection, and ten is room for a few people behind
+    #: one NAT address (Dovecot's mail_max_userip_connections).
+    max_connections_per_ip: int = 10
     #: Failed logins on one connection before it is closed.
     max_auth_failures: int = 3
+    #: Other commands answered ``-ERR`` before login (unknown, invalid,
+    #: refused) before the connection is closed (Dovecot's pop3-login: 3).
+    max_bad_commands: int = 3
     #: Failed logins per client address (across connections) answered at
     #: once; the answer to each further one is withheld 1, 2, 4 ... seconds,
     #: up to ``max_auth_failure_delay``.  The password is still checked, so
@@ -128,7 +134,7 @@ class ServerConfig:
         for name in ("auth_timeout", "login_timeout", "poll_interval", "send_timeout", "tls_handshake_timeout"):
             if getattr(self, name) <= 0:
                 raise ValueError("%s must be positive" % name)
-        for name in ("max_connections", "max_auth_failures", "max_password_checks"):
+        for name in ("max_connections", "max_auth_failures", "max_bad_commands", "max_password_checks"):
             if getattr(self, name) < 1:
                 raise ValueError("%s must be at least 1" % name)
         for name in ("max_connections_per_ip", "login_delay", "stack_size", "free_auth_failures", "thread_keepalive",

@@ -95,15 +95,21 @@ class Connection:
         """Forget everything received but not yet read (STLS, RFC 2595 section 4)."""
         self._in = b""
 
-    def read_line(self, max_len: int, timeout: float) -> Optional[bytes]:
+    def read_line(self, max_len: int, timeout: float, deadline: Optional[float] = None) -> Optional[bytes]:
         """Return the next line including its LF, or None at end of stream.
 
         Raises :class:`LineTooLong` if the line exceeds ``max_len`` (its
         bytes are dropped as they arrive, so memory stays bounded) and
         :class:`TimedOut` if ``timeout`` seconds pass after the previous
-        line without a new one.
+        line without a new one, or once the clock reaches ``deadline``
+        (even with lines already buffered).
         """
-        tries = self.tries(self.last_line_at + timeout)
+        end_by = self.last_line_at + timeout
+        if deadline is not None:
+            if self.clock() >= deadline:
+                raise TimedOut()
+            end_by = min(end_by, deadline)
+        tries = self.tries(end_by)
         discarded = 0
         while True:
             end = self._in.find(b"\n")
@@ -279,7 +285,7 @@ class POP3Handler(socketserver.BaseRequestHandler):
             conn.flush()
             while not session.closing:
                 try:
-                    line = conn.read_line(session.max_line, session.timeout)
+                    line = conn.read_line(session.max_line, session.timeout, session.deadline)
                 except LineTooLong as exc:
                     log.warning("line too long%s", ", closing" if exc.fatal else "")
                     self._reply(session.line_too_long())
@@ -289,8 +295,10 @@ class POP3Handler(socketserver.BaseRequestHandler):
                     if line is None:
                         log.info("client closed the connection")
                         break
+                    deadline = session.deadline
                     reply = session.handle(line)
-                    if session.reply_not_before is not None and not self._withhold(session.reply_not_before):
+                    if session.reply_not_before is not None and not self._withhold(session.reply_not_before,
+                                                                                    deadline):
                         break
                     self._reply(reply)
                     if session.starttls:
@@ -313,7 +321,15 @@ class POP3Handler(socketserver.BaseRequestHandler):
         except TimedOut:
             # RFC 1939 section 3: on autologout, close without a response
             # and without entering UPDATE.
-            log.info("autologout after %d s idle in %s", session.timeout, session.state.value)
+            if session.deadline is not None and conn.clock() >= session.deadline:
+                log.info("autologout: no login within %g s of connecting", session.config.login_timeout)
+                # Replies to commands read in time may wait behind pipelined ones.
+                try:
+                    conn.flush()
+                except OSError:
+                    pass
+            else:
+                log.info("autologout after %d s idle in %s", session.timeout, session.state.value)
         except OSError as exc:
             log.info("connection lost: %s", exc)
         except Exception:
@@ -361,16 +377,24 @@ class POP3Handler(socketserver.BaseRequestHandler):
         self.session.log.info("TLS established: %s %s", tls.version(), tls.cipher()[0])
         return True
 
-    def _withhold(self, until: float) -> bool:
+    def _withhold(self, until: float, deadline: Optional[float]) -> bool:
         """Send earlier replies, then hold this one until ``until`` on the clock.
 
-        Returns False if the connection ended meanwhile (the reply is dropped).
+        Returns False if the connection ended meanwhile (the reply is
+        dropped), or if ``until`` is past ``deadline`` (the login deadline of
+        the command): then the connection closes at the deadline, no sooner,
+        so the close does not tell a wrong guess earlier than a reply would.
         """
         self.conn.flush()
-        self.session.log.info("reply withheld for %g s (failed-login delay)", until - self.conn.clock())
+        log = self.session.log
+        log.info("reply withheld for %g s (failed-login delay)", until - self.conn.clock())
+        if deadline is not None and until > deadline:
+            if self.conn.wait_until(deadline):
+                log.info("autologout: no login within %g s of connecting", self.session.config.login_timeout)
+            return False
         if self.conn.wait_until(until):
             return True
-        self.session.log.info("connection ended while a reply was withheld")
+        log.info("connection ended while a reply was withheld")
         return False
 
     def _reply(self, reply) -> None:

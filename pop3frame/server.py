@@ -48,18 +48,26 @@ class ConnectionTracker:
     """Counts live connections (in total and per client address) and can close them.
 
     Shared by every listener of a server group, so the limits are global.
+    Addresses for which ``exempt(ip)`` is true (the trusted networks) have
+    no per-address limit.  Thread-safe.
     """
 
-    def __init__(self, max_total: int, max_per_ip: int = 0) -> None:
+    def __init__(self, max_total: int, max_per_ip: int = 0,
+                 exempt: Callable[[str], bool] = lambda ip: False) -> None:
         self.max_total = max_total
         self.max_per_ip = max_per_ip
+        self.exempt = exempt
         self._mutex = threading.Condition()
         self._live: Dict[socket.socket, Tuple[Optional[str], "POP3Server"]] = {}
         self._per_ip: Dict[str, int] = {}
 
     @classmethod
-    def for_config(cls, config: ServerConfig) -> "ConnectionTracker":
-        return cls(config.max_connections, config.max_connections_per_ip)
+    def for_context(cls, context: SessionContext) -> "ConnectionTracker":
+        config = context.config
+        return cls(config.max_connections, config.max_connections_per_ip, context.is_trusted)
+
+    def _over_per_ip(self, ip: str) -> bool:
+        return bool(self.max_per_ip) and self._per_ip.get(ip, 0) >= self.max_per_ip and not self.exempt(ip)
 
     def admit(self, sock: socket.socket, ip: Optional[str], server: "POP3Server") -> Optional[str]:
         """Register a connection, or return why it must be refused.
@@ -70,7 +78,7 @@ class ConnectionTracker:
         with self._mutex:
             if len(self._live) >= self.max_total:
                 return "too many connections"
-            if ip is not None and self.max_per_ip and self._per_ip.get(ip, 0) >= self.max_per_ip:
+            if ip is not None and self._over_per_ip(ip):
                 return "too many connections from your address"
             self._live[sock] = (ip, server)
             if ip is not None:
@@ -83,7 +91,7 @@ class ConnectionTracker:
             entry = self._live.get(sock)
             if entry is None or entry[0] is not None:
                 raise ValueError("connection not admitted, or its address is already known")
-            if self.max_per_ip and self._per_ip.get(ip, 0) >= self.max_per_ip:
+            if self._over_per_ip(ip):
                 return "too many connections from your address"
             self._live[sock] = (ip, entry[1])
             self._per_ip[ip] = self._per_ip.get(ip, 0) + 1
@@ -364,7 +372,7 @@ class POP3Server(socketserver.ThreadingTCPServer):
         sock: Optional[socket.socket] = None,
     ) -> None:
         self.context = _context(adapter, config, locks, tls)
-        self.tracker = tracker or ConnectionTracker.for_config(self.context.config)
+        self.tracker = tracker or ConnectionTracker.for_context(self.context)
         #: Connection threads; shared by the listeners of a ServerGroup.
         self.workers = workers or Workers.for_config(self.context.config)
         self._own_workers = workers is None
@@ -488,7 +496,7 @@ class ServerGroup:
         stats: Optional[Stats] = None,
     ) -> None:
         self.context = _context(adapter, config, locks, tls)
-        self.tracker = ConnectionTracker.for_config(self.context.config)
+        self.tracker = ConnectionTracker.for_context(self.context)
         self.workers = Workers.for_config(self.context.config)
         self.stats = stats
         if stats is not None and stats.active is None:

@@ -210,6 +210,10 @@ class Session:
         self._pending_user: Optional[str] = None
         self._previous_user: Optional[str] = None
         self._failures = 0
+        #: Commands refused before login other than failed logins, and
+        #: whether the current command checked credentials (see handle()).
+        self._bad_commands = 0
+        self._checked = False
         self._lock: Optional[Lock] = None
         self._messages: List[MessageInfo] = []
         self._deleted: Set[int] = set()
@@ -239,6 +243,15 @@ class Session:
         return self.config.auth_timeout
 
     @property
+    def deadline(self) -> Optional[float]:
+        """Clock time at which the connection closes, whatever it is doing, or None.
+
+        Before login, :attr:`login_deadline`; no such limit afterwards
+        (only the inactivity :attr:`timeout`).
+        """
+        return self.login_deadline if self.state is State.AUTHORIZATION else None
+
+    @property
     def max_line(self) -> int:
         """Longest command line accepted now, in octets including CRLF."""
         return MAX_SASL_LINE if self._sasl is not None else protocol.MAX_COMMAND_LINE
@@ -253,7 +266,7 @@ class Session:
         """
         self._sasl = None
         self._previous_user = self._pending_user = None
-        return [protocol.err("line too long")]
+        return self._counted([protocol.err("line too long")])
 
     def finish(self) -> None:
         """End the session: close the mailbox and release its lock. Idempotent.
@@ -277,6 +290,31 @@ class Session:
         """Answer one command line; returns the bytes to send, in order."""
         self._previous_user, self._pending_user = self._pending_user, None
         self.reply_not_before = None
+        if self.state is not State.AUTHORIZATION:
+            return self._answer(line)
+        self._checked = False
+        reply = self._answer(line)
+        return reply if self._checked else self._counted(reply)
+
+    def _counted(self, reply: List[bytes]) -> List[bytes]:
+        """Count an ``-ERR`` before login that no credentials check gave; close at the limit.
+
+        Failed logins have their own limit (``max_auth_failures``); this
+        one ends a client that only sends what the server refuses, as
+        Dovecot's pop3-login does after three (RFC 1939 section 3 lets the
+        server close the connection).
+        """
+        if not reply or not reply[0].startswith(b"-ERR"):
+            return reply
+        self._bad_commands += 1
+        if self._bad_commands < self.config.max_bad_commands:
+            return reply
+        self.log.info("closing after %d refused commands before login", self._bad_commands)
+        self.closing = True
+        self._sasl = None
+        return [protocol.err(TOO_MANY_BAD_COMMANDS)]
+
+    def _answer(self, line: bytes) -> Reply:
         if self._sasl is not None:
             return self._sasl_continue(line)
         try:
@@ -367,6 +405,7 @@ class Session:
         None means the login deadline passed or the client left meanwhile,
         and the connection is to close without a reply.
         """
+        self._checked = True
         address = self.peer[0]
         throttle = self.context.failures
         if throttle.locked_for(address) > 0:
@@ -712,6 +751,7 @@ class Session:
 
 PLAINTEXT_REFUSED = "Plaintext authentication disallowed on non-secure (SSL/TLS) connections."
 LOCKED_OUT = "too many failed logins from your address; try again later"
+TOO_MANY_BAD_COMMANDS = "too many invalid commands, closing connection"
 
 
 def _lookup_language(language_range: str) -> Optional[str]:

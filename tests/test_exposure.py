@@ -6,8 +6,12 @@ time-dependent limits run on an injected clock.
 """
 from __future__ import annotations
 
+import logging
+import select
 import socket
 import threading
+
+import pytest
 
 from pop3frame.adapters.memory import MemoryAdapter
 from pop3frame.testing import Controller, ManualClock
@@ -152,3 +156,111 @@ def test_waiting_for_a_password_check_ends_at_the_login_deadline():
             # A check that had started in time completes the login.
             assert first.line().startswith(b"+OK alice's maildrop")
         assert store.calls == 1
+
+
+# -- defect 9: time before login, refused commands, connections per address -------------
+
+
+def test_login_timeout_counts_from_connect_not_from_the_last_line():
+    """Defect 9: a command every 45 s once kept a connection for ever (the 60 s idle
+    timeout restarted on each line).  login_timeout (injected clock) closes it 120 s
+    after connect, without a reply (RFC 1939 section 3: autologout), whatever it sends."""
+    clock = ManualClock()
+    with Controller(MemoryAdapter({"alice": "pw"}), clock=clock, poll_interval=0.01) as server:
+        with RawClient(server.address) as c:
+            for _ in range(2):
+                clock.advance(45)
+                c.send(b"CAPA\r\n")
+                assert c.line().startswith(b"+OK") and c.multiline().endswith(b".\r\n")
+            clock.advance(30)
+            assert c.read_all() == b""
+        assert server.wait_for_connections(0)
+
+
+def test_pipelined_commands_after_the_login_deadline_are_not_answered():
+    """Lines already buffered when the login deadline passes are not executed: here
+    a check that started in time ends after it, and the pipelined CAPA gets no reply."""
+    clock = ManualClock()
+    with Controller(Gate(), clock=clock, poll_interval=0.01) as server, RawClient(server.address) as c:
+        store = server.context.adapter
+        c.send(b"USER alice\r\nPASS wrong\r\nCAPA\r\n")
+        assert store.wait_running(1)
+        clock.advance(120)
+        store.open()
+        assert c.line() == b"+OK send PASS\r\n"
+        assert c.line() == WRONG  # the answer to a command read in time
+        assert c.read_all() == b""
+
+
+def test_a_withheld_reply_past_the_login_deadline_closes_the_connection_at_the_deadline(caplog):
+    """A failed login's -ERR withheld beyond the login deadline is never sent: the
+    connection closes at the deadline, not sooner (an early close would tell a wrong
+    guess before the right one's reply could come)."""
+    caplog.set_level(logging.INFO, logger="pop3frame")
+    clock = ManualClock()
+    options = dict(clock=clock, poll_interval=0.01, free_auth_failures=0, max_auth_failure_delay=60)
+    with Controller(MemoryAdapter({"alice": "pw"}), **options) as server, RawClient(server.address) as c:
+        clock.advance(119.5)
+        c.send(b"USER alice\r\nPASS wrong\r\n")
+        assert c.line() == b"+OK send PASS\r\n"
+        assert eventually(lambda: "reply withheld for 1 s" in caplog.text)
+        assert not select.select([c.sock], [], [], 0)[0]  # nothing yet, not even the close
+        clock.advance(0.5)
+        assert c.read_all() == b""
+        assert "autologout: no login within 120 s of connecting" in caplog.text
+
+
+TOO_MANY = b"-ERR too many invalid commands, closing connection\r\n"
+
+
+def test_a_few_refused_commands_before_login_close_the_connection():
+    """Defect 9: invalid commands before login were unlimited.  The third -ERR that no
+    password check gave (unknown, wrong state, bad syntax, refused) closes the
+    connection, as Dovecot's pop3-login does (RFC 1939 section 3 allows closing);
+    failed logins have their own limit, and good commands in between do not reset it."""
+    with Controller(MemoryAdapter({"alice": "pw"}), max_auth_failure_delay=0) as server:
+        with RawClient(server.address) as c:
+            assert c.cmd("XYZ") == b"-ERR unknown command\r\n"
+            assert c.login("alice", "wrong") == WRONG  # a failed login: not counted here
+            c.send(b"CAPA\r\n")
+            assert c.line().startswith(b"+OK") and c.multiline()
+            assert c.cmd("STAT") == b"-ERR STAT not valid in the AUTHORIZATION state\r\n"
+            assert c.cmd("PASS x") == TOO_MANY
+            assert c.read_all() == b""
+        with RawClient(server.address) as c:
+            c.send(b"X" * 300 + b"\r\nNOOP\r\n\xff\r\n")
+            assert c.line() == b"-ERR line too long\r\n"
+            assert c.line() == b"-ERR NOOP not valid in the AUTHORIZATION state\r\n"
+            assert c.line() == TOO_MANY
+            assert c.read_all() == b""
+
+
+def test_refused_commands_after_login_are_not_limited():
+    """The limit is for unauthenticated clients: a logged-in one may err as it likes."""
+    with Controller(MemoryAdapter({"alice": "pw"})) as server, RawClient(server.address) as c:
+        assert c.login("alice", "pw").startswith(b"+OK")
+        for _ in range(10):
+            assert c.cmd("XYZ") == b"-ERR unknown command\r\n"
+        assert c.cmd("QUIT").startswith(b"+OK")
+
+
+def test_connections_per_address_are_limited_outside_trusted_networks():
+    """Defect 9: 1,000 connections from one address once locked everyone else out.  By
+    default an address outside the trusted networks gets max_connections_per_ip = 10;
+    a trusted one (here 127.0.0.1) has no such limit."""
+    with Controller(MemoryAdapter({"alice": "pw"}), host="0.0.0.0", trusted_networks=("127.0.0.1/32",)) as server:
+        port = server.port
+        assert server.context.config.max_connections_per_ip == 10
+        clients = []
+        try:
+            for _ in range(10):
+                clients.append(RawClient(("127.0.0.2", port), source="127.0.0.2"))
+                assert clients[-1].greeting.startswith(b"+OK")
+            with RawClient(("127.0.0.2", port), source="127.0.0.2") as refused:
+                assert refused.greeting == b"-ERR [SYS/TEMP] too many connections from your address\r\n"
+            for _ in range(12):
+                clients.append(RawClient(("127.0.0.1", port), source="127.0.0.1"))
+                assert clients[-1].greeting.startswith(b"+OK")
+        finally:
+            for c in clients:
+                c.close()

@@ -77,6 +77,7 @@ def parsed(line: bytes):
         return None
 
 
+FAILED_LOGIN = b"-ERR [AUTH] invalid user name or password\r\n"
 MULTILINE_ALWAYS = {"CAPA", "RETR", "TOP"}
 MULTILINE_WITHOUT_ARGS = {"LIST", "UIDL", "LANG", "AUTH"}
 
@@ -156,11 +157,12 @@ def test_random_authorization_state_keeps_invariants(fuzz_server, commands, endi
     """RFC 1939 section 4, RFC 5034 (AUTH), RFC 2595 (STLS without TLS), RFC 6856
     (UTF8, LANG) under random AUTHORIZATION-state traffic and bytes: every line gets
     a well-formed reply, no lock is ever taken without the password, the server
-    hangs up exactly at max_auth_failures failed logins, nothing leaks."""
+    hangs up exactly at max_auth_failures failed logins or at max_bad_commands other
+    refusals (issue 14), nothing leaks."""
     server, store, baseline = fuzz_server
     refill(store)
-    limit = server.context.config.max_auth_failures
-    failures = 0
+    config = server.context.config
+    failures = bad = 0
     with nothing_left_behind(server, baseline):
         with RawClient(server.address) as c:
             in_sasl = ended = False
@@ -170,13 +172,20 @@ def test_random_authorization_state_keeps_invariants(fuzz_server, commands, endi
                 assert b"maildrop" not in status, "logged in without the password"
                 assert server.context.locks.held_names() == []
                 in_sasl = status.startswith(b"+ ")
-                failures += status.startswith(b"-ERR [AUTH]")
+                failures += status == FAILED_LOGIN
+                bad += status.startswith(b"-ERR") and status != FAILED_LOGIN
+                if bad == config.max_bad_commands:
+                    assert status == b"-ERR too many invalid commands, closing connection\r\n"
                 quit_ok = not in_sasl and status.startswith(b"+OK") and parsed(line).name == "QUIT"
-                if quit_ok or failures == limit:
+                if quit_ok or failures == config.max_auth_failures or bad == config.max_bad_commands:
                     assert c.read_all() == b""  # the server closed the connection
                     ended = True
                     break
-            if not ended and ending == "QUIT":
+            if not ended and ending == "QUIT" and in_sasl and bad + 1 == config.max_bad_commands:
+                # Aborting is one more refusal, the last one allowed.
+                assert c.cmd("*") == b"-ERR too many invalid commands, closing connection\r\n"
+                assert c.read_all() == b""
+            elif not ended and ending == "QUIT":
                 if in_sasl:
                     assert c.cmd("*") == b"-ERR authentication aborted\r\n"
                 assert c.cmd("QUIT").startswith(b"+OK")

@@ -92,6 +92,7 @@ def test_login_delay_enforced_per_mailbox(adapter, frozen):
         assert bob.pass_("bob-pw").startswith(b"+OK")  # another mailbox is unaffected
         bob.quit()
         frozen.tick(301)
+        again = server.pop3()  # the first one passed its login_timeout meanwhile
         again.user("alice")
         assert again.pass_("alice-pw").startswith(b"+OK")
         again.quit()
@@ -115,7 +116,8 @@ def test_connection_cap(adapter):
 
 
 def test_per_ip_cap_uses_two_loopback_addresses(adapter):
-    with Controller(adapter, host="0.0.0.0", max_connections_per_ip=1) as server:
+    # Loopback is a trusted network by default, which has no per-address limit.
+    with Controller(adapter, host="0.0.0.0", max_connections_per_ip=1, trusted_networks=()) as server:
         port = server.port
         a = RawClient(("127.0.0.1", port), source="127.0.0.1")
         with RawClient(("127.0.0.1", port), source="127.0.0.1") as refused:
