@@ -198,7 +198,9 @@ def test_a_withheld_reply_past_the_login_deadline_closes_the_connection_at_the_d
     guess before the right one's reply could come)."""
     caplog.set_level(logging.INFO, logger="pop3frame")
     clock = ManualClock()
-    options = dict(clock=clock, poll_interval=0.01, free_auth_failures=0, max_auth_failure_delay=60)
+    # auth_timeout: the client idles 119.5 s before its first command.
+    options = dict(clock=clock, poll_interval=0.01, free_auth_failures=0, max_auth_failure_delay=60,
+                   auth_timeout=300)
     with Controller(MemoryAdapter({"alice": "pw"}), **options) as server, RawClient(server.address) as c:
         clock.advance(119.5)
         c.send(b"USER alice\r\nPASS wrong\r\n")
