@@ -2,7 +2,8 @@
 
 ``serve`` runs the server (settings from ``--config FILE``, then flags on
 top); ``user`` and ``deliver`` manage the SQLite or PostgreSQL store;
-``passwd`` edits a passwd-file; ``check-config`` validates a config file.
+``passwd`` edits a passwd-file; ``check-config`` validates a config file;
+``client`` talks to a server by hand or checks it (:mod:`pop3frame.client`).
 Operator mistakes end with one line on stderr and exit code 2.
 """
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any, Dict, List, NoReturn, Optional, Sequence, Tuple
 
 from . import __version__
 from . import configfile, passwords
+from . import client
 from .config import ServerConfig, parse_networks
 from .configfile import DEFAULT_DB, ConfigError, Listener, Settings
 from .failures import reason
@@ -161,6 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     passwd.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
     passwd.add_argument("--scheme", default="", help="password scheme (default: strongest available)")
     passwd.set_defaults(func=cmd_passwd)
+
+    client.add_parser(commands, parse_address)
     return parser
 
 

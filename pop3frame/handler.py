@@ -181,6 +181,27 @@ class Connection:
         self.sock = sock
         self._timeout = sock.gettimeout()
 
+    def handshake(self, tls: ssl.SSLSocket, timeout: float) -> None:
+        """Complete the handshake of ``tls`` (made with ``do_handshake_on_connect=False``)
+        within ``timeout`` seconds by ``clock``, then go on over it.
+
+        Raises ``ssl.SSLError`` or ``OSError``; ``socket.timeout`` when the
+        time is up.  The caller closes ``tls`` on failure.
+        """
+        for wait in self.tries(self.clock() + timeout):
+            tls.settimeout(wait)
+            try:
+                # A timed-out do_handshake() leaves OpenSSL waiting for more
+                # bytes (SSL_ERROR_WANT_READ/WRITE); calling it again resumes
+                # the same handshake.
+                tls.do_handshake()
+                break
+            except socket.timeout:
+                continue
+        else:
+            raise socket.timeout("handshake timed out")
+        self.use_socket(tls)
+
     def _set_timeout(self, seconds: float) -> None:
         """Make a blocking recv() or send() give up after ``seconds``.
 
@@ -354,25 +375,12 @@ class POP3Handler(socketserver.BaseRequestHandler):
         raw = socket.socket(self.request.family, self.request.type, self.request.proto,
                             fileno=os.dup(self.request.fileno()))
         tls = context.tls.context.wrap_socket(raw, server_side=True, do_handshake_on_connect=False)
-        conn = self.conn
         try:
-            for wait in conn.tries(conn.clock() + context.config.tls_handshake_timeout):
-                tls.settimeout(wait)
-                try:
-                    # A timed-out do_handshake() leaves OpenSSL waiting for
-                    # more bytes (SSL_ERROR_WANT_READ/WRITE); calling it
-                    # again resumes the same handshake.
-                    tls.do_handshake()
-                    break
-                except socket.timeout:
-                    continue
-            else:
-                raise socket.timeout("handshake timed out")
+            self.conn.handshake(tls, context.config.tls_handshake_timeout)
         except (ssl.SSLError, OSError) as exc:
             self.session.log.info("TLS handshake failed: %s", exc)
             tls.close()
             return False
-        conn.use_socket(tls)
         self.session.secure = True
         self.session.log.info("TLS established: %s %s", tls.version(), tls.cipher()[0])
         return True

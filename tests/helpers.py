@@ -7,7 +7,9 @@ import logging
 import os
 import shutil
 import socket
+import subprocess
 import tempfile
+import time
 from email.parser import BytesParser
 from typing import List, Tuple
 
@@ -152,6 +154,30 @@ def reachable_dir(prefix: str, mode: int = 0o755, owner=None):
         yield path
     finally:
         shutil.rmtree(path)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port the OS just handed out and took back: free now, with nothing
+    listening.  A server that binds it next may lose a race (so retry)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(proc, ready, timeout: float) -> bool:
+    """Call ``ready()`` until it returns True (the server ``proc`` started):
+    False after ``timeout`` seconds, or at once when ``proc`` exited."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if ready():
+            return True
+        try:
+            # Waiting on the process, not sleeping: returns at once if it died.
+            proc.wait(timeout=0.05)
+            return False
+        except subprocess.TimeoutExpired:
+            continue
+    return False
 
 
 def tick_until_closed(server, frozen, seconds: float, tries: int = 100) -> bool:

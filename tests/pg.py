@@ -36,15 +36,15 @@ import pwd
 import queue
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
-import time
 from typing import List, Optional
 
 import pytest
+
+from tests.helpers import free_port, wait_ready
 
 ENV_DSN = "POP3FRAME_TEST_PG_DSN"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -69,14 +69,6 @@ def _find_binaries() -> Optional[str]:
         if os.access(os.path.join(bindir, "postgres"), os.X_OK):
             return bindir
     return None
-
-
-def _free_port() -> int:
-    # The OS picks the port; postgres binds it right after (a start that
-    # loses the race is retried).
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Cluster:
@@ -121,7 +113,7 @@ class Cluster:
         self._run("initdb", "-D", self.data, "-U", self.user, "-A", "trust", "-E", "UTF8",
                   "--locale=C", "--no-sync")
         for _ in range(attempts):
-            self.port = _free_port()
+            self.port = free_port()  # a start that loses the race is retried
             with open(self.logfile, "ab") as log:
                 self.proc = subprocess.Popen(
                     [os.path.join(self.bindir, "postgres"), "-D", self.data, "-p", str(self.port),
@@ -141,19 +133,14 @@ class Cluster:
         """Wait until a connection succeeds; False at once if postgres exited."""
         import psycopg
 
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        def ready() -> bool:
             try:
                 psycopg.connect(self.dsn(), connect_timeout=5).close()
                 return True
             except psycopg.OperationalError:
-                try:
-                    # Waiting on the process, not sleeping: returns at once if it died.
-                    self.proc.wait(timeout=0.05)
-                    return False
-                except subprocess.TimeoutExpired:
-                    continue
-        return False
+                return False
+
+        return wait_ready(self.proc, ready, timeout)
 
     def log(self) -> str:
         try:

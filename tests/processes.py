@@ -1,6 +1,7 @@
 """The pop3frame command as a subprocess, for tests that drive the real CLI."""
 from __future__ import annotations
 
+import os
 import queue
 import re
 import signal
@@ -12,10 +13,10 @@ import threading
 import pytest
 
 
-def pop3frame(*args, input=None, cwd=None) -> subprocess.CompletedProcess:
-    """Run one ``pop3frame`` command to completion (bounded)."""
+def pop3frame(*args, input=None, cwd=None, env=None) -> subprocess.CompletedProcess:
+    """Run one ``pop3frame`` command to completion (bounded); ``env`` is added to the environment."""
     return subprocess.run([sys.executable, "-m", "pop3frame", *args], input=input, capture_output=True,
-                          cwd=cwd, timeout=60)
+                          cwd=cwd, timeout=60, env=dict(os.environ, **env) if env else None)
 
 
 class Daemon:

@@ -179,7 +179,7 @@ def test_feed_reader_builder(tmp_path):
 
 
 def test_imap_proxy_builder():
-    from tests.harness_imap import Dovecot, missing_reason
+    from tests.dovecot import Dovecot, missing_reason
 
     reason = missing_reason()
     if reason:

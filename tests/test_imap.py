@@ -20,7 +20,7 @@ from pop3frame import TemporaryFailure
 from pop3frame.adapters import imap
 from pop3frame.adapters.imap import PARK_SECONDS, IMAPUpstreamAdapter, _body_sections, _uid_set
 from pop3frame.testing import Controller, ManualClock
-from tests.harness_imap import Dovecot, missing_reason
+from tests.dovecot import Dovecot, missing_reason
 from tests.helpers import RawClient, expected_failure_logged_once, retr_lines_to_bytes
 
 

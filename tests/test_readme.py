@@ -3,12 +3,16 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import textwrap
 
+from pop3frame import client
+from pop3frame.adapters.memory import MemoryAdapter
+from pop3frame.cli import build_parser
 from pop3frame.testing import Controller
 
 from .helpers import RawClient
-from .processes import Daemon
+from .processes import Daemon, pop3frame
 
 README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.rst")
 
@@ -45,3 +49,23 @@ def test_testing_section_runs_against_the_readme_adapter(tmp_path):
     namespace.update(Controller=Controller)
     exec(compile(test_code, "README-test", "exec"), namespace)
     namespace["test_reports"]()  # raises AssertionError if stat() is not (1, 39)
+
+
+def test_testing_by_hand_commands_run_as_written():
+    """The "Testing by hand" commands parse as written, and the pipeline one talks to a server."""
+    block = literal_block(".venv/bin/pop3frame client")
+    lines = [line.split("  #")[0] for line in block.splitlines() if line.strip()]
+    parser = build_parser()
+    for line in lines:
+        words = shlex.split(line.split("|")[-1])
+        assert words[:2] == [".venv/bin/pop3frame", "client"], line
+        assert parser.parse_args(words[1:]).func is client.run
+    pipeline = lines[-1]
+    printed, command = pipeline.split("|")
+    with Controller(MemoryAdapter({}, apop=False)) as server:
+        result = pop3frame(*shlex.split(command)[1:-1], "127.0.0.1:%d" % server.port,
+                           input=shlex.split(printed)[1].replace("\\n", "\n").encode())
+    assert result.returncode == 0 and result.stdout.startswith(b"+OK POP3 server ready\r\n+OK Capability")
+    verdict = literal_block("$ .venv/bin/pop3frame client --check").strip().splitlines()[-1]
+    assert re.fullmatch(r"OK: logged in as \w+, [\d,]+ messages?, [\d,]+ octets, TLS 1\.\d, "
+                        r"certificate expires \d{4}-\d\d-\d\d \(in [\d,]+ days?\)", verdict)
