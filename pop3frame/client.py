@@ -38,7 +38,7 @@ import socket
 import ssl
 import sys
 import time
-from typing import BinaryIO, Callable, Dict, Iterator, List, NamedTuple, Optional, Tuple
+from typing import BinaryIO, Callable, Dict, Iterator, List, NamedTuple, Optional, Tuple, Union
 
 from . import x509
 from .configfile import format_address
@@ -247,7 +247,8 @@ class ClientConnection(Connection):
             raise ClientError("the certificate of %s is not accepted: %s (--cafile FILE trusts a private CA,"
                               " --insecure any certificate)" % (self.name, exc.verify_message)) from None
         except ssl.SSLError as exc:
-            hint = " (a plain POP3 port? then use --starttls)" if exc.reason == "WRONG_VERSION_NUMBER" else ""
+            hint = (" (no TLS on this port? a plain POP3 port takes --starttls)"
+                    if exc.reason == "WRONG_VERSION_NUMBER" else "")
             raise ClientError("TLS handshake with %s failed: %s%s" % (self.name, _reason(exc), hint)) from None
         except socket.timeout:
             raise ClientError("TLS handshake with %s did not finish within %g s" % (self.name, self.timeout)) from None
@@ -375,6 +376,14 @@ class Output:
         self.stderr.flush()
 
 
+def _ask_password(prompt: str) -> str:
+    """Asked without echo; Ctrl-D gives an empty answer, not a traceback."""
+    try:
+        return getpass.getpass(prompt)
+    except EOFError:
+        return ""
+
+
 class Terminal:
     """Commands typed at a terminal: a prompt, line editing and a history
     file, when this Python has ``readline`` (without it, plain ``input()``).
@@ -396,10 +405,11 @@ class Terminal:
         try:
             line = input(self._prompt)
         except EOFError:
-            sys.stdout.write("\n")
+            if self._prompt:
+                sys.stdout.write("\n")  # the shell's prompt starts on a line of its own
             return None
         if line.strip().upper() == "PASS":
-            line = "PASS " + getpass.getpass("Password: ")
+            line = "PASS " + _ask_password("Password: ")
         return line.encode("utf-8", "surrogateescape")
 
     def forget(self) -> None:
@@ -454,7 +464,7 @@ def _starttls(conn: ClientConnection, context: ssl.SSLContext, show: Callable[[b
     conn.starttls(context)
 
 
-def converse(conn: ClientConnection, commands, out: Output, *, context: ssl.SSLContext,
+def converse(conn: ClientConnection, commands: Union[Terminal, Lines], out: Output, *, context: ssl.SSLContext,
              starttls: bool = False, clock: Callable[[], float] = time.time) -> int:
     """Show the greeting, then send each command line and show its reply as it arrives.
 
@@ -668,7 +678,7 @@ def read_password(user: str) -> str:
     password = os.environ.get(PASSWORD_VARIABLE)
     if password is None:
         if sys.stdin.isatty():
-            password = getpass.getpass("Password for %s: " % user)
+            password = _ask_password("Password for %s: " % user)
         else:
             password = sys.stdin.readline().rstrip("\r\n")
     if not password:

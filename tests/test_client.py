@@ -489,6 +489,23 @@ def test_ctrl_c_at_the_prompt_ends_cleanly(tmp_path):
     assert "NOOP" in (tmp_path / "state" / "pop3frame" / "client_history").read_text()
 
 
+def test_check_asks_for_the_password_at_a_terminal(tmp_path):
+    """No POP3_PASSWORD: --check asks (getpass, no echo); Ctrl-D at the prompt is "no password"."""
+    with Controller(store()) as server:
+        term = Pty(["--check", "alice", "127.0.0.1:%d" % server.port], terminal_env(tmp_path))
+        term.expect(b"Password for alice: ")
+        term.type("alice-pw")
+        term.expect(b"OK: logged in as alice, 3 messages")
+        assert term.wait() == 0
+        assert b"alice-pw" not in term.seen  # not echoed
+        term = Pty(["--check", "alice", "127.0.0.1:%d" % server.port], terminal_env(tmp_path))
+        term.expect(b"Password for alice: ")
+        os.write(term.master, b"\x04")
+        term.expect(b"FAIL: no password")
+        assert term.wait() == client.EXIT_FAILED
+    assert b"Traceback" not in term.seen
+
+
 def test_terminal_output_cannot_drive_the_terminal():
     """On a terminal, escape sequences and stray CRs from the server are shown, not obeyed."""
     assert client.visible(b"+OK \x1b]0;pwned\x07 a\rb\tc\xc2\x9b2J\r\n") == (
