@@ -14,11 +14,14 @@ or message bodies: only counts.
 """
 from __future__ import annotations
 
-import http.server
 import logging
 import socket
+import socketserver
 import threading
+import time
 from typing import Callable, Dict, Optional, Tuple
+
+from .handler import Connection, LineTooLong, TimedOut
 
 __all__ = ["Stats", "StatsServer", "ErrorCounter", "render_prometheus"]
 
@@ -91,39 +94,95 @@ class ErrorCounter(logging.Handler):
         self.stats.add("errors")
 
 
-class _Handler(http.server.BaseHTTPRequestHandler):
+#: The request line and headers together, in octets; a scrape sends a few hundred.
+MAX_REQUEST_HEAD = 8192
+
+_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
+            408: "Request Timeout", 431: "Request Header Fields Too Large", 503: "Service Unavailable"}
+
+
+def _response(status: int, body: bytes = b"", content_type: str = "text/plain; charset=utf-8") -> bytes:
+    head = "HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % (
+        status, _REASONS[status], content_type, len(body))
+    return head.encode("ascii") + body
+
+
+class _Handler(socketserver.BaseRequestHandler):
+    """One request per connection: read a bounded head within the deadline, answer, close."""
+
     server: "StatsServer"
 
-    def setup(self) -> None:
-        # A client that connects and says nothing must not pin a thread.
-        self.timeout = self.server.request_timeout
-        super().setup()
-
-    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
-        if self.path.split("?", 1)[0] not in ("/metrics", "/"):
-            self.send_error(404)
+    def handle(self) -> None:
+        server = self.server
+        conn = Connection(self.request, server.clock, server.poll_interval, server.request_timeout)
+        deadline = server.clock() + server.request_timeout
+        try:
+            status, body = self._answer(conn, deadline)
+        except TimedOut:
+            status, body = 408, b""
+        except LineTooLong:
+            status, body = 431, b""
+        except OSError:
             return
-        body = render_prometheus(self.server.stats).encode("utf-8")
-        self.send_response(200)
-        self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+        if status != 200:
+            logger.debug("stats %s: %d", self.client_address[0], status)
+            body = b""
+        try:
+            conn.write(_response(status, body, "text/plain; version=0.0.4; charset=utf-8"))
+            conn.flush()
+        except OSError:
+            pass
 
-    def log_message(self, format: str, *args) -> None:
-        logger.debug("stats %s: " + format, self.client_address[0], *args)
+    def _answer(self, conn: Connection, deadline: float) -> Tuple[int, bytes]:
+        """The status and body for the request read from ``conn``.
+
+        The whole head (request line and headers) must arrive by
+        ``deadline`` and fit in MAX_REQUEST_HEAD octets: the time a client
+        can hold a thread and the memory it can fill are bounded, however
+        it trickles its bytes.
+        """
+        timeout = self.server.request_timeout
+        request_line = conn.read_line(MAX_REQUEST_HEAD, timeout, deadline)
+        size = len(request_line or b"")
+        line = request_line
+        while line not in (None, b"\r\n", b"\n"):
+            line = conn.read_line(MAX_REQUEST_HEAD - size, timeout, deadline)
+            size += len(line or b"")
+        if request_line is None or line is None:
+            raise OSError("client closed before the end of the request")
+        parts = request_line.split()
+        if len(parts) != 3 or not parts[2].startswith(b"HTTP/"):
+            return 400, b""
+        if parts[0] != b"GET":
+            return 405, b""
+        if parts[1].split(b"?", 1)[0] not in (b"/metrics", b"/"):
+            return 404, b""
+        return 200, render_prometheus(self.server.stats).encode("utf-8")
 
 
-class StatsServer(http.server.ThreadingHTTPServer):
-    """``GET /metrics`` on a separate listener (keep it on 127.0.0.1: no authentication)."""
+class StatsServer(socketserver.ThreadingTCPServer):
+    """``GET /metrics`` on a separate listener (keep it on 127.0.0.1: no authentication).
+
+    Bounded for whoever can reach it: at most ``max_connections`` at once
+    (one thread each; more are answered 503 and closed by the accepting
+    thread), a request head of at most MAX_REQUEST_HEAD octets, and
+    ``request_timeout`` seconds (on ``clock``) in total to send it.
+    """
 
     daemon_threads = True
+    allow_reuse_address = True
 
     def __init__(self, stats: Stats, address: Tuple[str, int] = ("127.0.0.1", 9110),
-                 request_timeout: float = 10.0) -> None:
+                 request_timeout: float = 5.0, max_connections: int = 4,
+                 clock: Callable[[], float] = time.monotonic, poll_interval: float = 1.0) -> None:
         self.stats = stats
-        #: Seconds a client gets to send its request.
+        #: Seconds a client gets to send its whole request.
         self.request_timeout = request_timeout
+        self.max_connections = max_connections
+        self.clock = clock
+        self.poll_interval = min(poll_interval, request_timeout)
+        self._mutex = threading.Lock()
+        self._active = 0
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         super().__init__(address, _Handler)
         self._thread: Optional[threading.Thread] = None
@@ -131,6 +190,43 @@ class StatsServer(http.server.ThreadingHTTPServer):
     @property
     def port(self) -> int:
         return self.server_address[1]
+
+    @property
+    def active(self) -> int:
+        """Connections being served now."""
+        with self._mutex:
+            return self._active
+
+    def process_request(self, request: socket.socket, client_address) -> None:
+        with self._mutex:
+            full = self._active >= self.max_connections
+            if not full:
+                self._active += 1
+        if full:
+            logger.debug("stats %s: refused, %d connections open", client_address[0], self.max_connections)
+            try:
+                # A fresh socket's send buffer takes this without blocking.
+                request.setblocking(False)
+                request.send(_response(503))
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._release()
+            raise
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        with self._mutex:
+            self._active -= 1
 
     def start(self) -> "StatsServer":
         self._thread = threading.Thread(target=self.serve_forever, args=(0.2,), name="pop3-stats", daemon=True)

@@ -2,11 +2,17 @@
 from __future__ import annotations
 
 import logging
+import socket
+import threading
+import urllib.error
 import urllib.request
+
+import pytest
 
 from pop3frame import ServerConfig
 from pop3frame.server import ServerGroup
-from pop3frame.stats import ErrorCounter, Stats, StatsServer, render_prometheus
+from pop3frame.stats import MAX_REQUEST_HEAD, ErrorCounter, Stats, StatsServer, render_prometheus
+from pop3frame.testing import ManualClock
 from tests.helpers import RawClient
 
 
@@ -86,13 +92,100 @@ def test_error_counter_counts_error_records():
 def test_silent_stats_client_is_dropped_and_others_are_served():
     """A client that connects to the stats port and never sends a request is
     disconnected after request_timeout, and does not hold up others meanwhile."""
-    import socket
-
     server = StatsServer(Stats(), ("127.0.0.1", 0), request_timeout=0.2).start()
     try:
         with socket.create_connection(("127.0.0.1", server.port), timeout=10) as silent:
             with urllib.request.urlopen("http://127.0.0.1:%d/metrics" % server.port, timeout=10) as r:
                 assert r.status == 200
-            assert silent.recv(1) == b""  # closed by the server, well before our 10 s
+            # Answered 408 and closed by the server, well before our 10 s.
+            assert silent.makefile("rb").read() == (b"HTTP/1.1 408 Request Timeout\r\n"
+                                                    b"Content-Type: text/plain; version=0.0.4; charset=utf-8\r\n"
+                                                    b"Content-Length: 0\r\nConnection: close\r\n\r\n")
+    finally:
+        server.stop()
+
+
+# -- what an unauthenticated client can cost the stats endpoint (issue 14, defect 10) ----
+
+
+def http_exchange(port: int, request: bytes) -> bytes:
+    """Send ``request`` and read until the server closes."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(request)
+        return sock.makefile("rb").read()
+
+
+def wait_active(server: StatsServer, n: int) -> bool:
+    """Wait (bounded) until ``n`` connections are being served (their deadlines set)."""
+    for _ in range(1000):
+        if server.active == n:
+            return True
+        threading.Event().wait(0.01)
+    return False
+
+
+@pytest.fixture
+def stats_server():
+    clock = ManualClock()
+    server = StatsServer(Stats(), ("127.0.0.1", 0), request_timeout=5, max_connections=2, clock=clock,
+                         poll_interval=0.01).start()
+    yield server, clock
+    server.stop()
+
+
+def test_stats_connections_are_capped(stats_server):
+    """Defect 10: a thread per connection, uncapped.  Past max_connections the accepting
+    thread answers 503 and closes; no thread is started for it."""
+    server, _ = stats_server
+    threads = threading.active_count()
+    silent = [socket.create_connection(("127.0.0.1", server.port), timeout=10) for _ in range(2)]
+    try:
+        for _ in range(20):
+            assert http_exchange(server.port, b"GET /metrics HTTP/1.1\r\n\r\n").startswith(
+                b"HTTP/1.1 503 Service Unavailable\r\n")
+        assert server.active == 2 and threading.active_count() <= threads + 2
+    finally:
+        for s in silent:
+            s.close()
+    assert wait_active(server, 0)  # the two threads noticed their clients left
+    assert http_exchange(server.port, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").startswith(b"HTTP/1.1 200 OK\r\n")
+
+
+@pytest.mark.parametrize("head", [
+    b"GET /metrics HTTP/1.1\r\nX-Big: " + b"a" * MAX_REQUEST_HEAD + b"\r\n\r\n",
+    b"GET /metrics HTTP/1.1\r\n" + b"X-Many: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n" * 300 + b"\r\n",
+])
+def test_stats_request_head_size_is_bounded(stats_server, head):
+    """Defect 10: one long header line or many small ones: past MAX_REQUEST_HEAD octets
+    the answer is 431 (RFC 6585 section 5).  (http.server took 100 lines of 64 KiB.)"""
+    server, _ = stats_server
+    assert http_exchange(server.port, head) == (
+        b"HTTP/1.1 431 Request Header Fields Too Large\r\nContent-Type: text/plain; version=0.0.4; "
+             b"charset=utf-8\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+
+
+def test_stats_request_time_is_bounded_in_total(stats_server):
+    """Defect 10: the timeout was per read, so a header line every few seconds kept a
+    thread for ever.  The whole request must arrive within request_timeout (on the
+    injected clock), however the client trickles it."""
+    server, clock = stats_server
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(b"GET /metrics HTTP/1.1\r\n")
+        assert wait_active(server, 1)
+        for _ in range(2):
+            clock.advance(2)
+            sock.sendall(b"X-Slow: 1\r\n")
+        clock.advance(1)
+        assert sock.makefile("rb").read().startswith(b"HTTP/1.1 408 Request Timeout\r\n")
+
+
+def test_stats_answers_only_get_of_the_metrics():
+    server = StatsServer(Stats(), ("127.0.0.1", 0)).start()
+    try:
+        assert http_exchange(server.port, b"POST /metrics HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.1 405 ")
+        assert http_exchange(server.port, b"GET /other HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.1 404 ")
+        assert http_exchange(server.port, b"hello\r\n\r\n").startswith(b"HTTP/1.1 400 ")
+        with pytest.raises(urllib.error.HTTPError):
+            urllib.request.urlopen("http://127.0.0.1:%d/nothing" % server.port, timeout=10)
     finally:
         server.stop()
