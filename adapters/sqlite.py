@@ -33,30 +33,45 @@ __all__ = ["SQLiteStore", "UnknownUser"]
 logger = logging.getLogger("pop3frame.adapters.sqlite")
 
 CHUNK = 256 * 1024
-SCHEMA_VERSION = 1
+#: 1: the first release.  2: message ids AUTOINCREMENT, so the id of a
+#: deleted message is never handed out again (and so its unique-id).
+SCHEMA_VERSION = 2
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS users (
-    id INTEGER PRIMARY KEY,
-    name TEXT NOT NULL UNIQUE,
-    password TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS messages (
-    id INTEGER PRIMARY KEY,
+_MESSAGES = """CREATE TABLE {name} (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
     user_id INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
     uid TEXT NOT NULL UNIQUE,
     size INTEGER NOT NULL,
     delivered REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS messages_by_user ON messages(user_id, id);
-CREATE TABLE IF NOT EXISTS chunks (
+)"""
+_MESSAGES_INDEX = "CREATE INDEX messages_by_user ON messages(user_id, id)"
+
+#: Statement by statement: executescript() would commit the transaction
+#: that makes creating (or migrating) a store safe against a second process.
+_SCHEMA = (
+    "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    "CREATE TABLE users (id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE, password TEXT NOT NULL)",
+    _MESSAGES.format(name="messages"),
+    _MESSAGES_INDEX,
+    """CREATE TABLE chunks (
     message_id INTEGER NOT NULL REFERENCES messages(id) ON DELETE CASCADE,
     seq INTEGER NOT NULL,
     data BLOB NOT NULL,
     PRIMARY KEY (message_id, seq)
-) WITHOUT ROWID;
-"""
+) WITHOUT ROWID""",
+)
+
+#: Version 1 to 2: rebuild ``messages`` with AUTOINCREMENT, the way SQLite
+#: documents for changes ALTER TABLE cannot make (foreign keys off, so
+#: dropping the old table cascades to no chunk).  Ids and unique-ids stay.
+_MIGRATE_1_TO_2 = (
+    _MESSAGES.format(name="messages_v2"),
+    "INSERT INTO messages_v2 (id, user_id, uid, size, delivered)"
+    " SELECT id, user_id, uid, size, delivered FROM messages",
+    "DROP TABLE messages",
+    "ALTER TABLE messages_v2 RENAME TO messages",
+    _MESSAGES_INDEX,
+)
 
 
 class UnknownUser(LookupError):
@@ -70,11 +85,19 @@ def _check_name(name: str) -> str:
 
 
 class _ChunkReader(io.RawIOBase):
-    """A message body read one stored chunk at a time."""
+    """A message body read one stored chunk at a time.
 
-    def __init__(self, conn: sqlite3.Connection, message_id: int) -> None:
+    Each chunk is its own read, so a slow client holds no transaction open
+    (which would keep the WAL from being checkpointed).  A chunk missing
+    before the count taken at open means the message was deleted meanwhile
+    (``pop3frame user del``, another server process): that raises, and the
+    server closes the connection instead of ending a truncated message.
+    """
+
+    def __init__(self, conn: sqlite3.Connection, message_id: int, chunks: int) -> None:
         self._conn = conn
         self._id = message_id
+        self._chunks = chunks
         self._seq = 0
         self._buf = memoryview(b"")
 
@@ -83,11 +106,13 @@ class _ChunkReader(io.RawIOBase):
 
     def readinto(self, b) -> int:
         if not self._buf:
+            if self._seq >= self._chunks:
+                return 0
             row = self._conn.execute(
                 "SELECT data FROM chunks WHERE message_id = ? AND seq = ?", (self._id, self._seq)
             ).fetchone()
             if row is None:
-                return 0
+                raise OSError("message %d lost chunk %d while being read" % (self._id, self._seq))
             self._seq += 1
             self._buf = memoryview(row[0])
         n = min(len(b), len(self._buf))
@@ -113,15 +138,57 @@ class SQLiteStore(AdapterBase):
         parent = os.path.dirname(os.path.abspath(path))
         os.makedirs(parent, exist_ok=True)
         with self._connect() as conn:
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
-            if version > SCHEMA_VERSION:
-                raise RuntimeError("%s has schema version %d; this pop3frame knows %d" % (path, version, SCHEMA_VERSION))
-            conn.executescript(_SCHEMA)
-            conn.execute("INSERT OR IGNORE INTO meta VALUES ('store_id', ?)", (secrets.token_hex(4),))
-            conn.execute("PRAGMA user_version = %d" % SCHEMA_VERSION)
-            # UIDs carry a random per-database prefix: a recreated database
-            # never hands out a UID that a client remembers from the old one.
-            self._store_id = conn.execute("SELECT value FROM meta WHERE key = 'store_id'").fetchone()[0]
+            # Off for this connection only: migrating drops a parent table.
+            conn.execute("PRAGMA foreign_keys = OFF")
+            # Taken before the version is read: a second process opening the
+            # store waits here, then finds it created or migrated.
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                self._store_id, self._uid_prefix = self._prepare_schema(conn)
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+
+    def _prepare_schema(self, conn: sqlite3.Connection) -> Tuple[str, str]:
+        """Create or migrate the schema; returns (store id, unique-id prefix).
+
+        Unique-ids are ``<prefix>.<message id>``.  The prefix starts as the
+        store's random id, so a recreated database never hands out a
+        unique-id a client remembers from the old one.  Migrating from
+        version 1 gives it a new random value: ids there were reused, and
+        once the newest message was deleted nothing in the file tells how
+        high they went, so "<store id>.<next id>" may have been issued
+        already.  Messages keep the unique-ids they have.
+        """
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise RuntimeError("%s has schema version %d; this pop3frame knows %d" % (
+                self.path, version, SCHEMA_VERSION))
+        if version == 0:
+            if conn.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchone():
+                # Another program's database, or a store whose creation was
+                # cut short: nothing here says what it holds.
+                raise RuntimeError("%s has tables but no pop3frame schema version; not a pop3frame store" % self.path)
+            for statement in _SCHEMA:
+                conn.execute(statement)
+            store_id = secrets.token_hex(4)
+            conn.executemany("INSERT INTO meta VALUES (?, ?)", (("store_id", store_id), ("uid_prefix", store_id)))
+        elif version == 1:
+            for statement in _MIGRATE_1_TO_2:
+                conn.execute(statement)
+            broken = conn.execute("PRAGMA foreign_key_check").fetchall()
+            if broken:
+                raise RuntimeError("%s: %d rows with dangling references; not migrated" % (self.path, len(broken)))
+            store_id = conn.execute("SELECT value FROM meta WHERE key = 'store_id'").fetchone()[0]
+            prefix = store_id
+            while prefix == store_id:
+                prefix = secrets.token_hex(4)
+            conn.execute("INSERT INTO meta VALUES ('uid_prefix', ?)", (prefix,))
+            logger.info("%s: migrated from schema version 1 to %d", self.path, SCHEMA_VERSION)
+        conn.execute("PRAGMA user_version = %d" % SCHEMA_VERSION)
+        meta = dict(conn.execute("SELECT key, value FROM meta WHERE key IN ('store_id', 'uid_prefix')"))
+        return meta["store_id"], meta["uid_prefix"]
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None)
@@ -175,7 +242,7 @@ class SQLiteStore(AdapterBase):
                     (row[0], wire_size(message), time.time()),
                 )
                 message_id = cur.lastrowid
-                uid = "%s.%d" % (self._store_id, message_id)
+                uid = "%s.%d" % (self._uid_prefix, message_id)
                 conn.execute("UPDATE messages SET uid = ? WHERE id = ?", (uid, message_id))
                 conn.executemany(
                     "INSERT INTO chunks (message_id, seq, data) VALUES (?, ?, ?)",
@@ -234,9 +301,13 @@ class SQLiteStore(AdapterBase):
 
     def open_message(self, username: str, message: MessageInfo):
         conn = self._session(username)
-        if conn.execute("SELECT 1 FROM messages WHERE id = ?", (message.key,)).fetchone() is None:
+        row = conn.execute(
+            "SELECT (SELECT COUNT(*) FROM chunks WHERE message_id = m.id) FROM messages m WHERE m.id = ?",
+            (message.key,),
+        ).fetchone()
+        if row is None:
             raise TemporaryFailure("message no longer exists")
-        return io.BufferedReader(_ChunkReader(conn, message.key), CHUNK)
+        return io.BufferedReader(_ChunkReader(conn, message.key, row[0]), CHUNK)
 
     def delete_messages(self, username: str, messages: Sequence[MessageInfo]) -> None:
         conn = self._session(username)

@@ -21,8 +21,17 @@ CRLF = b"\r\n"
 class RawClient:
     """A POP3 client on a raw socket, for asserting exact bytes."""
 
-    def __init__(self, address: Tuple[str, int], timeout: float = 10.0, source: str = "") -> None:
-        self.sock = socket.create_connection(address, timeout=timeout, source_address=(source, 0) if source else None)
+    def __init__(self, address: Tuple[str, int], timeout: float = 10.0, source: str = "", rcvbuf: int = 0) -> None:
+        if rcvbuf:
+            # Set before connecting, which also turns off the kernel's
+            # autotuning: the server can run only this far ahead of us.
+            self.sock = socket.socket(socket.AF_INET6 if ":" in address[0] else socket.AF_INET)
+            self.sock.settimeout(timeout)
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+            self.sock.connect(address)
+        else:
+            self.sock = socket.create_connection(address, timeout=timeout,
+                                                 source_address=(source, 0) if source else None)
         self.buf = b""
         self.greeting = self.line()
 
@@ -84,6 +93,33 @@ class RawClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def retr_interrupted(address: Tuple[str, int], user: str, password: str, number: int, interrupt,
+                     read_first: int = 1 << 20) -> Tuple[bytes, bytes, bool]:
+    """RETR read by a slow client, with ``interrupt()`` called part-way.
+
+    The client's small receive window keeps the server at most a few MB (its
+    send buffer) ahead, so ``interrupt()`` runs while the server is still
+    reading a message of tens of MB.  Returns (status line, the wire bytes
+    after it, whether they ended in the terminator rather than a close).
+    """
+    with RawClient(address, timeout=60, rcvbuf=64 * 1024) as raw:
+        assert raw.login(user, password).startswith(b"+OK")
+        raw.send(b"RETR %d\r\n" % number)
+        status = raw.line()
+        while len(raw.buf) < read_first and raw._fill():
+            pass
+        interrupt()
+        parts, tail = [raw.buf], raw.buf[-5:]
+        # Only the tail is searched: a terminator cannot occur earlier (byte-stuffing).
+        while tail[-5:] != b"\r\n.\r\n":
+            data = raw.sock.recv(1 << 16)
+            if not data:
+                return status, b"".join(parts), False
+            parts.append(data)
+            tail = tail[-5:] + data[-5:]
+        return status, b"".join(parts), True
 
 
 #: Headers every message a client gets should carry (RFC 5322 section 3.6,

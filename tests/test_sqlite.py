@@ -11,11 +11,12 @@ import tracemalloc
 
 import pytest
 
-from pop3frame.adapters.sqlite import SQLiteStore, UnknownUser
+from pop3frame.adapters.sqlite import CHUNK, SQLiteStore, UnknownUser
 from pop3frame.passwords import split_scheme
 from pop3frame.protocol import iter_message
 from pop3frame.testing import Controller
-from tests.helpers import RawClient, retr_lines_to_bytes
+from tests.helpers import RawClient, retr_interrupted, retr_lines_to_bytes
+from tests.processes import Daemon, pop3frame
 
 
 @pytest.fixture
@@ -172,3 +173,221 @@ def test_demo_seeding_only_into_empty_store(tmp_path):
     assert s.ensure_demo() is True
     assert s.ensure_demo() is False
     assert s.list_users() == [("demo", 3, 683)]
+
+
+#: 16 MB: far more than the server can have sent to a slow client (its
+#: send buffer, at most 4 MB here) when the message is deleted.
+HUGE = b"Subject: huge\r\n\r\n" + (b"x" * 998 + b"\r\n") * 16_000
+
+
+def test_reader_raises_when_the_message_vanishes_part_way(store):
+    """The adapter itself, not only the server's length check: a chunk gone before the
+    last one read is an OSError, never an early end of the message."""
+    store.deliver("alice", HUGE)
+    stream = store.open_message("alice", store.list_messages("alice")[0])
+    try:
+        assert len(stream.read(CHUNK)) == CHUNK
+        store.delete_user("alice")
+        with pytest.raises(OSError, match="lost chunk"):
+            while stream.read(CHUNK):  # ends: at most the message's 64 chunks
+                pass
+    finally:
+        stream.close()
+        store.close_mailbox("alice")
+
+
+def _deleted_mid_retr(store, delete):
+    store.deliver("alice", HUGE)
+    with Controller(store) as server:
+        status, body, complete = retr_interrupted(server.address, "alice", "pw", 1, delete)
+        assert server.wait_for_connections(0)
+    assert status == b"+OK %d octets\r\n" % len(HUGE)
+    # Not a short message ending in ".": the connection closed without the terminator.
+    assert not complete and len(body) < len(HUGE) and HUGE.startswith(body)
+
+
+def test_message_deleted_by_user_del_mid_retr_is_not_ended_cleanly(store):
+    """Issue 11 defect 3: ``pop3frame user del`` while a slow client reads a 16 MB
+    message; the SQLite store raises at the missing chunk (as PostgreSQL's does),
+    so RFC 1939 section 3's terminator never follows a truncated message."""
+    _deleted_mid_retr(store, lambda: pop3frame("user", "--sqlite", store.path, "del", "alice").check_returncode())
+
+
+def test_message_deleted_by_a_second_server_mid_retr_is_not_ended_cleanly(store):
+    """The same, with the message deleted through a second server process on the same
+    database file (DELE and QUIT there: RFC 1939 section 6)."""
+    def delete_elsewhere():
+        with Daemon("--sqlite", store.path, "--listen", "127.0.0.1:0") as other:
+            client = poplib.POP3("127.0.0.1", other.port, timeout=30)
+            client.user("alice")
+            client.pass_("pw")
+            client.dele(1)
+            assert client.quit().startswith(b"+OK")
+            other.stop()
+    _deleted_mid_retr(store, delete_elsewhere)
+
+
+def _uids_seen(server, user="alice", password="pw"):
+    client = server.pop3()
+    client.user(user)
+    client.pass_(password)
+    uids = [line.split()[1].decode() for line in client.uidl()[1]]
+    client.quit()
+    return uids
+
+
+def test_uid_of_a_deleted_newest_message_is_never_reissued(store):
+    """Issue 11 defect 1, RFC 1939 section 7 (UIDL: a unique-id is never reused for
+    another message): deliver two, RETR and DELE the newest, QUIT, deliver a third: its
+    unique-id is new (SQLite handed out the freed highest rowid again before)."""
+    issued = [store.deliver("alice", b"Subject: %d\r\n\r\nx\r\n" % i) for i in (1, 2)]
+    with Controller(store) as server:
+        client = server.pop3()
+        client.user("alice")
+        client.pass_("pw")
+        client.retr(2)
+        client.dele(2)
+        client.quit()
+        third = store.deliver("alice", b"Subject: 3\r\n\r\nx\r\n")
+        assert _uids_seen(server) == [issued[0], third]
+    assert third not in issued
+
+
+#: The schema and delivery SQL of schema version 1 (pop3frame before issue 11), verbatim.
+V1_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS users (
+    id INTEGER PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    password TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS messages (
+    id INTEGER PRIMARY KEY,
+    user_id INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+    uid TEXT NOT NULL UNIQUE,
+    size INTEGER NOT NULL,
+    delivered REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS messages_by_user ON messages(user_id, id);
+CREATE TABLE IF NOT EXISTS chunks (
+    message_id INTEGER NOT NULL REFERENCES messages(id) ON DELETE CASCADE,
+    seq INTEGER NOT NULL,
+    data BLOB NOT NULL,
+    PRIMARY KEY (message_id, seq)
+) WITHOUT ROWID;
+"""
+
+
+def _v1_store(path, messages, delete_newest):
+    """A store as version 1 left it: ``messages`` delivered to alice (PLAIN "pw") with
+    version 1's SQL, then the newest deleted if asked; returns the unique-ids issued."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute("PRAGMA foreign_keys = ON")
+    conn.executescript(V1_SCHEMA)
+    conn.execute("INSERT OR IGNORE INTO meta VALUES ('store_id', 'a1b2c3d4')")
+    conn.execute("PRAGMA user_version = 1")
+    conn.execute("INSERT INTO users (name, password) VALUES ('alice', '{PLAIN}pw')")
+    issued = []
+    for message in messages:
+        message_id = conn.execute("INSERT INTO messages (user_id, uid, size, delivered) VALUES (1, '', ?, ?)",
+                                  (len(message), time.time())).lastrowid
+        uid = "%s.%d" % ("a1b2c3d4", message_id)
+        conn.execute("UPDATE messages SET uid = ? WHERE id = ?", (uid, message_id))
+        conn.executemany("INSERT INTO chunks (message_id, seq, data) VALUES (?, ?, ?)",
+                         ((message_id, i, message[o:o + CHUNK]) for i, o in enumerate(range(0, len(message), CHUNK))))
+        issued.append(uid)
+    if delete_newest:
+        conn.execute("DELETE FROM messages WHERE id = (SELECT MAX(id) FROM messages)")
+    conn.close()
+    return issued
+
+
+#: 1, 2 and 3 chunks long.
+V1_MAIL = [b"Subject: old %d\r\n\r\n" % i + b"line\r\n" * (CHUNK * i // 6 + 2) for i in range(3)]
+
+
+def test_version_1_store_is_migrated_in_place_and_never_reissues_a_uid(tmp_path):
+    """A store made by schema version 1 whose newest message (a1b2c3d4.3) was already
+    deleted, so the file no longer shows that id 3 was issued: opened by this version it
+    is migrated (schema version 2, AUTOINCREMENT), its messages keep their unique-ids and
+    bytes, and no unique-id ever issued comes back, before or after another deletion."""
+    path = str(tmp_path / "v1.db")
+    issued = _v1_store(path, V1_MAIL, delete_newest=True)
+    store = SQLiteStore(path)
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
+        assert "AUTOINCREMENT" in conn.execute("SELECT sql FROM sqlite_master WHERE name = 'messages'").fetchone()[0]
+    with Controller(store) as server:
+        client = server.pop3()
+        client.user("alice")
+        client.pass_("pw")
+        assert [l.split()[1].decode() for l in client.uidl()[1]] == issued[:2]
+        assert [retr_lines_to_bytes(client.retr(i)[1]) for i in (1, 2)] == V1_MAIL[:2]
+        client.quit()
+        new = store.deliver("alice", V1_MAIL[2])
+        assert new not in issued
+        issued.append(new)
+        client = server.pop3()
+        client.user("alice")
+        client.pass_("pw")
+        client.dele(3)
+        client.quit()
+        newer = store.deliver("alice", b"Subject: newer\r\n\r\nz\r\n")
+        assert newer not in issued
+        assert _uids_seen(server) == issued[:2] + [newer]
+    # Reopening neither migrates again nor changes what deliver hands out.
+    again = SQLiteStore(path)
+    assert again.deliver("alice", b"x") not in issued + [newer]
+    # The foreign keys survived the rebuild: deleting the user takes the chunks along.
+    again.delete_user("alice")
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("SELECT COUNT(*) FROM chunks").fetchone()[0] == 0
+
+
+def test_two_processes_opening_a_version_1_store_migrate_it_once(tmp_path):
+    """Migration runs under BEGIN IMMEDIATE: processes that open the old store at the
+    same moment wait for one another, and exactly one of them migrates it."""
+    path = str(tmp_path / "v1.db")
+    issued = _v1_store(path, V1_MAIL, delete_newest=False)
+    code = ("import sys; from pop3frame.adapters.sqlite import SQLiteStore;"
+            "print('opening', flush=True); print(SQLiteStore(sys.argv[1]).deliver('alice', b'x'))")
+    blocker = sqlite3.connect(path, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")  # both must wait for it, then for each other
+    procs = [subprocess.Popen([sys.executable, "-c", code, path], stdout=subprocess.PIPE, text=True)
+             for _ in range(3)]
+    try:
+        for proc in procs:
+            assert proc.stdout.readline() == "opening\n"
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    delivered = []
+    for proc in procs:
+        out, _ = proc.communicate(timeout=60)
+        assert proc.returncode == 0
+        delivered.append(out.strip())
+    prefixes = {uid.split(".")[0] for uid in delivered}
+    assert len(prefixes) == 1 and prefixes != {"a1b2c3d4"}
+    assert len(set(delivered) | set(issued)) == 6
+    store = SQLiteStore(path)
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("SELECT value FROM meta WHERE key = 'uid_prefix'").fetchall() == [(prefixes.pop(),)]
+    assert [m.uid for m in store.list_messages("alice")] == issued + sorted(delivered, key=lambda u: int(u.split(".")[1]))
+    store.close_mailbox("alice")
+
+
+def test_a_store_of_a_newer_version_or_another_programs_database_is_refused(tmp_path):
+    path = str(tmp_path / "future.db")
+    SQLiteStore(path)
+    with sqlite3.connect(path) as conn:
+        conn.execute("PRAGMA user_version = 3")
+    with pytest.raises(RuntimeError, match="schema version 3"):
+        SQLiteStore(path)
+    other = str(tmp_path / "app.db")
+    with sqlite3.connect(other) as conn:
+        conn.execute("CREATE TABLE messages (id INTEGER PRIMARY KEY, text TEXT)")
+    with pytest.raises(RuntimeError, match="not a pop3frame store"):
+        SQLiteStore(other)
+    with sqlite3.connect(other) as conn:
+        assert [r[0] for r in conn.execute("SELECT name FROM sqlite_master")] == ["messages"]
