@@ -115,7 +115,7 @@ class _Handler(socketserver.BaseRequestHandler):
     def handle(self) -> None:
         server = self.server
         conn = Connection(self.request, server.clock, server.poll_interval, server.request_timeout)
-        deadline = server.clock() + server.request_timeout
+        deadline = server.deadline_of(self.request)
         try:
             status, body = self._answer(conn, deadline)
         except TimedOut:
@@ -183,6 +183,7 @@ class StatsServer(socketserver.ThreadingTCPServer):
         self.poll_interval = min(poll_interval, request_timeout)
         self._mutex = threading.Lock()
         self._active = 0
+        self._deadlines: Dict[socket.socket, float] = {}
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         super().__init__(address, _Handler)
         self._thread: Optional[threading.Thread] = None
@@ -202,6 +203,9 @@ class StatsServer(socketserver.ThreadingTCPServer):
             full = self._active >= self.max_connections
             if not full:
                 self._active += 1
+                # The time limit counts from the accept, not from whenever
+                # the connection's thread gets to run.
+                self._deadlines[request] = self.clock() + self.request_timeout
         if full:
             logger.debug("stats %s: refused, %d connections open", client_address[0], self.max_connections)
             try:
@@ -215,18 +219,24 @@ class StatsServer(socketserver.ThreadingTCPServer):
         try:
             super().process_request(request, client_address)
         except BaseException:
-            self._release()
+            self._release(request)
             raise
 
     def process_request_thread(self, request, client_address) -> None:
         try:
             super().process_request_thread(request, client_address)
         finally:
-            self._release()
+            self._release(request)
 
-    def _release(self) -> None:
+    def deadline_of(self, request: socket.socket) -> float:
+        """When the request on this accepted connection must have arrived."""
+        with self._mutex:
+            return self._deadlines[request]
+
+    def _release(self, request: socket.socket) -> None:
         with self._mutex:
             self._active -= 1
+            del self._deadlines[request]
 
     def start(self) -> "StatsServer":
         self._thread = threading.Thread(target=self.serve_forever, args=(0.2,), name="pop3-stats", daemon=True)
