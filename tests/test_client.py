@@ -702,6 +702,13 @@ def test_check_catches_a_wrong_uidl_listing_rfc1939_section_7(uidl, reason):
     assert str(info.value) == reason
 
 
+def test_check_a_server_without_capa_uses_user_and_pass_rfc2449_section_5():
+    """CAPA answered -ERR (an RFC 1939-only server): USER/PASS, which RFC 1939 servers have."""
+    with Peer(canned(b"-ERR unknown command\r\n", b"+OK\r\n", b"+OK\r\n", b"+OK 0 0\r\n", b"+OK\r\n.\r\n",
+                     b"+OK bye\r\n")) as peer:
+        assert run_check(peer.address) == "OK: logged in as alice, 0 messages, 0 octets, no TLS"
+
+
 # -- against Dovecot ------------------------------------------------------------------
 
 
