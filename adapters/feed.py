@@ -53,7 +53,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Set, 
 
 from pop3frame import AdapterBase, MessageInfo, PermanentFailure, POP3Error, TemporaryFailure
 from pop3frame.failures import log_failure
-from pop3frame.passwords import verify_password
+from pop3frame.passwords import table_check
 from pop3frame.protocol import wire_size
 
 from ._build import build_message, message_id, one_line
@@ -62,7 +62,6 @@ __all__ = ["FeedAdapter", "html_to_text"]
 
 logger = logging.getLogger("pop3frame.adapters.feed")
 
-_DUMMY = "{PLAIN}\0unknown-user\0"
 #: Largest feed document read, so a hostile URL cannot fill memory.
 MAX_FEED_BYTES = 20 * 1024 * 1024
 
@@ -116,8 +115,9 @@ class FeedAdapter(AdapterBase):
     """Serve the items of one RSS/Atom feed to every configured user.
 
     ``url_or_path``: ``http://``/``https://``/``file://`` URL or a local
-    path.  ``users``: ``{name: password}`` (``{SCHEME}hash`` or plain) or a
-    callable ``(user, password) -> bool``.  ``state_file``: enables
+    path.  ``users``: ``{name: password}`` (``{SCHEME}hash``, a bare crypt
+    hash or plain text, read by :func:`pop3frame.passwords.stored_password`)
+    or a callable ``(user, password) -> bool``.  ``state_file``: enables
     "delete = remember", see the module docstring.  ``sender_address``: the
     address in From.  ``timeout``: seconds for fetching the feed.
     """
@@ -138,14 +138,7 @@ class FeedAdapter(AdapterBase):
         if callable(users):
             self._check: Callable[[str, str], bool] = users
         else:
-            table = users
-
-            def check(user: str, password: str) -> bool:
-                stored = table.get(user)
-                ok = verify_password(stored if stored is not None else _DUMMY, password)
-                return ok and stored is not None
-
-            self._check = check
+            self._check = table_check(users)
         self.state_file = state_file
         self.read_only = state_file is None
         self.sender_address = sender_address

@@ -27,7 +27,6 @@ exception in it is logged and the client sees ``-ERR [SYS/TEMP]``.
 from __future__ import annotations
 
 import email.policy
-import hmac
 import inspect
 import logging
 import threading
@@ -36,7 +35,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 
 from pop3frame import AdapterBase, MessageInfo, POP3Error, PermanentFailure, TemporaryFailure
 from pop3frame.config import ServerConfig
-from pop3frame.passwords import verify_password
+from pop3frame.passwords import table_check
 from pop3frame.protocol import valid_uid, wire_size
 from pop3frame.server import POP3Server
 
@@ -74,8 +73,9 @@ class FunctionAdapter(AdapterBase):
     """Serve whatever ``fn`` returns.
 
     Credentials: ``user`` and ``password`` for one user, or ``users``
-    (``{name: password}``, plain or ``{SCHEME}hash``), or ``authenticate``
-    (a callable ``(user, password) -> bool``).
+    (``{name: password}``: ``{SCHEME}hash``, a bare crypt hash or plain
+    text, read by :func:`pop3frame.passwords.stored_password`), or
+    ``authenticate`` (a callable ``(user, password) -> bool``).
     """
 
     def __init__(
@@ -95,7 +95,7 @@ class FunctionAdapter(AdapterBase):
             table[user] = password
         if not table and authenticate is None:
             raise ValueError("give user= and password=, users=, or authenticate=")
-        self._table = table
+        self._table = table_check(table) if table else None
         self._check = authenticate
         self._fn = fn
         self._pass_user = _takes_user(fn)
@@ -107,12 +107,7 @@ class FunctionAdapter(AdapterBase):
     def authenticate(self, username: str, password: str) -> bool:
         if self._check is not None and self._check(username, password):
             return True
-        stored = self._table.get(username)
-        if stored is None:
-            # Same work for unknown users as for a wrong password.
-            hmac.compare_digest(password.encode("utf-8", "replace"), b"\0")
-            return False
-        return verify_password(stored, password)
+        return self._table is not None and self._table(username, password)
 
     def list_messages(self, username: str) -> Sequence[MessageInfo]:
         try:

@@ -2,16 +2,19 @@
 
 Also the shortest complete example of an adapter: thread-safety comes from
 one mutex around the dicts, deletion is all-or-none because it happens
-under that mutex in one step.
+under that mutex in one step.  Passwords are read by
+:func:`pop3frame.passwords.stored_password` like every store's: plain text
+(which APOP, CRAM-MD5 and SCRAM need), or a hash; ``*``, ``!...`` and empty
+values never match.
 """
 from __future__ import annotations
 
-import hmac
 import itertools
 import threading
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 from pop3frame import AdapterBase, MessageInfo, TemporaryFailure
+from pop3frame.passwords import plaintext_secret, table_check
 from pop3frame.protocol import wire_size
 
 __all__ = ["MemoryAdapter", "demo_adapter"]
@@ -26,6 +29,7 @@ class MemoryAdapter(AdapterBase):
         self._boxes: Dict[str, List[Tuple[str, bytes]]] = {u: [] for u in self._passwords}
         self._uids = itertools.count(1)
         self._apop = apop
+        self._check = table_check(self._passwords)
 
     def add_user(self, username: str, password: str) -> None:
         with self._mutex:
@@ -45,14 +49,10 @@ class MemoryAdapter(AdapterBase):
             return [body for _, body in self._boxes.get(username, [])]
 
     def authenticate(self, username: str, password: str) -> bool:
-        expected = self._passwords.get(username)
-        # Compare even for unknown users, so timing does not reveal them.
-        return hmac.compare_digest(
-            (expected if expected is not None else "\0").encode("utf-8"), password.encode("utf-8")
-        ) and expected is not None
+        return self._check(username, password)
 
     def apop_secret(self, username: str) -> Optional[str]:
-        return self._passwords.get(username) if self._apop else None
+        return plaintext_secret(self._passwords.get(username)) if self._apop else None
 
     def offers_apop(self) -> bool:
         return self._apop

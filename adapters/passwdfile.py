@@ -7,9 +7,11 @@ SCRYPT), so a file written for Dovecot works unchanged.  Like Dovecot, the
 first line for a user wins (a duplicate is logged).
 
 A password field without ``{SCHEME}`` is recognised by its crypt prefix
-(``$6$``, ``$2y$``, ``$argon2id$``, ``$scrypt$``); anything else without a
-scheme, and an empty field, never verifies: a ``*``, ``!`` or ``x`` placeholder
-copied from ``/etc/shadow`` must not become a working password.
+(``$1$``, ``$5$``, ``$6$``, ``$2y$``, ``$argon2id$``, ``$scrypt$``); anything
+else without a scheme, and an empty field, never verifies: a ``*``, ``!`` or
+``x`` placeholder copied from ``/etc/shadow`` must not become a working
+password (:func:`pop3frame.passwords.stored_password` with
+``plaintext=False``).
 
 The file is re-read when it changes (mtime, size or inode), so
 ``pop3frame passwd`` or another tool can edit it while the server runs.
@@ -18,46 +20,23 @@ serialise concurrent editors with ``flock`` on ``<file>.lock``.
 """
 from __future__ import annotations
 
-import collections
 import fcntl
 import logging
 import os
-import re
-import secrets
 import tempfile
 import threading
 import time
 from typing import Callable, Dict, List, Optional, Tuple
 
 from pop3frame import TemporaryFailure
-from pop3frame.passwords import hash_password, split_scheme, verify_password
+from pop3frame.passwords import PasswordCheck, hash_password, stored_password
 from pop3frame.protocol import plural
 
 __all__ = ["PasswdFile", "set_password", "delete_user", "read_entries"]
 
 logger = logging.getLogger("pop3frame.adapters.passwdfile")
 
-#: Crypt-style hashes recognised without a {SCHEME} prefix (Dovecot's CRYPT).
-_CRYPT_PREFIXES = (
-    ("$6$", "SHA512-CRYPT"),
-    ("$2y$", "BLF-CRYPT"),
-    ("$2b$", "BLF-CRYPT"),
-    ("$2a$", "BLF-CRYPT"),
-    ("$argon2id$", "ARGON2ID"),
-    ("$scrypt$", "SCRYPT"),
-)
 _RACY_NS = 2_000_000_000
-_SCHEME_PREFIX = re.compile(r"\{[A-Za-z0-9.-]+\}")
-
-
-def _normalise(value: str) -> Optional[str]:
-    """``{SCHEME}data`` for a password field, or None if it can never verify."""
-    if _SCHEME_PREFIX.match(value):
-        return value if split_scheme(value)[1] else None
-    for prefix, scheme in _CRYPT_PREFIXES:
-        if value.startswith(prefix):
-            return "{%s}%s" % (scheme, value)
-    return None
 
 
 def _parse(data: bytes, path: str) -> Dict[str, str]:
@@ -96,10 +75,11 @@ class PasswdFile:
         self._mutex = threading.Lock()
         self._stamp: Optional[Tuple[int, int, int, int]] = None
         self._entries: Dict[str, Optional[str]] = {}
-        self._dummy: Optional[str] = None
+        # Unknown users are checked against the file's most common scheme.
+        self._check = PasswordCheck(plaintext=False)
         self._raw = b""
 
-    def _current(self) -> Tuple[Dict[str, Optional[str]], str]:
+    def _current(self) -> Dict[str, Optional[str]]:
         try:
             st = os.stat(self.path)
         except OSError as exc:
@@ -119,44 +99,25 @@ class PasswdFile:
                     logger.error("cannot read passwd-file %s: %s", self.path, exc.strerror or exc)
                     raise TemporaryFailure("user database unavailable") from None
                 if raw != self._raw or self._stamp is None:
-                    self._entries = {user: _normalise(value) for user, value in _parse(raw, self.path).items()}
+                    self._entries = {user: stored_password(value, plaintext=False)
+                                     for user, value in _parse(raw, self.path).items()}
                     unusable = sorted(u for u, v in self._entries.items() if v is None)
                     if unusable:
                         logger.warning("%s: no usable password for %s; they cannot log in",
                                        self.path, ", ".join(map(repr, unusable)))
-                    self._dummy = self._pick_dummy()
+                    self._check.learn(self._entries.values())
                     self._raw = raw
                     logger.info("loaded %s from %s", plural(len(self._entries), "user"), self.path)
                 self._stamp = stamp
-            return self._entries, self._dummy or ""
-
-    def _pick_dummy(self) -> str:
-        """A hash for unknown users to be checked against.
-
-        A real user's hash of the most common scheme costs exactly what a
-        real check costs (same scheme, same rounds/memory), so the reply time
-        does not tell an attacker whether a name exists.  The result of that
-        check is ignored: unknown users never log in.
-        """
-        hashes = [h for h in self._entries.values() if h is not None]
-        if not hashes:
-            return hash_password(secrets.token_hex(16))
-        counts = collections.Counter(split_scheme(h)[0] for h in hashes)
-        scheme = counts.most_common(1)[0][0]
-        return next(h for h in hashes if split_scheme(h)[0] == scheme)
+            return self._entries
 
     def users(self) -> List[str]:
         """Every user name in the file, sorted."""
-        return sorted(self._current()[0])
+        return sorted(self._current())
 
     def authenticate(self, username: str, password: str) -> bool:
-        entries, dummy = self._current()
-        hashed = entries.get(username)
-        if hashed is None:
-            # Same work as a real check, so response time does not reveal names.
-            verify_password(dummy, password)
-            return False
-        return verify_password(hashed, password)
+        # An unknown name costs what a wrong password costs: see PasswordCheck.
+        return self._check.check(self._current().get(username), password)
 
     __call__ = authenticate
 

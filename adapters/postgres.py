@@ -42,7 +42,7 @@ from typing import Any, BinaryIO, Callable, Dict, List, Optional, Sequence, Set,
 from pop3frame import AdapterBase, MessageInfo, TemporaryFailure
 from pop3frame.config import ServerConfig
 from pop3frame.locks import Lock, LockManager
-from pop3frame.passwords import hash_password, verify_password
+from pop3frame.passwords import SAMPLE_SIZE, PasswordCheck, hash_password
 from pop3frame.protocol import valid_uid
 
 __all__ = [
@@ -313,7 +313,8 @@ class PostgresStore(AdapterBase):
         self._conninfo = _with_defaults(
             conninfo, application_name=application_name, connect_timeout=connect_timeout
         )
-        self._dummy_hash: Optional[str] = None
+        # An unknown name costs what a wrong password costs: see PasswordCheck.
+        self._passwords = PasswordCheck(sample=self._stored_passwords)
         self._store_id = self._prepare_schema(migrate)
         self._pool = psycopg_pool.ConnectionPool(
             self._conninfo,
@@ -563,14 +564,11 @@ class PostgresStore(AdapterBase):
         row = self._run(
             lambda conn: conn.execute("SELECT password FROM pop3frame_users WHERE name = %s", (username,)).fetchone()
         )
-        if row is None:
-            # Spend the time a real check would, so timing does not reveal
-            # which names exist.
-            if self._dummy_hash is None:
-                self._dummy_hash = hash_password(secrets.token_hex(8))
-            verify_password(self._dummy_hash, password)
-            return False
-        return verify_password(row[0], password)
+        return self._passwords.check(row[0] if row else None, password)
+
+    def _stored_passwords(self) -> List[str]:
+        return self._run(lambda conn: [r[0] for r in conn.execute(
+            "SELECT password FROM pop3frame_users LIMIT %s", (SAMPLE_SIZE,))])
 
     def list_messages(self, username: str) -> Sequence[MessageInfo]:
         """The session snapshot: ids, UIDs and sizes, no bodies read.

@@ -22,10 +22,10 @@ import secrets
 import sqlite3
 import threading
 import time
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 from pop3frame import AdapterBase, MessageInfo, TemporaryFailure
-from pop3frame.passwords import hash_password, verify_password
+from pop3frame.passwords import SAMPLE_SIZE, PasswordCheck, hash_password
 from pop3frame.protocol import wire_size
 
 __all__ = ["SQLiteStore", "UnknownUser"]
@@ -134,7 +134,8 @@ class SQLiteStore(AdapterBase):
         self.busy_timeout = busy_timeout
         self._sessions: Dict[str, sqlite3.Connection] = {}
         self._mutex = threading.Lock()
-        self._dummy_hash: Optional[str] = None
+        # An unknown name costs what a wrong password costs: see PasswordCheck.
+        self._passwords = PasswordCheck(sample=self._stored_passwords)
         parent = os.path.dirname(os.path.abspath(path))
         os.makedirs(parent, exist_ok=True)
         with self._connect() as conn:
@@ -271,14 +272,11 @@ class SQLiteStore(AdapterBase):
     def authenticate(self, username: str, password: str) -> bool:
         with self._connect() as conn:
             row = conn.execute("SELECT password FROM users WHERE name = ?", (username,)).fetchone()
-        if row is None:
-            # Spend the time a real check would, so timing does not reveal
-            # which names exist.
-            if self._dummy_hash is None:
-                self._dummy_hash = hash_password(secrets.token_hex(8))
-            verify_password(self._dummy_hash, password)
-            return False
-        return verify_password(row[0], password)
+        return self._passwords.check(row[0] if row else None, password)
+
+    def _stored_passwords(self) -> List[str]:
+        with self._connect() as conn:
+            return [r[0] for r in conn.execute("SELECT password FROM users LIMIT ?", (SAMPLE_SIZE,))]
 
     def list_messages(self, username: str) -> Sequence[MessageInfo]:
         conn = self._connect()

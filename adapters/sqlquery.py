@@ -85,7 +85,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Set, 
 
 from pop3frame import AdapterBase, MessageInfo, PermanentFailure, POP3Error, TemporaryFailure
 from pop3frame.failures import log_failure
-from pop3frame.passwords import verify_password
+from pop3frame.passwords import table_check
 from pop3frame.protocol import wire_size
 
 from ._build import build_message, message_id, one_line, stable_uid, to_datetime
@@ -107,11 +107,6 @@ DEFAULT_COLUMNS: Dict[str, Tuple[str, ...]] = {
 }
 
 Authenticator = Callable[[str, str], bool]
-
-# A dummy value checked for unknown users, so "no such user" costs the same
-# code path as "wrong password" (plain comparison; hashed maps should use
-# the same scheme for every user anyway).
-_DUMMY = "{PLAIN}\0unknown-user\0"
 
 
 def _driver_paramstyle(conn: Any) -> str:
@@ -170,8 +165,10 @@ class SQLQueryAdapter(AdapterBase):
     ``lambda: psycopg.connect(dsn)``).  ``query``: the SELECT; see the
     module docstring for columns and the optional user placeholder.
     ``users``: ``{name: password}`` where each password is a
-    ``{SCHEME}hash`` (:func:`pop3frame.passwords.hash_password`) or plain
-    text, or a callable ``(user, password) -> bool``.  ``delete``: the
+    ``{SCHEME}hash`` (:func:`pop3frame.passwords.hash_password`), a bare
+    crypt hash or plain text (read by
+    :func:`pop3frame.passwords.stored_password`: ``*``, ``!...`` and empty
+    values never match), or a callable ``(user, password) -> bool``.  ``delete``: the
     DELETE/UPDATE statement (id placeholder), or None for read-only.
     ``columns``: ``{role: column name}`` overriding the name lookup.
     ``attachments``: column names always attached.  ``sender`` /
@@ -205,8 +202,7 @@ class SQLQueryAdapter(AdapterBase):
         if callable(users):
             self._check: Authenticator = users
         else:
-            table = users  # looked up at each login, so users may be added later
-            self._check = lambda user, password: self._check_table(table, user, password)
+            self._check = table_check(users)
         unknown = set(columns or {}) - set(DEFAULT_COLUMNS)
         if unknown:
             raise ValueError("unknown column role(s) %s; roles are %s" % (sorted(unknown), sorted(DEFAULT_COLUMNS)))
@@ -227,12 +223,6 @@ class SQLQueryAdapter(AdapterBase):
         self._dismissed: Dict[str, Set[str]] = {}
 
     # -- authentication ---------------------------------------------------------
-
-    @staticmethod
-    def _check_table(table: Mapping[str, str], user: str, password: str) -> bool:
-        stored = table.get(user)
-        ok = verify_password(stored if stored is not None else _DUMMY, password)
-        return ok and stored is not None
 
     def authenticate(self, username: str, password: str) -> bool:
         return bool(self._check(username, password))

@@ -93,6 +93,17 @@ def missing_reason(protocol: str = "imap") -> Optional[str]:
     return None
 
 
+def require(protocol: str = "imap") -> None:
+    """Skip the calling test where Dovecot cannot serve ``protocol``, or fail it under ``CI=true``."""
+    import pytest
+
+    reason = missing_reason(protocol)
+    if reason:
+        if os.environ.get("CI") == "true":
+            pytest.fail("CI=true but " + reason)
+        pytest.skip(reason)
+
+
 class Dovecot:
     """One private Dovecot server; ``add_user``, ``drop``, ``imap``/``append``, ``stop``, ``cleanup``.
 

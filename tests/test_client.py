@@ -25,7 +25,7 @@ from pop3frame.protocol import wire_size
 from pop3frame.session import Session, SessionContext
 from pop3frame.testing import Controller
 from pop3frame.tls import TLSCertificates
-from tests.dovecot import Dovecot, missing_reason
+from tests.dovecot import Dovecot, require as require_dovecot
 from tests.helpers import RawClient, free_port
 from tests.processes import pop3frame
 
@@ -715,11 +715,7 @@ def test_check_a_server_without_capa_uses_user_and_pass_rfc2449_section_5():
 @pytest.fixture(scope="module")
 def dovecot(pki):
     """Dovecot's POP3 server with STLS (offered, not required) and a user with two messages."""
-    reason = missing_reason("pop3")
-    if reason:
-        if os.environ.get("CI") == "true":
-            pytest.fail("CI=true but " + reason)
-        pytest.skip(reason)
+    require_dovecot("pop3")
     server = Dovecot("pop3", cert=pki["cert"], key=pki["key"])
     try:
         server.add_user("carol", "carol-pw")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import email.policy
 import importlib.util
-import os
 import pathlib
 import poplib
 import sqlite3
@@ -179,13 +178,9 @@ def test_feed_reader_builder(tmp_path):
 
 
 def test_imap_proxy_builder():
-    from tests.dovecot import Dovecot, missing_reason
+    from tests.dovecot import Dovecot, require as require_dovecot
 
-    reason = missing_reason()
-    if reason:
-        if os.environ.get("CI") == "true":
-            pytest.fail("CI=true but " + reason)
-        pytest.skip(reason)
+    require_dovecot()
     dovecot = Dovecot().start()
     try:
         dovecot.add_user("alice", "alice-pw")

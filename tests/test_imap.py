@@ -9,7 +9,6 @@ from __future__ import annotations
 import base64
 import gc
 import logging
-import os
 import poplib
 import socket
 import warnings
@@ -20,17 +19,13 @@ from pop3frame import TemporaryFailure
 from pop3frame.adapters import imap
 from pop3frame.adapters.imap import PARK_SECONDS, IMAPUpstreamAdapter, _body_sections, _uid_set
 from pop3frame.testing import Controller, ManualClock
-from tests.dovecot import Dovecot, missing_reason
+from tests.dovecot import Dovecot, require as require_dovecot
 from tests.helpers import RawClient, expected_failure_logged_once, retr_lines_to_bytes
 
 
 @pytest.fixture
 def dovecot():
-    reason = missing_reason()
-    if reason:
-        if os.environ.get("CI") == "true":
-            pytest.fail("CI=true but " + reason)
-        pytest.skip(reason)
+    require_dovecot()
     d = Dovecot().start()
     d.add_user("alice", "alice-pw")
     yield d
