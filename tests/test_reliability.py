@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import logging
 import os
 import socket
 import threading
@@ -16,7 +17,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from pop3frame import protocol
 from pop3frame.adapters.memory import MemoryAdapter
-from pop3frame.testing import Controller
+from pop3frame.testing import Controller, ManualClock
 from tests.helpers import RawClient, tick_until_closed
 
 
@@ -423,3 +424,115 @@ def test_soak_500_concurrent_sessions():
         assert threading.active_count() - listening <= 500  # at most one per connection, kept for reuse
     assert_back_to(threads0, fds0)
     assert all(store.messages("u%d" % i) == [] for i in range(500))
+
+
+# -- what unauthenticated clients can cost, under random traffic (issue 14) --------------
+
+
+class Heavy(MemoryAdapter):
+    """A password check that costs memory, like Argon2's 64 MiB (here 8 MiB), and holds
+    it until a few more checks have started (at most 50 ms), so that checks overlap
+    whenever the server lets them."""
+
+    COST = 8 << 20
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.started = 0
+        self.cond = threading.Condition()
+
+    def authenticate(self, username, password):
+        scratch = bytearray(self.COST)
+        scratch[::4096] = b"x" * (self.COST // 4096)  # touched, as a hash would
+        with self.cond:
+            self.started += 1
+            mine = self.started
+            self.cond.notify_all()
+            self.cond.wait_for(lambda: self.started >= mine + 3, 0.05)
+        return super().authenticate(username, password)
+
+
+class PerSession(logging.Handler):
+    """Counts the server's log records per session id."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.counts: dict = {}
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if message.startswith("["):
+            key = message[1:message.find("]")]
+            self.counts[key] = self.counts.get(key, 0) + 1
+
+
+PRELOGIN_LIMITS = dict(max_password_checks=2, max_connections=16, max_connections_per_ip=3,
+                       trusted_networks=("127.0.0.1/32",), poll_interval=0.01, thread_keepalive=0)
+
+guess = st.tuples(st.sampled_from(["alice", "nobody", "x" * 40]), st.text("abc", max_size=8)).map(
+    lambda t: "USER %s\r\nPASS %s" % t).map(str.encode)
+
+
+@pytest.fixture(scope="module")
+def prelogin_server():
+    clock = ManualClock()
+    counter = PerSession()
+    log = logging.getLogger("pop3frame")
+    level = log.level
+    log.setLevel(logging.INFO)
+    log.addHandler(counter)
+    try:
+        with Controller(Heavy({"alice": "pw"}), host="0.0.0.0", clock=clock, **PRELOGIN_LIMITS) as server:
+            yield server, clock, counter, set(threading.enumerate())
+    finally:
+        log.removeHandler(counter)
+        log.setLevel(level)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(scripts=st.lists(st.tuples(st.integers(1, 4), guess, st.lists(st.one_of(anywhere, junk, guess), max_size=12)),
+                        min_size=1, max_size=12))
+def test_random_prelogin_traffic_from_many_connections_stays_bounded(prelogin_server, scripts):
+    """Issue 14 as a class: random pre-login traffic (commands, junk, SASL, wrong
+    passwords) from many connections and four loopback addresses at once.  Memory for
+    password checks stays at max_password_checks of them, server threads at one per
+    admitted connection (max_connections, max_connections_per_ip for untrusted
+    addresses), log lines per connection at a constant, and every connection is gone
+    once login_timeout has passed on the injected clock."""
+    server, clock, counter, threads = prelogin_server
+    sessions_before = set(counter.counts)
+    tracemalloc.start()
+    try:
+        clients = []
+        for host, first, lines in scripts:
+            address = "127.0.0.%d" % host
+            try:
+                c = RawClient((address, server.port), source=address)
+                c.send(b"".join(line + b"\r\n" for line in [first] + lines))
+            except OSError:  # refused (limit) and closed before we wrote
+                continue
+            clients.append(c)
+        server_threads = [t for t in set(threading.enumerate()) - threads if t.name.startswith("pop3-")]
+        assert len(server_threads) <= server.context.config.max_connections
+        for ip in ("127.0.0.2", "127.0.0.3", "127.0.0.4"):
+            assert server.group.tracker.count_ip(ip) <= 3
+        clock.advance(server.context.config.login_timeout)
+        for c in clients:
+            c.sock.settimeout(10)
+            try:
+                c.read_all()
+            except OSError:
+                pass
+            c.close()
+        assert server.wait_for_connections(0)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < (2 + 1) * Heavy.COST, peak
+    checks = server.context.password_checks
+    assert (checks.running, checks.waiting) == (0, 0)
+    for session in set(counter.counts) - sessions_before:
+        assert counter.counts[session] <= 25, (session, counter.counts[session])
+    for thread in set(threading.enumerate()) - threads:
+        thread.join(10)
+    assert set(threading.enumerate()) - threads == set()
