@@ -9,6 +9,8 @@ import collections
 import threading
 from typing import Callable, Deque, Dict, List
 
+from .config import client_key
+
 __all__ = ["LoginDelayTracker", "FailureThrottle", "PasswordChecks"]
 
 
@@ -53,7 +55,9 @@ class FailureThrottle:
       delay altogether.  A real user who logs in after the guessing stopped
       waits for nothing.
 
-    The key is the client address, so reconnecting does not reset anything.
+    The key is the client address (an IPv6 one's /64, see
+    :func:`~pop3frame.config.client_key`), so reconnecting does not reset
+    anything.
     A success does not clear the record either (an attacker holding any valid
     account could otherwise reset its count between guesses); a record is
     forgotten ``FORGET_AFTER`` seconds after its last failure.
@@ -67,8 +71,6 @@ class FailureThrottle:
 
     #: Records this long without a failure are forgotten.
     FORGET_AFTER = 3600.0
-    #: Beyond this many addresses, forgotten records are dropped at once.
-    MAX_RECORDS = 100000
 
     def __init__(
         self,
@@ -77,7 +79,13 @@ class FailureThrottle:
         clock: Callable[[], float],
         lockout_failures: int = 0,
         lockout_duration: float = 0.0,
+        max_records: int = 100000,
     ) -> None:
+        #: Addresses remembered at most (about 250 bytes each).  Past it,
+        #: forgotten records go, and if that is not enough, the older half
+        #: by last failure: guessing from that many addresses at once is
+        #: spread thin anyway, and the memory stays bounded.
+        self.max_records = max_records
         self.free = free
         self.max_delay = max_delay
         self.lockout_failures = lockout_failures
@@ -98,6 +106,7 @@ class FailureThrottle:
     def failure(self, address: str) -> float:
         """Record a failed authentication now; return when its ``-ERR`` may be sent."""
         now = self._clock()
+        address = client_key(address)
         with self._mutex:
             record = self._record(address, now)
             if record is None:
@@ -107,22 +116,39 @@ class FailureThrottle:
             record[2] = now + self.delay(int(record[0]))
             if self.lockout_failures and record[0] >= self.lockout_failures and record[3] <= now:
                 record[3] = now + self.lockout_duration
-            if len(self._records) > self.MAX_RECORDS:
-                self._records = {a: r for a, r in self._records.items() if self._live(r, now)}
+            if len(self._records) > self.max_records:
+                self._shrink(now)
             return record[2]
+
+    def _shrink(self, now: float) -> None:
+        """Drop forgotten records; if still too many, the older half (by last failure).
+
+        Halving, not trimming to the limit, so the next cleanup is
+        ``max_records / 2`` failures away: each failure costs O(1) on average.
+        """
+        records = {a: r for a, r in self._records.items() if self._live(r, now)}
+        if len(records) > self.max_records // 2:
+            newest = sorted(records.items(), key=lambda item: item[1][1])[-(self.max_records // 2):]
+            records = dict(newest)
+        self._records = records
+
+    def __len__(self) -> int:
+        """Addresses remembered now."""
+        with self._mutex:
+            return len(self._records)
 
     def not_before(self, address: str) -> float:
         """When the answer to a successful authentication from ``address`` may be sent."""
         now = self._clock()
         with self._mutex:
-            record = self._record(address, now)
+            record = self._record(client_key(address), now)
             return max(now, record[2]) if record else now
 
     def locked_for(self, address: str) -> float:
         """Seconds ``address`` stays locked out (0 if it is not; always 0 without lockout)."""
         now = self._clock()
         with self._mutex:
-            record = self._record(address, now)
+            record = self._record(client_key(address), now)
             return max(0.0, record[3] - now) if record else 0.0
 
     def _record(self, address: str, now: float):

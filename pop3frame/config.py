@@ -35,6 +35,24 @@ def in_networks(address: str, networks: Sequence[Network]) -> bool:
         ip = ip.ipv4_mapped
     return any(ip in net for net in networks)
 
+def client_key(address: str) -> str:
+    """What per-address limits count a client under.
+
+    An IPv4 address is itself (also written IPv4-mapped); an IPv6 address
+    counts as its /64, the smallest block a subscriber is given (RFC 6177),
+    so one client cannot pose as 2**64 others.  Anything else is itself.
+    """
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return address
+    if ip.version == 4:
+        return str(ip)
+    if ip.ipv4_mapped:
+        return str(ip.ipv4_mapped)
+    return str(ipaddress.IPv6Network((ip, 64), strict=False))
+
+
 #: RFC 1939 section 3: an autologout timer "MUST be of at least 10 minutes".
 RFC1939_MIN_AUTOLOGOUT = 600.0
 #: threading.stack_size() refuses anything smaller (POSIX PTHREAD_STACK_MIN).
@@ -79,7 +97,8 @@ class ServerConfig:
     #: Concurrent connections in total; excess ones get ``-ERR [SYS/TEMP]``.
     max_connections: int = 1000
     #: Concurrent connections per client address outside
-    #: ``trusted_networks`` (those have none); 0 means no limit.  One address
+    #: ``trusted_networks`` (those have none; an IPv6 client counts as its
+    #: /64); 0 means no limit.  One address
     #: cannot take every connection, and ten is room for a few people behind
     #: one NAT address (Dovecot's mail_max_userip_connections).
     max_connections_per_ip: int = 10

@@ -375,8 +375,12 @@ class POP3Handler(socketserver.BaseRequestHandler):
         raw = socket.socket(self.request.family, self.request.type, self.request.proto,
                             fileno=os.dup(self.request.fileno()))
         tls = context.tls.context.wrap_socket(raw, server_side=True, do_handshake_on_connect=False)
+        timeout = context.config.tls_handshake_timeout
+        if self.session.deadline is not None:
+            # STLS late before login: the handshake ends with the login time.
+            timeout = min(timeout, self.session.deadline - self.conn.clock())
         try:
-            self.conn.handshake(tls, context.config.tls_handshake_timeout)
+            self.conn.handshake(tls, timeout)
         except (ssl.SSLError, OSError) as exc:
             self.session.log.info("TLS handshake failed: %s", exc)
             tls.close()

@@ -27,7 +27,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from . import protocol
 from .adapter import AdapterBase
-from .config import LOOPBACK, ServerConfig, in_networks, parse_networks
+from .config import LOOPBACK, ServerConfig, client_key, in_networks, parse_networks
 from .handler import POP3Handler
 from .locks import LockManager
 from .proxy import ProxyError, read_header
@@ -67,7 +67,16 @@ class ConnectionTracker:
         return cls(config.max_connections, config.max_connections_per_ip, context.is_trusted)
 
     def _over_per_ip(self, ip: str) -> bool:
-        return bool(self.max_per_ip) and self._per_ip.get(ip, 0) >= self.max_per_ip and not self.exempt(ip)
+        return (bool(self.max_per_ip) and self._per_ip.get(client_key(ip), 0) >= self.max_per_ip
+                and not self.exempt(ip))
+
+    def _count(self, ip: str, n: int) -> None:
+        key = client_key(ip)
+        left = self._per_ip.get(key, 0) + n
+        if left:
+            self._per_ip[key] = left
+        else:
+            del self._per_ip[key]
 
     def admit(self, sock: socket.socket, ip: Optional[str], server: "POP3Server") -> Optional[str]:
         """Register a connection, or return why it must be refused.
@@ -82,7 +91,7 @@ class ConnectionTracker:
                 return "too many connections from your address"
             self._live[sock] = (ip, server)
             if ip is not None:
-                self._per_ip[ip] = self._per_ip.get(ip, 0) + 1
+                self._count(ip, 1)
             return None
 
     def assign_ip(self, sock: socket.socket, ip: str) -> Optional[str]:
@@ -94,7 +103,7 @@ class ConnectionTracker:
             if self._over_per_ip(ip):
                 return "too many connections from your address"
             self._live[sock] = (ip, entry[1])
-            self._per_ip[ip] = self._per_ip.get(ip, 0) + 1
+            self._count(ip, 1)
             return None
 
     def set_limits(self, max_total: int, max_per_ip: int) -> None:
@@ -107,13 +116,8 @@ class ConnectionTracker:
         with self._mutex:
             entry = self._live.pop(sock, None)
             if entry is not None:
-                ip = entry[0]
-                if ip is not None:
-                    left = self._per_ip[ip] - 1
-                    if left:
-                        self._per_ip[ip] = left
-                    else:
-                        del self._per_ip[ip]
+                if entry[0] is not None:
+                    self._count(entry[0], -1)
                 self._mutex.notify_all()
 
     def count(self) -> int:
@@ -121,8 +125,9 @@ class ConnectionTracker:
             return len(self._live)
 
     def count_ip(self, ip: str) -> int:
+        """Live connections counted under ``ip``'s key (an IPv6 address's /64)."""
         with self._mutex:
-            return self._per_ip.get(ip, 0)
+            return self._per_ip.get(client_key(ip), 0)
 
     def wait_until_at_most(self, n: int, timeout: float) -> bool:
         """Block until at most ``n`` connections are live; False on timeout.

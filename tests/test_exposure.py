@@ -9,11 +9,14 @@ from __future__ import annotations
 import logging
 import select
 import socket
+import ssl
 import threading
 
-import pytest
+import trustme
 
 from pop3frame.adapters.memory import MemoryAdapter
+from pop3frame.auth import FailureThrottle
+from pop3frame.server import ConnectionTracker
 from pop3frame.testing import Controller, ManualClock
 from tests.helpers import RawClient
 from tests.processes import Daemon, write_config
@@ -266,3 +269,75 @@ def test_connections_per_address_are_limited_outside_trusted_networks():
         finally:
             for c in clients:
                 c.close()
+
+
+# -- the rest of the class ---------------------------------------------------------------
+
+
+def test_an_ipv6_client_counts_as_its_slash_64():
+    """One IPv6 subscriber holds at least a /64 (RFC 6177): per-address limits count the
+    /64, or a client could pose as 2**64 clients.  IPv4-mapped addresses are IPv4."""
+    tracker = ConnectionTracker(max_total=100, max_per_ip=2)
+    server = object()
+    assert tracker.admit(object(), "2001:db8:1:2::1", server) is None
+    assert tracker.admit(object(), "2001:db8:1:2:ffff::9", server) is None
+    assert tracker.admit(object(), "2001:db8:1:2::3", server) == "too many connections from your address"
+    assert tracker.admit(object(), "2001:db8:1:3::1", server) is None  # the next /64
+    assert tracker.admit(object(), "::ffff:192.0.2.1", server) is None
+    assert tracker.count_ip("192.0.2.1") == 1 and tracker.count_ip("2001:db8:1:2::77") == 2
+
+
+def test_failure_records_are_bounded_by_count_and_ipv6_prefix():
+    """The failed-login table holds at most max_records addresses, whatever the number of
+    addresses guessing (the newest kept; O(1) per failure on average), and an IPv6 /64
+    is one record."""
+    clock = ManualClock()
+    throttle = FailureThrottle(free=0, max_delay=60, clock=clock, max_records=100)
+    for i in range(5000):
+        throttle.failure("198.51.%d.%d" % (i // 256, i % 256))
+        clock.advance(0.001)
+        assert len(throttle) <= 100
+    assert throttle.not_before("198.51.19.135") > clock()  # the newest are remembered
+    ipv6 = FailureThrottle(free=0, max_delay=60, clock=clock)
+    for i in range(1000):
+        ipv6.failure("2001:db8:0:1:%x::1" % i)
+    assert len(ipv6) == 1 and ipv6.delay(1000) == 60
+    assert ipv6.not_before("2001:db8:0:1::abcd") == clock() + 60
+
+
+def test_stls_late_before_login_has_until_the_login_deadline_to_finish(tmp_path):
+    """A TLS handshake started by STLS shortly before the login deadline ends with it,
+    not tls_handshake_timeout later."""
+    ca = trustme.CA()
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("localhost").configure_cert(context)
+    clock = ManualClock()
+    with Controller(MemoryAdapter({"alice": "pw"}), tls=context, clock=clock, poll_interval=0.01) as server:
+        with RawClient(server.address) as c:
+            clock.advance(50)
+            c.send(b"CAPA\r\n")
+            assert c.line().startswith(b"+OK") and b"STLS" in c.multiline()
+            clock.advance(50)
+            assert c.cmd("STLS") == b"+OK Begin TLS negotiation\r\n"  # and no handshake follows
+            assert not server.wait_for_connections(0, timeout=0.2)
+            clock.advance(20)
+            assert server.wait_for_connections(0)
+            assert c.read_all() == b""
+
+
+def test_input_while_a_reply_is_withheld_is_bounded(caplog):
+    """Bytes a client sends while its reply is withheld are kept for later, up to 64 KiB;
+    past that the connection closes."""
+    caplog.set_level(logging.INFO, logger="pop3frame")
+    clock = ManualClock()
+    with Controller(MemoryAdapter({"alice": "pw"}), clock=clock, poll_interval=0.01,
+                    free_auth_failures=0) as server, RawClient(server.address) as c:
+        c.send(b"USER alice\r\nPASS wrong\r\n")
+        assert c.line() == b"+OK send PASS\r\n"
+        assert eventually(lambda: "reply withheld" in caplog.text)
+        try:
+            c.send(b"CAPA\r\n" * 20000)  # 120 KB of pipelined commands
+        except OSError:
+            pass
+        assert server.wait_for_connections(0)
+        assert "connection ended while a reply was withheld" in caplog.text
