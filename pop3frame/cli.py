@@ -315,25 +315,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
         except ValueError as exc:
             raise UsageError("--%s" % exc) from None
     tls = load_tls(settings)
-    # Ports are bound and code is imported first (110 and 995 need root),
+    # Code is imported and ports are bound first (110 and 995 need root),
     # then privileges are dropped, and only then are the store and the lock
     # directory opened: files they create must belong to the user that
     # serves them.
     listeners = settings.effective_listeners()
-    sockets = []
+    sockets: List[Any] = []
+    try:
+        # The demo hint is asked for when the store is built: after binding.
+        build_adapter = configfile.adapter_factory(settings.adapter, logger, threads=config.max_connections,
+                                                   demo_hint=lambda: _demo_hint(listeners, sockets))
+        build_locks = configfile.locks_factory(settings)
+    except ValueError as exc:
+        raise UsageError(("--adapter: %s" if args.adapter else "%s") % exc) from None
+    passwords.preload()
     for listener in listeners:
         try:
             sockets.append(bind_socket(listener.address))
         except OSError as exc:
             raise UsageError("cannot listen on %s: %s"
                              % (configfile.format_address(listener.address), exc.strerror or exc)) from None
-    try:
-        build_adapter = configfile.adapter_factory(settings.adapter, logger, threads=config.max_connections,
-                                                   demo_hint=_demo_hint(listeners, sockets))
-        build_locks = configfile.locks_factory(settings)
-    except ValueError as exc:
-        raise UsageError(("--adapter: %s" if args.adapter else "%s") % exc) from None
-    passwords.preload()
     stats = Stats()
     stats_server = None
     if settings.stats_listen:

@@ -510,7 +510,7 @@ def check_options(target: Callable[..., Any], options: Dict[str, Any], positiona
 
 
 def adapter_factory(spec: AdapterSpec, log=None, threads: Optional[int] = None,
-                    demo_hint: Optional[str] = None) -> Callable[[], Any]:
+                    demo_hint: Optional[Callable[[], Optional[str]]] = None) -> Callable[[], Any]:
     """Import the adapter's code now; the returned call builds the adapter.
 
     ``pop3frame serve`` imports before dropping privileges (the code and
@@ -520,13 +520,14 @@ def adapter_factory(spec: AdapterSpec, log=None, threads: Optional[int] = None,
     ``threads``: the server's connection threads, which a pooled store
     sizes its pool to.
 
-    ``demo_hint``: how to reach the server (``telnet localhost 1100``), for
-    the log, when the embedded default may be seeded with user ``demo``
-    (password ``demo``); None, the default, never seeds.  Even then only a
-    store at the implicit default path (no ``path`` given) that this call
-    creates gets it: never a store the operator named, nor one that existed
-    before (whatever its users).  ``pop3frame serve`` gives a hint only
-    while every listener is loopback.
+    ``demo_hint``: called when the store is built, it says how to reach the
+    server (``telnet localhost 1100``, for the log) when the embedded
+    default may be seeded with user ``demo`` (password ``demo``), or None;
+    without it nothing is ever seeded.  Even then only a store at the
+    implicit default path (no ``path`` given) that the build creates gets
+    it: never a store the operator named, nor one that existed before
+    (whatever its users).  ``pop3frame serve`` gives a hint only while
+    every listener is loopback.
     """
     from .adapter import AdapterBase
 
@@ -543,9 +544,10 @@ def adapter_factory(spec: AdapterSpec, log=None, threads: Optional[int] = None,
 
         def sqlite():
             path = spec.path or DEFAULT_DB
+            hint = demo_hint() if demo_hint is not None and spec.path is None else None
             new = False
             try:
-                new = demo_hint is not None and spec.path is None and _create_new(path)
+                new = hint is not None and _create_new(path)
                 store = SQLiteStore(path, **options)
                 seeded = new and store.ensure_demo()
             except Exception as exc:
@@ -555,7 +557,7 @@ def adapter_factory(spec: AdapterSpec, log=None, threads: Optional[int] = None,
                 raise ValueError("sqlite: cannot open %s: %s" % (path, exc)) from None
             if seeded and log is not None:
                 log.info("new store %s: added user 'demo' (password 'demo') with sample mail; try: %s",
-                         store.path, demo_hint)
+                         store.path, hint)
             return store
 
         return sqlite
