@@ -304,7 +304,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .stats import ErrorCounter, Stats, StatsServer
 
     settings = resolve_settings(args)
-    setup_logging(settings.log_level, settings.log_json)
+    log_writer = setup_logging(settings.log_level, settings.log_json)
     try:
         config = configfile.server_config(settings)
     except ValueError as exc:
@@ -399,6 +399,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     finally:
         if pid_file is not None:
             pid_file.remove()
+        log_writer.close()  # every line written before the process ends
     return 0
 
 

@@ -282,6 +282,11 @@ class POP3Handler(socketserver.BaseRequestHandler):
     """Drives one connection: greeting, then line in, reply out, until done."""
 
     server: "POP3Server"
+    #: How the connection ended, for the session's summary line: "quit",
+    #: "client closed", "autologout", "connection lost (...)" ...
+    ended = "closed by server"
+    #: The negotiated TLS version ("TLSv1.3"), or None on a plain connection.
+    tls_version: Optional[str] = None
 
     def setup(self) -> None:
         sock = self.request
@@ -298,7 +303,9 @@ class POP3Handler(socketserver.BaseRequestHandler):
     def handle(self) -> None:
         session, conn = self.session, self.conn
         log = session.log
-        log.info("connect from %s port %s", *self.client_address[:2])
+        # Per-event lines are DEBUG: by default a session logs one INFO line,
+        # the summary (server.SessionHandler), which carries ``ended``.
+        log.debug("connect from %s port %s", *self.client_address[:2])
         try:
             if self.server.secure and not self._start_tls():
                 return
@@ -311,13 +318,16 @@ class POP3Handler(socketserver.BaseRequestHandler):
                     log.warning("line too long%s", ", closing" if exc.fatal else "")
                     self._reply(session.line_too_long())
                     if exc.fatal:
+                        self.ended = "line too long"
                         break
                 else:
                     if line is None:
-                        log.info("client closed the connection")
+                        self.ended = "client closed"
                         break
                     deadline = session.deadline
                     reply = session.handle(line)
+                    if session.closing:
+                        self.ended = "quit" if line[:4].upper() == b"QUIT" else "closed by server"
                     if session.reply_not_before is not None and not self._withhold(session.reply_not_before,
                                                                                     deadline):
                         break
@@ -337,29 +347,34 @@ class POP3Handler(socketserver.BaseRequestHandler):
             conn.flush()
         except ReplyFailed as exc:
             # Session._stream logged the details (and the adapter's traceback).
+            self.ended = "error"
             log.error("reply failed part-way (%s); closing the connection without ending it",
                       type(exc.__cause__).__name__)
         except TimedOut:
             # RFC 1939 section 3: on autologout, close without a response
             # and without entering UPDATE.
             if session.deadline is not None and conn.clock() >= session.deadline:
-                log.info("autologout: no login within %g s of connecting", session.config.login_timeout)
+                self.ended = "autologout (no login within %g s)" % session.config.login_timeout
+                log.debug("autologout: no login within %g s of connecting", session.config.login_timeout)
                 # Replies to commands read in time may wait behind pipelined ones.
                 try:
                     conn.flush()
                 except OSError:
                     pass
             else:
-                log.info("autologout after %d s idle in %s", session.timeout, session.state.value)
+                self.ended = "autologout"
+                log.debug("autologout after %d s idle in %s", session.timeout, session.state.value)
         except OSError as exc:
-            log.info("connection lost: %s", exc)
+            self.ended = "connection lost (%s)" % (exc.strerror or exc)
+            log.debug("connection lost: %s", exc)
         except Exception:
+            self.ended = "error"
             log.exception("unexpected error; closing the connection")
         finally:
             session.finish()
             if conn.sock is not self.request:
                 conn.sock.close()
-            log.info("disconnect: %d octets sent", conn.bytes_out)
+            log.debug("disconnect: %d octets sent", conn.bytes_out)
 
     def _start_tls(self) -> bool:
         """Handshake in this connection's thread, within the configured time.
@@ -382,11 +397,13 @@ class POP3Handler(socketserver.BaseRequestHandler):
         try:
             self.conn.handshake(tls, timeout)
         except (ssl.SSLError, OSError) as exc:
-            self.session.log.info("TLS handshake failed: %s", exc)
+            self.ended = "TLS handshake failed (%s)" % exc
+            self.session.log.debug("TLS handshake failed: %s", exc)
             tls.close()
             return False
         self.session.secure = True
-        self.session.log.info("TLS established: %s %s", tls.version(), tls.cipher()[0])
+        self.tls_version = tls.version()
+        self.session.log.debug("TLS established: %s %s", self.tls_version, tls.cipher()[0])
         return True
 
     def _withhold(self, until: float, deadline: Optional[float]) -> bool:
@@ -399,14 +416,18 @@ class POP3Handler(socketserver.BaseRequestHandler):
         """
         self.conn.flush()
         log = self.session.log
-        log.info("reply withheld for %g s (failed-login delay)", until - self.conn.clock())
+        log.debug("reply withheld for %g s (failed-login delay)", until - self.conn.clock())
         if deadline is not None and until > deadline:
             if self.conn.wait_until(deadline):
-                log.info("autologout: no login within %g s of connecting", self.session.config.login_timeout)
+                self.ended = "autologout (no login within %g s)" % self.session.config.login_timeout
+                log.debug("autologout: no login within %g s of connecting", self.session.config.login_timeout)
+            else:
+                self.ended = "closed while a reply was withheld"
             return False
         if self.conn.wait_until(until):
             return True
-        log.info("connection ended while a reply was withheld")
+        self.ended = "closed while a reply was withheld"
+        log.debug("connection ended while a reply was withheld")
         return False
 
     def _reply(self, reply) -> None:

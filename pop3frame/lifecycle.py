@@ -6,25 +6,37 @@ interrupted).
 """
 from __future__ import annotations
 
+import copy
 import datetime
 import json
 import logging
+import logging.handlers
 import os
+import queue
 import re
 import signal
 import sys
 import threading
+import weakref
 from typing import Callable, Dict, List, Optional
 
-__all__ = ["JSONFormatter", "setup_logging", "PidFile", "PidFileError", "drop_privileges", "SignalLoop"]
+__all__ = ["JSONFormatter", "LogWriter", "setup_logging", "process_id", "PidFile", "PidFileError", "drop_privileges", "SignalLoop"]
 
 _SESSION_PREFIX = re.compile(r"\[([0-9a-f]+-[0-9a-f]+)\] ")
 #: LogRecord attributes that are not user-supplied ``extra`` fields.
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime", "taskName"}
+#: This process's id, read once (and again in a forked child): getpid() is
+#: a system call, glibc caches nothing.
+_pid = os.getpid()
+
+
+def process_id() -> int:
+    """os.getpid() without the system call."""
+    return _pid
 
 
 class JSONFormatter(logging.Formatter):
-    """One JSON object per line: time, level, logger, message, session id and extra fields."""
+    """One JSON object per line: time, level, logger, pid, message, session id and extra fields."""
 
     def format(self, record: logging.LogRecord) -> str:
         message = record.getMessage()
@@ -33,6 +45,7 @@ class JSONFormatter(logging.Formatter):
             .isoformat(timespec="milliseconds").replace("+00:00", "Z"),
             "level": record.levelname,
             "logger": record.name,
+            "pid": _pid,
         }
         m = _SESSION_PREFIX.match(message)
         if m:
@@ -44,23 +57,203 @@ class JSONFormatter(logging.Formatter):
                 out[key] = value
         if record.exc_info:
             out["exception"] = self.formatException(record.exc_info)
+        elif record.exc_text:  # formatted before a hand-over (LogWriter)
+            out["exception"] = record.exc_text
         return json.dumps(out, default=str, ensure_ascii=False)
 
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
 
 
-def setup_logging(level: str = "INFO", json_lines: bool = False, stream=None) -> logging.Handler:
-    """Configure the root logger once: text or JSON lines on stderr."""
+class LogWriter(logging.handlers.QueueHandler):
+    """A handler that hands records to one writer thread, which formats and writes them.
+
+    Connection threads never wait for the stream or its lock, nor make the
+    ``write(2)`` themselves: each record goes into a queue, and the writer
+    thread writes whatever has gathered in one ``write`` (a busy server
+    writes tens of lines per system call).  ``target`` (a StreamHandler)
+    supplies the formatter, level and stream.
+
+    :meth:`flush` returns once everything logged before it is written;
+    :meth:`close` (also run by :func:`logging.shutdown` at exit) writes the
+    rest and ends the thread, so no line is lost at a normal exit or
+    SIGTERM.  Fork-safe: a child process (``--workers``) gets a fresh queue
+    and writer thread of its own, and never a half-written line of the
+    parent's (forks wait until a write in progress is done).
+    """
+
+    #: Most records written with one write().
+    BATCH = 512
+
+    def __init__(self, target: logging.StreamHandler) -> None:
+        super().__init__(queue.SimpleQueue())
+        self.target = target
+        self.setLevel(target.level)
+        self._writing = threading.Lock()
+        self._closed = False
+        self._thread: Optional[threading.Thread] = None
+        self._start()
+        _writers.add(self)
+
+    def _start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="pop3frame-log-writer", daemon=True)
+        self._thread.start()
+
+    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
+        """Resolve in the logging thread what may not outlive the call: the
+        arguments (mutable objects) and the traceback (its frames)."""
+        record = copy.copy(record)  # other handlers see the record unchanged
+        record.msg, record.args = record.getMessage(), None
+        if record.exc_info:
+            if not record.exc_text:
+                record.exc_text = (self.target.formatter or logging.Formatter()).formatException(record.exc_info)
+            record.exc_info = None
+        return record
+
+    def _run(self) -> None:
+        get, get_nowait = self.queue.get, self.queue.get_nowait
+        while True:
+            batch = [get()]
+            try:
+                while len(batch) < self.BATCH:
+                    batch.append(get_nowait())
+            except queue.Empty:
+                pass
+            if not self._write(batch):
+                return
+
+    def _write(self, batch: List[object]) -> bool:
+        """Write a batch; False once the close marker (None) came."""
+        target = self.target
+        lines: List[str] = []
+        done: List[threading.Event] = []
+        going = True
+        for item in batch:
+            if item is None:
+                going = False
+            elif isinstance(item, threading.Event):
+                done.append(item)
+            else:
+                try:
+                    if item.levelno >= target.level and target.filter(item):
+                        lines.append(target.format(item) + target.terminator)
+                except Exception:
+                    target.handleError(item)
+        if lines:
+            with self._writing:
+                try:
+                    target.stream.write("".join(lines))
+                    target.stream.flush()
+                except Exception:
+                    target.handleError(batch[0])
+        for event in done:
+            event.set()
+        return going
+
+    def flush(self, timeout: float = 10.0) -> None:
+        """Wait until every record handed over so far is written (at most ``timeout`` s)."""
+        thread = self._thread
+        if thread is None or not thread.is_alive():
+            return
+        written = threading.Event()
+        self.queue.put_nowait(written)
+        written.wait(timeout)
+
+    def close(self) -> None:
+        """Write what is queued, end the writer thread; records after this are dropped."""
+        self.acquire()
+        try:
+            closed, self._closed = self._closed, True
+        finally:
+            self.release()
+        if not closed:
+            thread = self._thread
+            if thread is not None and thread.is_alive():
+                self.queue.put_nowait(None)
+                thread.join(10.0)
+        super().close()
+
+    def handle(self, record: logging.LogRecord):
+        """As Handler.handle, without the handler lock: the queue is thread-safe,
+        and connection threads must not queue up on a lock to log."""
+        rv = self.filter(record)
+        if isinstance(rv, logging.LogRecord):  # Python 3.12: a filter may replace it
+            record = rv
+        if rv:
+            self.emit(record)
+        return rv
+
+    def enqueue(self, record: logging.LogRecord) -> None:
+        if not self._closed:
+            self.queue.put_nowait(record)
+
+    # -- fork (pop3frame serve --workers) --------------------------------------
+
+    def _before_fork(self) -> None:
+        self._writing.acquire()
+
+    def _after_fork_in_parent(self) -> None:
+        self._writing.release()
+
+    def _after_fork_in_child(self) -> None:
+        # The writer thread did not survive the fork, and the queue holds the
+        # parent's records, which the parent writes.
+        self._writing = threading.Lock()
+        self.queue = queue.SimpleQueue()
+        if not self._closed:
+            self._start()
+
+
+_writers: "weakref.WeakSet[LogWriter]" = weakref.WeakSet()
+
+
+def _before_fork() -> None:
+    for writer in list(_writers):
+        writer._before_fork()
+
+
+def _after_fork_in_parent() -> None:
+    for writer in list(_writers):
+        writer._after_fork_in_parent()
+
+
+def _after_fork_in_child() -> None:
+    global _pid
+    _pid = os.getpid()
+    for writer in list(_writers):
+        writer._after_fork_in_child()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent,
+                        after_in_child=_after_fork_in_child)
+
+
+def setup_logging(level: str = "INFO", json_lines: bool = False, stream=None) -> LogWriter:
+    """Configure the root logger once: text or JSON lines on stderr, written by one thread.
+
+    Returns the :class:`LogWriter`; ``close()`` it (or let the interpreter's
+    exit do so) to write the last lines.  Records no longer look up what the
+    two formats never print: the process id, thread and process names, the
+    caller's file and line (``sys._getframe``), each a cost per line.
+    """
+    logging.logProcesses = logging.logThreads = logging.logMultiprocessing = False
+    if hasattr(logging, "logAsyncioTasks"):  # Python 3.12
+        logging.logAsyncioTasks = False
+    logging._srcfile = None  # the logging HOWTO's "Optimization" section
     root = logging.getLogger()
-    handler = logging.StreamHandler(stream or sys.stderr)
-    handler.setFormatter(JSONFormatter() if json_lines else logging.Formatter(TEXT_FORMAT))
+    target = logging.StreamHandler(stream or sys.stderr)
+    target.setFormatter(JSONFormatter() if json_lines else logging.Formatter(TEXT_FORMAT))
     for old in list(root.handlers):
-        if isinstance(old, logging.StreamHandler) and not isinstance(old, logging.FileHandler):
+        if isinstance(old, LogWriter) or (
+                isinstance(old, logging.StreamHandler) and not isinstance(old, logging.FileHandler)):
             root.removeHandler(old)
-    root.addHandler(handler)
+            if isinstance(old, LogWriter):
+                old.close()
+    writer = LogWriter(target)
+    root.addHandler(writer)
     root.setLevel(level)
-    return handler
+    return writer
 
 
 class PidFileError(Exception):

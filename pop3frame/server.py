@@ -8,9 +8,10 @@ several of them (IPv4, IPv6, plain and TLS ports) over one shared
 A listener with ``proxy_protocol=True`` expects a HAProxy PROXY v1/v2 header
 first (:mod:`pop3frame.proxy`), and only from a trusted proxy's address; the
 real client address from it is what limits, the failed-login throttle,
-login delay and logs see.  Each session
-ends with one summary log line (peer, user, messages retrieved and deleted,
-octets sent, duration); with a :class:`~pop3frame.stats.Stats` the same
+login delay and logs see.  Each session ends with one summary log line at
+INFO (peer, user, messages retrieved and deleted, octets sent, duration, how
+it ended, failed logins, TLS version); per-event lines are DEBUG.  With a
+:class:`~pop3frame.stats.Stats` the same
 numbers are counted.
 """
 from __future__ import annotations
@@ -199,13 +200,18 @@ class SessionHandler(POP3Handler):
             stats.add("messages_deleted", deleted)
             stats.add("bytes_out", sent)
         host, port = self.client_address[:2]
+        failures = getattr(session, "_failures", 0)
+        # The one INFO line of a session: what the DEBUG lines said one by
+        # one (login, TLS, quit, how it ended), failed logins included.
         logger.info(
-            "[%s] session end: peer %s port %s, user %s, %d retrieved, %d deleted, %d octets sent, %.3f s",
+            "[%s] session end: peer %s port %s, user %s, %d retrieved, %d deleted, %d octets sent, %.3f s, %s%s%s",
             session.id, host, port, "%r" % session.user if session.user else "-", retrieved, deleted, sent,
-            duration,
+            duration, self.ended, ", %d failed login%s" % (failures, "" if failures == 1 else "s") if failures else "",
+            ", " + self.tls_version if self.tls_version else "",
             extra={"session": session.id, "peer": host, "port": port, "user": session.user,
                    "retrieved": retrieved, "deleted": deleted, "bytes_out": sent,
-                   "duration": round(duration, 3)},
+                   "duration": round(duration, 3), "ended": self.ended, "failed_logins": failures,
+                   "tls": self.tls_version},
         )
 
 

@@ -13,7 +13,6 @@ import enum
 import io
 import itertools
 import logging
-import os
 import re
 import secrets
 import ssl
@@ -33,6 +32,7 @@ from .adapter import (
 )
 from .auth import FailureThrottle, LoginDelayTracker, PasswordChecks
 from .config import ServerConfig, in_networks, parse_networks
+from .lifecycle import process_id
 from .locks import Lock, LockManager
 from .tls import TLSCertificates
 
@@ -187,7 +187,7 @@ class Session:
         self.config = context.config
         self.peer = peer
         self.secure = secure
-        self.id = session_id or "%x-%x" % (os.getpid(), next(_session_ids))
+        self.id = session_id or "%x-%x" % (process_id(), next(_session_ids))
         self.log = SessionLog(logger, {"session": self.id})
         self.state = State.AUTHORIZATION
         #: Set when the connection must close after the current reply.
@@ -233,7 +233,7 @@ class Session:
 
     def apop_timestamp(self) -> str:
         """RFC 1939 section 7: ``<process-ID.clock@hostname>``, unique per banner."""
-        return "<%d.%d@%s>" % (os.getpid(), time.time_ns(), self.config.hostname)
+        return "<%d.%d@%s>" % (process_id(), time.time_ns(), self.config.hostname)
 
     @property
     def timeout(self) -> float:
@@ -332,10 +332,12 @@ class Session:
             return [protocol.err("missing argument")]
         if len(cmd.args) > spec.max_args:
             return [protocol.err("too many arguments")]
+        failures = self._failures
         try:
             return getattr(self, spec.method)(cmd)
         except POP3Error as exc:
-            self.log.info("%s refused: %s", cmd.name, exc.text)
+            if self._failures == failures:  # a refused login has its own line
+                self.log.info("%s refused: %s", cmd.name, exc.text)
             return [protocol.err(exc.text, exc.code)]
         except Exception:
             self.log.exception("%s failed in the adapter", cmd.name)
@@ -459,15 +461,19 @@ class Session:
         self._messages = messages
         self.state = State.TRANSACTION
         count, size = len(messages), sum(m.size for m in messages)
-        self.log.info("login %r from %s: %s, %s", user, self.peer[0], protocol.plural(count, "message"),
-                      protocol.plural(size, "octet"))
+        self.log.debug("login %r from %s: %s, %s", user, self.peer[0], protocol.plural(count, "message"),
+                       protocol.plural(size, "octet"))
         # RFC 6856 section 2.1: outside UTF-8 mode no non-ASCII string may
         # reach the client, and a UTF-8 name may log in before UTF8 (2.2).
         whose = "%s's maildrop" % user if self.utf8 or user.isascii() else "maildrop"
         return [protocol.ok("%s has %s (%d octets)" % (whose, protocol.plural(count, "message"), size))]
 
     def _failed(self, user: str, why: str) -> None:
-        """Count a refused login on this connection; close it at the limit."""
+        """Count a refused login on this connection; close it at the limit.
+
+        Logged at INFO, one line each, unlike a successful login: the
+        operator (and fail2ban) must see guessing as it happens.
+        """
         self._failures += 1
         self.log.info("login failed for %r from %s: %s (%d on this connection)", user, self.peer[0], why,
                       self._failures)
@@ -744,7 +750,7 @@ class Session:
             left = len(self._messages) - len(doomed)
         finally:
             self.finish()
-        self.log.info("quit %r: %d retrieved, %d deleted", self.user, self.retrieved, self.deleted_count)
+        self.log.debug("quit %r: %d retrieved, %d deleted", self.user, self.retrieved, self.deleted_count)
         suffix = "maildrop empty" if left == 0 else "%s left" % protocol.plural(left, "message")
         return [protocol.ok("%s (%s)" % (signoff, suffix))]
 

@@ -34,7 +34,7 @@ class Withheld(logging.Handler):
     PATTERN = re.compile(r"reply withheld for (\S+) s")
 
     def __init__(self) -> None:
-        super().__init__(logging.INFO)
+        super().__init__(logging.DEBUG)
         self.delays: "queue.Queue[float]" = queue.Queue()
 
     def emit(self, record: logging.LogRecord) -> None:
@@ -52,7 +52,7 @@ def withheld():
     handler = Withheld()
     logger = logging.getLogger("pop3frame")
     level = logger.level
-    logger.setLevel(logging.INFO)
+    logger.setLevel(logging.DEBUG)  # a per-event line, DEBUG like the others
     logger.addHandler(handler)
     yield handler
     logger.removeHandler(handler)

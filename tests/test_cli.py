@@ -135,7 +135,7 @@ def test_deliver_logs_the_size_list_reports(tmp_path):
     (line,) = delivered.stderr.decode().splitlines()
     assert re.search(r"INFO pop3frame\.cli delivered 65 octets to ops as \S+$", line), line
     assert pop3frame("user", "--sqlite", db, "list").stdout == b"ops\t1 message\t65 octets\n"
-    with Daemon("--sqlite", db, "--listen", "127.0.0.1:0") as d:
+    with Daemon("--sqlite", db, "--listen", "127.0.0.1:0", "--log-level", "DEBUG") as d:  # login lines are DEBUG
         with RawClient(("127.0.0.1", d.port)) as c:
             assert c.login("ops", "pw") == b"+OK ops's maildrop has 1 message (65 octets)\r\n"
             d.wait_for(r"login 'ops' from 127\.0\.0\.1: 1 message, 65 octets$")
@@ -361,6 +361,31 @@ def test_proxy_trusted_network_replaces_the_loopback_default():
         assert d.stop() == 0
 
 
+def test_one_info_line_per_session_and_every_line_written_at_sigterm():
+    """By default a session logs one INFO line, its summary; a refused login
+    adds a line of its own (guessing must show as it happens) and is counted in
+    the summary.  The lines logged while stopping are written before the exit."""
+    with Daemon("--demo", "--listen", "127.0.0.1:0") as d:
+        with RawClient(("127.0.0.1", d.port)) as c:
+            assert c.login("demo", "demo").startswith(b"+OK")
+            c.cmd("STAT")
+            c.cmd("QUIT")
+        d.wait_for(r"session end")
+        with RawClient(("127.0.0.1", d.port)) as c:
+            assert c.login("demo", "wrong-password-xyz").startswith(b"-ERR [AUTH]")
+            c.cmd("QUIT")
+        assert d.stop() == 0
+        rest = [line for line in iter(lambda: d.lines.get(timeout=10), "")]
+    sessions = [line for line in d.seen[d.seen.index(d.saw("session end").string):] + rest if "] " in line]
+    assert len(sessions) == 3, sessions
+    assert re.search(r"INFO pop3frame.server \[\S+\] session end: peer 127.0.0.1 port \d+, user 'demo', "
+                     r"0 retrieved, 0 deleted, \d+ octets sent, \d+\.\d{3} s, quit\n", sessions[0])
+    assert "INFO pop3frame.session" in sessions[1] and "login failed for 'demo' from 127.0.0.1" in sessions[1]
+    assert re.search(r"session end: .* user -, .* s, quit, 1 failed login\n", sessions[2])
+    assert rest[-1].endswith("INFO pop3frame.cli stopped\n")
+    assert not any("wrong-password-xyz" in line for line in d.seen + rest)
+
+
 def test_custom_adapter_script_with_options(tmp_path):
     script = tmp_path / "reports.py"
     script.write_text(textwrap.dedent('''
@@ -409,6 +434,7 @@ def test_json_logs_pid_file_and_stats(tmp_path):
         end = json.loads(d.wait_for(r'"session end').string)
         assert end["user"] == "demo" and end["retrieved"] == 1 and end["deleted"] == 0 and end["bytes_out"] > 200
         assert end["peer"] == "127.0.0.1" and "session" in end and end["duration"] >= 0
+        assert end["ended"] == "quit" and end["failed_logins"] == 1 and end["pid"] == d.proc.pid
         stats_port = int(d.saw(r"stats on http://127.0.0.1:(\d+)/metrics").group(1))
         with urllib.request.urlopen("http://127.0.0.1:%d/metrics" % stats_port, timeout=10) as r:
             metrics = r.read().decode()

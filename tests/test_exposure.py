@@ -201,7 +201,7 @@ def test_a_withheld_reply_past_the_login_deadline_closes_the_connection_at_the_d
     """A failed login's -ERR withheld beyond the login deadline is never sent: the
     connection closes at the deadline, not sooner (an early close would tell a wrong
     guess before the right one's reply could come)."""
-    caplog.set_level(logging.INFO, logger="pop3frame")
+    caplog.set_level(logging.DEBUG, logger="pop3frame")  # per-event lines are DEBUG
     clock = ManualClock()
     # auth_timeout: the client idles 119.5 s before its first command.
     options = dict(clock=clock, poll_interval=0.01, free_auth_failures=0, max_auth_failure_delay=60,

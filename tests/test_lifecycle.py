@@ -124,14 +124,120 @@ def test_json_formatter_pulls_out_the_session_and_extras():
     assert out["level"] == "INFO" and out["logger"] == "pop3frame.session" and out["time"].endswith("Z")
 
 
-def test_setup_logging_json_lines():
+@pytest.fixture
+def root_logging():
+    """Undo setup_logging(): root handlers and level, and the module's per-record switches."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    switches = {name: getattr(logging, name) for name in
+                ("logProcesses", "logThreads", "logMultiprocessing", "_srcfile")}
+    yield
+    for handler in list(root.handlers):
+        if handler not in handlers:
+            root.removeHandler(handler)
+            handler.close()
+    root.setLevel(level)
+    for name, value in switches.items():
+        setattr(logging, name, value)
+
+
+def test_setup_logging_json_lines(root_logging):
     stream = io.StringIO()
-    handler = setup_logging("DEBUG", json_lines=True, stream=stream)
+    writer = setup_logging("DEBUG", json_lines=True, stream=stream)
+    logging.getLogger("pop3frame.t").info("hello %s", "there")
+    writer.flush()
+    line = json.loads(stream.getvalue().splitlines()[-1])
+    assert line["message"] == "hello there" and line["pid"] == os.getpid()
+
+
+class ThreadStream(io.StringIO):
+    """A stream that records which thread wrote and how often."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writers = set()
+        self.writes = 0
+
+    def write(self, text):
+        self.writers.add(threading.current_thread().name)
+        self.writes += 1
+        return super().write(text)
+
+
+def test_connection_threads_hand_records_to_one_writer(root_logging):
+    """Threads that log never touch the stream: one writer thread writes, several
+    records per write when they queue up; close() writes all that was logged."""
+    stream = ThreadStream()
+    writer = setup_logging("INFO", stream=stream)
+    log = logging.getLogger("pop3frame.t")
+    gate = threading.Event()
+
+    def busy(n):
+        gate.wait(10)
+        for i in range(500):
+            log.info("thread %d line %d", n, i)
+
+    threads = [threading.Thread(target=busy, args=(n,), name="conn-%d" % n) for n in range(4)]
+    for t in threads:
+        t.start()
+    gate.set()
+    for t in threads:
+        t.join(30)
+    log.debug("below the level: dropped")
+    writer.close()
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 2000 and all(" INFO pop3frame.t thread " in line for line in lines)
+    for n in range(4):  # each thread's lines in its order
+        mine = [line for line in lines if " thread %d " % n in line]
+        assert [int(line.rsplit(" ", 1)[1]) for line in mine] == list(range(500))
+    assert stream.writers == {"pop3frame-log-writer"}
+    assert stream.writes < 2000
+    log.info("after close: dropped, not an error")
+    assert len(stream.getvalue().splitlines()) == 2000
+
+
+def test_arguments_and_tracebacks_are_resolved_before_the_hand_over(root_logging):
+    """A mutable argument changed right after the call, and a traceback whose
+    frames are gone, still log what they were at the call."""
+    stream = io.StringIO()
+    writer = setup_logging("INFO", json_lines=True, stream=stream)
+    log = logging.getLogger("pop3frame.t")
+    state = ["before"]
+    log.info("state %s", state)
+    state[0] = "after"
     try:
-        logging.getLogger("pop3frame.t").info("hello %s", "there")
-    finally:
-        logging.getLogger().removeHandler(handler)
-    assert json.loads(stream.getvalue().splitlines()[-1])["message"] == "hello there"
+        raise ValueError("boom")
+    except ValueError:
+        log.exception("failed")
+    writer.close()
+    first, second = (json.loads(line) for line in stream.getvalue().splitlines())
+    assert first["message"] == "state ['before']"
+    assert second["message"] == "failed" and "ValueError: boom" in second["exception"]
+
+
+def test_forked_child_logs_through_a_writer_of_its_own(root_logging, tmp_path):
+    """pop3frame serve --workers forks after logging is set up: the child's lines
+    reach the stream, and the parent's queued ones are written once, by the parent."""
+    path = tmp_path / "log"
+    with open(path, "a") as stream:
+        writer = setup_logging("INFO", stream=stream)
+        log = logging.getLogger("pop3frame.t")
+        log.info("parent before fork")
+        pid = os.fork()
+        if pid == 0:  # the child: never returns into pytest
+            try:
+                log.info("child %d", os.getpid())
+                writer.close()
+            finally:
+                os._exit(0)
+        _, status = os.waitpid(pid, 0)
+        assert status == 0
+        log.info("parent after fork")
+        writer.close()
+    lines = path.read_text().splitlines()
+    assert [line.split(" INFO pop3frame.t ")[1] for line in lines].count("parent before fork") == 1
+    assert any(line.endswith("child %d" % pid) for line in lines)
+    assert lines[-1].endswith("parent after fork")
 
 
 def test_signal_loop_dispatches_reloads_and_stops():

@@ -1,6 +1,7 @@
 """Listeners, limits, timeouts and shutdown, through real sockets."""
 from __future__ import annotations
 
+import logging
 import os
 import poplib
 import socket
@@ -32,8 +33,9 @@ def test_autologout_below_ten_minutes_is_refused():
     assert ServerConfig().timeout >= 600
 
 
-def test_transaction_autologout_closes_silently_and_deletes_nothing(adapter, frozen):
+def test_transaction_autologout_closes_silently_and_deletes_nothing(adapter, frozen, caplog):
     """RFC 1939 section 3: on autologout the server closes without a response and without UPDATE."""
+    caplog.set_level(logging.INFO, logger="pop3frame")
     with Controller(adapter, clock=frozen_clock(frozen), poll_interval=0.01) as server:
         with RawClient(server.address) as c:
             c.login("alice", "alice-pw")
@@ -47,6 +49,8 @@ def test_transaction_autologout_closes_silently_and_deletes_nothing(adapter, fro
         assert server.wait_for_connections(0)
         assert not server.context.locks.held_names()
     assert len(adapter.messages("alice")) == 3
+    end, = [r for r in caplog.records if "session end" in r.getMessage()]
+    assert end.ended == "autologout" and end.getMessage().endswith(", autologout")
 
 
 def test_preauth_timeout_is_shorter_and_counts_whole_lines(adapter, frozen):

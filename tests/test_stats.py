@@ -51,7 +51,12 @@ def test_summary_log_line_has_counts_and_no_secrets(adapter, caplog):
     assert len(ends) == 1
     record = ends[0]
     assert record.user == "alice" and record.retrieved == 1 and record.deleted == 1 and record.peer == "127.0.0.1"
+    assert record.ended == "quit" and record.failed_logins == 1 and record.tls is None
     assert "user 'alice', 1 retrieved, 1 deleted" in record.getMessage()
+    assert record.getMessage().endswith(" s, quit, 1 failed login")
+    # The summary and the refused login are the session's only INFO lines.
+    info = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO]
+    assert len(info) == 2 and "login failed for 'alice'" in info[0]
     text = "\n".join(r.getMessage() for r in caplog.records)
     assert "alice-pw" not in text and "wrong" not in text and "first" not in text  # no passwords, no bodies
 

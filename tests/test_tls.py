@@ -1,6 +1,7 @@
 """TLS: implicit (RFC 8314), STLS (RFC 2595), plaintext policy, with real handshakes."""
 from __future__ import annotations
 
+import logging
 import poplib
 import socket
 import ssl
@@ -60,17 +61,23 @@ def store():
     return s
 
 
-def test_implicit_tls_listener(store, certs, client_context):
+def test_implicit_tls_listener(store, certs, client_context, caplog):
     """RFC 8314 section 3.3: TLS from the first byte on the POP3S port."""
     tls, _ = certs
+    caplog.set_level(logging.INFO, logger="pop3frame")
     with Controller(store, tls=tls, secure=True) as server:
         client = poplib.POP3_SSL("127.0.0.1", server.port, context=client_context, timeout=10)
         assert "STLS" not in client.capa()
         client.user("alice")
         client.pass_("pw")
         assert client.retr(1)[1] == [b"Subject: secret", b"", b"over TLS"]
-        assert client.sock.version() in ("TLSv1.2", "TLSv1.3")
+        version = client.sock.version()
+        assert version in ("TLSv1.2", "TLSv1.3")
         client.quit()
+        assert server.wait_for_connections(0)
+    # The session's one INFO line names the TLS version (DEBUG has the cipher too).
+    end, = [r for r in caplog.records if "session end" in r.getMessage()]
+    assert end.tls == version and end.getMessage().endswith(", quit, " + version)
 
 
 def test_stls_upgrades_and_capa_reflects_it(store, certs, client_context):
