@@ -39,6 +39,14 @@ TIMEOUTS = (socket.timeout, BlockingIOError)
 WRITE_BUFFER = 64 * 1024
 
 
+def kernel_timeval(seconds: float) -> bytes:
+    """``seconds`` as the struct timeval SO_RCVTIMEO and SO_SNDTIMEO take."""
+    whole = int(seconds)
+    micro = int((seconds - whole) * 1e6)
+    # A zero timeval means "never time out": round up, not down.
+    return struct.pack("@ll", whole, micro if whole or micro else 1)
+
+
 class LineTooLong(Exception):
     """The client sent a line over the limit (its bytes were discarded)."""
 
@@ -68,7 +76,8 @@ class Connection:
     every ``poll_interval`` seconds to look at the clock.
     """
 
-    def __init__(self, sock: socket.socket, clock: Callable[[], float], poll_interval: float, send_timeout: float) -> None:
+    def __init__(self, sock: socket.socket, clock: Callable[[], float], poll_interval: float, send_timeout: float,
+                 kernel_timeout: Optional[float] = None) -> None:
         self.sock = sock
         #: The TCP socket, also under TLS (which wraps a duplicate of it).
         self.raw = sock
@@ -80,8 +89,10 @@ class Connection:
         self._out_size = 0
         self.bytes_out = 0
         #: The socket's timeout as last set: settimeout() costs a system
-        #: call, so it is only made when the value changes.
-        self._timeout: Optional[float] = None
+        #: call, so it is only made when the value changes.  It starts as
+        #: ``kernel_timeout``, the SO_RCVTIMEO/SO_SNDTIMEO a blocking socket
+        #: already has (inherited from its listening socket), if any.
+        self._timeout: Optional[float] = kernel_timeout
         #: When the last complete line arrived: idle time counts from here,
         #: so a client trickling bytes (slowloris) gains nothing, and a reply
         #: the client has already seen cannot postpone the deadline.
@@ -219,11 +230,9 @@ class Connection:
         if isinstance(self.sock, ssl.SSLSocket):
             self.sock.settimeout(seconds)
         else:
-            whole = int(seconds)
-            micro = int((seconds - whole) * 1e6)
-            # A zero timeval means "never time out": round up, not down.
-            timeval = struct.pack("@ll", whole, micro if whole or micro else 1)
-            self.sock.settimeout(None)
+            timeval = kernel_timeval(seconds)
+            if self.sock.gettimeout() is not None:  # settimeout() is an ioctl() even when nothing changes
+                self.sock.settimeout(None)
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
         self._timeout = seconds
@@ -290,12 +299,18 @@ class POP3Handler(socketserver.BaseRequestHandler):
 
     def setup(self) -> None:
         sock = self.request
-        if sock.family in (socket.AF_INET, socket.AF_INET6):
-            # Replies are gathered by us; Nagle would only add a 40 ms stall
-            # when a small reply follows a send that is not yet acknowledged.
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         config = self.server.context.config
-        self.conn = Connection(sock, config.clock, config.poll_interval, config.send_timeout)
+        kernel_timeout = None
+        if self.server.inherits_options(sock):
+            # TCP_NODELAY and the kernel timeouts came with the socket from
+            # the listening one: no system call here.  A PROXY header read
+            # with Python's timeouts left the socket non-blocking.
+            if sock.gettimeout() is not None:
+                sock.settimeout(None)
+            kernel_timeout = config.poll_interval
+        elif sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.conn = Connection(sock, config.clock, config.poll_interval, config.send_timeout, kernel_timeout)
         context = self.server.context
         self.session: Session = context.session_class(context, self.client_address[:2], secure=self.server.secure)
         self.session.client_gone = self.conn.peer_closed

@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import os
 import poplib
+import queue
 import socket
 import subprocess
 import sys
@@ -14,7 +15,8 @@ import pytest
 from pop3frame import ServerConfig
 from pop3frame.adapters.memory import MemoryAdapter
 from pop3frame.locks import FileLockManager, InProcessLockManager
-from pop3frame.server import ServerGroup
+from pop3frame.handler import kernel_timeval
+from pop3frame.server import POP3Server, ServerGroup, SessionHandler, bind_socket
 from pop3frame.testing import Controller
 from tests.helpers import RawClient
 
@@ -173,6 +175,76 @@ def test_ipv6_listener(adapter):
         with RawClient(("::1", server.port)) as c:
             assert c.greeting.startswith(b"+OK")
             assert c.login("alice", "alice-pw").startswith(b"+OK")
+
+
+class ProbeHandler(SessionHandler):
+    """Records the options an accepted socket has before and after the handler's setup()."""
+
+    seen: "queue.Queue" = None
+
+    def setup(self):
+        before = _options(self.request)
+        super().setup()
+        self.seen.put((before, _options(self.request), self.server.inherits_options(self.request)))
+
+
+class ProbeServer(POP3Server):
+    handler_class = ProbeHandler
+
+
+def _options(sock):
+    return (sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0,
+            sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, 16),
+            sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, 16))
+
+
+@pytest.fixture
+def probe():
+    ProbeHandler.seen = queue.Queue()
+    yield ProbeHandler.seen
+    ProbeHandler.seen = None
+
+
+def test_accepted_sockets_inherit_nodelay_and_kernel_timeouts_from_the_listener(adapter, probe):
+    """TCP_NODELAY and the poll_interval kernel timeouts are set once on the
+    listening socket; Linux copies them into every accepted socket, so a
+    connection costs no setsockopt() of its own."""
+    group = ServerGroup(adapter, ServerConfig(hostname="localhost", poll_interval=7.5))
+    group.add_listener(("127.0.0.1", 0), server_class=ProbeServer)
+    group.start(poll_interval=0.05)
+    try:
+        for _ in range(2):
+            with RawClient(group.addresses[0]) as c:
+                assert c.login("alice", "alice-pw").startswith(b"+OK")
+                assert c.cmd("QUIT").startswith(b"+OK")
+            before, after, inherited = probe.get(timeout=10)
+            assert before == (True, kernel_timeval(7.5), kernel_timeval(7.5))
+            assert after == before and inherited
+    finally:
+        group.shutdown()
+
+
+def test_sockets_accepted_before_the_listener_had_its_options_get_them_from_the_handler(adapter, probe):
+    """A listening socket handed over with a connection already waiting (socket
+    activation): that connection did not inherit, so the handler sets
+    TCP_NODELAY and the timeouts itself, on every connection of that listener."""
+    listener = bind_socket(("127.0.0.1", 0))
+    early = RawClient.__new__(RawClient)
+    early.sock, early.buf = socket.create_connection(listener.getsockname(), timeout=10), b""
+    group = ServerGroup(adapter, ServerConfig(hostname="localhost"))
+    group.add_listener(listener.getsockname(), server_class=ProbeServer, sock=listener)
+    group.start(poll_interval=0.05)
+    try:
+        early.greeting = early.line()
+        assert early.login("alice", "alice-pw").startswith(b"+OK")
+        before, after, inherited = probe.get(timeout=10)
+        assert before[0] is False and after[0] is True and not inherited
+        with RawClient(group.addresses[0]) as c:
+            assert c.login("bob", "bob-pw").startswith(b"+OK")
+        assert probe.get(timeout=10)[2] is False
+        early.close()
+    finally:
+        group.shutdown()
 
 
 def test_several_listeners_share_locks_and_budget(adapter):
