@@ -6,7 +6,7 @@ session decides *what* to say, this module decides *how it looks on the wire*.
 from __future__ import annotations
 
 import re
-from typing import BinaryIO, Iterator, List, NamedTuple, Optional
+from typing import BinaryIO, Iterator, List, NamedTuple, Optional, Tuple
 
 #: RFC 2449 section 4: a command line is at most 255 octets including CRLF.
 MAX_COMMAND_LINE = 255
@@ -201,10 +201,16 @@ def wire_size(data: bytes) -> int:
     return n
 
 
-def stream_wire_size(stream: BinaryIO, chunk_size: int = CHUNK_SIZE) -> int:
-    """:func:`wire_size` of a stream read in chunks (bounded memory)."""
+def has_dot_lines(data: bytes) -> bool:
+    """Whether a line of ``data`` starts with "." (RETR must byte-stuff it)."""
+    return data[:1] == b"." or b"\n." in data
+
+
+def measure_stream(stream: BinaryIO, chunk_size: int = CHUNK_SIZE) -> Tuple[int, bool]:
+    """(:func:`wire_size`, :func:`has_dot_lines`) of a stream read in chunks (bounded memory)."""
     n = newlines = crlfs = 0
-    last = b""
+    dots = False
+    last = b"\n"  # the first line starts at offset 0
     read = stream.read
     while True:
         chunk = read(chunk_size)
@@ -213,10 +219,17 @@ def stream_wire_size(stream: BinaryIO, chunk_size: int = CHUNK_SIZE) -> int:
         n += len(chunk)
         newlines += chunk.count(b"\n")
         crlfs += chunk.count(CRLF) + (last == b"\r" and chunk[:1] == b"\n")
+        if not dots:
+            dots = (last == b"\n" and chunk[:1] == b".") or b"\n." in chunk
         last = chunk[-1:]
     if n and last != b"\n":
         n += 1 if last == b"\r" else 2
-    return n + newlines - crlfs
+    return n + newlines - crlfs, dots
+
+
+def stream_wire_size(stream: BinaryIO, chunk_size: int = CHUNK_SIZE) -> int:
+    """:func:`wire_size` of a stream read in chunks (bounded memory)."""
+    return measure_stream(stream, chunk_size)[0]
 
 
 class SizeMismatch(Exception):

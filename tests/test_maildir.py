@@ -9,6 +9,7 @@ import pwd
 import shutil
 import subprocess
 import threading
+import time
 
 import pytest
 
@@ -99,12 +100,13 @@ class CountingMaildir(MaildirAdapter):
         super().__init__(*args, **kwargs)
         self.measured = self.peeked = 0
 
-    def measure(self, path, named=None):
-        if named is None:
-            self.measured += 1
-        else:
+    def measure(self, path):
+        result = super().measure(path)
+        if result.dot_lines is None:  # what only a peek leaves unknown
             self.peeked += 1
-        return super().measure(path, named)
+        else:
+            self.measured += 1
+        return result
 
 
 def test_sizes_come_from_the_cache_not_the_files(maildir):
@@ -148,7 +150,9 @@ def test_sizes_come_from_the_cache_not_the_files(maildir):
     assert restarted.measured == 0
 
 
-def test_only_new_or_changed_files_are_read(maildir):
+def test_only_new_or_replaced_files_are_read(maildir):
+    """A listing measures files it has no size for: new ones, and ones replaced
+    by rename (a new inode, as every Maildir writer makes), nothing else."""
     root, adapter = maildir
     adapter = CountingMaildir(root, adapter.auth)
     names = [deliver_like_an_mda(root, "alice", b"Subject: %d\n\nx\n" % i) for i in range(5)]
@@ -157,12 +161,85 @@ def test_only_new_or_changed_files_are_read(maildir):
         assert server.wait_for_connections(0)
         assert adapter.measured == 5
         deliver_like_an_mda(root, "alice", b"Subject: later\n\ny\n")
-        with open(os.path.join(root, "alice", "new", names[0]), "ab") as f:
-            f.write(b"appended line\n")  # size changes: must be measured again
+        replaced = os.path.join(root, "alice", "new", names[0])
+        _write(replaced + ".tmp", b"Subject: 0\n\nx\nappended line\n")
+        os.rename(replaced + ".tmp", replaced)
         client = login(server)
         assert client.list(1).split()[2] == str(len(b"Subject: 0\r\n\r\nx\r\nappended line\r\n")).encode()
         client.quit()
         assert adapter.measured == 7
+
+
+def test_file_changed_in_place_is_measured_again_once_opened(maildir):
+    """Maildir files are written once, so a listing does not stat them; one
+    changed in place anyway (same inode) is noticed when opened (its size and
+    mtime no longer match), and the next login measures it again."""
+    root, adapter = maildir
+    adapter = CountingMaildir(root, adapter.auth)
+    names = [deliver_like_an_mda(root, "alice", b"Subject: %d\n\nx\n" % i) for i in range(2)]
+    with Controller(adapter) as server:
+        login(server).quit()
+        assert server.wait_for_connections(0)
+        with open(os.path.join(root, "alice", "new", names[0]), "ab") as f:
+            f.write(b"appended line\n")
+        client = login(server)
+        assert client.top(1, 0)[1] == [b"Subject: 0", b""]  # opens it
+        client.quit()
+        assert server.wait_for_connections(0)
+        client = login(server)
+        assert client.list(1).split()[2] == str(len(b"Subject: 0\r\n\r\nx\r\nappended line\r\n")).encode()
+        assert client.list(2).split()[2] == b"17"
+        client.quit()
+    assert adapter.measured == 3
+
+
+def _set_mtime(path, seconds):
+    os.utime(path, ns=(seconds * 10**9, seconds * 10**9))
+
+
+def test_directory_unchanged_since_a_quiet_listing_is_not_read_again(maildir):
+    """A login to a Maildir whose new/ and cur/ kept their mtime since they were
+    listed, over a second after their last change, costs two lstat() calls, not
+    two directory reads: the listing comes from memory (as Dovecot's index)."""
+    root, adapter = maildir
+    first = deliver_like_an_mda(root, "alice", b"Subject: 1\n\nx\n")
+    new = os.path.join(root, "alice", "new")
+    with Controller(adapter) as server:
+        for sub in ("new", "cur"):
+            _set_mtime(os.path.join(root, "alice", sub), 1600000000)  # long quiet
+        login(server).quit()
+        assert server.wait_for_connections(0)
+        # A file the directory's mtime does not admit to: only a read of the
+        # directory could find it, so a listing without it came from memory.
+        hidden = deliver_like_an_mda(root, "alice", b"Subject: 2\n\nx\n")
+        _set_mtime(new, 1600000000)
+        client = login(server)
+        assert uidl(client) == [first]
+        client.quit()
+        assert server.wait_for_connections(0)
+        _set_mtime(new, 1600000001)  # what any change does: read again
+        client = login(server)
+        assert uidl(client) == [first, hidden]
+        client.quit()
+
+
+def test_directory_changed_within_a_second_of_its_listing_is_read_every_time(maildir):
+    """A change made in the same clock tick as the listing could leave the
+    mtime as it was: a directory changed less than a second before it was read
+    is read again at every login."""
+    root, adapter = maildir
+    first = deliver_like_an_mda(root, "alice", b"Subject: 1\n\nx\n")
+    new = os.path.join(root, "alice", "new")
+    recent = int(time.time()) + 3600  # "now" however long the login takes
+    with Controller(adapter) as server:
+        _set_mtime(new, recent)
+        login(server).quit()
+        assert server.wait_for_connections(0)
+        second = deliver_like_an_mda(root, "alice", b"Subject: 2\n\nx\n")
+        _set_mtime(new, recent)  # the change kept the timestamp
+        client = login(server)
+        assert uidl(client) == [first, second]
+        client.quit()
 
 
 def test_damaged_size_cache_is_ignored_and_rebuilt(maildir):

@@ -136,6 +136,11 @@ def test_chunked_equals_whole_and_round_trips(data, chunk):
     body = unstuff(whole)
     assert len(body) == wire_size(data)
     assert stream_wire_size(io.BytesIO(data), chunk_size=chunk) == wire_size(data)
+    # has_dot_lines says exactly whether stuffing added octets, also when a
+    # line's "." is the first octet of a chunk (measure_stream).
+    dots = protocol.has_dot_lines(data)
+    assert dots == (len(whole) - 3 > len(body))
+    assert protocol.measure_stream(io.BytesIO(data), chunk_size=chunk) == (wire_size(data), dots)
     # The first end-of-response marker a client can see is the real one.
     assert (b"\r\n" + whole).find(b"\r\n.\r\n") == len(whole) - 3
     # Every LF on the wire is part of CRLF.
