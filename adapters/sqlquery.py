@@ -22,12 +22,22 @@ archive table of real mail).  Any other column
 whose value is bytes (a BLOB), and every column named in ``attachments``,
 becomes an attachment.  Messages get Date from the timestamp (naive values
 are UTC unless ``timezone`` says otherwise), a Message-ID derived from the
-row id and the adapter's ``name``, MIME-Version, From/To from the row or
+unique-id and the adapter's ``name``, MIME-Version, From/To from the row or
 the configuration, UTF-8 text quoted-printable and headers RFC 2047 encoded.
 
-Unique-ids are derived from the row id alone (:func:`~._build.stable_uid`),
-so a client that leaves mail on the server never fetches a row twice, even
-if the row's text changes.
+Unique-ids, and the requirement on the table: a client that leaves mail on
+the server (POP3 "keep", Thunderbird's default) never downloads a message
+whose unique-id it has seen, so a unique-id must never name a second row.
+It is the row id (:func:`~._build.stable_uid`) followed, when the query has
+a timestamp column, by a digest of the timestamp: ``42.3fa9c1d2e0``.  So a
+row keeps its unique-id when its text changes (it is not fetched twice),
+and the requirement is: **row ids are never reused**, or, where the table
+may hand a deleted row's id to a new row, that new row's timestamp differs.
+SQLite's ``INTEGER PRIMARY KEY`` without ``AUTOINCREMENT`` reuses the id of
+a deleted newest row (and so does MySQL's InnoDB before 8.0 after a
+restart); ``AUTOINCREMENT``, a PostgreSQL sequence or ``IDENTITY`` never
+do.  A table that reuses ids and has no timestamp column (or timestamps
+too coarse to tell such rows apart) hides new rows from those clients.
 
 Parameters and drivers: placeholders are written in the driver's own
 paramstyle (``?`` for sqlite3, ``%s`` for psycopg and PyMySQL, ``:name``
@@ -35,7 +45,9 @@ paramstyle (``?`` for sqlite3, ``%s`` for psycopg and PyMySQL, ``:name``
 (positional), or ``:user`` / ``%(user)s`` (named): the same query then
 gives each user their own rows.  The DELETE (or UPDATE) statement takes the
 row id: one positional placeholder, or named ``id`` (and optionally
-``user``).  It is run with ``executemany`` for every deleted row **in one
+``user``, and ``date``, the timestamp as the query returned it:
+``... WHERE id = :id AND ts = :date`` never deletes a row that took over
+the id of one deleted since the listing).  It is run with ``executemany`` for every deleted row **in one
 transaction**, committed once: all rows go or none do.  The factory must
 therefore return connections that are *not* in autocommit mode (the DB-API
 default).  Without a delete statement the adapter is read-only (DELE
@@ -77,6 +89,7 @@ a failed delete is rolled back, so every row stays.
 from __future__ import annotations
 
 import datetime
+import hashlib
 import logging
 import re
 import sys
@@ -314,16 +327,27 @@ class SQLQueryAdapter(AdapterBase):
             if column in self.attachments or isinstance(value, (bytes, bytearray, memoryview)):
                 data = value if isinstance(value, (bytes, bytearray, memoryview)) else str(value).encode("utf-8")
                 attachments.append((column if "." in column else column + ".bin", bytes(data), None))
-        row_id = get("id")
         return build_message(
             subject=one_line(subject),
             body=body,
             date=to_datetime(get("date"), self.timezone),
-            msgid=message_id(row_id, self.name, self.domain),
+            # From the unique-id, not the row id alone: a row that took over
+            # a deleted row's id must not look like that one to a client
+            # that de-duplicates by Message-ID.
+            msgid=message_id(self._unique_id(roles, row), self.name, self.domain),
             sender=get("sender") or self.sender,
             recipient=get("recipient") or self._default_recipient(username),
             attachments=attachments,
         )
+
+    @staticmethod
+    def _unique_id(roles: Mapping[str, int], row: Sequence[Any]) -> str:
+        """The row's unique-id: its id, and a digest of its timestamp if any (module docstring)."""
+        row_id = row[roles["id"]]
+        if "date" not in roles:
+            return stable_uid(row_id)
+        stamp = hashlib.sha256(str(row[roles["date"]]).encode("utf-8", "surrogatepass")).hexdigest()[:10]
+        return stable_uid("%s.%s" % (row_id, stamp))
 
     def _default_recipient(self, username: str) -> str:
         return self.recipient.replace("{user}", _address(username))
@@ -356,7 +380,8 @@ class SQLQueryAdapter(AdapterBase):
             dismissed = set(self._dismissed.get(username, ()))
         for row in rows:
             row_id = row[roles["id"]]
-            uid = stable_uid(row_id)
+            date = row[roles["date"]] if "date" in roles else None
+            uid = self._unique_id(roles, row)
             if uid in seen:
                 # Two rows with one id would share a unique-id: keep the first.
                 logger.warning("%s: duplicate row id %r skipped", self.name, row_id)
@@ -379,9 +404,9 @@ class SQLQueryAdapter(AdapterBase):
                 placeholders.add(uid)
                 if uid in dismissed:
                     continue
-                data = self._placeholder(username, uid, row_id, row[roles["date"]] if "date" in roles else None)
+                data = self._placeholder(username, uid, row_id, date)
             cache[uid] = data
-            messages.append(MessageInfo(uid, wire_size(data), key=row_id))
+            messages.append(MessageInfo(uid, wire_size(data), key=(row_id, date)))
         with self._mutex:
             self._sessions[username] = cache
             self._placeholders[username] = placeholders
@@ -414,7 +439,8 @@ class SQLQueryAdapter(AdapterBase):
         conn = self._open()
         try:
             style = self._style(conn)
-            params = [_params(self.delete_statement, style, {"id": m.key, "user": username}, "id") for m in messages]
+            params = [_params(self.delete_statement, style, {"id": m.key[0], "date": m.key[1], "user": username}, "id")
+                      for m in messages]
             cur = conn.cursor()
             # One transaction for all rows: executemany then a single commit.
             cur.executemany(self.delete_statement, params)

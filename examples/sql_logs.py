@@ -21,11 +21,16 @@ from pop3frame.adapters.sqlquery import SQLQueryAdapter
 
 
 def create_log_table(path):
-    """The table a script writes to; logged_at is filled in by SQLite (UTC)."""
+    """The table a script writes to; logged_at is filled in by SQLite (UTC).
+
+    AUTOINCREMENT: without it SQLite gives a new row the id of a deleted
+    newest one, and the id is the message's unique-id, which a mail client
+    that keeps mail on the server takes for one it already has.
+    """
     with sqlite3.connect(path) as conn:
         conn.execute(
             "CREATE TABLE IF NOT EXISTS logs ("
-            " id INTEGER PRIMARY KEY,"
+            " id INTEGER PRIMARY KEY AUTOINCREMENT,"
             " logged_at TEXT NOT NULL DEFAULT CURRENT_TIMESTAMP,"
             " level TEXT NOT NULL,"
             " line TEXT NOT NULL)"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import email.policy
 import importlib.util
+import os
 import pathlib
 import poplib
 import sqlite3
@@ -14,7 +15,7 @@ from email.parser import BytesParser
 import pytest
 
 from pop3frame.testing import Controller
-from tests.helpers import retr_lines_to_bytes
+from tests.helpers import require_program, retr_lines_to_bytes
 from tests.helpers import assert_clean
 
 EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
@@ -108,7 +109,8 @@ def test_sql_logs_runs_end_to_end(tmp_path):
             "WARNING: disk /var is 91% full",
             "ERROR: certificate for mail.example.org expires in 3 days",
         ]
-        assert [l.split()[1] for l in client.uidl()[1]] == [b"1", b"2", b"3"]
+        # Row id, then a digest of its timestamp (adapters/sqlquery.py).
+        assert [l.split()[1].split(b".")[0] for l in client.uidl()[1]] == [b"1", b"2", b"3"]
         client.dele(2)
         assert client.quit().startswith(b"+OK")
         # A script logs while the server runs; the next session sees it.
@@ -116,13 +118,48 @@ def test_sql_logs_runs_end_to_end(tmp_path):
         client = poplib.POP3("127.0.0.1", port, timeout=10)
         client.user("ops")
         client.pass_("ops")
-        assert [l.split()[1] for l in client.uidl()[1]] == [b"1", b"3", b"4"]
+        assert [l.split()[1].split(b".")[0] for l in client.uidl()[1]] == [b"1", b"3", b"4"]
         client.quit()
     finally:
         proc.terminate()
         proc.wait(10)
         proc.stdout.close()
         proc.stderr.close()
+
+
+def test_sql_logs_new_row_after_deleting_the_newest_reaches_mpop_keeping_mail(tmp_path):
+    """Issue 11 defect 2, RFC 1939 section 7 (UIDL): mpop with ``keep on`` fetches all
+    rows; the newest row is deleted and a new one logged.  The table hands out ids with
+    AUTOINCREMENT, so the new row gets a new id, unique-id and Message-ID, and mpop
+    downloads it (with id reuse it took the row for one it had: "no new messages")."""
+    example = load("sql_logs")
+    db = str(tmp_path / "logs.db")
+    example.create_log_table(db)
+    for level, line in (("INFO", "backup done"), ("WARNING", "disk 91% full"), ("ERROR", "cert expires")):
+        example.log(db, level, line)
+    out = tmp_path / "out"
+    for sub in ("new", "cur", "tmp"):
+        (out / sub).mkdir(parents=True)
+
+    def mpop(port):
+        result = subprocess.run(
+            [require_program("mpop"), "-C", "/dev/null", "--host=127.0.0.1", "--port=%d" % port, "--auth=user",
+             "--user=ops", "--passwordeval=echo ops", "--tls=off", "--delivery=maildir,%s" % out,
+             "--uidls-file=%s" % (tmp_path / "uidls"), "--keep=on", "--received-header=off"],
+            capture_output=True, text=True, timeout=120,
+        )
+        assert result.returncode == 0, result.stderr
+        return sorted(parse((out / "new" / name).read_bytes())["Subject"] for name in os.listdir(out / "new"))
+
+    with Controller(example.build_adapter(db)) as server:
+        assert mpop(server.port) == ["ERROR: cert expires", "INFO: backup done", "WARNING: disk 91% full"]
+        conn = sqlite3.connect(db)
+        with conn:
+            conn.execute("DELETE FROM logs WHERE id = (SELECT MAX(id) FROM logs)")
+        conn.close()
+        example.log(db, "NEW", "database is down")
+        assert mpop(server.port) == ["ERROR: cert expires", "INFO: backup done", "NEW: database is down",
+                                     "WARNING: disk 91% full"]
 
 
 def test_function_mail_builder():

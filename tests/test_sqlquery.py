@@ -7,6 +7,7 @@ delete and the placeholder styles of other drivers.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import poplib
 import sqlite3
@@ -45,6 +46,15 @@ def connector(path):
     return lambda: sqlite3.connect(path, timeout=30)
 
 
+#: The fixture's rows: id -> timestamp.
+TS = {1: "2026-11-25 09:00:00", 2: "2026-11-25 09:05:00", 3: "2026-11-25 09:06:00"}
+
+
+def uid_of(row_id, ts):
+    """The unique-id of a row of a query with a timestamp column: id, '.', 10 hex digits of its SHA-256."""
+    return "%s.%s" % (row_id, hashlib.sha256(ts.encode()).hexdigest()[:10])
+
+
 QUERY = "SELECT id, ts AS date, level || ': ' || line AS subject, line AS body FROM logs WHERE seen = 0 ORDER BY id"
 
 
@@ -80,12 +90,12 @@ def test_rows_become_clean_messages(db):
         assert b"\r\n" in raw and b"\n" not in raw.replace(b"\r\n", b"")
     assert msgs[1]["Subject"] == "WARN: disk /var at 91%"
     assert msgs[1]["Date"] == "Wed, 25 Nov 2026 09:05:00 +0000"
-    assert msgs[1]["Message-ID"] == "<2.logs@pop3frame.invalid>"
+    assert msgs[1]["Message-ID"] == "<%s.logs@pop3frame.invalid>" % uid_of(2, TS[2])
     assert msgs[1]["To"] == "ops@localhost"
     assert text(msgs[1]) == "disk /var at 91%\n"
 
 
-def test_uidl_and_message_id_stable_and_derived_from_row_id(db):
+def test_uidl_and_message_id_stable_and_derived_from_row_id_and_timestamp(db):
     adapter = SQLQueryAdapter(connector(db), QUERY, users={"ops": "ops-pw"})
     with Controller(adapter) as server:
         client = login(server)
@@ -98,7 +108,8 @@ def test_uidl_and_message_id_stable_and_derived_from_row_id(db):
             conn.execute("UPDATE logs SET line = 'edited' WHERE id = 1")
         conn.close()
         client = login(server)
-        assert [l.split()[1] for l in client.uidl()[1]] == uids == [b"1", b"2", b"3"]
+        assert [l.split()[1].decode() for l in client.uidl()[1]] == [u.decode() for u in uids] == [
+            uid_of(i, TS[i]) for i in (1, 2, 3)]
         again = retr_lines_to_bytes(client.retr(1)[1])
         client.quit()
     assert parse(first)["Message-ID"] == parse(again)["Message-ID"]
@@ -313,19 +324,20 @@ def test_row_that_cannot_be_rendered_becomes_a_placeholder(db, caplog):
         client = login(server)
         uids = [l.split()[1].decode() for l in client.uidl()[1]]
         raws = fetch_and_quit_after(client, lambda: (client.dele(1), client.dele(2)))
-        assert uids[0] == "1" and uids[2] == "3" and uids[1] not in ("2", "1", "3")
+        row_uids = [uid_of(i, TS[i]) for i in (1, 2, 3)]
+        assert uids[0] == row_uids[0] and uids[2] == row_uids[2] and uids[1] not in row_uids
         notice = assert_clean(raws[1])
         assert notice["Subject"] == "Row 2 could not be shown"
-        assert notice["Message-ID"] != "<2.sql@pop3frame.invalid>"
+        assert notice["Message-ID"] != "<%s.sql@pop3frame.invalid>" % row_uids[1]
         assert notice["Date"] == "Wed, 25 Nov 2026 09:05:00 +0000"  # the row's own date
         assert "does not delete the row" in text(notice)
         # Row 1 is deleted; row 2 is not, and its dismissed notice stays away.
         client = login(server)
-        assert [l.split()[1].decode() for l in client.uidl()[1]] == ["3"]
+        assert [l.split()[1].decode() for l in client.uidl()[1]] == row_uids[2:]
         client.quit()
         adapter.fixed = True
         client = login(server)
-        assert [l.split()[1].decode() for l in client.uidl()[1]] == ["2", "3"]
+        assert [l.split()[1].decode() for l in client.uidl()[1]] == row_uids[1:]
         assert parse(retr_lines_to_bytes(client.retr(1)[1]))["Subject"] == "WARN: disk /var at 91%"
         client.quit()
     conn = sqlite3.connect(db)
@@ -571,3 +583,48 @@ def test_postgres_failed_delete_rolls_back(pg_logs):
             client.quit()
         assert server.wait_for_connections(0)
         assert len(fetch(server)) == 2
+
+
+def test_a_table_that_reuses_ids_still_gives_a_new_row_a_new_unique_id(db):
+    """Issue 11 defect 2, RFC 1939 section 7 (UIDL): the fixture's table reuses ids
+    (INTEGER PRIMARY KEY, no AUTOINCREMENT).  After the newest row is deleted, the next
+    row gets its id again, but not its unique-id or Message-ID: the timestamp tells them
+    apart.  And a DELE naming ``:date`` never deletes a row that took over the id of the
+    listed one during the session."""
+    adapter = SQLQueryAdapter(connector(db), QUERY, users={"ops": "ops-pw"},
+                              delete="DELETE FROM logs WHERE id = :id AND ts = :date")
+
+    def insert(ts, line):
+        conn = sqlite3.connect(db)
+        with conn:
+            row_id = conn.execute("INSERT INTO logs (owner, ts, level, line) VALUES ('ops', ?, 'NEW', ?)",
+                                  (ts, line)).lastrowid
+        conn.close()
+        return row_id
+
+    def listing(client):
+        uids = [l.split()[1].decode() for l in client.uidl()[1]]
+        ids = [parse(retr_lines_to_bytes(client.retr(n)[1]))["Message-ID"] for n in range(1, len(uids) + 1)]
+        return uids, ids
+
+    with Controller(adapter) as server:
+        client = login(server)
+        issued, msgids = listing(client)
+        client.dele(3)
+        client.quit()
+        assert insert("2026-11-25 10:00:00", "database is down") == 3  # the id comes back
+        client = login(server)
+        uids, ids = listing(client)
+        assert uids[:2] == issued[:2] and uids[2] not in issued
+        assert ids[:2] == msgids[:2] and ids[2] not in msgids
+        # Row 3 is replaced by another row 3 while a session that listed it runs.
+        client.dele(3)
+        conn = sqlite3.connect(db)
+        with conn:
+            conn.execute("DELETE FROM logs WHERE id = 3")
+        conn.close()
+        assert insert("2026-11-25 10:05:00", "database is up again") == 3
+        assert client.quit().startswith(b"+OK")
+        client = login(server)
+        assert parse(retr_lines_to_bytes(client.retr(3)[1]))["Subject"] == "NEW: database is up again"
+        client.quit()
