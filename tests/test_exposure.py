@@ -330,7 +330,7 @@ def test_stls_late_before_login_has_until_the_login_deadline_to_finish(tmp_path)
 def test_input_while_a_reply_is_withheld_is_bounded(caplog):
     """Bytes a client sends while its reply is withheld are kept for later, up to 64 KiB;
     past that the connection closes."""
-    caplog.set_level(logging.INFO, logger="pop3frame")
+    caplog.set_level(logging.DEBUG, logger="pop3frame")  # per-event lines are DEBUG
     clock = ManualClock()
     with Controller(MemoryAdapter({"alice": "pw"}), clock=clock, poll_interval=0.01,
                     free_auth_failures=0) as server, RawClient(server.address) as c:
