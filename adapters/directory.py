@@ -3,7 +3,11 @@
 Single-user: ``DirectoryAdapter(root, user="reports", password="...")`` serves
 ``root`` itself.  Multi-user: ``DirectoryAdapter(root, auth=PasswdFile(...))``
 serves ``root/<user>/``.  Dotfiles, subdirectories and symbolic links are
-ignored; messages are ordered by modification time, then name.
+ignored; messages are ordered by modification time, then name.  Nor is
+``root/<user>`` followed if it is a symlink (``-ERR [SYS/PERM]``, logged):
+files are opened and deleted relative to a descriptor of the user's
+directory opened with ``O_NOFOLLOW``, so a user who can replace it cannot
+have a server running as root serve or delete someone else's files.
 
 A message is one version of a file: its name, inode, size and mtime.  The
 unique-id is a SHA-1 of those, so a report rewritten or replaced under the
@@ -16,6 +20,7 @@ delete from.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import hmac
@@ -23,9 +28,9 @@ import logging
 import os
 import stat
 import threading
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, Iterator, Optional, Sequence, Tuple
 
-from pop3frame import AdapterBase, MessageInfo, TemporaryFailure
+from pop3frame import AdapterBase, MessageInfo, PermanentFailure, TemporaryFailure
 from pop3frame.protocol import stream_wire_size
 
 from .maildir import safe_user_name
@@ -62,6 +67,24 @@ class DirectoryAdapter(AdapterBase):
             raise TemporaryFailure("invalid mailbox name")
         return os.path.join(self.root, username)
 
+    @contextlib.contextmanager
+    def _opened(self, username: str) -> Iterator[int]:
+        """A descriptor of the user's directory; ``root/<user>`` must not be a symlink.
+        FileNotFoundError if it does not exist."""
+        flags = os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_CLOEXEC", 0)
+        directory = self._dir(username)
+        try:
+            fd = os.open(directory, flags if self.user is not None else flags | os.O_NOFOLLOW)
+        except OSError as exc:
+            if exc.errno not in (errno.ELOOP, errno.EMLINK, errno.ENOTDIR):
+                raise
+            logger.error("%s is a symlink or not a directory; not served", directory)
+            raise PermanentFailure("mailbox is not a directory") from None
+        try:
+            yield fd
+        finally:
+            os.close(fd)
+
     def authenticate(self, username: str, password: str) -> bool:
         if self.user is not None:
             return hmac.compare_digest(username.encode(), self.user.encode()) & hmac.compare_digest(
@@ -69,19 +92,22 @@ class DirectoryAdapter(AdapterBase):
         return safe_user_name(username) and bool(self.auth.authenticate(username, password))
 
     def list_messages(self, username: str) -> Sequence[MessageInfo]:
-        directory = self._dir(username)
-        found = []
         try:
-            with os.scandir(directory) as entries:
-                for entry in entries:
-                    try:
-                        st = entry.stat(follow_symlinks=False)
-                    except FileNotFoundError:
-                        continue  # removed while we looked
-                    if not entry.name.startswith(".") and stat.S_ISREG(st.st_mode):
-                        found.append((st.st_mtime_ns, entry.name, st.st_ino, st.st_size))
+            with self._opened(username) as fd:
+                return self._list(self._dir(username), fd)
         except FileNotFoundError:
-            pass
+            return []
+
+    def _list(self, directory: str, fd: int) -> Sequence[MessageInfo]:
+        found = []
+        with os.scandir(fd) as entries:
+            for entry in entries:
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    continue  # removed while we looked
+                if not entry.name.startswith(".") and stat.S_ISREG(st.st_mode):
+                    found.append((st.st_mtime_ns, entry.name, st.st_ino, st.st_size))
         with self._mutex:
             known = self._sizes.get(directory, {})
         sizes: Dict[Version, int] = {}
@@ -91,7 +117,7 @@ class DirectoryAdapter(AdapterBase):
             wire = known.get(version)
             if wire is None:
                 try:
-                    with _open(directory, version) as f:
+                    with _open(fd, version) as f:
                         wire = stream_wire_size(f)
                 except TemporaryFailure:
                     continue  # changed since the scan: the next session sees it
@@ -103,23 +129,34 @@ class DirectoryAdapter(AdapterBase):
         return messages
 
     def open_message(self, username: str, message: MessageInfo):
-        return _open(self._dir(username), message.key)
+        try:
+            with self._opened(username) as fd:
+                return _open(fd, message.key)
+        except FileNotFoundError:
+            raise TemporaryFailure("message no longer exists") from None
 
     def delete_messages(self, username: str, messages: Sequence[MessageInfo]) -> None:
-        directory = self._dir(username)
+        try:
+            with self._opened(username) as fd:
+                self._delete(fd, messages)
+        except FileNotFoundError:
+            pass  # the directory is gone, and every message with it
+
+    @staticmethod
+    def _delete(fd: int, messages: Sequence[MessageInfo]) -> None:
         for message in messages:
-            path = os.path.join(directory, message.key[0])
+            name = message.key[0]
             try:
-                if _version(message.key[0], os.lstat(path)) != message.key:
+                if _version(name, os.stat(name, dir_fd=fd, follow_symlinks=False)) != message.key:
                     # The version the client saw is gone; the name now holds
                     # one it never saw, which stays for the next session.
                     continue
-                os.unlink(path)
+                os.unlink(name, dir_fd=fd)
             except FileNotFoundError:
                 continue
             except OSError as exc:
                 # Unlinks cannot be undone: stop here and keep the rest.
-                logger.error("cannot delete %s: %s", message.key[0], exc.strerror)
+                logger.error("cannot delete %s: %s", name, exc.strerror)
                 raise TemporaryFailure("could not delete all messages") from None
 
 
@@ -127,13 +164,13 @@ def _version(name: str, st: os.stat_result) -> Version:
     return (name, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
-def _open(directory: str, version: Version):
-    """The file ``version`` names, open for reading; TemporaryFailure if the
-    name now holds another file (or none)."""
+def _open(directory: int, version: Version):
+    """The file ``version`` names in the directory open as ``directory``, open for
+    reading; TemporaryFailure if the name now holds another file (or none)."""
     try:
         # O_NOFOLLOW and O_NONBLOCK: a name swapped for a symbolic link or a
         # FIFO is neither followed nor waited on; the fstat check refuses it.
-        fd = os.open(os.path.join(directory, version[0]), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        fd = os.open(version[0], os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=directory)
     except OSError as exc:
         if exc.errno not in (errno.ENOENT, errno.ELOOP):
             raise

@@ -31,9 +31,20 @@
   be kept (the server does not run as root), nothing is deleted.  MDAs must
   take the dotlock too (Debian's do): one waiting only for the fcntl lock
   would append to the replaced file.
+- Symbolic links are not followed below the template's fixed directory
+  (``/var/mail`` of ``/var/mail/{user}``, ``/home`` of
+  ``/home/{user}/mbox``; links there are the operator's): each directory
+  under it and the mbox itself are opened relative to their parent's
+  descriptor with ``O_NOFOLLOW``, and so are the dotlock and the temporary
+  file of a rewrite, renamed over the mbox only while the name still holds
+  the file that was read.  An mbox that is a symlink, not a regular file,
+  or has a second hard link is refused (``-ERR [SYS/PERM]``, logged): a
+  user who may replace their mbox (a sticky spool, their own home) must
+  not have a server running as root serve, or rewrite, someone else's.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import hashlib
@@ -41,10 +52,11 @@ import io
 import logging
 import os
 import re
-import tempfile
+import secrets
+import stat
 import threading
 import time
-from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Set, Tuple
+from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Set, Tuple
 
 from pop3frame import AdapterBase, MessageInfo, PermanentFailure, TemporaryFailure
 from pop3frame.protocol import CHUNK_SIZE, stream_wire_size
@@ -60,6 +72,11 @@ _QUOTED = re.compile(rb"\n>(>*From )")
 #: prefix of "From".  (Without a '>' it is harmless to hold back too.)
 _UNDECIDED = re.compile(rb"(>*)(?:F(?:r(?:o(?:m)?)?)?)?")
 _PIN = re.compile(rb"X-UIDL: ([\x21-\x7e]{1,70})\n")
+_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+_NOFOLLOW = os.O_NOFOLLOW | _CLOEXEC
+#: What open() says for a symlink refused by O_NOFOLLOW: ELOOP (EMLINK on
+#: the BSDs), or ENOTDIR for one standing where a directory should be.
+_LINKED = (errno.ELOOP, errno.EMLINK, errno.ENOTDIR)
 
 
 class _Unquote(io.RawIOBase):
@@ -181,6 +198,11 @@ class MboxAdapter(AdapterBase):
         if "{user}" not in path_template:
             path_template = os.path.join(path_template, "{user}")
         self.path_template = path_template
+        # The operator's directory, up to the last "/" before {user}, and
+        # the part below it, walked without following symlinks.
+        cut = path_template.rfind("/", 0, path_template.index("{user}")) + 1
+        self._spool = path_template[:cut] or "."
+        self._below = path_template[cut:]
         self.auth = auth
         self.stale_lock_after = stale_lock_after
         self.clock = clock
@@ -197,27 +219,78 @@ class MboxAdapter(AdapterBase):
     def authenticate(self, username: str, password: str) -> bool:
         return safe_user_name(username) and bool(self.auth.authenticate(username, password))
 
-    def open_file(self, path: str, mode: str):
-        """Every open of an mbox goes through here: subclasses (and the
-        tests) can wrap it to count or forbid reads."""
-        return open(path, mode)
+    def open_file(self, fd: int, mode: str):
+        """Every mbox opened (a checked regular file's descriptor) becomes a
+        file object here: subclasses (and the tests) can wrap it to count reads."""
+        return os.fdopen(fd, mode)
+
+    # -- opening, without following symlinks -----------------------------------
+
+    def _refuse(self, username: str, what: str) -> PermanentFailure:
+        logger.error("mbox of %r (%s): %s; not served", username, self.path(username), what)
+        return PermanentFailure("mailbox is not a regular file")
+
+    @contextlib.contextmanager
+    def _directory(self, username: str) -> Iterator[Tuple[int, str]]:
+        """The descriptor of the directory holding the user's mbox, and the mbox's name in it.
+
+        The template's fixed directory is opened as it is; every directory
+        below it, one at a time, with ``O_NOFOLLOW``.  FileNotFoundError if
+        one is missing.
+        """
+        self.path(username)  # refuses names that could leave the spool
+        *parents, name = self._below.replace("{user}", username).split("/")
+        fd = os.open(self._spool, os.O_RDONLY | os.O_DIRECTORY | _CLOEXEC)
+        try:
+            for part in filter(None, parents):
+                try:
+                    below = os.open(part, os.O_RDONLY | os.O_DIRECTORY | _NOFOLLOW, dir_fd=fd)
+                except OSError as exc:
+                    if exc.errno not in _LINKED:
+                        raise
+                    raise self._refuse(username, "%s is a symlink or not a directory" % part) from None
+                os.close(fd)
+                fd = below
+            yield fd, name
+        finally:
+            os.close(fd)
+
+    def _open(self, username: str, directory: int, name: str, flags: int, mode: str):
+        """The mbox ``name`` in ``directory``, if it is a regular file with one link."""
+        try:
+            fd = os.open(name, flags | os.O_NONBLOCK | _NOFOLLOW, dir_fd=directory)
+        except OSError as exc:
+            if exc.errno not in _LINKED:
+                raise
+            raise self._refuse(username, "a symlink") from None
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise self._refuse(username, "not a regular file")
+            if st.st_nlink != 1:
+                # A hard link made to another user's mbox reads like one's own.
+                raise self._refuse(username, "%d hard links" % st.st_nlink)
+            return self.open_file(fd, mode)
+        except BaseException:
+            os.close(fd)
+            raise
 
     # -- locking --------------------------------------------------------------
 
-    def _dotlock(self, path: str) -> str:
-        lock = path + ".lock"
+    def _dotlock(self, directory: int, name: str) -> str:
+        lock = name + ".lock"
         for _ in range(2):
             try:
-                fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o600, dir_fd=directory)
             except FileExistsError:
                 try:
-                    age = self.clock() - os.stat(lock).st_mtime
+                    age = self.clock() - os.stat(lock, dir_fd=directory, follow_symlinks=False).st_mtime
                 except FileNotFoundError:
                     continue
                 if age > self.stale_lock_after:
-                    logger.warning("breaking stale dotlock %s (%.0f s old)", lock, age)
+                    logger.warning("breaking stale dotlock %s.lock (%.0f s old)", name, age)
                     try:
-                        os.unlink(lock)
+                        os.unlink(lock, dir_fd=directory)
                     except FileNotFoundError:
                         pass
                     continue
@@ -225,36 +298,31 @@ class MboxAdapter(AdapterBase):
             try:
                 os.write(fd, b"%d\n" % os.getpid())
             except OSError:
-                os.unlink(lock)  # a full disk must not leave the mailbox locked
+                os.unlink(lock, dir_fd=directory)  # a full disk must not leave the mailbox locked
                 raise
             finally:
                 os.close(fd)
             return lock
         raise TemporaryFailure("mailbox is locked by another program")
 
-    def _locked(self, path: str, mode: str):
-        """Open ``path`` holding the dotlock and an fcntl lock; caller must _unlock."""
-        lock = self._dotlock(path)
-        try:
-            f = self.open_file(path, mode)
+    @contextlib.contextmanager
+    def _locked(self, username: str):
+        """``(directory, name, file)``: the user's mbox open for reading and
+        writing, holding its dotlock and an fcntl lock until the block ends."""
+        with self._directory(username) as (directory, name):
+            lock = self._dotlock(directory, name)
             try:
-                fcntl.lockf(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as exc:
-                f.close()
-                if exc.errno in (errno.EACCES, errno.EAGAIN):
-                    raise TemporaryFailure("mailbox is locked by another program") from None
-                raise
-        except BaseException:
-            os.unlink(lock)
-            raise
-        return f, lock
-
-    @staticmethod
-    def _unlock(f, lock: str) -> None:
-        try:
-            f.close()  # closing drops the fcntl lock
-        finally:
-            os.unlink(lock)
+                f = self._open(username, directory, name, os.O_RDWR, "r+b")
+                with f:  # closing drops the fcntl lock, before the dotlock goes
+                    try:
+                        fcntl.lockf(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    except OSError as exc:
+                        if exc.errno in (errno.EACCES, errno.EAGAIN):
+                            raise TemporaryFailure("mailbox is locked by another program") from None
+                        raise
+                    yield directory, name, f
+            finally:
+                os.unlink(lock, dir_fd=directory)
 
     # -- index --------------------------------------------------------------
 
@@ -336,16 +404,12 @@ class MboxAdapter(AdapterBase):
     def list_messages(self, username: str) -> Sequence[MessageInfo]:
         path = self.path(username)
         try:
-            f, lock = self._locked(path, "r+b")
+            with self._locked(username) as (_, _, f):
+                index = self._index(path, f)
         except FileNotFoundError:
             index = _EMPTY
             with self._mutex:
                 self._cache.pop(path, None)
-        else:
-            try:
-                index = self._index(path, f)
-            finally:
-                self._unlock(f, lock)
         with self._mutex:
             self._sessions[username] = index
         return [MessageInfo(uid, entry.size, key=entry)
@@ -355,7 +419,8 @@ class MboxAdapter(AdapterBase):
         entry: _Entry = message.key
         with self._mutex:
             ident = self._sessions[username].ident
-        f = self.open_file(self.path(username), "rb")
+        with self._directory(username) as (directory, name):
+            f = self._open(username, directory, name, os.O_RDONLY, "rb")
         try:
             st = os.fstat(f.fileno())
             if (st.st_dev, st.st_ino) != ident or not _starts_with_from(f, entry.start):
@@ -369,21 +434,20 @@ class MboxAdapter(AdapterBase):
         path = self.path(username)
         with self._mutex:
             index = self._sessions[username]
-        f, lock = self._locked(path, "r+b")
-        try:
+        with self._locked(username) as (directory, name, f):
             st = os.fstat(f.fileno())
             if ((st.st_dev, st.st_ino) != index.ident or st.st_size < index.size
                     or any(not _starts_with_from(f, e.start) for e in index.entries)):
                 raise TemporaryFailure("mailbox changed by another program; nothing deleted")
-            rewritten = self._rewrite(path, f, st, index, {m.key.start for m in messages})
-        finally:
-            self._unlock(f, lock)
+            rewritten = self._rewrite(path, directory, name, f, st, index, {m.key.start for m in messages})
         with self._mutex:
             self._cache[path] = rewritten
 
-    def _rewrite(self, path: str, f, st: os.stat_result, index: _Index, doomed: Set[int]) -> _Index:
-        """Replace the mbox by a copy without ``doomed``; return the copy's index."""
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".mbox-")
+    def _rewrite(self, path: str, directory: int, name: str, f, st: os.stat_result, index: _Index,
+                 doomed: Set[int]) -> _Index:
+        """Replace the mbox ``name`` in ``directory`` by a copy without ``doomed``; return the copy's index."""
+        tmp = ".mbox-%s" % secrets.token_hex(8)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o600, dir_fd=directory)
         try:
             with os.fdopen(fd, "wb") as out:
                 _give_owner(out.fileno(), st, path)
@@ -408,10 +472,15 @@ class MboxAdapter(AdapterBase):
                 out.flush()
                 os.fsync(out.fileno())
                 new = os.fstat(out.fileno())
-            os.replace(tmp, path)
+            # Only over the file that was read: a name swapped since (for a
+            # symlink, say) is left as it is, and nothing is deleted.
+            now = os.stat(name, dir_fd=directory, follow_symlinks=False)
+            if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
+                raise TemporaryFailure("mailbox changed by another program; nothing deleted")
+            os.replace(tmp, name, src_dir_fd=directory, dst_dir_fd=directory)
         except BaseException:
             try:
-                os.unlink(tmp)
+                os.unlink(tmp, dir_fd=directory)
             except FileNotFoundError:
                 pass
             raise

@@ -5,6 +5,7 @@ import contextlib
 import email.policy
 import logging
 import os
+import poplib
 import shutil
 import socket
 import subprocess
@@ -156,6 +157,16 @@ def unstuff(wire: bytes) -> bytes:
 def retr_lines_to_bytes(lines: List[bytes]) -> bytes:
     """poplib's RETR line list back to the CRLF message it transmitted."""
     return b"".join(l + CRLF for l in lines)
+
+
+def refused_login(server, user: str, password: str) -> bytes:
+    """The -ERR a poplib login to a Controller ``server`` gets (its clients time out in 10 s)."""
+    client = server.pop3()
+    client.user(user)
+    with pytest.raises(poplib.error_proto) as info:
+        client.pass_(password)
+    client.quit()
+    return info.value.args[0]
 
 
 def drop(client) -> None:

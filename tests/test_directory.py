@@ -8,7 +8,7 @@ import pytest
 
 from pop3frame.adapters.directory import DirectoryAdapter
 from pop3frame.testing import Controller
-from tests.helpers import retr_lines_to_bytes
+from tests.helpers import refused_login, retr_lines_to_bytes
 
 
 def test_single_user_serves_the_directory_itself(tmp_path):
@@ -149,3 +149,17 @@ def test_report_swapped_for_a_symlink_is_not_followed(tmp_path):
         client.dele(1)
         assert client.quit().startswith(b"+OK")
     assert os.path.islink(report) and (tmp_path / "secret").exists()
+
+
+def test_user_directory_that_is_a_symlink_is_refused(tmp_path, caplog):
+    """root/alice a symlink to root/bob: bob's files are neither served to alice nor
+    deleted by her; the login answers -ERR [SYS/PERM] and the log says why."""
+    bob = tmp_path / "bob"
+    bob.mkdir()
+    (bob / "r").write_bytes(b"Subject: bob's\n\nnot for alice\n")
+    os.symlink(bob, tmp_path / "alice")
+    with Controller(DirectoryAdapter(str(tmp_path), Anyone())) as server:
+        assert refused_login(server, "alice", "pw") == b"-ERR [SYS/PERM] mailbox is not a directory"
+        assert login(server, "bob").stat()[0] == 1  # bob's own directory is served
+    assert (bob / "r").exists()
+    assert "alice is a symlink or not a directory; not served" in caplog.text

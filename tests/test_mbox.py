@@ -17,7 +17,7 @@ from pop3frame.adapters.mbox import MboxAdapter
 from pop3frame.adapters.passwdfile import PasswdFile, set_password
 from pop3frame.testing import ManualClock, Controller
 from tests.harness_mbox import append_like_an_mda
-from tests.helpers import RawClient, reachable_dir, retr_lines_to_bytes
+from tests.helpers import RawClient, reachable_dir, refused_login, retr_lines_to_bytes
 
 
 @pytest.fixture
@@ -232,8 +232,8 @@ def test_identical_messages_get_distinct_stable_uids(spool):
 class _CountingFile(io.FileIO):
     """A real file that adds the bytes it reads from the OS to ``owner.bytes_read``."""
 
-    def __init__(self, path, mode, owner):
-        super().__init__(path, mode)
+    def __init__(self, fd, mode, owner):
+        super().__init__(fd, mode)
         self.owner = owner
 
     def readinto(self, b):
@@ -249,8 +249,8 @@ class CountingMbox(MboxAdapter):
         super().__init__(*args, **kwargs)
         self.bytes_read = self.measured = 0
 
-    def open_file(self, path, mode):
-        raw = _CountingFile(path, mode.replace("b", ""), self)
+    def open_file(self, fd, mode):
+        raw = _CountingFile(fd, mode.replace("b", ""), self)
         return io.BufferedRandom(raw) if "+" in mode else io.BufferedReader(raw)
 
     def measure(self, *args):
@@ -429,11 +429,7 @@ def test_traversal_login_over_pop3_is_refused(tmp_path):
     spool.mkdir()
     append_like_an_mda(str(tmp_path / "victim"), b"Subject: v\n\nnot yours\n")
     with Controller(MboxAdapter(str(spool), Anyone())) as server:
-        client = server.pop3()
-        client.user("../victim")
-        with pytest.raises(poplib.error_proto, match=r"\[AUTH\]"):
-            client.pass_("pw")
-        client.quit()
+        assert refused_login(server, "../victim", "pw").startswith(b"-ERR [AUTH]")
     assert not os.path.exists(str(tmp_path / "victim.lock"))
 
 
@@ -456,3 +452,130 @@ def test_rewrite_keeps_bytes_before_the_first_message(spool):
         client, got = fetch(server)
         assert got == [b"Subject: 1\r\n\r\none\r\n"]
         client.quit()
+
+
+# -- symlinks, hard links and other files at a mailbox's path ---------------------------
+
+
+@pytest.fixture
+def two_users(tmp_path):
+    """alice and bob in a sticky, world-writable spool (as /var/mail on some
+    systems): alice may replace her own mbox with whatever she likes.  bob's
+    mbox is nobody's, mode 0600; only root (the server here) can read it."""
+    passwd = str(tmp_path / "passwd")
+    set_password(passwd, "alice", "pw", scheme="PLAIN")
+    set_password(passwd, "bob", "bob-pw", scheme="PLAIN")
+    with reachable_dir("pop3frame-spool-", 0o1777) as spool:
+        bob = os.path.join(spool, "bob")
+        append_like_an_mda(bob, b"Subject: for bob only\n\nsecret\n")
+        nobody = pwd.getpwnam("nobody")
+        os.chown(bob, nobody.pw_uid, nobody.pw_gid)
+        os.chmod(bob, 0o600)
+        yield spool, PasswdFile(passwd), bob
+
+
+def assert_untouched(bob: str, before: bytes) -> None:
+    assert open(bob, "rb").read() == before
+    assert (os.stat(bob).st_uid, os.stat(bob).st_mode & 0o7777) == (pwd.getpwnam("nobody").pw_uid, 0o600)
+
+
+@pytest.mark.parametrize("how", ["symlink", "hard link"])
+def test_mbox_replaced_by_a_link_to_another_users_mbox_is_refused(two_users, how, caplog):
+    """Issue 14 defect 7: alice's mbox a symlink (or a hard link, where the
+    kernel allows one) to bob's 0600 mbox.  Followed, RETR served bob's mail and
+    DELE/QUIT replaced her link with a copy of his mail owned by him; now the
+    login is refused with -ERR [SYS/PERM] and nothing is read or written."""
+    spool, auth, bob = two_users
+    alice = os.path.join(spool, "alice")
+    (os.symlink if how == "symlink" else os.link)(bob, alice)
+    before = open(bob, "rb").read()
+    with Controller(MboxAdapter(spool, auth)) as server:
+        assert refused_login(server, "alice", "pw") == b"-ERR [SYS/PERM] mailbox is not a regular file"
+    assert_untouched(bob, before)
+    assert os.path.islink(alice) == (how == "symlink")
+    assert sorted(os.listdir(spool)) == ["alice", "bob"]  # no dotlock or temporary file left
+    assert "not served" in caplog.text and "secret" not in caplog.text
+
+
+@pytest.mark.parametrize("template,linked", [
+    ("{spool}/{{user}}/mbox", "{spool}/alice"),
+    ("{spool}/{{user}}/Mail/mbox", "{spool}/alice/Mail"),
+])
+def test_symlinked_directory_on_the_way_to_the_mbox_is_refused(two_users, template, linked):
+    """Below the template's fixed directory no symlink is followed: alice's
+    home (or a folder in it) pointing into bob's serves nothing of his, and the
+    dotlock and a rewrite's temporary file are not made there."""
+    spool, auth, _ = two_users
+    os.makedirs(os.path.join(spool, "bobdir", "Mail"))
+    bob = os.path.join(spool, "bobdir", "Mail" if "Mail" in template else "", "mbox")
+    append_like_an_mda(bob, b"Subject: for bob only\n\nsecret\n")
+    os.makedirs(os.path.dirname(linked.format(spool=spool)), exist_ok=True)
+    os.symlink(os.path.dirname(bob), linked.format(spool=spool))
+    before = files_under(os.path.join(spool, "bobdir"))
+    with Controller(MboxAdapter(template.format(spool=spool), auth)) as server:
+        assert refused_login(server, "alice", "pw") == b"-ERR [SYS/PERM] mailbox is not a regular file"
+    assert files_under(os.path.join(spool, "bobdir")) == before
+
+
+def test_symlinked_spool_given_by_the_operator_is_followed(tmp_path, spool):
+    """The template's fixed directory is the operator's (/var/spool/mail is a
+    symlink to /var/mail on Debian): links there are followed."""
+    root, auth = spool
+    append_like_an_mda(os.path.join(root, "alice"), b"Subject: s\n\nvia the link\n")
+    os.symlink(root, str(tmp_path / "linked-spool"))
+    with Controller(MboxAdapter(str(tmp_path / "linked-spool"), auth)) as server:
+        client, got = fetch(server)
+        assert got == [b"Subject: s\r\n\r\nvia the link\r\n"]
+        client.dele(1)
+        assert client.quit().startswith(b"+OK")
+    assert os.path.getsize(os.path.join(root, "alice")) == 0
+
+
+class SwapBeforeRewrite(MboxAdapter):
+    """Runs ``swap`` at the first read of the locked mbox once it is set: the
+    moment between opening the mbox for a rewrite and renaming over it."""
+
+    swap = None
+
+    def open_file(self, fd, mode):
+        f = super().open_file(fd, mode)
+        adapter, read = self, f.read
+
+        def read_then_swap(*args):
+            if adapter.swap is not None:
+                swap, adapter.swap = adapter.swap, None
+                swap()
+            return read(*args)
+
+        f.read = read_then_swap
+        return f
+
+
+def test_mbox_swapped_for_a_symlink_during_the_rewrite_is_not_replaced(two_users):
+    """alice swaps her mbox for a symlink to bob's after the server opened it to
+    delete: the rewrite is not renamed over her link (nothing deleted, -ERR),
+    and bob's mbox is untouched."""
+    spool, auth, bob = two_users
+    alice = os.path.join(spool, "alice")
+    append_like_an_mda(alice, b"Subject: a\n\nalice's\n")
+    before = open(bob, "rb").read()
+    adapter = SwapBeforeRewrite(spool, auth)
+    with Controller(adapter) as server:
+        client, got = fetch(server)
+        assert got == [b"Subject: a\r\n\r\nalice's\r\n"]
+        client.dele(1)
+        adapter.swap = lambda: (os.unlink(alice), os.symlink(bob, alice))
+        with pytest.raises(poplib.error_proto, match=r"\[SYS/TEMP\] .*mailbox changed by another program; nothing deleted"):
+            client.quit()
+    assert os.readlink(alice) == bob
+    assert_untouched(bob, before)
+    assert sorted(os.listdir(spool)) == ["alice", "bob"]
+
+
+def test_fifo_at_the_mbox_path_is_refused_at_once(spool):
+    """A FIFO would block the session's thread, holding the dotlock, forever."""
+    root, auth = spool
+    os.mkfifo(os.path.join(root, "alice"))
+    with Controller(MboxAdapter(root, auth)) as server:
+        assert refused_login(server, "alice", "pw") == b"-ERR [SYS/PERM] mailbox is not a regular file"
+    assert os.listdir(root) == ["alice"]
