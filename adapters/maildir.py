@@ -80,6 +80,7 @@ import time
 from typing import Any, BinaryIO, Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Set, Tuple
 
 from pop3frame import AdapterBase, MessageInfo, PermanentFailure, TemporaryFailure
+from pop3frame.failures import log_failure
 from pop3frame.protocol import measure_stream, valid_uid
 
 __all__ = ["MaildirAdapter", "safe_user_name", "CACHE_NAME"]
@@ -415,18 +416,23 @@ class MaildirAdapter(AdapterBase):
     def list_messages(self, username: str) -> Sequence[MessageInfo]:
         home = self.home(username)
         box = _Box(home)
-        try:
-            owner = os.stat(home)
-        except FileNotFoundError:
-            owner = None  # no mail delivered yet; see the module docstring
         listed = []
-        if owner is not None:
-            if not self.read_only and home not in self._prepared:
-                for sub in ("new", "cur", "tmp"):
-                    self._make_private_dir(os.path.join(home, sub), owner)
-                with self._mutex:
-                    self._prepared.add(home)
-            listed = self._index(home, owner, box)
+        try:
+            try:
+                owner = os.stat(home)
+            except FileNotFoundError:
+                owner = None  # no mail delivered yet; see the module docstring
+            if owner is not None:
+                if not self.read_only and home not in self._prepared:
+                    for sub in ("new", "cur", "tmp"):
+                        self._make_private_dir(os.path.join(home, sub), owner)
+                    with self._mutex:
+                        self._prepared.add(home)
+                listed = self._index(home, owner, box)
+        except OSError as exc:
+            # Permissions or a failing disk: the operator's to fix, not a bug.
+            log_failure(logger, logging.ERROR, "%s: cannot open the Maildir", home, exc=exc)
+            raise TemporaryFailure("mailbox unavailable") from None
         with self._mutex:
             self._boxes[username] = box
         return [MessageInfo(_uid(base), size, key=(sub, name)) for _, base, sub, name, size, _ in listed]

@@ -26,27 +26,38 @@ import os
 import tempfile
 import threading
 import time
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 from pop3frame import TemporaryFailure
 from pop3frame.passwords import PasswordCheck, hash_password, stored_password
 from pop3frame.protocol import plural
 
-__all__ = ["PasswdFile", "set_password", "delete_user", "read_entries"]
+__all__ = ["PasswdFile", "set_password", "delete_user", "read_entries", "malformed_lines"]
 
 logger = logging.getLogger("pop3frame.adapters.passwdfile")
 
 _RACY_NS = 2_000_000_000
 
 
-def _parse(data: bytes, path: str) -> Dict[str, str]:
-    entries: Dict[str, str] = {}
+def _lines(data: bytes) -> Iterator[Tuple[int, Optional[List[str]]]]:
+    """(line number, fields) of each entry line; fields None for a malformed line."""
     # surrogateescape: a stray non-UTF-8 byte spoils its own line, not the file.
     for number, line in enumerate(data.decode("utf-8", "surrogateescape").splitlines(), 1):
         if not line.strip() or line.lstrip().startswith("#"):
             continue
         fields = line.split(":")
-        if len(fields) < 2 or not fields[0]:
+        yield number, fields if len(fields) >= 2 and fields[0] else None
+
+
+def malformed_lines(data: bytes) -> List[int]:
+    """Numbers of the lines that are not ``user:password...`` (blank and ``#`` lines are fine)."""
+    return [number for number, fields in _lines(data) if fields is None]
+
+
+def _parse(data: bytes, path: str) -> Dict[str, str]:
+    entries: Dict[str, str] = {}
+    for number, fields in _lines(data):
+        if fields is None:
             logger.warning("%s:%d: malformed line skipped", path, number)
             continue
         if fields[0] in entries:
@@ -110,6 +121,13 @@ class PasswdFile:
                     logger.info("loaded %s from %s", plural(len(self._entries), "user"), self.path)
                 self._stamp = stamp
             return self._entries
+
+    def load(self) -> int:
+        """Read the file now (else at the first login); returns how many users it has.
+
+        Raises :class:`pop3frame.TemporaryFailure` if it cannot be read.
+        """
+        return len(self._current()[0])
 
     def users(self) -> List[str]:
         """Every user name in the file, sorted."""

@@ -19,7 +19,7 @@ import sys
 from typing import Any, Dict, List, NoReturn, Optional, Sequence, Tuple
 
 from . import __version__
-from . import configfile, passwords
+from . import configfile, passwords, preflight
 from . import client
 from .config import ServerConfig, parse_networks
 from .configfile import DEFAULT_DB, ConfigError, Listener, Settings
@@ -230,8 +230,6 @@ def _flag_errors(s: Settings) -> None:
     spec = s.adapter
     if spec.type in ("maildir", "mbox", "directory") and not spec.passwd:
         raise UsageError("--%s needs --passwd FILE (the users and their passwords)" % spec.type)
-    if spec.passwd and not os.path.isfile(spec.passwd):
-        raise UsageError("--passwd: no such file: %s" % spec.passwd)
     if any(l.tls for l in s.listeners) and not (s.cert and s.key) or bool(s.cert) != bool(s.key):
         raise UsageError("TLS needs both --cert FILE and --key FILE")
     try:
@@ -255,8 +253,7 @@ def load_tls(settings: Settings):
     try:
         return TLSCertificates(settings.cert, settings.key)
     except (OSError, ssl.SSLError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
-        raise UsageError("cannot load --cert/--key (%s, %s): %s" % (settings.cert, settings.key, reason)) from None
+        raise UsageError("cannot load --cert/--key (%s, %s): %s" % (settings.cert, settings.key, reason(exc))) from None
 
 
 # -- serve ------------------------------------------------------------------------
@@ -357,6 +354,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 drop_privileges(settings.user, settings.group)
             except (OSError, ValueError) as exc:
                 raise UsageError("--user/--group: cannot switch: %s" % exc) from None
+        # As the user that serves: what it must read, and what it will create.
+        found = preflight.problems(settings)
+        if found:
+            raise _path_errors(args, settings, found)
+        if settings.user or settings.group:
             logger.info("running as uid %d gid %d", os.getuid(), os.getgid())
         try:
             adapter = build_adapter()
@@ -426,6 +428,28 @@ def _loopback(host: str) -> bool:
         return False
 
 
+#: The flag that sets a config key, for naming a problem with it.
+_FLAGS = {"adapter.passwd": "passwd", "locks.directory": "lock_dir", "pid_file": "pid_file", "user": "user"}
+
+
+def _path_errors(args: argparse.Namespace, settings: Settings, found: List[preflight.Problem]) -> ConfigError:
+    """One error with every path problem, each named as the operator wrote it:
+    by the flag, else by the config file's key and line."""
+    text = configfile.text_of(settings.source) if settings.source else ""
+    errors = []
+    for key, message in found:
+        flag = _FLAGS.get(key)
+        if key == "adapter.path":
+            flag = next((name for name in ("sqlite", "maildir", "mbox", "directory") if getattr(args, name)), None)
+        if flag and getattr(args, flag):
+            errors.append(ConfigError(message, "--" + flag.replace("_", "-")))
+        elif settings.source:
+            errors.append(ConfigError(message, key, configfile.locate(text, key.split(".")), settings.source))
+        else:
+            errors.append(ConfigError(message))
+    return ConfigError.of(errors)
+
+
 def _describe(spec: configfile.AdapterSpec) -> str:
     if spec.type == "sqlite":
         return "sqlite %s" % (spec.path or DEFAULT_DB)
@@ -435,45 +459,50 @@ def _describe(spec: configfile.AdapterSpec) -> str:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    """Everything ``serve`` would check before opening the store, with file and line."""
-    from .lifecycle import resolve_ids
+    """Everything ``serve`` would check before serving, every problem at once, with file and line."""
+    from .lifecycle import drop_privileges, resolve_ids
 
-    settings = configfile.load(args.file)
+    text = configfile.text_of(args.file)
+    settings, errors = configfile.read(text, args.file)
 
-    def error(path: Tuple[str, ...], message: str) -> ConfigError:
-        return ConfigError(message, ".".join(path), configfile.locate(_read(args.file), path), args.file)
+    def error(key: str, message: str) -> ConfigError:
+        path = tuple(key.split("."))
+        return ConfigError(message, key, configfile.locate(text, path), args.file)
 
     spec = settings.adapter
-    try:
-        # Imports the adapter and checks its options; builds nothing (a
-        # check must not create a database).
-        configfile.adapter_factory(spec)
-    except ValueError as exc:
-        field, _, message = str(exc).partition(": ")
-        if ":" in spec.type and not field.startswith("options."):
-            field, message = "type", str(exc)  # import errors of module:Class
-        raise error(("adapter",) + tuple(field.split(".")), message) from None
+    if not any(e.key.startswith("adapter.") for e in errors):
+        try:
+            # Imports the adapter and checks its options; builds nothing (a
+            # check must not create a database).
+            configfile.adapter_factory(spec)
+        except ValueError as exc:
+            field, _, message = str(exc).partition(": ")
+            if ":" in spec.type and not field.startswith("options."):
+                field, message = "type", str(exc)  # import errors of module:Class
+            errors.append(error("adapter." + field, message))
+    switch = None
     if settings.user or settings.group:
         try:
             resolve_ids(settings.user, settings.group)
         except ValueError as exc:
             field, _, message = str(exc).partition(": ")
-            raise error((field,), message) from None
+            errors.append(error(field, message))
+        else:
+            if os.geteuid() == 0:
+                switch = lambda: drop_privileges(settings.user, settings.group)  # noqa: E731
     if settings.cert:
         from .tls import TLSCertificates
 
         try:
             TLSCertificates(settings.cert, settings.key)
         except (OSError, ssl.SSLError) as exc:
-            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
-            raise error(("tls", "cert"), "cannot load certificate/key: %s" % reason) from None
+            errors.append(error("tls.cert", "cannot load certificate/key: %s" % reason(exc)))
+    found = preflight.pid_file_problems(settings) + preflight.problems_as(settings, switch)
+    errors += [error(key, message) for key, message in found]
+    if errors:
+        raise ConfigError.of(errors)
     sys.stdout.write(configfile.dump(settings))
     return 0
-
-
-def _read(path: str) -> str:
-    with open(path, encoding="utf-8") as f:
-        return f.read()
 
 
 # -- user, deliver, passwd --------------------------------------------------------
@@ -579,8 +608,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s %(message)s")
     try:
         return args.func(args)
-    except (UsageError, ConfigError) as exc:
+    except UsageError as exc:
         print("pop3frame: %s" % exc, file=sys.stderr)
+        return 2
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print("pop3frame: %s" % problem, file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -17,11 +17,12 @@ import dataclasses
 import difflib
 import importlib
 import importlib.util
+import ipaddress
 import os
 import re
 import sys
 import typing
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from .config import LOOPBACK, ServerConfig, parse_networks
 
@@ -31,6 +32,8 @@ __all__ = [
     "AdapterSpec",
     "Settings",
     "load",
+    "read",
+    "text_of",
     "parse",
     "parse_address",
     "server_config",
@@ -61,14 +64,31 @@ NOT_CONFIGURABLE = {"clock"}
 
 
 class ConfigError(Exception):
-    """A mistake in the configuration: ``FILE:LINE: key: message``."""
+    """A mistake in the configuration: ``FILE:LINE: key: message``.
 
-    def __init__(self, message: str, key: str = "", line: Optional[int] = None, source: Optional[str] = None) -> None:
+    ``also``: further mistakes found in the same pass; :attr:`problems` is
+    this one and those, each a ConfigError of its own (one line each).
+    """
+
+    def __init__(self, message: str, key: str = "", line: Optional[int] = None, source: Optional[str] = None,
+                 also: Sequence["ConfigError"] = ()) -> None:
         self.message = message
         self.key = key
         self.line = line
         self.source = source
+        self.also = list(also)
         super().__init__(str(self))
+
+    @property
+    def problems(self) -> List["ConfigError"]:
+        return [self] + self.also
+
+    @classmethod
+    def of(cls, problems: Sequence["ConfigError"]) -> "ConfigError":
+        """One error carrying every problem (in the order of the file's lines)."""
+        ordered = sorted(problems, key=lambda p: p.line or 0)
+        first = ordered[0]
+        return cls(first.message, first.key, first.line, first.source, ordered[1:])
 
     def __str__(self) -> str:
         where = self.source or ""
@@ -78,16 +98,56 @@ class ConfigError(Exception):
         return ": ".join(parts + [self.message])
 
 
+_HOSTNAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9_]([A-Za-z0-9_-]*[A-Za-z0-9_])?(\.[A-Za-z0-9_]([A-Za-z0-9_-]*[A-Za-z0-9_])?)*\.?$")
+
+
 def parse_address(text: str, key: str = "address") -> Tuple[str, int]:
-    """``HOST:PORT`` or ``[IPV6]:PORT`` -> (host, port); ValueError otherwise."""
+    """``HOST:PORT`` or ``[IPV6]:PORT`` -> (host, port); ValueError otherwise.
+
+    Every interface must be written out (``0.0.0.0:110``, ``[::]:110``): an
+    empty host is a mistake, not a quiet "listen everywhere".  The error
+    text is one line: ``expected HOST:PORT, got '...' (what is wrong)``.
+    """
     if not isinstance(text, str):
         raise ValueError("expected HOST:PORT as a string, got %r" % (text,))
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError("expected HOST:PORT, got %r" % text)
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    return host or "0.0.0.0", int(port)
+
+    def wrong(why: str) -> ValueError:
+        return ValueError("expected HOST:PORT, got %r (%s)" % (text, why))
+
+    if text.startswith("["):
+        host, bracket, rest = text[1:].partition("]")
+        if not bracket:
+            raise wrong("no ']' closes the IPv6 address")
+        if not rest.startswith(":"):
+            raise wrong("a ':PORT' must follow the ']'")
+        port = rest[1:]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise wrong("%r in brackets is not an IPv6 address" % host) from None
+    else:
+        host, sep, port = text.rpartition(":")
+        if not sep:
+            raise wrong("no ':PORT'")
+        if ":" in host:
+            raise wrong("write an IPv6 address in brackets, as [%s]:%s" % (host, port))
+        if "]" in text:
+            raise wrong("a ']' without '['")
+        if not host:
+            raise wrong("the host is empty; for all interfaces write 0.0.0.0:%s or [::]:%s" % (port, port))
+        if not _HOSTNAME.match(host) or host.replace(".", "").isdigit() and not _is_ipv4(host):
+            raise wrong("%r is not an IPv4 address or a host name" % host)
+    if not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise wrong("the port must be a number from 0 to 65535" if port else "the port is empty")
+    return host, int(port)
+
+
+def _is_ipv4(text: str) -> bool:
+    try:
+        ipaddress.IPv4Address(text)
+    except ValueError:
+        return False
+    return True
 
 
 def format_address(address: Tuple[str, int]) -> str:
@@ -209,9 +269,20 @@ def _toml():
 
 
 class _Reader:
+    """Reads the parsed TOML into Settings and keeps every mistake it meets."""
+
     def __init__(self, text: str, source: Optional[str]) -> None:
         self.text = text
         self.source = source
+        self.problems: List[ConfigError] = []
+
+    @contextlib.contextmanager
+    def step(self) -> Iterator[None]:
+        """One independent check: its ConfigError is kept and reading goes on."""
+        try:
+            yield
+        except ConfigError as exc:
+            self.problems.append(exc)
 
     def error(self, path: Sequence[Any], message: str) -> ConfigError:
         key = ""
@@ -223,14 +294,18 @@ class _Reader:
         return ConfigError(message, key, locate(self.text, path), self.source)
 
     def table(self, data: Any, path: Sequence[Any], allowed: Sequence[str]) -> Dict[str, Any]:
+        """The keys of ``data`` that are ``allowed``; each unknown one is a problem."""
         if not isinstance(data, dict):
             raise self.error(path, "expected a table")
-        for name in data:
-            if name not in allowed:
+        known = {}
+        for name, value in data.items():
+            if name in allowed:
+                known[name] = value
+            else:
                 close = difflib.get_close_matches(name, allowed, 1)
                 hint = " (did you mean %r?)" % close[0] if close else ""
-                raise self.error(tuple(path) + (name,), "unknown key%s" % hint)
-        return data
+                self.problems.append(self.error(tuple(path) + (name,), "unknown key%s" % hint))
+        return known
 
     def typed(self, data: Dict[str, Any], path: Sequence[Any], name: str, kind: Any, default: Any = None) -> Any:
         if name not in data:
@@ -285,119 +360,169 @@ def _server_field_types() -> Dict[str, Any]:
 
 
 def _load_server_table(reader: _Reader, data: Any) -> Dict[str, Any]:
+    """The [server] values; each key is checked on its own, so every bad one is reported."""
     types = _server_field_types()
     allowed = list(types) + ["max_connections_per_user"]
     table = reader.table(data, ("server",), allowed)
     values: Dict[str, Any] = {}
     for name in table:
-        if name == "max_connections_per_user":
-            per_user = reader.typed(table, ("server",), name, int)
-            if per_user != 1:
-                raise reader.error(("server", name), "must be 1: the mailbox lock (RFC 1939 section 8) already "
-                                   "allows one session per user; a second login gets -ERR [IN-USE]")
-            continue
-        values[name] = reader.typed(table, ("server",), name, types[name])
+        with reader.step():
+            if name == "max_connections_per_user":
+                per_user = reader.typed(table, ("server",), name, int)
+                if per_user != 1:
+                    raise reader.error(("server", name), "must be 1: the mailbox lock (RFC 1939 section 8) already "
+                                       "allows one session per user; a second login gets -ERR [IN-USE]")
+                continue
+            value = reader.typed(table, ("server",), name, types[name])
+            try:
+                ServerConfig(**{name: value})
+            except ValueError as exc:
+                raise _server_error(reader, str(exc)) from None
+            values[name] = value
     return values
 
 
 def parse(text: str, source: Optional[str] = None) -> Settings:
-    """Settings from TOML text; ``source`` names the file in errors."""
+    """Settings from TOML text; ``source`` names the file in errors.
+
+    Raises ConfigError naming the first mistake, with every other one it
+    found in :attr:`ConfigError.also`.
+    """
+    settings, problems = read(text, source)
+    if problems:
+        raise ConfigError.of(problems)
+    return settings
+
+
+def read(text: str, source: Optional[str] = None) -> Tuple[Settings, List[ConfigError]]:
+    """Settings from TOML text, and every mistake found in it.
+
+    A bad key leaves its default in the settings and is reported; the
+    other keys are still read, so one pass finds every mistake.  Invalid
+    TOML, which cannot be read on, raises ConfigError.
+    """
     try:
         data = _toml().loads(text)
-    except ValueError as exc:  # TOMLDecodeError is a ValueError
+    except ValueError as exc:  # TOMLDecodeError is a ValueError; nothing more can be read
         m = re.search(r"line (\d+)", str(exc))
         raise ConfigError("invalid TOML: %s" % exc, "", int(m.group(1)) if m else None, source) from None
     r = _Reader(text, source)
     top = ("listener", "tls", "adapter", "locks", "server", "logging", "stats", "proxy",
            "shutdown_grace", "pid_file", "user", "group")
-    r.table(data, (), top)
+    data = r.table(data, (), top)
     s = Settings(source=source)
 
     listeners = data.get("listener", [])
     if not isinstance(listeners, list):
-        raise r.error(("listener",), "expected [[listener]] tables")
+        r.problems.append(r.error(("listener",), "expected [[listener]] tables"))
+        listeners = []
     for i, entry in enumerate(listeners):
-        path = ("listener", i)
-        r.table(entry, path, ("address", "tls", "proxy_protocol"))
-        if "address" not in entry:
-            raise r.error(path + ("address",), "missing (expected HOST:PORT)")
-        s.listeners.append(Listener(r.typed(entry, path, "address", "address"),
-                                    r.typed(entry, path, "tls", bool, False),
-                                    r.typed(entry, path, "proxy_protocol", bool, False)))
+        with r.step():
+            path = ("listener", i)
+            entry = r.table(entry, path, ("address", "tls", "proxy_protocol"))
+            if "address" not in entry:
+                raise r.error(path + ("address",), "missing (expected HOST:PORT)")
+            s.listeners.append(Listener(r.typed(entry, path, "address", "address"),
+                                        r.typed(entry, path, "tls", bool, False),
+                                        r.typed(entry, path, "proxy_protocol", bool, False)))
+    listeners_read = len(s.listeners) == len(listeners)
 
+    tls_read = True
     if "tls" in data:
-        tls = r.table(data["tls"], ("tls",), ("cert", "key"))
-        s.cert = r.typed(tls, ("tls",), "cert", str)
-        s.key = r.typed(tls, ("tls",), "key", str)
+        tls_read = False
+        with r.step():
+            tls = r.table(data["tls"], ("tls",), ("cert", "key"))
+            s.cert = r.typed(tls, ("tls",), "cert", str)
+            s.key = r.typed(tls, ("tls",), "key", str)
+            tls_read = True
 
     if "adapter" in data:
-        a = r.table(data["adapter"], ("adapter",), ("type", "path", "passwd", "dsn", "options"))
-        spec = AdapterSpec(type=r.typed(a, ("adapter",), "type", str, "sqlite"))
-        for name in ("path", "passwd", "dsn"):
-            setattr(spec, name, r.typed(a, ("adapter",), name, str))
-        if "options" in a:
-            spec.options = dict(r.table(a["options"], ("adapter", "options"), list(a["options"])))
-        try:
-            check_adapter(spec)
-        except ValueError as exc:
-            field, _, message = str(exc).partition(": ")
-            raise r.error(("adapter", field), message) from None
-        s.adapter = spec
+        with r.step():
+            a = r.table(data["adapter"], ("adapter",), ("type", "path", "passwd", "dsn", "options"))
+            spec = AdapterSpec(type=r.typed(a, ("adapter",), "type", str, "sqlite"))
+            for name in ("path", "passwd", "dsn"):
+                with r.step():
+                    setattr(spec, name, r.typed(a, ("adapter",), name, str))
+            if "options" in a:
+                with r.step():
+                    spec.options = dict(r.table(a["options"], ("adapter", "options"), list(a["options"])))
+            for field, message in adapter_problems(spec):
+                r.problems.append(r.error(("adapter", field), message))
+            s.adapter = spec
 
     if "locks" in data:
-        locks = r.table(data["locks"], ("locks",), ("backend", "directory", "dsn"))
-        s.lock_backend = r.typed(locks, ("locks",), "backend", str, "memory")
-        s.lock_dir = r.typed(locks, ("locks",), "directory", str)
-        s.lock_dsn = r.typed(locks, ("locks",), "dsn", str)
-        if s.lock_backend not in ("memory", "file", "postgres"):
-            raise r.error(("locks", "backend"), "expected memory, file or postgres, got %r" % s.lock_backend)
-        if s.lock_backend == "file" and not s.lock_dir:
-            raise r.error(("locks", "directory"), "missing: the file backend needs a directory")
-        if s.lock_backend == "postgres" and not s.lock_dsn:
-            raise r.error(("locks", "dsn"), "missing: the postgres backend needs a dsn")
+        with r.step():
+            locks = r.table(data["locks"], ("locks",), ("backend", "directory", "dsn"))
+            s.lock_backend = r.typed(locks, ("locks",), "backend", str, "memory")
+            s.lock_dir = r.typed(locks, ("locks",), "directory", str)
+            s.lock_dsn = r.typed(locks, ("locks",), "dsn", str)
+            if s.lock_backend not in ("memory", "file", "postgres"):
+                raise r.error(("locks", "backend"), "expected memory, file or postgres, got %r" % s.lock_backend)
+            if s.lock_backend == "file" and not s.lock_dir:
+                raise r.error(("locks", "directory"), "missing: the file backend needs a directory")
+            if s.lock_backend == "postgres" and not s.lock_dsn:
+                raise r.error(("locks", "dsn"), "missing: the postgres backend needs a dsn")
 
+    server_read = True
     if "server" in data:
-        s.server = _load_server_table(r, data["server"])
+        before = len(r.problems)
+        with r.step():
+            s.server = _load_server_table(r, data["server"])
+        server_read = len(r.problems) == before
 
     if "logging" in data:
-        log = r.table(data["logging"], ("logging",), ("level", "json"))
-        level = r.typed(log, ("logging",), "level", str, "INFO").upper()
-        if level not in LOG_LEVELS:
-            raise r.error(("logging", "level"), "expected one of %s, got %r" % (", ".join(LOG_LEVELS), log["level"]))
-        s.log_level = level
-        s.log_json = r.typed(log, ("logging",), "json", bool, False)
+        with r.step():
+            log = r.table(data["logging"], ("logging",), ("level", "json"))
+            with r.step():
+                level = r.typed(log, ("logging",), "level", str, "INFO").upper()
+                if level not in LOG_LEVELS:
+                    raise r.error(("logging", "level"),
+                                  "expected one of %s, got %r" % (", ".join(LOG_LEVELS), log["level"]))
+                s.log_level = level
+            s.log_json = r.typed(log, ("logging",), "json", bool, False)
 
     if "stats" in data:
-        stats = r.table(data["stats"], ("stats",), ("listen",))
-        s.stats_listen = r.typed(stats, ("stats",), "listen", "address")
+        with r.step():
+            stats = r.table(data["stats"], ("stats",), ("listen",))
+            s.stats_listen = r.typed(stats, ("stats",), "listen", "address")
 
     if "proxy" in data:
-        proxy = r.table(data["proxy"], ("proxy",), ("timeout", "trusted_networks"))
-        s.proxy_timeout = r.typed(proxy, ("proxy",), "timeout", float, 5.0)
-        if s.proxy_timeout <= 0:
-            raise r.error(("proxy", "timeout"), "must be positive")
-        s.proxy_trusted_networks = r.typed(proxy, ("proxy",), "trusted_networks", "strings", LOOPBACK)
-        try:
-            parse_networks(s.proxy_trusted_networks, "trusted_networks")
-        except ValueError as exc:
-            raise r.error(("proxy", "trusted_networks"), str(exc).partition(": ")[2]) from None
+        with r.step():
+            proxy = r.table(data["proxy"], ("proxy",), ("timeout", "trusted_networks"))
+            with r.step():
+                timeout = r.typed(proxy, ("proxy",), "timeout", float, 5.0)
+                if timeout <= 0:
+                    raise r.error(("proxy", "timeout"), "must be positive")
+                s.proxy_timeout = timeout
+            networks = r.typed(proxy, ("proxy",), "trusted_networks", "strings", LOOPBACK)
+            try:
+                parse_networks(networks, "trusted_networks")
+            except ValueError as exc:
+                raise r.error(("proxy", "trusted_networks"), str(exc).partition(": ")[2]) from None
+            s.proxy_trusted_networks = networks
 
-    s.shutdown_grace = r.typed(data, (), "shutdown_grace", float, 10.0)
-    if s.shutdown_grace < 0:
-        raise r.error(("shutdown_grace",), "must not be negative")
+    with r.step():
+        grace = r.typed(data, (), "shutdown_grace", float, 10.0)
+        if grace < 0:
+            raise r.error(("shutdown_grace",), "must not be negative")
+        s.shutdown_grace = grace
     for name in ("pid_file", "user", "group"):
-        setattr(s, name, r.typed(data, (), name, str))
+        with r.step():
+            setattr(s, name, r.typed(data, (), name, str))
 
-    try:
-        server_config(s)
-    except ValueError as exc:
-        raise _server_error(r, str(exc)) from None
-    if any(l.tls for l in s.listeners) and not (s.cert and s.key):
-        i = next(i for i, l in enumerate(s.listeners) if l.tls)
-        raise r.error(("listener", i, "tls"), "a TLS listener needs [tls] cert and key")
-    if bool(s.cert) != bool(s.key):
-        raise r.error(("tls", "key" if s.cert else "cert"), "missing: TLS needs both cert and key")
-    return s
+    if server_read:
+        with r.step():
+            try:
+                server_config(s)
+            except ValueError as exc:
+                raise _server_error(r, str(exc)) from None
+    if listeners_read and tls_read:
+        if any(l.tls for l in s.listeners) and not (s.cert and s.key):
+            i = next(i for i, l in enumerate(s.listeners) if l.tls)
+            r.problems.append(r.error(("listener", i, "tls"), "a TLS listener needs [tls] cert and key"))
+        if bool(s.cert) != bool(s.key):
+            r.problems.append(r.error(("tls", "key" if s.cert else "cert"), "missing: TLS needs both cert and key"))
+    return s, r.problems
 
 
 def _server_error(reader: _Reader, message: str) -> ConfigError:
@@ -409,18 +534,22 @@ def _server_error(reader: _Reader, message: str) -> ConfigError:
     return ConfigError(message, "server", None, reader.source)
 
 
-def load(path: str) -> Settings:
-    """Read and validate a config file."""
+def text_of(path: str) -> str:
+    """A config file's text; ConfigError if it cannot be read or is not UTF-8."""
     try:
         with open(path, "rb") as f:
             raw = f.read()
     except OSError as exc:
         raise ConfigError(exc.strerror or str(exc), "", None, path) from None
     try:
-        text = raw.decode("utf-8")
+        return raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ConfigError("not UTF-8 (%s)" % exc.reason, "", None, path) from None
-    return parse(text, path)
+
+
+def load(path: str) -> Settings:
+    """Read and validate a config file."""
+    return parse(text_of(path), path)
 
 
 def server_config(settings: Settings, **extra: Any) -> ServerConfig:
@@ -431,21 +560,30 @@ def server_config(settings: Settings, **extra: Any) -> ServerConfig:
 # -- adapters and locks ---------------------------------------------------------
 
 
-def check_adapter(spec: AdapterSpec) -> None:
-    """Static checks of an adapter spec; ValueError("field: message")."""
+def adapter_problems(spec: AdapterSpec) -> List[Tuple[str, str]]:
+    """Every static mistake in an adapter spec, as (field, message).
+
+    Static: nothing on disk is looked at (see :mod:`pop3frame.preflight`).
+    """
+    problems = []
     if spec.type in BUNDLED_ADAPTERS:
         _, _, path_means, needs_passwd = BUNDLED_ADAPTERS[spec.type]
         if path_means and spec.type != "sqlite" and not spec.path:
-            raise ValueError("path: missing: the %s adapter needs its %s" % (spec.type, path_means))
+            problems.append(("path", "missing: the %s adapter needs its %s" % (spec.type, path_means)))
         if needs_passwd and not spec.passwd:
-            raise ValueError("passwd: missing: the %s adapter needs a passwd-file" % spec.type)
-        if spec.passwd and not os.path.isfile(spec.passwd):
-            raise ValueError("passwd: no such file: %s" % spec.passwd)
+            problems.append(("passwd", "missing: the %s adapter needs a passwd-file" % spec.type))
         if spec.type == "postgres" and not spec.dsn:
-            raise ValueError("dsn: missing: the postgres adapter needs a dsn")
+            problems.append(("dsn", "missing: the postgres adapter needs a dsn"))
     elif ":" not in spec.type:
-        raise ValueError("type: expected one of %s, or module:Class, or path/to/file.py:Class; got %r"
-                         % (", ".join(BUNDLED_ADAPTERS), spec.type))
+        problems.append(("type", "expected one of %s, or module:Class, or path/to/file.py:Class; got %r"
+                         % (", ".join(BUNDLED_ADAPTERS), spec.type)))
+    return problems
+
+
+def check_adapter(spec: AdapterSpec) -> None:
+    """Static checks of an adapter spec; ValueError("field: message") for the first mistake."""
+    for field, message in adapter_problems(spec):
+        raise ValueError("%s: %s" % (field, message))
 
 
 def _split_target(target: str) -> Tuple[str, str]:
@@ -529,7 +667,7 @@ def adapter_factory(spec: AdapterSpec, log=None, threads: Optional[int] = None,
     (whatever its users).  ``pop3frame serve`` gives a hint only while
     every listener is loopback.
     """
-    from .adapter import AdapterBase
+    from .adapter import AdapterBase, POP3Error
 
     check_adapter(spec)
     options = dict(spec.options)
@@ -587,10 +725,14 @@ def adapter_factory(spec: AdapterSpec, log=None, threads: Optional[int] = None,
         check_options(cls, options, 2)
 
         def bundled():
+            users = PasswdFile(spec.passwd)
             try:
-                return cls(spec.path, PasswdFile(spec.passwd), **options)
+                users.load()  # now, so its count and warnings are logged at start-up
+                return cls(spec.path, users, **options)
             except (TypeError, ValueError, OSError) as exc:
                 raise ValueError("%s: %s" % (spec.type, exc)) from None
+            except POP3Error as exc:
+                raise ValueError("passwd: %s" % exc.text) from None
 
         return bundled
     factory = resolve_factory(spec.type)

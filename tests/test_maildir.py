@@ -13,11 +13,12 @@ import time
 
 import pytest
 
+from pop3frame import TemporaryFailure
 from pop3frame.adapters.maildir import CACHE_NAME, MaildirAdapter, safe_user_name
 from pop3frame.adapters.passwdfile import PasswdFile, set_password
 from pop3frame.testing import Controller
 from tests.harness_maildir import deliver_like_an_mda
-from tests.helpers import RawClient, drop, reachable_dir, unstuff
+from tests.helpers import RawClient, drop, expected_failure_logged_once, reachable_dir, unstuff
 
 
 @pytest.fixture
@@ -802,8 +803,10 @@ def test_size_cache_that_is_a_fifo_does_not_block_the_login(maildir):
 
 
 
-def test_unreadable_new_directory_is_an_error_not_an_empty_mailbox(shared_root):
-    """A permission problem must reach the client as an error, not look like "no mail"."""
+def test_unreadable_new_directory_is_an_error_not_an_empty_mailbox(shared_root, caplog):
+    """A permission problem must reach the client as an error, not look like "no mail":
+    [SYS/TEMP] (RFC 3206 section 4), and one ERROR line with the cause, no traceback."""
+    caplog.set_level(logging.INFO)
     new = os.path.join(shared_root, "alice", "new")
     os.makedirs(new)
     adapter = MaildirAdapter(shared_root, read_only=True)  # read-only: makes nothing
@@ -813,10 +816,12 @@ def test_unreadable_new_directory_is_an_error_not_an_empty_mailbox(shared_root):
         if os.geteuid() == 0:
             os.setegid(nobody.pw_gid)
             os.seteuid(nobody.pw_uid)
-        with pytest.raises(PermissionError):
+        with pytest.raises(TemporaryFailure, match="^mailbox unavailable$"):
             adapter.list_messages("alice")
     finally:
         if os.geteuid() != os.getuid():
             os.seteuid(os.getuid())
             os.setegid(os.getgid())
         os.chmod(new, 0o700)
+    line = expected_failure_logged_once(caplog.records, "Permission denied")
+    assert line.getMessage() == "%s: cannot open the Maildir: Permission denied" % os.path.join(shared_root, "alice")

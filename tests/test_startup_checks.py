@@ -1,0 +1,249 @@
+"""Operator mistakes are caught before serving: one line each on stderr,
+exit code 2, never a traceback, from ``serve`` and from ``check-config``,
+which reports every problem of a file in one run.  Paths are checked as
+the user the server runs as (``--user nobody``; the tests run as root)."""
+from __future__ import annotations
+
+import os
+import pwd
+import re
+import shutil
+
+import pytest
+
+from tests.helpers import RawClient, reachable_dir
+from tests.processes import Daemon, pop3frame, write_config
+
+EXAMPLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "example.toml")
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="switching to nobody needs root")
+
+
+def errors(out) -> list:
+    """The stderr lines of a command that must have failed as an operator mistake."""
+    err = out.stderr.decode()
+    assert out.returncode == 2, err
+    assert "Traceback" not in err and out.stdout == b"", err
+    lines = err.splitlines()
+    assert lines and all(line.startswith("pop3frame: ") for line in lines), err
+    return lines
+
+
+def one_error(out) -> str:
+    (line,) = errors(out)
+    return line
+
+
+@pytest.fixture
+def passwd(tmp_path):
+    path = tmp_path / "passwd"
+    path.write_text("alice:{PLAIN}pw\n")
+    return str(path)
+
+
+@pytest.mark.parametrize("store,path,what", [
+    ("maildir", "nope/mail", "nope/mail (the maildir root)"),
+    ("directory", "nope/mail", "nope/mail (the directory root)"),
+    ("mbox", "nope/mail", "nope/mail (the mbox directory)"),
+    ("mbox", "nope/{user}/mbox", "nope (the directory of the mbox files)"),
+])
+def test_missing_mail_root_is_refused(tmp_path, passwd, store, path, what):
+    """A mail root that does not exist used to serve empty maildrops to everyone."""
+    out = pop3frame("serve", "--" + store, path, "--passwd", passwd, "--listen", "127.0.0.1:0", cwd=str(tmp_path))
+    assert one_error(out) == "pop3frame: --%s: no such directory: %s" % (store, what)
+    config = write_config(tmp_path, """
+        [adapter]
+        type = "%s"
+        path = "%s"
+        passwd = "%s"
+    """ % (store, path, passwd))
+    for args in (("serve", "--config", config, "--listen", "127.0.0.1:0"), ("check-config", config)):
+        out = pop3frame(*args, cwd=str(tmp_path))
+        assert one_error(out) == "pop3frame: %s:4: adapter.path: no such directory: %s" % (config, what)
+    assert sorted(os.listdir(tmp_path)) == ["passwd", "pop3frame.toml"]  # nothing created
+
+
+def test_a_file_as_mail_root_is_refused(tmp_path, passwd):
+    out = pop3frame("serve", "--maildir", passwd, "--passwd", passwd, "--listen", "127.0.0.1:0")
+    assert one_error(out) == "pop3frame: --maildir: not a directory: %s (the maildir root)" % passwd
+
+
+@pytest.fixture
+def nobody():
+    return pwd.getpwnam("nobody")
+
+
+@pytest.fixture
+def shared(nobody):
+    """A root-owned directory nobody can enter but not write, with a Maildir
+    root in it whose user Maildir belongs to nobody."""
+    with reachable_dir("pop3frame-shared-", 0o755) as path:
+        os.makedirs(os.path.join(path, "mail", "alice", "new"))
+        os.chmod(os.path.join(path, "mail"), 0o755)
+        for name in ("alice", "alice/new"):
+            os.chown(os.path.join(path, "mail", name), nobody.pw_uid, nobody.pw_gid)
+        yield path
+
+
+@needs_root
+def test_passwd_file_the_dropped_user_cannot_read(shared, tmp_path):
+    """Root can read the passwd-file, nobody cannot: refused at start-up (not at
+    the first login with -ERR [SYS/TEMP]), by serve and by check-config, which
+    checks as the configured user in a child process."""
+    passwd = os.path.join(shared, "passwd")
+    with open(passwd, "w") as f:
+        f.write("alice:{PLAIN}pw\n")
+    os.chmod(passwd, 0o600)
+    mail = os.path.join(shared, "mail")
+    out = pop3frame("serve", "--maildir", mail, "--passwd", passwd, "--user", "nobody", "--listen", "127.0.0.1:0")
+    assert one_error(out) == "pop3frame: --passwd: cannot read %s as user nobody: Permission denied" % passwd
+    config = write_config(tmp_path, """
+        user = "nobody"
+        [adapter]
+        type = "maildir"
+        path = "%s"
+        passwd = "%s"
+    """ % (mail, passwd))
+    out = pop3frame("check-config", config)
+    assert one_error(out) == ("pop3frame: %s:6: adapter.passwd: cannot read %s as user nobody: Permission denied"
+                              % (config, passwd))
+    os.chmod(passwd, 0o644)
+    assert pop3frame("check-config", config).returncode == 0
+    with Daemon("--maildir", mail, "--passwd", passwd, "--user", "nobody", "--listen", "127.0.0.1:0") as d:
+        assert d.saw(r"loaded 1 user from %s" % re.escape(passwd))  # read at start-up, as nobody
+        with RawClient(("127.0.0.1", d.port)) as c:
+            assert c.login("alice", "pw") == b"+OK alice's maildrop has 0 messages (0 octets)\r\n"
+        assert d.stop() == 0
+
+
+def test_malformed_passwd_lines_are_refused(tmp_path):
+    """Each malformed line is one line of the report, named by file and line."""
+    passwd = tmp_path / "passwd"
+    passwd.write_text("# users\nalice:{PLAIN}pw\nthis line has no colon\n\n:{PLAIN}no-user\nbob:{PLAIN}pw\n")
+    (tmp_path / "mail").mkdir()
+    out = pop3frame("serve", "--maildir", str(tmp_path / "mail"), "--passwd", str(passwd),
+                    "--listen", "127.0.0.1:0")
+    assert errors(out) == [
+        "pop3frame: --passwd: %s:3: malformed line (expected user:{SCHEME}hash)" % passwd,
+        "pop3frame: --passwd: %s:5: malformed line (expected user:{SCHEME}hash)" % passwd,
+    ]
+
+
+@needs_root
+def test_paths_the_dropped_user_cannot_create(shared):
+    """The SQLite store and the lock directory are created after the switch:
+    a directory only root may write in is refused up front."""
+    db = os.path.join(shared, "store", "pop3frame.db")
+    out = pop3frame("serve", "--sqlite", db, "--user", "nobody", "--listen", "127.0.0.1:0")
+    assert one_error(out) == ("pop3frame: --sqlite: cannot create %s (the directory of the SQLite store): "
+                              "%s: permission denied for user nobody" % (os.path.dirname(db), shared))
+    locks = os.path.join(shared, "locks")
+    out = pop3frame("serve", "--demo", "--lock-dir", locks, "--user", "nobody", "--listen", "127.0.0.1:0")
+    assert one_error(out) == ("pop3frame: --lock-dir: cannot create %s (the lock directory): "
+                              "%s: permission denied for user nobody" % (locks, shared))
+    assert sorted(os.listdir(shared)) == ["mail"]
+
+
+@pytest.mark.parametrize("address,why", [
+    ("[::1", "no ']' closes the IPv6 address"),
+    (":1100", "the host is empty; for all interfaces write 0.0.0.0:1100 or [::]:1100"),
+    ("::1:1100", "write an IPv6 address in brackets, as [::1]:1100"),
+    ("[::1]1100", "a ':PORT' must follow the ']'"),
+    ("[localhost]:1100", "'localhost' in brackets is not an IPv6 address"),
+    ("127.0.0.1", "no ':PORT'"),
+    ("127.0.0.1:", "the port is empty"),
+    ("127.0.0.1:65536", "the port must be a number from 0 to 65535"),
+    ("127.0.0.1:pop3", "the port must be a number from 0 to 65535"),
+    ("300.1.1.1:110", "'300.1.1.1' is not an IPv4 address or a host name"),
+    ("mail server:110", "'mail server' is not an IPv4 address or a host name"),
+    ("host]:110", "a ']' without '['"),
+])
+def test_malformed_listen_addresses(tmp_path, address, why):
+    """Every malformed address gets one clear line, on the command line and in
+    a config file; an empty host no longer means "every interface"."""
+    out = pop3frame("serve", "--demo", "--listen", address)
+    expected = "expected HOST:PORT, got %r (%s)" % (address, why)
+    assert one_error(out) == "pop3frame: serve: argument --listen: " + expected
+    config = write_config(tmp_path, '[[listener]]\naddress = "%s"\n[stats]\nlisten = "%s"\n' % (address, address))
+    assert errors(pop3frame("check-config", config)) == [
+        "pop3frame: %s:2: listener[0].address: %s" % (config, expected),
+        "pop3frame: %s:4: stats.listen: %s" % (config, expected),
+    ]
+
+
+@pytest.mark.parametrize("address,bound", [("0.0.0.0:0", "0.0.0.0"), ("[::]:0", "::"), ("[::1]:0", "::1")])
+def test_all_interfaces_written_out(address, bound):
+    with Daemon("--demo", "--listen", address) as d:
+        assert d.saw(r"listening on %s port %d" % (re.escape(bound), d.port))
+        with RawClient(("::1" if ":" in bound else "127.0.0.1", d.port)) as c:
+            assert c.greeting.startswith(b"+OK")
+        assert d.stop() == 0
+
+
+def test_check_config_reports_every_problem_in_one_run(tmp_path):
+    """One run lists them all, in the order of the file, each FILE:LINE: key: message."""
+    (tmp_path / "file").write_text("")
+    config = write_config(tmp_path, """\
+        [[listener]]
+        address = ":110"
+        [adapter]
+        type = "maildir"
+        path = "{d}/nope/mail"
+        passwd = "{d}/nope/passwd"
+        [locks]
+        backend = "file"
+        directory = "{d}/file/locks"
+        [server]
+        timeout = 60
+        max_conections = 3
+        greeting = "fine"
+        [logging]
+        level = "LOUD"
+    """.replace("{d}", str(tmp_path)))
+    out = pop3frame("check-config", config, cwd=str(tmp_path))
+    assert errors(out) == ["pop3frame: %s:%s" % (config, line) for line in (
+        "2: listener[0].address: expected HOST:PORT, got ':110' (the host is empty; for all interfaces "
+        "write 0.0.0.0:110 or [::]:110)",
+        "5: adapter.path: no such directory: %s/nope/mail (the maildir root)" % tmp_path,
+        "6: adapter.passwd: no such file: %s/nope/passwd" % tmp_path,
+        "9: locks.directory: cannot create %s/file/locks (the lock directory): %s/file is not a directory"
+        % (tmp_path, tmp_path),
+        "11: server.timeout: must be at least 600 seconds (RFC 1939 section 3)",
+        "12: server.max_conections: unknown key (did you mean 'max_connections'?)",
+        "15: logging.level: expected one of DEBUG, INFO, WARNING, ERROR, CRITICAL, got 'LOUD'",
+    )]
+    # serve names the same problems (the first of a file's mistakes and all the rest)
+    assert errors(pop3frame("serve", "--config", config, cwd=str(tmp_path)))[0] == errors(out)[0]
+    assert sorted(os.listdir(tmp_path)) == ["file", "pop3frame.toml"]
+
+
+def example_in(tree) -> str:
+    """docs/example.toml with its /etc, /var/mail and /run paths moved into ``tree``."""
+    with open(EXAMPLE) as f:
+        text = f.read()
+    for old, new in (("/etc/pop3frame", "etc"), ("/var/mail", "mail"), ("/run/pop3frame", "run")):
+        text = text.replace(old, str(tree / new))
+    return write_config(tree, text, "example.toml")
+
+
+def test_shipped_example_validates_in_a_temporary_tree(tmp_path):
+    """docs/example.toml is checked as shipped, paths aside: with its files in
+    place it passes; without them, check-config names each one."""
+    import trustme
+
+    config = example_in(tmp_path)
+    missing = errors(pop3frame("check-config", config, cwd=str(tmp_path)))
+    assert [re.sub(r"^pop3frame: [^:]+:\d+: ", "", line).split(":")[0] for line in missing] == [
+        "tls.cert", "adapter.path", "adapter.passwd"]
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "mail").mkdir()
+    (tmp_path / "etc" / "passwd").write_text("alice:{PLAIN}pw\n")
+    issued = trustme.CA().issue_cert("mail.example.org")
+    issued.cert_chain_pems[0].write_to_path(str(tmp_path / "etc" / "fullchain.pem"))
+    issued.private_key_pem.write_to_path(str(tmp_path / "etc" / "privkey.pem"))
+    out = pop3frame("check-config", config, cwd=str(tmp_path))
+    assert out.returncode == 0 and out.stderr == b"", out.stderr
+    text = out.stdout.decode()
+    assert 'directory = "%s"' % (tmp_path / "run" / "locks") in text and 'address = "[::]:110"' in text
+    assert not (tmp_path / "run").exists()  # checked, not created
+    shutil.rmtree(tmp_path / "etc")
