@@ -127,7 +127,7 @@ class PasswdFile:
 
         Raises :class:`pop3frame.TemporaryFailure` if it cannot be read.
         """
-        return len(self._current()[0])
+        return len(self._current())
 
     def users(self) -> List[str]:
         """Every user name in the file, sorted."""
