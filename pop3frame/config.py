@@ -107,6 +107,11 @@ class ServerConfig:
     #: Other commands answered ``-ERR`` before login (unknown, invalid,
     #: refused) before the connection is closed (Dovecot's pop3-login: 3).
     max_bad_commands: int = 3
+    #: Commands of any kind before login (a client needs a handful: CAPA,
+    #: STLS, CAPA, AUTH ...); the next one is answered ``-ERR`` and the
+    #: connection closed, so a stream of cheap commands cannot take a CPU
+    #: for the whole ``login_timeout``.
+    max_login_commands: int = 50
     #: Failed logins per client address (across connections) answered at
     #: once; the answer to each further one is withheld 1, 2, 4 ... seconds,
     #: up to ``max_auth_failure_delay``.  The password is still checked, so
@@ -153,7 +158,8 @@ class ServerConfig:
         for name in ("auth_timeout", "login_timeout", "poll_interval", "send_timeout", "tls_handshake_timeout"):
             if getattr(self, name) <= 0:
                 raise ValueError("%s must be positive" % name)
-        for name in ("max_connections", "max_auth_failures", "max_bad_commands", "max_password_checks"):
+        for name in ("max_connections", "max_auth_failures", "max_bad_commands", "max_login_commands",
+                     "max_password_checks"):
             if getattr(self, name) < 1:
                 raise ValueError("%s must be at least 1" % name)
         for name in ("max_connections_per_ip", "login_delay", "stack_size", "free_auth_failures", "thread_keepalive",

@@ -214,6 +214,8 @@ class Session:
         #: whether the current command checked credentials (see handle()).
         self._bad_commands = 0
         self._checked = False
+        #: Lines handled before login, of any kind.
+        self._login_lines = 0
         self._lock: Optional[Lock] = None
         self._messages: List[MessageInfo] = []
         self._deleted: Set[int] = set()
@@ -292,6 +294,13 @@ class Session:
         self.reply_not_before = None
         if self.state is not State.AUTHORIZATION:
             return self._answer(line)
+        self._login_lines += 1
+        if self._login_lines > self.config.max_login_commands:
+            # A real client logs in within a handful of commands; a stream
+            # of cheap ones (CAPA) would cost CPU for the whole login_timeout.
+            self.log.info("closing after %d commands without a login", self._login_lines - 1)
+            self.closing = True
+            return [protocol.err(TOO_MANY_COMMANDS)]
         self._checked = False
         reply = self._answer(line)
         return reply if self._checked else self._counted(reply)
@@ -758,6 +767,7 @@ class Session:
 PLAINTEXT_REFUSED = "Plaintext authentication disallowed on non-secure (SSL/TLS) connections."
 LOCKED_OUT = "too many failed logins from your address; try again later"
 TOO_MANY_BAD_COMMANDS = "too many invalid commands, closing connection"
+TOO_MANY_COMMANDS = "too many commands without a login, closing connection"
 
 
 def _lookup_language(language_range: str) -> Optional[str]:

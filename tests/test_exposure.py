@@ -355,3 +355,19 @@ def test_security_doc_names_tests_that_exist():
     for path, name in named:
         with open(os.path.join(root, path), encoding="utf-8") as f:
             assert re.search(r"^def %s\(" % name, f.read(), re.M), "%s::%s" % (path, name)
+
+
+def test_commands_before_login_are_bounded_in_number():
+    """A stream of cheap valid commands (CAPA: 25,000 a second on one connection) once
+    took a CPU for as long as the connection lived; max_login_commands (50) ends it."""
+    with Controller(MemoryAdapter({"alice": "pw"})) as server, RawClient(server.address) as c:
+        c.send(b"CAPA\r\n" * 60)
+        for _ in range(50):
+            assert c.line().startswith(b"+OK") and c.multiline().endswith(b".\r\n")
+        assert c.line() == b"-ERR too many commands without a login, closing connection\r\n"
+        assert c.read_all() == b""
+    with Controller(MemoryAdapter({"alice": "pw"})) as server, RawClient(server.address) as c:
+        c.send(b"CAPA\r\n" * 49)
+        for _ in range(49):
+            assert c.line().startswith(b"+OK") and c.multiline().endswith(b".\r\n")
+        assert c.login("alice", "pw") == b"-ERR too many commands without a login, closing connection\r\n"
