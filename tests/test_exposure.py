@@ -43,11 +43,13 @@ class Gate(MemoryAdapter):
         super().__init__({"alice": "pw"}, apop=False)
         self.cond = threading.Condition()
         self.running = self.peak = self.calls = 0
+        self.names: list = []
         self.opened = False
 
     def authenticate(self, username, password):
         with self.cond:
             self.calls += 1
+            self.names.append(username)
             self.running += 1
             self.peak = max(self.peak, self.running)
             self.cond.notify_all()
@@ -127,7 +129,9 @@ def test_password_checks_run_a_few_at_a_time_and_a_client_that_leaves_frees_its_
                 c.send(b"USER nobody%d\r\nPASS x\r\n" % i)
             assert store.wait_running(2)
             assert eventually(lambda: checks.waiting == 8)
-            leaving = clients.pop()
+            # One whose check has not started (under load, any two may run first).
+            leaving = next(c for i, c in enumerate(clients) if "nobody%d" % i not in store.names)
+            clients.remove(leaving)
             leaving.close()
             assert eventually(lambda: checks.waiting == 7)
             assert server.wait_for_connections(9)
