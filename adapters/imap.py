@@ -6,10 +6,20 @@
     adapter = IMAPUpstreamAdapter("imap.example.org", security="ssl", folder="INBOX")
 
 Login: the POP3 user name and password are passed through to the IMAP
-server (``LOGIN``; ``AUTHENTICATE PLAIN`` when the password is not ASCII,
-which ``LOGIN`` cannot carry), or a ``credentials(user, password)``
-callable checks the POP3 login itself and returns the IMAP ``(user,
-password)`` to use (a fixed mapping), or None to refuse.
+server (``LOGIN`` with both as quoted strings, so a space or a quote in a
+name is part of it, not another argument or another name;
+``AUTHENTICATE PLAIN`` when either is not ASCII, which ``LOGIN`` cannot
+carry), or a ``credentials(user, password)`` callable checks the POP3
+login itself and returns the IMAP ``(user, password)`` to use (a fixed
+mapping: each POP3 name one account), or None to refuse.  A name or
+password with NUL, CR or LF is refused without asking the server: no IMAP
+string carries them, and sent raw they would end the command.
+
+The mailbox lock is taken on the IMAP account the login used, case-folded
+(:meth:`IMAPUpstreamAdapter.mailbox_id`): IMAP servers commonly fold case
+(Dovecot's default ``auth_username_format = %Lu``), so ``ALICE`` and
+``alice`` are one mailbox, and so are two POP3 names that ``credentials``
+maps to one account.
 
 Mapping:
 
@@ -45,10 +55,12 @@ in (so a wrong password is known before any lock is taken); the logged-in
 connection is parked for the user, picked up by ``list_messages`` (which
 selects the folder) and logged out in ``close_mailbox``.  The server holds
 the mailbox lock between those two, so one session per user uses the
-connection at a time.  A connection parked by a login that then failed
-with ``[IN-USE]`` (or whose client went away) is logged out at the user's
-next session, or by any login or session end once it is older than
-``PARK_SECONDS`` on the adapter's ``clock``.  ``close()`` logs out every
+connection at a time.  A connection stays parked only when the login then
+failed with ``[IN-USE]`` (or its client went away), and these are bounded:
+one per user (a newer login of the user logs the older out; either serves
+the session that gets the lock), ``max_parked`` in all (the oldest logged
+out first), and ``park_seconds`` each on the adapter's ``clock`` (any login
+or session end logs out older ones).  ``close()`` logs out every
 connection still open.  The POP3 password is never stored.
 
 Thread-safety: the parked and per-session connection tables and the
@@ -85,8 +97,11 @@ Credentials = Callable[[str, str], Optional[Tuple[str, str]]]
 #: (timeouts are socket.timeout, an OSError).
 _CONNECTION_ERRORS = (OSError, imaplib.IMAP4.abort, ssl.SSLError, EOFError)
 #: Parked logins older than this (a login refused [IN-USE], a client gone
-#: before the lock) are logged out by the next login or session end.
-PARK_SECONDS = 60.0
+#: before the lock) are logged out by the next login or session end; the
+#: session that gets the lock takes its login within milliseconds.
+PARK_SECONDS = 10.0
+#: Parked logins at most, over all users (one each); the oldest go first.
+MAX_PARKED = 64
 #: Tail fetches sent before their replies are read: few enough that the
 #: commands and replies in flight fit in the socket buffers (no deadlock).
 PIPELINE_DEPTH = 64
@@ -99,6 +114,11 @@ _TEMPORARY_CODES = (b"[UNAVAILABLE]", b"[SERVERBUG]", b"[INUSE]", b"[LIMIT]")
 def _quote(name: str) -> str:
     """An IMAP quoted string (imaplib sends arguments as they are)."""
     return '"%s"' % name.replace("\\", "\\\\").replace('"', '\\"')
+
+
+def _sendable(text: str) -> bool:
+    """Whether an IMAP string (quoted, or a SASL PLAIN field) can carry ``text``."""
+    return not any(c in text for c in "\0\r\n")
 
 
 def _uid_set(uids: Sequence[int]) -> str:
@@ -226,9 +246,10 @@ class IMAPUpstreamAdapter(AdapterBase):
     (ASCII name).  ``credentials``: see the module docstring.
     ``on_delete``: ``"expunge"`` (default), ``"trash"`` or ``"none"``
     (read-only).  ``timeout``: seconds for connecting and for each IMAP
-    reply.  ``chunk_size``: octets per partial fetch.  ``clock``: monotonic
-    seconds, for the age of parked logins (tests pass a
-    :class:`pop3frame.testing.ManualClock`).
+    reply.  ``chunk_size``: octets per partial fetch.  ``park_seconds`` and
+    ``max_parked``: the bounds on parked logins (module docstring).
+    ``clock``: monotonic seconds, for the age of parked logins (tests pass
+    a :class:`pop3frame.testing.ManualClock`).
     """
 
     def __init__(
@@ -244,6 +265,8 @@ class IMAPUpstreamAdapter(AdapterBase):
         trash_folder: str = "Trash",
         timeout: float = 30.0,
         chunk_size: int = 1 << 20,
+        park_seconds: float = PARK_SECONDS,
+        max_parked: int = MAX_PARKED,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if security not in ("plain", "starttls", "ssl"):
@@ -252,6 +275,10 @@ class IMAPUpstreamAdapter(AdapterBase):
             raise ValueError("on_delete must be 'expunge', 'trash' or 'none'")
         if chunk_size < 1:
             raise ValueError("chunk_size must be positive")
+        if max_parked < 1 or park_seconds <= 0:
+            raise ValueError("max_parked and park_seconds must be positive")
+        if not (_sendable(folder) and _sendable(trash_folder)):
+            raise ValueError("folder names cannot contain NUL, CR or LF")
         self.host = host
         self.port = port or (993 if security == "ssl" else 143)
         self.security = security
@@ -263,9 +290,12 @@ class IMAPUpstreamAdapter(AdapterBase):
         self.timeout = timeout
         self.chunk_size = chunk_size
         self.read_only = on_delete == "none"
+        self.park_seconds = park_seconds
+        self.max_parked = max_parked
         self.clock = clock
         self._mutex = threading.Lock()
-        self._parked: Dict[str, List[_Parked]] = {}
+        #: user -> the user's parked login, oldest first.
+        self._parked: "OrderedDict[str, _Parked]" = OrderedDict()
         self._sessions: Dict[str, _Session] = {}
         #: account -> (UIDVALIDITY, every UID up to this one checked, {uid: octets to add}).
         self._tails: "OrderedDict[str, Tuple[str, int, Dict[int, int]]]" = OrderedDict()
@@ -311,7 +341,7 @@ class IMAPUpstreamAdapter(AdapterBase):
 
     def _login(self, conn: imaplib.IMAP4, user: str, password: str) -> None:
         if password.isascii() and user.isascii() and "LOGINDISABLED" not in conn.capabilities:
-            conn.login(user, password)
+            conn.login(_quote(user), password)  # imaplib quotes only the password
             return
         # imaplib's LOGIN sends ASCII only; SASL PLAIN carries UTF-8 (RFC 4616).
         token = ("\0%s\0%s" % (user, password)).encode("utf-8")
@@ -326,16 +356,35 @@ class IMAPUpstreamAdapter(AdapterBase):
             upstream = self.credentials(username, password)
         if upstream is None:
             return False
+        if not all(map(_sendable, upstream)):
+            logger.info("IMAP login for %r not tried: NUL, CR or LF in the name or password", username)
+            return False
         conn = self.connect()
         try:
             self._login(conn, *upstream)
         except BaseException as exc:
             self._login_failed(conn, username, exc)
             return False
-        with self._mutex:
-            self._parked.setdefault(username, []).append(_Parked(self.clock(), conn, upstream[0]))
-        self._reap_parked()
+        self._park(username, _Parked(self.clock(), conn, upstream[0]))
         return True
+
+    def mailbox_id(self, username: str) -> str:
+        """The IMAP account of the user's login, case-folded: two names for one
+        account (case, a credentials mapping) share one lock."""
+        with self._mutex:
+            parked = self._parked.get(username)
+        return (parked.account if parked is not None else username).casefold()
+
+    def _park(self, username: str, parked: _Parked) -> None:
+        """Keep a logged-in connection for the user's session, within the bounds."""
+        with self._mutex:
+            gone = [p for p in (self._parked.pop(username, None),) if p is not None]
+            self._parked[username] = parked
+            while len(self._parked) > self.max_parked:
+                gone.append(self._parked.popitem(last=False)[1])
+        for p in gone:
+            self._logout(p.conn)
+        self._reap_parked()
 
     def _login_failed(self, conn: imaplib.IMAP4, username: str, exc: BaseException) -> None:
         """Log the connection out; return if the server refused the
@@ -352,29 +401,22 @@ class IMAPUpstreamAdapter(AdapterBase):
         logger.info("IMAP server refused the login of %r", username)
 
     def _reap_parked(self) -> None:
-        """Log out every user's parked logins older than PARK_SECONDS
-        (logins refused [IN-USE], clients gone before the lock was taken)."""
-        limit = self.clock() - PARK_SECONDS
+        """Log out the parked logins older than ``park_seconds`` (logins
+        refused [IN-USE], clients gone before the lock was taken)."""
+        limit = self.clock() - self.park_seconds
         stale: List[_Parked] = []
         with self._mutex:
-            for user in list(self._parked):
-                parked = self._parked[user]
-                stale += [p for p in parked if p.since < limit]
-                parked[:] = [p for p in parked if p.since >= limit]
-                if not parked:
-                    del self._parked[user]
+            while self._parked and next(iter(self._parked.values())).since < limit:
+                stale.append(self._parked.popitem(last=False)[1])
         for p in stale:
             self._logout(p.conn)
 
     def _take_parked(self, username: str) -> _Parked:
         with self._mutex:
-            parked = self._parked.pop(username, [])
-        if not parked:
+            parked = self._parked.pop(username, None)
+        if parked is None:
             raise TemporaryFailure("upstream login lost; log in again")
-        *extra, newest = parked
-        for p in extra:  # logins that lost the race for the mailbox lock
-            self._logout(p.conn)
-        return newest
+        return parked
 
     def _line_ends(
         self, conn: imaplib.IMAP4, account: str, uidvalidity: str, messages: Sequence[Tuple[int, int]]
@@ -537,7 +579,7 @@ class IMAPUpstreamAdapter(AdapterBase):
     def close(self) -> None:
         """Log out every upstream connection, parked or in a session."""
         with self._mutex:
-            conns = [p.conn for parked in self._parked.values() for p in parked]
+            conns = [p.conn for p in self._parked.values()]
             conns += [s.conn for s in self._sessions.values()]
             self._parked.clear()
             self._sessions.clear()

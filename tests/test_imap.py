@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import gc
+import imaplib
 import logging
 import poplib
 import socket
@@ -20,7 +21,7 @@ from pop3frame.adapters import imap
 from pop3frame.adapters.imap import PARK_SECONDS, IMAPUpstreamAdapter, _body_sections, _uid_set
 from pop3frame.testing import Controller, ManualClock
 from tests.dovecot import Dovecot, require as require_dovecot
-from tests.helpers import RawClient, expected_failure_logged_once, retr_lines_to_bytes
+from tests.helpers import RawClient, expected_failure_logged_once, refused_login, retr_lines_to_bytes
 
 
 @pytest.fixture
@@ -363,7 +364,7 @@ def test_in_use_login_leaves_no_connection_behind(dovecot, caplog):
     adapter = IMAPUpstreamAdapter("127.0.0.1", dovecot.port)
     with Controller(adapter) as server:
         first, second = login_then_in_use(server)
-        assert len(adapter._parked["alice"]) == 1
+        assert "alice" in adapter._parked
         first.quit()
         assert server.wait_for_connections(1)
         second.user("alice")
@@ -386,8 +387,7 @@ def test_stale_parked_logins_expire_on_the_injected_clock(dovecot):
         with pytest.raises(poplib.error_proto, match=r"\[IN-USE\]"):
             client.pass_("alice-pw")
         client.quit()
-        (parked,) = adapter._parked["alice"]
-        return parked.conn
+        return adapter._parked["alice"].conn
 
     with Controller(adapter) as server:
         first = login(server)
@@ -411,7 +411,7 @@ def test_close_logs_out_every_upstream_connection(dovecot):
     adapter = IMAPUpstreamAdapter("127.0.0.1", dovecot.port)
     with Controller(adapter) as server:
         first, second = login_then_in_use(server)
-        conns = [adapter._parked["alice"][0].conn, adapter._sessions["alice"].conn]
+        conns = [adapter._parked["alice"].conn, adapter._sessions["alice"].conn]
         adapter.close()
         assert [c.state for c in conns] == ["LOGOUT", "LOGOUT"]
         assert not adapter._parked and not adapter._sessions
@@ -445,3 +445,104 @@ def test_constructor_validates():
     with pytest.raises(ValueError):
         IMAPUpstreamAdapter("h", on_delete="archive")
     assert IMAPUpstreamAdapter("h", security="ssl").port == 993
+
+
+# -- user names upstream, and the logins parked after [IN-USE] ---------------------
+
+
+@pytest.mark.parametrize("other", ['"alice"', "ALICE"])
+def test_another_spelling_of_a_logged_in_account_gets_in_use(dovecot, other):
+    """Issue 14 defect 8: USER "alice" went upstream unquoted, as the quoted
+    string alice, and logged in while alice held the lock: two sessions on one
+    mailbox.  Now the name is sent quoted (Dovecot knows no user "alice" with
+    quotes), and the lock is on the account case-folded (Dovecot folds case,
+    so ALICE is alice): either way no second session."""
+    with Controller(IMAPUpstreamAdapter("127.0.0.1", dovecot.port)) as server:
+        first = login(server)
+        assert refused_login(server, other, "alice-pw").startswith(
+            b"-ERR [IN-USE]" if other == "ALICE" else b"-ERR [AUTH]")
+        first.quit()
+
+
+def test_credentials_mapping_two_names_to_one_account_share_its_lock(dovecot):
+    accounts = {"al": ("alice", "alice-pw"), "alias": ("alice", "alice-pw")}
+    adapter = IMAPUpstreamAdapter("127.0.0.1", dovecot.port, credentials=lambda u, p: accounts.get(u))
+    with Controller(adapter) as server:
+        first = login(server, "al", "x")
+        assert refused_login(server, "alias", "x").startswith(b"-ERR [IN-USE]")
+        first.quit()
+
+
+def test_a_name_with_spaces_is_one_quoted_argument_upstream(dovecot):
+    """A name from AUTH PLAIN may hold spaces; unquoted they were more LOGIN
+    arguments (Dovecot: BAD).  Quoted, it is one name that does not exist."""
+    adapter = IMAPUpstreamAdapter("127.0.0.1", dovecot.port)
+    conn = adapter.connect()
+    try:
+        with pytest.raises(imaplib.IMAP4.error, match=r"AUTHENTICATIONFAILED"):
+            adapter._login(conn, "alice alice-pw", "x")
+    finally:
+        conn.shutdown()
+    with Controller(adapter) as server, RawClient(server.address) as c:
+        plain = base64.b64encode(b"\0alice alice-pw\0x").decode()
+        assert c.cmd("AUTH PLAIN " + plain) == b"-ERR [AUTH] invalid user name or password\r\n"
+
+
+@pytest.mark.parametrize("user,password", [
+    ("alice alice-pw\r\nX1 CREATE Injected\r\nX2 LOGIN alice", "alice-pw"),
+    ("alice", 'alice-pw\r\nX1 CREATE Injected'),
+    ("alice\0", "alice-pw"),
+])
+def test_nul_cr_lf_never_reach_the_upstream_server(dovecot, user, password, caplog):
+    """No IMAP string carries NUL, CR or LF; sent raw, a CRLF in the name ended
+    LOGIN and ran what followed as alice's commands.  (POP3 clients cannot send
+    them, SASLprep refuses them; a credentials mapping or a caller might.)"""
+    caplog.set_level(logging.INFO, logger="pop3frame.adapters.imap")
+    adapter = IMAPUpstreamAdapter("127.0.0.1", dovecot.port)
+    assert adapter.authenticate(user, password) is False
+    assert not adapter._parked
+    assert "not tried: NUL, CR or LF" in caplog.text
+    conn = dovecot.imap("alice")
+    try:
+        assert b"Injected" not in b"".join(conn.list()[1])
+    finally:
+        conn.logout()
+
+
+def test_in_use_logins_park_one_connection_per_user(dovecot):
+    """Each login refused [IN-USE] parked an upstream connection for 60 s,
+    without limit: now a user has at most one parked, the newest."""
+    adapter = IMAPUpstreamAdapter("127.0.0.1", dovecot.port)
+    with Controller(adapter) as server:
+        first = login(server)
+        conns = []
+        for _ in range(4):
+            assert refused_login(server, "alice", "alice-pw").startswith(b"-ERR [IN-USE]")
+            conns.append(adapter._parked["alice"].conn)
+        assert len(adapter._parked) == 1
+        assert [c.state for c in conns] == ["LOGOUT"] * 3 + ["AUTH"]
+        first.quit()
+
+
+def test_parked_logins_are_bounded_in_all(dovecot):
+    """max_parked over all users: the oldest parked login is logged out first."""
+    for user in ("bob", "carol"):
+        dovecot.add_user(user, user + "-pw")
+    adapter = IMAPUpstreamAdapter("127.0.0.1", dovecot.port, max_parked=2)
+    with Controller(adapter) as server:
+        sessions = [login(server, u, u + "-pw") for u in ("alice", "bob", "carol")]
+        parked = []
+        for user in ("alice", "bob", "carol"):
+            assert refused_login(server, user, user + "-pw").startswith(b"-ERR [IN-USE]")
+            parked.append(adapter._parked[user].conn)
+        assert list(adapter._parked) == ["bob", "carol"]
+        assert [c.state for c in parked] == ["LOGOUT", "AUTH", "AUTH"]
+        for s in sessions:
+            s.quit()
+
+
+def test_parked_login_bounds_are_validated():
+    with pytest.raises(ValueError, match="max_parked"):
+        IMAPUpstreamAdapter("127.0.0.1", max_parked=0)
+    with pytest.raises(ValueError, match="NUL, CR or LF"):
+        IMAPUpstreamAdapter("127.0.0.1", folder="INBOX\r\nX LOGOUT")
