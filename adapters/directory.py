@@ -13,7 +13,9 @@ A message is one version of a file: its name, inode, size and mtime.  The
 unique-id is a SHA-1 of those, so a report rewritten or replaced under the
 same name is a new message, never mistaken for one a client already has.
 A session that listed the old version gets ``-ERR`` for it and its DELE
-leaves the new one alone.  Wire sizes are cached per directory by version
+leaves the new one alone; a file rewritten in place while RETR reads it is
+noticed at its end (its version changed) and the connection is closed
+rather than the mix of old and new bytes ended as a whole message.  Wire sizes are cached per directory by version
 (entries for files that are gone are dropped), so files are read once, not
 per STAT.  Pass ``read_only=True`` to serve a shared directory nobody may
 delete from.
@@ -24,6 +26,7 @@ import contextlib
 import errno
 import hashlib
 import hmac
+import io
 import logging
 import os
 import stat
@@ -164,6 +167,33 @@ def _version(name: str, st: os.stat_result) -> Version:
     return (name, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
+class _Unchanged(io.FileIO):
+    """One version of a file, read to its end: at the end it must still be that version.
+
+    A write while it was read changed its mtime (and maybe its size), so
+    what was read may mix two versions: that raises instead of ending.
+    """
+
+    def __init__(self, fd: int, version: Version) -> None:
+        super().__init__(fd, "rb")
+        self._version = version
+
+    def _check(self) -> None:
+        if _version(self._version[0], os.fstat(self.fileno())) != self._version:
+            raise TemporaryFailure("message changed while being read")
+
+    def readinto(self, b) -> int:
+        n = super().readinto(b)
+        if n == 0:
+            self._check()
+        return n
+
+    def readall(self) -> bytes:
+        data = super().readall()
+        self._check()
+        return data
+
+
 def _open(directory: int, version: Version):
     """The file ``version`` names in the directory open as ``directory``, open for
     reading; TemporaryFailure if the name now holds another file (or none)."""
@@ -178,4 +208,4 @@ def _open(directory: int, version: Version):
     if _version(version[0], os.fstat(fd)) != version:
         os.close(fd)
         raise TemporaryFailure("message changed since the listing")
-    return os.fdopen(fd, "rb")
+    return io.BufferedReader(_Unchanged(fd, version))

@@ -39,7 +39,9 @@ Mapping:
   ``UID FETCH n (BODY.PEEK[]<offset.length>)`` of ``chunk_size`` octets
   each (imaplib returns every literal whole, so one ``BODY[]`` fetch of a
   1 GB message would sit in memory whole; partial fetches bound it).
-  ``PEEK`` leaves the ``\\Seen`` flag alone;
+  ``PEEK`` leaves the ``\\Seen`` flag alone.  A message another client
+  expunges part-way raises (the server then closes the connection without
+  the terminator) rather than end early;
 - DELE, applied after QUIT: ``UID STORE +FLAGS.SILENT (\\Deleted)`` then
   ``UID EXPUNGE`` of exactly those UIDs when the server has UIDPLUS (RFC
   4315).  Without UIDPLUS a plain ``EXPUNGE`` also removes messages that
@@ -226,7 +228,10 @@ class _PartialFetchReader(io.RawIOBase):
     def readinto(self, b) -> int:
         if not self._buf and not self._eof:
             data = self._fetch(self._offset, self._chunk)
-            data = data or b""
+            if data is None:
+                # Expunged by another client part-way: an error, not an early
+                # end, so the server never ends the message as if complete.
+                raise TemporaryFailure("message expunged while being read")
             self._offset += len(data)
             self._buf = data
             self._eof = len(data) < self._chunk

@@ -20,6 +20,11 @@
   earlier copy was deleted), the rewrite pins it in an ``X-UIDL:`` line right
   after the ``From `` line, as qpopper and UW imapd keep state in the mbox;
   that line is not part of the message as served.
+- RETR and TOP read without the locks.  At the end of a message the mbox
+  must still be as indexed, or (mail was appended, or the file rewritten)
+  still hold that message's bytes by its SHA-1; otherwise the read raises
+  and the server closes the connection without the terminator, rather
+  than end a message another program changed in place while it was sent.
 - Locking follows Debian's mutt/procmail/Dovecot convention: a dotlock
   ``<mbox>.lock`` created with O_EXCL, plus ``fcntl.lockf`` on the mbox,
   held while indexing and while rewriting.  A dotlock older than
@@ -83,13 +88,17 @@ class _Unquote(io.RawIOBase):
     """One message's byte range with mboxrd quoting undone, read in chunks.
 
     ``digest``, if given, is fed the raw bytes as they are read (the index
-    hashes a message in the same pass that measures it).  Closing closes
-    ``f`` unless ``closefd`` is false.
+    hashes a message in the same pass that measures it).  ``check``, if
+    given, is called once the range was read (or the file ended before it),
+    before the end is reported; it raises if what was read is not what was
+    indexed.  Closing closes ``f`` unless ``closefd`` is false.
     """
 
-    def __init__(self, f, start: int, end: int, chunk_size: int, *, digest=None, closefd: bool = True) -> None:
+    def __init__(self, f, start: int, end: int, chunk_size: int, *, digest=None, closefd: bool = True,
+                 check: Optional[Callable[[], None]] = None) -> None:
         super().__init__()
         self._f = f
+        self._check = check
         self._left = end - start
         self._chunk_size = chunk_size
         self._digest = digest
@@ -114,6 +123,8 @@ class _Unquote(io.RawIOBase):
             if self._digest is not None:
                 self._digest.update(chunk)
             self._done = self._left <= 0
+            if self._done and self._check is not None:
+                self._check()
             self._out = memoryview(self._unquote(chunk, self._done))
         n = min(len(b), len(self._out))
         b[:n] = self._out[:n]
@@ -418,14 +429,27 @@ class MboxAdapter(AdapterBase):
     def open_message(self, username: str, message: MessageInfo):
         entry: _Entry = message.key
         with self._mutex:
-            ident = self._sessions[username].ident
+            index = self._sessions[username]
         with self._directory(username) as (directory, name):
             f = self._open(username, directory, name, os.O_RDONLY, "rb")
+
+        def unchanged() -> None:
+            # RETR reads without the mailbox lock, and a program that rewrites
+            # the mbox in place (or did since the listing) changes the bytes
+            # under us.  An mbox as indexed is fine; one that changed (most
+            # often mail was only appended) must still hold this message.
+            st = os.fstat(f.fileno())
+            if (st.st_size, st.st_mtime_ns) == (index.size, index.mtime_ns):
+                return
+            if self.measure(f, entry.start, entry.body, entry.end, entry.pin).digest != entry.digest:
+                raise TemporaryFailure("mailbox changed by another program while the message was read")
+
         try:
             st = os.fstat(f.fileno())
-            if (st.st_dev, st.st_ino) != ident or not _starts_with_from(f, entry.start):
+            if (st.st_dev, st.st_ino) != index.ident or not _starts_with_from(f, entry.start):
                 raise TemporaryFailure("mailbox changed by another program; try again")
-            return io.BufferedReader(_Unquote(f, entry.body, entry.end, self.chunk_size), self.chunk_size)
+            return io.BufferedReader(_Unquote(f, entry.body, entry.end, self.chunk_size, check=unchanged),
+                                     self.chunk_size)
         except BaseException:
             f.close()
             raise

@@ -33,6 +33,16 @@ class Harness:
         # Distinct, increasing mtimes give the delivery order on any filesystem.
         self.mtime += 1
         os.utime(path, (self.mtime, self.mtime))
+        return path
+
+    def remove(self, user, path):
+        os.unlink(path)
+
+    def replace(self, user, path, data):
+        """Rewritten in place (same inode), as a report generator reopening its file does."""
+        with open(path, "r+b") as f:
+            f.write(data)
+            f.truncate()
 
     def close(self):
         pass

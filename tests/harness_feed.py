@@ -49,13 +49,13 @@ class Harness:
         self.state = str(tmp_path / "feed-state.json")
         self._lock = threading.Lock()
         self._passwords = {}
-        self._items = []
+        self._items = []  # (guid, <item> text)
         self._guids = itertools.count(1)
         self.server = FeedServer()
         self._publish()
 
     def _publish(self):
-        self.server.publish("/feed", _HEADER + "".join(self._items) + "</channel></rss>\n")
+        self.server.publish("/feed", _HEADER + "".join(item for _, item in self._items) + "</channel></rss>\n")
 
     def make_adapter(self):
         return FeedAdapter(self.server.url("/feed"), users=self._check, state_file=self.state, timeout=30)
@@ -69,8 +69,21 @@ class Harness:
             self._passwords[user] = password
 
     def deliver(self, user, data):
+        guid = "item-%d" % next(self._guids)
         with self._lock:
-            self._items.append(rss_item(data, "item-%d" % next(self._guids)))
+            self._items.append((guid, rss_item(data, guid)))
+            self._publish()
+        return guid
+
+    def remove(self, user, guid):
+        with self._lock:
+            self._items = [(g, item) for g, item in self._items if g != guid]
+            self._publish()
+
+    def replace(self, user, guid, data):
+        """The publisher edits the item: same guid, new text."""
+        with self._lock:
+            self._items = [(g, rss_item(data, g) if g == guid else item) for g, item in self._items]
             self._publish()
 
     def close(self):

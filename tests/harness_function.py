@@ -41,8 +41,17 @@ class Harness:
             self._boxes.setdefault(user, [])
 
     def deliver(self, user, data):
+        uid = "fn-%d" % next(self._ids)
         with self._lock:
-            self._boxes.setdefault(user, []).append(("fn-%d" % next(self._ids), data))
+            self._boxes.setdefault(user, []).append((uid, data))
+        return uid
+
+    def remove(self, user, uid):
+        self._delete(user, [uid])
+
+    def replace(self, user, uid, data):
+        with self._lock:
+            self._boxes[user] = [(u, data if u == uid else d) for u, d in self._boxes[user]]
 
     def close(self):
         pass

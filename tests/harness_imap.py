@@ -14,6 +14,9 @@ from tests.dovecot import Dovecot, missing_reason
 
 class Harness:
     name = "imap"
+    #: IMAP messages never change (RFC 3501 section 2.3.1.1): new content is
+    #: a new message with a new UID.
+    replace = None
 
     def __init__(self, tmp_path):
         self.skip_reason = missing_reason()
@@ -30,7 +33,17 @@ class Harness:
         self.dovecot.add_user(user, password)
 
     def deliver(self, user, data):
-        self.dovecot.append(user, data)
+        return self.dovecot.append(user, data)
+
+    def remove(self, user, uid):
+        """Expunged by another IMAP client while the adapter's session reads it."""
+        conn = self.dovecot.imap(user)
+        try:
+            conn.select("INBOX")
+            assert conn.uid("STORE", str(uid), "+FLAGS.SILENT", r"(\Deleted)")[0] == "OK"
+            assert conn.expunge()[0] == "OK"
+        finally:
+            conn.logout()
 
     def close(self):
         if self.dovecot is not None:

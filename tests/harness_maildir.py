@@ -41,7 +41,25 @@ class Harness:
         set_password(self.passwd, user, password, scheme="PLAIN")
 
     def deliver(self, user, data):
-        deliver_like_an_mda(self.root, user, data)
+        return deliver_like_an_mda(self.root, user, data)
+
+    def _path(self, user, name):
+        for sub in ("new", "cur"):
+            for entry in os.listdir(os.path.join(self.root, user, sub)):
+                if entry.split(":", 1)[0] == name:
+                    return os.path.join(self.root, user, sub, entry)
+        raise FileNotFoundError(name)
+
+    def remove(self, user, name):
+        os.unlink(self._path(user, name))
+
+    def replace(self, user, name, data):
+        """As Maildir tools change a message: a new file renamed over the name."""
+        path = self._path(user, name)
+        tmp = os.path.join(self.root, user, "tmp", name)
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.rename(tmp, path)
 
     def close(self):
         pass

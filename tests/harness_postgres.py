@@ -18,6 +18,9 @@ from tests import pg
 
 class Harness:
     name = "postgres"
+    #: Stored messages are never changed, by the store or any tool: new
+    #: content is a new message with a new id.
+    replace = None
 
     def __init__(self, tmp_path):
         self.dsn = None
@@ -42,7 +45,14 @@ class Harness:
         self.store.add_user(user, password, scheme="PLAIN")
 
     def deliver(self, user, data):
-        self.store.deliver(user, data)
+        return self.store.deliver(user, data)
+
+    def remove(self, user, uid):
+        """Delete on a connection of its own, as an administrator or a second instance does."""
+        import psycopg
+
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            assert conn.execute("DELETE FROM pop3frame_messages WHERE uid = %s", (uid,)).rowcount == 1
 
     def close(self):
         if self.locks is not None:

@@ -66,8 +66,22 @@ class Harness:
             delivered = self._last
         conn = self._conn()
         with conn:
-            conn.execute("INSERT INTO mail (owner, delivered, raw) VALUES (?, ?, ?)", (user, delivered, data))
+            row_id = conn.execute("INSERT INTO mail (owner, delivered, raw) VALUES (?, ?, ?)",
+                                  (user, delivered, data)).lastrowid
         conn.close()
+        return row_id
+
+    def _change(self, sql, *params):
+        conn = self._conn()
+        with conn:
+            assert conn.execute(sql, params).rowcount == 1
+        conn.close()
+
+    def remove(self, user, row_id):
+        self._change("DELETE FROM mail WHERE id = ?", row_id)
+
+    def replace(self, user, row_id, data):
+        self._change("UPDATE mail SET raw = ? WHERE id = ?", data, row_id)
 
     def close(self):
         pass

@@ -2,7 +2,9 @@
 
 Every ``tests/harness_<name>.py`` module defines ``Harness(tmp_path)`` with
 ``make_adapter()``, ``add_user(user, password)``, ``deliver(user, bytes)``
-and ``close()``; each test below runs once per harness, through a real
+(returning a handle on the message), ``remove(user, handle)`` (the message
+removed from the store as another program would, possibly while a session
+streams it) and ``close()``; each test below runs once per harness, through a real
 server on 127.0.0.1 and real clients (poplib and raw sockets).  A harness
 may set ``skip_reason`` (a string) when its back end cannot run here;
 ``.ci/run`` fails the build if anything is skipped under CI.
@@ -17,6 +19,13 @@ test that does not apply is not generated at all rather than skipped):
   do.  Messages are told apart by their Subject, which every harness keeps.
 - ``per_user_mailboxes`` (default True): each user sees only the mail
   delivered to them.  False when one source serves every user (a feed).
+- ``replace`` (a method ``replace(user, handle, bytes)``): the message
+  rewritten in place.  None where stored messages never change (SQLite,
+  PostgreSQL, IMAP, memory); the harness says why.
+- ``content_addressed_uids`` (default False): unique-ids are digests of the
+  stored message (mbox), so byte-identical mail delivered again after the
+  first copy was deleted may get the first one's unique-id back, naming the
+  same bytes.
 """
 from __future__ import annotations
 
@@ -30,7 +39,7 @@ from email.parser import BytesParser
 import pytest
 
 from pop3frame.testing import Controller
-from tests.helpers import RawClient, drop, retr_lines_to_bytes, unstuff
+from tests.helpers import RawClient, drop, retr_interrupted, retr_lines_to_bytes, unstuff
 
 HARNESSES = sorted(p.stem[len("harness_"):] for p in pathlib.Path(__file__).parent.glob("harness_*.py"))
 
@@ -46,6 +55,13 @@ MIXED = b"Subject: mixed\nX-Mixed: yes\r\n\nCRLF line\r\nLF line\n.dot after LF\
 #: Messages whose wire form differs from the stored bytes in every way the
 #: server has to get right: stuffing, line ends, a missing final line end.
 CORPUS = (MSG1, DOTS, LF_ONLY, BINARY, DOT_FIRST, NO_EOL_CRLF, NO_EOL_LF, MIXED)
+#: Carriage returns that are not part of a CRLF: inside a line (sent as it is),
+#: before a CRLF, and a lone CR ending the message (it stands for the last line end).
+BARE_CR = (
+    b"Subject: bare cr\r\n\r\nbare\rCR inside a line\r\nlast\r\n",
+    b"Subject: cr crlf\n\nCR before CRLF\r\r\nLF line\nno final line end",
+    b"Subject: cr at end\r\n\r\nthe message ends in a lone CR\r",
+)
 
 
 def _crlf(data: bytes) -> bytes:
@@ -240,15 +256,17 @@ def test_top_is_retr_cut_after_n_body_lines(harness, server):
 def test_sizes_equal_retr_octets(harness, server):
     """RFC 1939 sections 5 and 11: the size STAT and LIST give is exactly the octets RETR
     sends before byte-stuffing (status line excluded, '.CRLF' and stuffing removed), also
-    for messages stored without a final line end; every RETR ends with CRLF.CRLF."""
-    for body in CORPUS:
+    for messages stored without a final line end, with mixed line ends and with bare CR;
+    every RETR ends with CRLF.CRLF (the server would close the connection instead if the
+    adapter's stream were longer or shorter than the size it listed)."""
+    for body in CORPUS + BARE_CR:
         harness.deliver("alice", body)
     with raw_session(server) as raw:
-        assert raw.cmd("STAT").startswith(b"+OK %d " % len(CORPUS))
+        assert raw.cmd("STAT").startswith(b"+OK %d " % len(CORPUS + BARE_CR))
         total = int(raw.cmd("STAT").split()[2])
         _, listing = multiline(raw, "LIST")
         sizes = [int(line.split()[1]) for line in listing.split(b"\r\n")[:-2]]
-        assert len(sizes) == len(CORPUS) and sum(sizes) == total
+        assert len(sizes) == len(CORPUS + BARE_CR) and sum(sizes) == total
         for number, size in enumerate(sizes, 1):
             assert raw.cmd("LIST %d" % number) == b"+OK %d %d\r\n" % (number, size)
             wire = multiline(raw, "RETR %d" % number)[1]
@@ -279,6 +297,59 @@ def test_uidl_unique_and_stable(harness, server):
     assert [line.split()[1] for line in client.uidl()[1]] == [first[i] for i in (0, 2, 3, 4, 6)]
     client.quit()
     assert subjects(server) == ["m0", "m2", "m3", "m4", "twin"]
+
+
+def _uidl_and_retr(server):
+    """[(unique-id, RETR wire bytes)] of alice's mailbox, in order."""
+    with raw_session(server) as raw:
+        _, listing = multiline(raw, "UIDL")
+        uids = [line.split()[1].decode() for line in listing.split(b"\r\n")[:-2]]
+        got = [(uid, multiline(raw, "RETR %d" % n)[1]) for n, uid in enumerate(uids, 1)]
+        assert raw.cmd("QUIT").startswith(b"+OK")
+    return got
+
+
+def _dele_newest(server):
+    with raw_session(server) as raw:
+        count = int(raw.cmd("STAT").split()[1])
+        assert raw.cmd("DELE %d" % count).startswith(b"+OK")
+        assert raw.cmd("QUIT").startswith(b"+OK")
+
+
+def test_unique_ids_are_never_reused(harness, server):
+    """RFC 1939 section 7 (UIDL): a unique-id names one message for good, so a client that
+    leaves mail on the server never mistakes new mail for mail it has.  Deliver, fetch,
+    delete the newest, deliver again: the new message's unique-id was never issued before.
+    The same bytes delivered twice are two messages with two unique-ids.  And the deleted
+    message's very bytes delivered again get a new unique-id, except where unique-ids are
+    digests of the content (mbox): there the unique-id names the same bytes as before."""
+    issued = {}  # unique-id -> the RETR bytes it named
+
+    def fetch():
+        got = _uidl_and_retr(server)
+        for uid, wire in got:
+            assert issued.setdefault(uid, wire) == wire, "unique-id %s named other bytes before" % uid
+        return [uid for uid, _ in got]
+
+    first, second, third = (b"Subject: %s\r\n\r\nmessage %s\r\n" % (n, n) for n in (b"one", b"two", b"three"))
+    harness.deliver("alice", first)
+    harness.deliver("alice", second)
+    before = fetch()
+    _dele_newest(server)
+    harness.deliver("alice", third)
+    known = set(issued)
+    after = fetch()
+    assert after[0] == before[0] and after[1] not in known
+    harness.deliver("alice", third)
+    twice = fetch()
+    assert twice[:2] == after and twice[2] != twice[1]
+    _dele_newest(server)
+    harness.deliver("alice", second)
+    known = set(issued)
+    again = fetch()
+    assert again[:2] == after and again[2] not in (after[0], after[1])
+    if not getattr(harness, "content_addressed_uids", False):
+        assert again[2] not in known
 
 
 def test_dele_quit_deletes_rset_and_disconnect_do_not(harness, server):
@@ -374,3 +445,44 @@ def test_concurrent_sessions_many_users(harness, server):
         t.join(30)
     shared = getattr(harness, "per_user_mailboxes", True) is False
     assert results == {u: users if shared else [u] for u in users}
+
+
+#: 16 MB: far more than the server can have sent to a client reading slowly (its
+#: send buffer holds at most 4 MB here) when the message is changed under it.
+HUGE = b"Subject: huge\r\n\r\n" + (b"x" * 998 + b"\r\n") * 16_000
+#: The same length and shape, other bytes.
+CHANGED = HUGE.replace(b"x", b"y")
+
+
+def _retr_while(harness, server, change):
+    """RETR 1 of HUGE by a slow client while ``change(handle)`` runs.  Either the whole
+    original message arrives, or the connection closes without the terminator: never a
+    short or altered message ending in '.'."""
+    handle = harness.deliver("alice", HUGE)
+    status, body, complete = retr_interrupted(server.address, "alice", "alice-pw", 1, lambda: change(handle))
+    assert status.startswith(b"+OK"), status
+    assert b"yyyy" not in body or not complete
+    if complete:
+        if getattr(harness, "verbatim", True):
+            assert body == HUGE + b".\r\n"
+        else:
+            assert len(unstuff(body)) == int(status.split()[1]) and subject(unstuff(body)) == "huge"
+    assert server.wait_for_connections(0)
+    # The next client is served as usual.
+    with raw_session(server) as raw:
+        assert raw.cmd("QUIT").startswith(b"+OK")
+
+
+def test_a_message_removed_mid_retr_never_ends_cleanly(harness, server):
+    """RFC 1939 section 3: '.CRLF' tells the client it has the whole message.  A message
+    removed from the store while a slow client reads it (another program, another server,
+    an administrator) arrives whole or not at all: no terminator after a short message."""
+    _retr_while(harness, server, lambda handle: harness.remove("alice", handle))
+
+
+@needs("replace")
+def test_a_message_replaced_mid_retr_never_ends_cleanly(harness, server):
+    """As above, with the message rewritten under the same name while it streams (same
+    length, other bytes): never a mix of old and new bytes ending in '.'.  Not generated
+    for stores whose messages cannot change (SQLite, PostgreSQL, IMAP, memory)."""
+    _retr_while(harness, server, lambda handle: harness.replace("alice", handle, CHANGED))

@@ -178,6 +178,28 @@ def test_retr_streams_in_partial_fetches(dovecot, caplog):
         client.quit()
 
 
+def test_a_message_expunged_part_way_raises_instead_of_ending(dovecot):
+    """Another client expunges the message between two partial fetches: Dovecot answers
+    NIL, and the reader raises TemporaryFailure rather than report an early end (the server
+    then closes without RFC 1939 section 3's terminator)."""
+    uid = dovecot.append("alice", b"Subject: big\r\n\r\n" + b"x" * 998 * 100 + b"\r\n")
+    adapter = IMAPUpstreamAdapter("127.0.0.1", dovecot.port, chunk_size=4096)
+    assert adapter.authenticate("alice", "alice-pw")
+    try:
+        stream = adapter.open_message("alice", adapter.list_messages("alice")[0])
+        assert len(stream.read(4096)) == 4096
+        other = dovecot.imap("alice")
+        other.select("INBOX")
+        other.uid("STORE", str(uid), "+FLAGS.SILENT", r"(\Deleted)")
+        other.expunge()
+        other.logout()
+        with pytest.raises(TemporaryFailure, match="expunged"):
+            while stream.read(4096):  # ends: 25 chunks at most
+                pass
+    finally:
+        adapter.close_mailbox("alice")
+
+
 def test_retr_leaves_seen_flag_alone_and_delete_expunges_only_those(dovecot):
     """BODY.PEEK keeps \\Seen unset; with UIDPLUS only the POP3-deleted UIDs
     are expunged, not a message another IMAP client flagged \\Deleted."""
