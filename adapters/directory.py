@@ -159,7 +159,7 @@ class DirectoryAdapter(AdapterBase):
                 continue
             except OSError as exc:
                 # Unlinks cannot be undone: stop here and keep the rest.
-                logger.error("cannot delete %s: %s", name, exc.strerror)
+                logger.error("cannot delete %r: %s", name, exc.strerror)
                 raise TemporaryFailure("could not delete all messages") from None
 
 

@@ -508,7 +508,7 @@ class MaildirAdapter(AdapterBase):
                 if other is not None and other[2] != inode:
                     # Two different files, one base name (a broken MDA): one
                     # unique-id cannot name both; the other waits its turn.
-                    logger.warning("%s: two messages named %r; serving %s/%s", home, base, sub, name)
+                    logger.warning("%s: two messages named %r; serving %s/%r", home, base, sub, name)
                 found[base] = (sub, name, inode)
         return found
 
@@ -735,7 +735,7 @@ class MaildirAdapter(AdapterBase):
                     if _exists(target_name, dst):
                         # rename() would replace it: better a message left
                         # unflagged than a file destroyed.
-                        logger.warning("%s: not marking %s seen, cur/%s exists", box.home, base, target_name)
+                        logger.warning("%s: not marking %r seen, cur/%r exists", box.home, base, target_name)
                         return
                     # rename() is atomic: the message is in exactly one place.
                     os.rename(name, target_name, src_dir_fd=src, dst_dir_fd=dst)

@@ -155,7 +155,8 @@ def _edit(path: str, change: Callable[[List[str]], Tuple[List[str], bool]]) -> b
     goes on working.
     """
     path = os.path.abspath(path)
-    lock_fd = os.open(path + ".lock", os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
+    # O_NOFOLLOW: a symlink planted at the lock's name must not make root create its target.
+    lock_fd = os.open(path + ".lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o600)
     try:
         fcntl.flock(lock_fd, fcntl.LOCK_EX)
         try:

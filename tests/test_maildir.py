@@ -496,6 +496,19 @@ def test_two_files_with_one_base_name_never_share_a_uid(maildir, caplog):
     assert "two messages named" in caplog.text
 
 
+def test_file_names_cannot_forge_log_lines(maildir, caplog):
+    """The mailbox's owner names its files: one with a newline is logged quoted."""
+    root, adapter = maildir
+    home = _mkdirs(root)
+    forged = "1700000000.M1.host\n2026-01-01 ERROR pop3frame forged"
+    _write(os.path.join(home, "new", forged), b"Subject: a\n\nx\n")
+    _write(os.path.join(home, "cur", forged + ":2,S"), b"Subject: b\n\nx\n")
+    with Controller(adapter) as server:
+        login(server).quit()
+    assert "two messages named" in caplog.text
+    assert all("\n" not in r.getMessage() for r in caplog.records)
+
+
 def test_delivery_order_with_odd_names(maildir):
     """Leading timestamp, then digit runs as numbers; names without a timestamp use mtime."""
     root, adapter = maildir

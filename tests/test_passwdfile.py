@@ -189,3 +189,13 @@ def test_plain_password_that_would_break_the_line_is_refused(passwd, password):
 def test_passwdfile_is_callable_auth_for_adapters(passwd):
     set_password(passwd, "alice", "pw", scheme="PLAIN")
     assert PasswdFile(passwd)("alice", "pw")
+
+
+def test_a_symlink_at_the_lock_name_is_not_followed(tmp_path):
+    """Editing as root: a link planted at <file>.lock must not make root create its target."""
+    path = str(tmp_path / "passwd")
+    target = tmp_path / "created-by-root"
+    os.symlink(target, path + ".lock")
+    with pytest.raises(OSError):
+        set_password(path, "alice", "pw", scheme="PLAIN")
+    assert not target.exists() and not os.path.exists(path)
