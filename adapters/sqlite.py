@@ -139,20 +139,24 @@ class SQLiteStore(AdapterBase):
         parent = os.path.dirname(os.path.abspath(path))
         os.makedirs(parent, exist_ok=True)
         with self._connect() as conn:
-            # Off for this connection only: migrating drops a parent table.
-            conn.execute("PRAGMA foreign_keys = OFF")
-            # Taken before the version is read: a second process opening the
-            # store waits here, then finds it created or migrated.
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                self._store_id, self._uid_prefix = self._prepare_schema(conn)
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
+            # Versions only go up, so a current store needs no write lock
+            # (a CLI command must not wait for a big delivery to finish).
+            if conn.execute("PRAGMA user_version").fetchone()[0] != SCHEMA_VERSION:
+                # Off for this connection only: migrating drops a parent table.
+                conn.execute("PRAGMA foreign_keys = OFF")
+                # Taken before the version is read again: a second process
+                # opening the store waits here, then finds it created or migrated.
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    self._prepare_schema(conn)
+                    conn.execute("COMMIT")
+                except BaseException:
+                    conn.execute("ROLLBACK")
+                    raise
+            self._uid_prefix = conn.execute("SELECT value FROM meta WHERE key = 'uid_prefix'").fetchone()[0]
 
-    def _prepare_schema(self, conn: sqlite3.Connection) -> Tuple[str, str]:
-        """Create or migrate the schema; returns (store id, unique-id prefix).
+    def _prepare_schema(self, conn: sqlite3.Connection) -> None:
+        """Create or migrate the schema, in the caller's write transaction.
 
         Unique-ids are ``<prefix>.<message id>``.  The prefix starts as the
         store's random id, so a recreated database never hands out a
@@ -188,8 +192,6 @@ class SQLiteStore(AdapterBase):
             conn.execute("INSERT INTO meta VALUES ('uid_prefix', ?)", (prefix,))
             logger.info("%s: migrated from schema version 1 to %d", self.path, SCHEMA_VERSION)
         conn.execute("PRAGMA user_version = %d" % SCHEMA_VERSION)
-        meta = dict(conn.execute("SELECT key, value FROM meta WHERE key IN ('store_id', 'uid_prefix')"))
-        return meta["store_id"], meta["uid_prefix"]
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None)
