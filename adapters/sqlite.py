@@ -64,10 +64,15 @@ _SCHEMA = (
 #: Version 1 to 2: rebuild ``messages`` with AUTOINCREMENT, the way SQLite
 #: documents for changes ALTER TABLE cannot make (foreign keys off, so
 #: dropping the old table cascades to no chunk).  Ids and unique-ids stay.
+#: New ids start a million above the highest left: version 1 may have issued
+#: higher ones before deleting them, and a version 1 process still running
+#: makes unique-ids from ids alone (this version also changes the prefix).
 _MIGRATE_1_TO_2 = (
     _MESSAGES.format(name="messages_v2"),
     "INSERT INTO messages_v2 (id, user_id, uid, size, delivered)"
     " SELECT id, user_id, uid, size, delivered FROM messages",
+    "DELETE FROM sqlite_sequence WHERE name = 'messages_v2'",
+    "INSERT INTO sqlite_sequence (name, seq) SELECT 'messages_v2', COALESCE(MAX(id), 0) + 1000000 FROM messages_v2",
     "DROP TABLE messages",
     "ALTER TABLE messages_v2 RENAME TO messages",
     _MESSAGES_INDEX,

@@ -227,6 +227,21 @@ def test_message_deleted_by_a_second_server_mid_retr_is_not_ended_cleanly(store)
     _deleted_mid_retr(store, delete_elsewhere)
 
 
+def test_delivery_during_a_slow_retr_leaves_it_whole(store):
+    """Mail delivered (from another process) while a slow client reads a 16 MB message
+    neither cuts nor changes it: RETR ends with the whole message and the terminator."""
+    store.deliver("alice", HUGE)
+    code = ("import sys; from pop3frame.adapters.sqlite import SQLiteStore;"
+            "SQLiteStore(sys.argv[1]).deliver('alice', b'Subject: meanwhile\\r\\n\\r\\nx\\r\\n')")
+    with Controller(store) as server:
+        status, body, complete = retr_interrupted(
+            server.address, "alice", "pw", 1,
+            lambda: subprocess.run([sys.executable, "-c", code, store.path], check=True, timeout=60))
+    assert status == b"+OK %d octets\r\n" % len(HUGE)
+    assert complete and body == HUGE + b".\r\n"
+    assert [name for name, count, _ in store.list_users() if count == 2] == ["alice"]
+
+
 def _uids_seen(server, user="alice", password="pw"):
     client = server.pop3()
     client.user(user)
@@ -278,6 +293,17 @@ CREATE TABLE IF NOT EXISTS chunks (
 """
 
 
+def _v1_deliver(conn, message):
+    """What version 1's deliver() ran for alice (user 1); returns the unique-id."""
+    message_id = conn.execute("INSERT INTO messages (user_id, uid, size, delivered) VALUES (1, '', ?, ?)",
+                              (len(message), time.time())).lastrowid
+    uid = "%s.%d" % ("a1b2c3d4", message_id)
+    conn.execute("UPDATE messages SET uid = ? WHERE id = ?", (uid, message_id))
+    conn.executemany("INSERT INTO chunks (message_id, seq, data) VALUES (?, ?, ?)",
+                     ((message_id, i, message[o:o + CHUNK]) for i, o in enumerate(range(0, len(message), CHUNK))))
+    return uid
+
+
 def _v1_store(path, messages, delete_newest):
     """A store as version 1 left it: ``messages`` delivered to alice (PLAIN "pw") with
     version 1's SQL, then the newest deleted if asked; returns the unique-ids issued."""
@@ -288,15 +314,7 @@ def _v1_store(path, messages, delete_newest):
     conn.execute("INSERT OR IGNORE INTO meta VALUES ('store_id', 'a1b2c3d4')")
     conn.execute("PRAGMA user_version = 1")
     conn.execute("INSERT INTO users (name, password) VALUES ('alice', '{PLAIN}pw')")
-    issued = []
-    for message in messages:
-        message_id = conn.execute("INSERT INTO messages (user_id, uid, size, delivered) VALUES (1, '', ?, ?)",
-                                  (len(message), time.time())).lastrowid
-        uid = "%s.%d" % ("a1b2c3d4", message_id)
-        conn.execute("UPDATE messages SET uid = ? WHERE id = ?", (uid, message_id))
-        conn.executemany("INSERT INTO chunks (message_id, seq, data) VALUES (?, ?, ?)",
-                         ((message_id, i, message[o:o + CHUNK]) for i, o in enumerate(range(0, len(message), CHUNK))))
-        issued.append(uid)
+    issued = [_v1_deliver(conn, message) for message in messages]
     if delete_newest:
         conn.execute("DELETE FROM messages WHERE id = (SELECT MAX(id) FROM messages)")
     conn.close()
@@ -343,6 +361,18 @@ def test_version_1_store_is_migrated_in_place_and_never_reissues_a_uid(tmp_path)
     again.delete_user("alice")
     with sqlite3.connect(path) as conn:
         assert conn.execute("SELECT COUNT(*) FROM chunks").fetchone()[0] == 0
+
+
+def test_a_version_1_process_still_running_after_the_migration_reissues_no_unique_id(tmp_path):
+    """An older pop3frame refuses a migrated store, but one already running (a script's
+    long-lived store object) still delivers with version 1's SQL: unique-ids from ids
+    alone.  Ids after the migration start far above those version 1 may have issued."""
+    path = str(tmp_path / "v1.db")
+    issued = _v1_store(path, V1_MAIL, delete_newest=True)
+    SQLiteStore(path)
+    conn = sqlite3.connect(path, isolation_level=None)
+    assert _v1_deliver(conn, b"Subject: from an old process\r\n\r\nx\r\n") not in issued
+    conn.close()
 
 
 def test_two_processes_opening_a_version_1_store_migrate_it_once(tmp_path):
