@@ -17,7 +17,10 @@ leaves the new one alone; a file rewritten in place while RETR reads it is
 noticed at its end (its version changed) and the connection is closed
 rather than the mix of old and new bytes ended as a whole message.  Wire sizes are cached per directory by version
 (entries for files that are gone are dropped), so files are read once, not
-per STAT.  Pass ``read_only=True`` to serve a shared directory nobody may
+per STAT, and with them whether a line starts with "." (a report stored
+with CRLF line ends and none goes out with ``sendfile()``): a file
+rewritten in place with its size and mtime put back is served as it was
+measured, as ``make`` or ``rsync`` would not notice it either.  Pass ``read_only=True`` to serve a shared directory nobody may
 delete from.
 """
 from __future__ import annotations
@@ -34,7 +37,7 @@ import threading
 from typing import Dict, Iterator, Optional, Sequence, Tuple
 
 from pop3frame import AdapterBase, MessageInfo, PermanentFailure, TemporaryFailure
-from pop3frame.protocol import stream_wire_size
+from pop3frame.protocol import measure_stream
 
 from .maildir import safe_user_name
 
@@ -61,7 +64,8 @@ class DirectoryAdapter(AdapterBase):
         self._password = password or ""
         self.read_only = read_only
         self._mutex = threading.Lock()
-        self._sizes: Dict[str, Dict[Version, int]] = {}  # directory -> version -> wire size
+        #: directory -> version -> (wire size, whether a line starts with ".")
+        self._sizes: Dict[str, Dict[Version, Tuple[int, bool]]] = {}
 
     def _dir(self, username: str) -> str:
         if self.user is not None:
@@ -113,20 +117,21 @@ class DirectoryAdapter(AdapterBase):
                     found.append((st.st_mtime_ns, entry.name, st.st_ino, st.st_size))
         with self._mutex:
             known = self._sizes.get(directory, {})
-        sizes: Dict[Version, int] = {}
+        sizes: Dict[Version, Tuple[int, bool]] = {}
         messages = []
         for mtime, name, ino, size in sorted(found):
             version = (name, ino, size, mtime)
-            wire = known.get(version)
-            if wire is None:
+            measured = known.get(version)
+            if measured is None:
                 try:
                     with _open(fd, version) as f:
-                        wire = stream_wire_size(f)
+                        measured = measure_stream(f)
                 except TemporaryFailure:
                     continue  # changed since the scan: the next session sees it
-            sizes[version] = wire
+            sizes[version] = measured
             uid = hashlib.sha1(os.fsencode(name) + b"\0%d %d %d" % version[1:]).hexdigest()
-            messages.append(MessageInfo(uid, wire, key=version))
+            # open_message serves only this version, so dot_lines holds for it.
+            messages.append(MessageInfo(uid, measured[0], key=version, dot_lines=measured[1]))
         with self._mutex:
             self._sizes[directory] = sizes  # versions not seen now are dropped
         return messages

@@ -88,8 +88,10 @@ __all__ = ["MaildirAdapter", "safe_user_name", "CACHE_NAME"]
 logger = logging.getLogger("pop3frame.adapters.maildir")
 
 CACHE_NAME = "pop3frame-sizes.json"
-#: Format 3: base name -> [inode, file size, mtime_ns, wire size, dots]
-#: (dots: whether a line starts with "."; see _DOTS).  Format 2 held
+#: Format 3: base name -> [inode, file size, mtime_ns, wire size, dots,
+#: file inode] (inode: the directory entry's, d_ino, which validates a
+#: listing; file inode: fstat's, which opening compares, the two differing
+#: on overlayfs; dots: whether a line starts with ".", see _DOTS).  Format 2 held
 #: [file size, mtime_ns, wire size], with ``,W=`` sizes corrected for a
 #: missing final line end; format 1 (no marker) held them uncorrected.
 #: The key is never a base name: names starting with a dot are not messages.
@@ -291,6 +293,7 @@ class Measured(NamedTuple):
     dot_lines: Optional[bool]
     file_size: int
     mtime_ns: int
+    file_ino: int
 
 
 def _file_version(st: os.stat_result) -> Tuple[int, ...]:
@@ -435,7 +438,8 @@ class MaildirAdapter(AdapterBase):
             raise TemporaryFailure("mailbox unavailable") from None
         with self._mutex:
             self._boxes[username] = box
-        return [MessageInfo(_uid(base), size, key=(sub, name)) for _, base, sub, name, size, _ in listed]
+        return [MessageInfo(_uid(base), size, key=(sub, name), dot_lines=_DOTS_OF[dots])
+                for _, base, sub, name, size, dots in listed]
 
     @staticmethod
     def _make_private_dir(path: str, owner: os.stat_result) -> None:
@@ -472,7 +476,7 @@ class MaildirAdapter(AdapterBase):
                         logger.error("%s: skipping unreadable message %s/%s: %s",
                                      home, sub, name, exc.strerror or exc)
                         continue
-                    entry = [inode, m.file_size, m.mtime_ns, m.size, _DOTS[m.dot_lines]]
+                    entry = [inode, m.file_size, m.mtime_ns, m.size, _DOTS[m.dot_lines], m.file_ino]
                 fresh[base] = entry
                 box.where[base] = (sub, name)
                 listed.append((_order(base, entry[2] // 1_000_000_000), base, sub, name, entry[3], entry[4]))
@@ -496,7 +500,7 @@ class MaildirAdapter(AdapterBase):
             return None
         if [st.st_size, st.st_mtime_ns] != entry[:2]:
             return None
-        return [inode, entry[0], entry[1], entry[2], _DOTS[None]]
+        return [inode, entry[0], entry[1], entry[2], _DOTS[None], st.st_ino]
 
     def _scan(self, home: str, cached: bool = True) -> Dict[str, Tuple[str, str, int]]:
         """base name -> (sub, name, inode) of every message in new/ and cur/."""
@@ -557,12 +561,12 @@ class MaildirAdapter(AdapterBase):
             named = _name_wire_size(_base(os.path.basename(path)), st.st_size)
             if named is None:
                 size, dots = measure_stream(f)
-                return Measured(size, dots, st.st_size, st.st_mtime_ns)
+                return Measured(size, dots, st.st_size, st.st_mtime_ns, st.st_ino)
             end = st.st_size
             # An empty message needs no line end.
             last = os.pread(f.fileno(), 1, end - 1) if end else b"\n"
         named += 0 if last == b"\n" else 1 if last == b"\r" else 2
-        return Measured(named, None, st.st_size, st.st_mtime_ns)
+        return Measured(named, None, st.st_size, st.st_mtime_ns, st.st_ino)
 
     def _load_cache(self, path: str) -> Dict[str, List[int]]:
         """The size cache at ``path``; parsed again only when the file changed.
@@ -592,11 +596,11 @@ class MaildirAdapter(AdapterBase):
             return {}
         form = data.get(_CACHE_FORMAT_KEY)
         # Format 2 entries (three numbers) are checked against the file once.
-        length = 5 if form == _CACHE_FORMAT else 3
+        length = 6 if form == _CACHE_FORMAT else 3
         # A damaged entry is a cache miss, never a wrong size.
         sizes = {k: v for k, v in data.items()
                  if isinstance(v, list) and len(v) == length and all(type(x) is int and x >= 0 for x in v)
-                 and (length == 5 and v[4] in _DOTS_OF or length == 3 and not (form is None and _WIRE_SIZE.search(k)))}
+                 and (length == 6 and v[4] in _DOTS_OF or length == 3 and not (form is None and _WIRE_SIZE.search(k)))}
         self._caches.put(path, version, sizes)
         return sizes
 
@@ -659,13 +663,15 @@ class MaildirAdapter(AdapterBase):
                 logger.error("%s: cannot read message %s: %s", box.home, base, exc.strerror or exc)
                 raise TemporaryFailure("cannot read message") from None
             entry = box.sizes.get(base)
-            if entry is not None and entry[1:3] != [st.st_size, st.st_mtime_ns]:
-                # Changed in place since it was measured, which Maildir
-                # writers never do: the size this session announced may be
-                # wrong (the server's octet count ends such a RETR), and the
+            if entry is not None and [entry[5], entry[1], entry[2]] != [st.st_ino, st.st_size, st.st_mtime_ns]:
+                # Changed (in place, or replaced under its name) since it
+                # was measured, which Maildir writers never do: the size this
+                # session announced may be wrong (the server's octet count
+                # ends such a RETR), lines may start with "." now, and the
                 # next login measures the file again.
                 logger.warning("%s: message %s changed since it was measured", box.home, base)
                 entry[0] = -1
+                message.dot_lines = None
             return f
         raise TemporaryFailure("message no longer exists")
 

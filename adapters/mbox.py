@@ -64,7 +64,7 @@ import time
 from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Set, Tuple
 
 from pop3frame import AdapterBase, MessageInfo, PermanentFailure, TemporaryFailure
-from pop3frame.protocol import CHUNK_SIZE, stream_wire_size
+from pop3frame.protocol import CHUNK_SIZE, measure_stream
 
 from .maildir import safe_user_name
 
@@ -154,7 +154,8 @@ class _Unquote(io.RawIOBase):
 
 
 class _Entry(NamedTuple):
-    """One message: separator offset, body start and end, SHA-1, wire size, pinned unique-id."""
+    """One message: separator offset, body start and end, SHA-1, wire size, pinned
+    unique-id, whether a line (unquoted) starts with "."."""
 
     start: int
     body: int  # after the From_ line and the pin line, if any
@@ -162,6 +163,7 @@ class _Entry(NamedTuple):
     digest: str
     size: int
     pin: str
+    dots: bool
 
 
 def _pin_line(uid: str) -> bytes:
@@ -364,9 +366,9 @@ class MboxAdapter(AdapterBase):
         message bodies.  Subclasses (and the tests) can wrap it."""
         f.seek(start)
         digest = hashlib.sha1(f.readline(4096))  # the From_ line; a pin line would change on rewrite
-        size = stream_wire_size(_Unquote(f, body, end, self.chunk_size, digest=digest, closefd=False),
-                                self.chunk_size)
-        return _Entry(start, body, end, digest.hexdigest(), size, pin)
+        size, dots = measure_stream(_Unquote(f, body, end, self.chunk_size, digest=digest, closefd=False),
+                                    self.chunk_size)
+        return _Entry(start, body, end, digest.hexdigest(), size, pin, dots)
 
     def _entries(self, f, starts: List[int], size: int, known: Dict[Tuple[int, int, int], _Entry]) -> List[_Entry]:
         entries = []
@@ -423,7 +425,7 @@ class MboxAdapter(AdapterBase):
                 self._cache.pop(path, None)
         with self._mutex:
             self._sessions[username] = index
-        return [MessageInfo(uid, entry.size, key=entry)
+        return [MessageInfo(uid, entry.size, key=entry, dot_lines=entry.dots)
                 for uid, entry in zip(_assign_uids(index.entries), index.entries)]
 
     def open_message(self, username: str, message: MessageInfo):
@@ -448,6 +450,12 @@ class MboxAdapter(AdapterBase):
             st = os.fstat(f.fileno())
             if (st.st_dev, st.st_ino) != index.ident or not _starts_with_from(f, entry.start):
                 raise TemporaryFailure("mailbox changed by another program; try again")
+            if (st.st_size, st.st_mtime_ns) != (index.size, index.mtime_ns):
+                # Written since the listing (mutt rewrites in place): what
+                # the index says of the lines may no longer hold, and a "."
+                # line sent unstuffed would end the reply before unchanged()
+                # could tell.
+                message.dot_lines = None
             return io.BufferedReader(_Unquote(f, entry.body, entry.end, self.chunk_size, check=unchanged),
                                      self.chunk_size)
         except BaseException:

@@ -53,11 +53,23 @@ class MessageInfo:
     computes it from bytes).  ``key``: anything the adapter wants back in
     ``open_message``/``delete_messages`` (a path, a row id); the server never
     looks at it.
+
+    ``dot_lines`` (optional, keyword): whether a line of the stored message
+    starts with "." (:func:`pop3frame.protocol.has_dot_lines`), for adapters
+    that keep it with the size.  False lets RETR skip looking for lines to
+    byte-stuff, most of its work on prose; and a message stored exactly as
+    sent (CRLF line ends, a final CRLF: then ``size`` equals its stored
+    length) goes out unchanged, from a file with ``sendfile()``.  None (the
+    default) means unknown: RETR looks.  It is a promise about the bytes
+    ``open_message`` returns, so a False that may have gone stale (the
+    message changed since it was measured) must not be given:
+    ``open_message`` may set it to None when it finds the message changed.
+    Not part of the message's identity (equality, hash).
     """
 
-    __slots__ = ("uid", "size", "key")
+    __slots__ = ("uid", "size", "key", "dot_lines")
 
-    def __init__(self, uid: str, size: int, key: Any = None) -> None:
+    def __init__(self, uid: str, size: int, key: Any = None, *, dot_lines: Optional[bool] = None) -> None:
         if not protocol.valid_uid(uid):
             raise ValueError("invalid POP3 unique-id %r: need 1-70 chars in 0x21-0x7E" % (uid,))
         if size < 0:
@@ -65,9 +77,11 @@ class MessageInfo:
         self.uid = uid
         self.size = int(size)
         self.key = key
+        self.dot_lines = dot_lines
 
     def __repr__(self) -> str:
-        return "MessageInfo(uid=%r, size=%d, key=%r)" % (self.uid, self.size, self.key)
+        dots = "" if self.dot_lines is None else ", dot_lines=%r" % self.dot_lines
+        return "MessageInfo(uid=%r, size=%d, key=%r%s)" % (self.uid, self.size, self.key, dots)
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, MessageInfo):

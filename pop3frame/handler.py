@@ -18,6 +18,7 @@ import ssl
 import struct
 from typing import TYPE_CHECKING, Callable, Iterator, Optional
 
+from .protocol import CHUNK_SIZE, FileSpan
 from .session import Session
 
 if TYPE_CHECKING:
@@ -37,6 +38,8 @@ RECV_SIZE = 16 * 1024
 TIMEOUTS = (socket.timeout, BlockingIOError)
 #: Replies smaller than this are gathered before a send; bigger ones go out.
 WRITE_BUFFER = 64 * 1024
+#: send() flag: more data follows at once, so no packet for this part alone (Linux).
+_MSG_MORE = getattr(socket, "MSG_MORE", 0)
 
 
 def kernel_timeval(seconds: float) -> bytes:
@@ -243,15 +246,16 @@ class Connection:
         if self._out_size >= WRITE_BUFFER:
             self.flush()
 
-    def flush(self) -> None:
+    def flush(self, more: bool = False) -> None:
+        """Send what is buffered; ``more``: more follows at once (MSG_MORE, plain sockets only)."""
         if not self._out:
             return
         data = self._out[0] if len(self._out) == 1 else b"".join(self._out)
         self._out.clear()
         self._out_size = 0
-        self._send(data)
+        self._send(data, _MSG_MORE if more else 0)
 
-    def _send(self, data: bytes) -> None:
+    def _send(self, data: bytes, flags: int = 0) -> None:
         """Send all of ``data`` within ``send_timeout`` seconds by ``clock``.
 
         A client that stops reading must not hold the thread forever; when
@@ -262,18 +266,64 @@ class Connection:
         the retry, which is what the loop passes.
         """
         view = memoryview(data)
-        tries = self.tries(self.clock() + self.send_timeout)
+        tries = self._send_tries()
         while view:
-            wait = next(tries, None)
-            if wait is None:
-                raise socket.timeout("send timed out: the client stopped reading")
-            self._set_timeout(wait)
+            next(tries)
             try:
-                sent = self.sock.send(view)
+                sent = self.sock.send(view, flags)
             except TIMEOUTS:
                 continue
             view = view[sent:]
             self.bytes_out += sent
+
+    def send_file(self, span: FileSpan) -> None:
+        """Send what is buffered, then ``span`` from its file; sets ``span.sent``.
+
+        On a plain socket with ``sendfile()``: the file's pages go to the
+        socket without passing through Python, and the buffered status line
+        goes ahead with MSG_MORE, in the same packet.  Each CHUNK_SIZE piece
+        must go within ``send_timeout``, as each chunk of a streamed reply
+        must: a client that stops reading gets ``socket.timeout``.  Through
+        TLS the file is read and written in chunks.  Fewer octets than
+        ``span.count`` go when the file ends first.
+        """
+        fd = span.file.fileno()
+        offset, end = span.offset, span.offset + span.count
+        if isinstance(self.sock, ssl.SSLSocket):
+            while offset < end:
+                data = os.pread(fd, min(CHUNK_SIZE, end - offset), offset)
+                if not data:
+                    break
+                self.write(data)
+                offset += len(data)
+            span.sent = offset - span.offset
+            return
+        self.flush(more=True)
+        out = self.sock.fileno()
+        try:
+            while offset < end:
+                piece = min(end, offset + CHUNK_SIZE)
+                tries = self._send_tries()
+                while offset < piece:
+                    next(tries)
+                    try:
+                        sent = os.sendfile(out, fd, offset, piece - offset)
+                    except TIMEOUTS:
+                        continue
+                    if not sent:
+                        return  # the file ended
+                    offset += sent
+                    self.bytes_out += sent
+        finally:
+            span.sent = offset - span.offset
+
+    def _send_tries(self) -> Iterator[None]:
+        """The tries of one send that must finish within ``send_timeout``:
+        sets the socket's timeout for each, then raises ``socket.timeout``."""
+        for wait in self.tries(self.clock() + self.send_timeout):
+            self._set_timeout(wait)
+            yield
+        raise socket.timeout("send timed out: the client stopped reading")
 
     def tries(self, deadline: float) -> Iterator[float]:
         """Socket timeouts for the tries of a blocking call that must end by ``deadline``.
@@ -456,7 +506,10 @@ class POP3Handler(socketserver.BaseRequestHandler):
                     break
                 except Exception as exc:
                     raise ReplyFailed() from exc
-                write(chunk)
+                if isinstance(chunk, FileSpan):
+                    self.conn.send_file(chunk)
+                else:
+                    write(chunk)
         finally:
             close = getattr(reply, "close", None)
             if close is not None:

@@ -5,8 +5,10 @@ session decides *what* to say, this module decides *how it looks on the wire*.
 """
 from __future__ import annotations
 
+import os
 import re
-from typing import BinaryIO, Iterator, List, NamedTuple, Optional, Tuple
+import stat
+from typing import BinaryIO, Iterator, List, NamedTuple, Optional, Tuple, Union
 
 #: RFC 2449 section 4: a command line is at most 255 octets including CRLF.
 MAX_COMMAND_LINE = 255
@@ -131,14 +133,20 @@ class Stuffer:
     the length of each chunk once its line ends are CRLF, taken before the
     dots are doubled, plus the line end :meth:`finish` adds.  Counting here,
     where the converted chunk is at hand, costs one addition per chunk.
+
+    ``dot_lines=False`` says no line of the message starts with "."
+    (:attr:`pop3frame.MessageInfo.dot_lines`): the search for lines to
+    stuff, two thirds of the work on prose that has a "." on most lines, is
+    skipped.
     """
 
-    __slots__ = ("_held_cr", "_at_line_start", "octets")
+    __slots__ = ("_held_cr", "_at_line_start", "octets", "_dots")
 
-    def __init__(self) -> None:
+    def __init__(self, dot_lines: Optional[bool] = None) -> None:
         self._held_cr = False
         self._at_line_start = True
         self.octets = 0
+        self._dots = dot_lines is not False
 
     def feed(self, chunk: bytes) -> bytes:
         if self._held_cr:
@@ -159,10 +167,11 @@ class Stuffer:
             chunk = chunk.replace(CRLF, b"\n").replace(b"\n", CRLF)  # mixed
         # else: already CRLF throughout; send as is, no copy.
         self.octets += len(chunk)
-        if b"." in chunk and b"\n." in chunk:
-            chunk = chunk.replace(b"\n.", b"\n..")
-        if self._at_line_start and chunk.startswith(b"."):
-            chunk = b"." + chunk
+        if self._dots:
+            if b"." in chunk and b"\n." in chunk:
+                chunk = chunk.replace(b"\n.", b"\n..")
+            if self._at_line_start and chunk.startswith(b"."):
+                chunk = b"." + chunk
         self._at_line_start = chunk.endswith(b"\n")
         return chunk
 
@@ -247,15 +256,65 @@ class SizeMismatch(Exception):
         self.sent = sent
 
 
-def iter_message(stream: BinaryIO, size: Optional[int] = None, chunk_size: int = CHUNK_SIZE) -> Iterator[bytes]:
+class FileSpan:
+    """A part of a reply that goes out straight from a file: ``count`` octets
+    of ``file`` (a file object with a descriptor) from ``offset``.
+
+    Whoever sends it (the connection handler, with ``sendfile()`` where the
+    socket allows) sets ``sent`` to the octets that went out: fewer than
+    ``count`` when the file ended first.
+    """
+
+    __slots__ = ("file", "offset", "count", "sent")
+
+    def __init__(self, file: BinaryIO, offset: int, count: int) -> None:
+        self.file = file
+        self.offset = offset
+        self.count = count
+        self.sent = 0
+
+
+#: Below this a message stored in wire form is read and sent like any other:
+#: one read() and one send() cost less than the fstat(), send() and
+#: sendfile() around a FileSpan.
+SENDFILE_MIN = 64 * 1024
+
+Chunk = Union[bytes, FileSpan]
+
+
+def iter_message(stream: BinaryIO, size: Optional[int] = None, chunk_size: int = CHUNK_SIZE,
+                 dot_lines: Optional[bool] = None) -> Iterator[Chunk]:
     """Wire bytes of a whole message read from ``stream`` (RETR).
 
     With ``size`` (the octets announced, before byte-stuffing), raises
     :class:`SizeMismatch` as soon as the stream runs past it, before the
     chunk that does is yielded, or when it ends short of it, in place of
     the terminator.
+
+    ``dot_lines=False`` (no line starts with ".") skips the search for lines
+    to stuff; and when ``stream`` is a regular file whose stored length from
+    here is ``size`` (so its line ends are CRLF already, the last included:
+    then :func:`wire_size` adds nothing), what it holds is what goes out: the
+    message is one :class:`FileSpan`, sent without passing through Python,
+    then the terminator, if all of it went and a read at its end (where the
+    stream may check the message did not change meanwhile) finds nothing
+    more.
     """
-    s = Stuffer()
+    if dot_lines is False and size is not None and size >= SENDFILE_MIN:
+        span = _wire_form(stream, size)
+        if span is not None:
+            yield span
+            if span.sent != size:
+                raise SizeMismatch(size, span.sent, ended=True)
+            # The read to the end that sendfile() spared: a stream may check
+            # there that the message did not change while it was sent (see
+            # AdapterBase.open_message), and a longer file ran past its size.
+            stream.seek(span.offset + span.count)
+            if stream.read(1):
+                raise SizeMismatch(size, size + 1, ended=False)
+            yield TERMINATOR
+            return
+    s = Stuffer(dot_lines)
     read = stream.read
     while True:
         chunk = read(chunk_size)
@@ -270,6 +329,19 @@ def iter_message(stream: BinaryIO, size: Optional[int] = None, chunk_size: int =
     if size is not None and s.octets != size:
         raise SizeMismatch(size, s.octets, ended=True)
     yield end
+
+
+def _wire_form(stream: BinaryIO, size: int) -> Optional[FileSpan]:
+    """The rest of ``stream`` as a FileSpan, if it is a regular file of ``size`` more octets."""
+    try:
+        fd = stream.fileno()
+        st = os.fstat(fd)
+        offset = stream.tell()
+    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is both
+        return None
+    if not stat.S_ISREG(st.st_mode) or st.st_size - offset != size:
+        return None
+    return FileSpan(stream, offset, size)
 
 
 #: Longest line TOP keeps whole; a longer one is streamed in pieces.

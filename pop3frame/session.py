@@ -40,7 +40,9 @@ __all__ = ["Session", "SessionContext", "State", "COMMANDS"]
 
 logger = logging.getLogger("pop3frame.session")
 
-Reply = Iterable[bytes]
+#: What a command answers: bytes to send in order, and for RETR possibly a
+#: protocol.FileSpan (the handler sends it from the file).
+Reply = Iterable[protocol.Chunk]
 
 
 class State(enum.Enum):
@@ -538,7 +540,9 @@ class Session:
         number, msg = self._message(cmd.args[0])
         stream = self._open(msg)
         self.retrieved += 1
-        return self._stream(protocol.ok("%d octets" % msg.size), protocol.iter_message(stream, msg.size), stream, msg)
+        # dot_lines is read after open_message, which may have withdrawn it.
+        chunks = protocol.iter_message(stream, msg.size, dot_lines=msg.dot_lines)
+        return self._stream(protocol.ok("%d octets" % msg.size), chunks, stream, msg)
 
     def do_top(self, cmd: protocol.Command) -> Reply:
         number, msg = self._message(cmd.args[0])
@@ -553,8 +557,8 @@ class Session:
             return io.BytesIO(body)
         return body
 
-    def _stream(self, first: bytes, chunks: Iterator[bytes], stream,
-                retrieved: Optional[MessageInfo] = None) -> Iterator[bytes]:
+    def _stream(self, first: bytes, chunks: Iterator[protocol.Chunk], stream,
+                retrieved: Optional[MessageInfo] = None) -> Iterator[protocol.Chunk]:
         """Status line plus body; the stream is closed even if the client vanishes.
 
         ``retrieved``: the RETR's message, reported to the adapter once the
@@ -565,8 +569,13 @@ class Session:
         closes the connection, so the client knows the reply is incomplete.
         """
         try:
-            # The status line travels with the first chunk: one send, not two.
-            yield first + next(chunks, b"")
+            chunk = next(chunks, b"")
+            if isinstance(chunk, bytes):
+                # The status line travels with the first chunk: one send, not two.
+                yield first + chunk
+            else:  # a FileSpan: the handler sends the line with it
+                yield first
+                yield chunk
             yield from chunks
         except protocol.SizeMismatch as exc:
             self.log.error("message %s: %s; closing without the terminator", retrieved.uid if retrieved else "?", exc)

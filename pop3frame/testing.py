@@ -43,7 +43,9 @@ class Controller:
     """Start a :class:`~pop3frame.server.ServerGroup` in threads; stop it on exit.
 
     Extra keyword arguments become :class:`ServerConfig` fields, e.g.
-    ``Controller(adapter, login_delay=60, clock=clock)``.
+    ``Controller(adapter, login_delay=60, clock=clock)``.  ``server_class``:
+    a :class:`~pop3frame.server.POP3Server` subclass (its ``handler_class``
+    drives the connections).
     """
 
     def __init__(
@@ -56,12 +58,13 @@ class Controller:
         locks: Optional[LockManager] = None,
         secure: bool = False,
         tls: Union[TLSCertificates, ssl.SSLContext, None] = None,
+        server_class: type = POP3Server,
         **options: Any,
     ) -> None:
         if options:
             config = dataclasses.replace(config or ServerConfig(hostname="localhost"), **options)
         self.group = ServerGroup(adapter, config or ServerConfig(hostname="localhost"), locks=locks, tls=tls)
-        self.server: POP3Server = self.group.add_listener((host, port), secure=secure)
+        self.server: POP3Server = self.group.add_listener((host, port), secure=secure, server_class=server_class)
 
     @property
     def context(self) -> SessionContext:

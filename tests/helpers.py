@@ -16,6 +16,8 @@ from typing import List, Tuple
 
 import pytest
 
+from pop3frame.server import POP3Server, SessionHandler
+
 CRLF = b"\r\n"
 
 
@@ -260,3 +262,25 @@ def expected_failure_logged_once(records, cause: str):
     assert cause in loud[0].getMessage() and "\n" not in loud[0].getMessage(), loud[0].getMessage()
     assert [r.getMessage() for r in records if r.exc_info] == []
     return loud[0]
+
+
+class FileSpanServer(POP3Server):
+    """A POP3Server whose connections record, in ``file_spans``, the octets each
+    FileSpan sent: proof that a message went out from its file (sendfile())."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.file_spans: List[int] = []
+
+    class handler_class(SessionHandler):
+        def setup(self) -> None:
+            super().setup()
+            send_file, spans = self.conn.send_file, self.server.file_spans
+
+            def recorded(span) -> None:
+                try:
+                    send_file(span)
+                finally:
+                    spans.append(span.sent)
+
+            self.conn.send_file = recorded

@@ -8,7 +8,7 @@ import pytest
 
 from pop3frame.adapters.directory import DirectoryAdapter
 from pop3frame.testing import Controller
-from tests.helpers import refused_login, retr_lines_to_bytes
+from tests.helpers import FileSpanServer, RawClient, refused_login, retr_lines_to_bytes, unstuff
 
 
 def test_single_user_serves_the_directory_itself(tmp_path):
@@ -163,3 +163,28 @@ def test_user_directory_that_is_a_symlink_is_refused(tmp_path, caplog):
         assert login(server, "bob").stat()[0] == 1  # bob's own directory is served
     assert (bob / "r").exists()
     assert "alice is a symlink or not a directory; not served" in caplog.text
+
+
+REPORT = b"Subject: stored as sent\r\n\r\n" + b"Totals. All green, as before. Next run at 2.\r\n" * 4000
+
+
+def test_report_stored_as_sent_goes_out_from_the_file(tmp_path):
+    """RFC 1939 section 3: a report already in wire form (CRLF, a final CRLF, no
+    line starting with ".") is sent straight from the file with sendfile(); one
+    with dot lines is byte-stuffed as ever.  Both arrive exact."""
+    dotted = REPORT.replace(b"\r\nTotals.", b"\r\n.Totals.", 7)
+    (tmp_path / "a-plain").write_bytes(REPORT)
+    (tmp_path / "b-dotted").write_bytes(dotted)
+    os.utime(tmp_path / "b-dotted", (1_800_000_000, 1_800_000_000))
+    adapter = DirectoryAdapter(str(tmp_path), user="u", password="pw")
+    assert [m.dot_lines for m in adapter.list_messages("u")] == [False, True]
+    with Controller(adapter, server_class=FileSpanServer) as server, RawClient(server.address) as c:
+        assert c.login("u", "pw").startswith(b"+OK")
+        for number, data in ((1, REPORT), (2, dotted), (1, REPORT)):
+            c.send(b"RETR %d\r\n" % number)
+            assert c.line() == b"+OK %d octets\r\n" % len(data)
+            wire = c.multiline()
+            assert wire == data + b".\r\n" if number == 1 else unstuff(wire) == data
+        assert c.cmd("QUIT").startswith(b"+OK")
+        assert server.wait_for_connections(0)
+        assert server.server.file_spans == [len(REPORT), len(REPORT)]

@@ -243,6 +243,35 @@ def test_directory_changed_within_a_second_of_its_listing_is_read_every_time(mai
         client.quit()
 
 
+@pytest.mark.parametrize("how", ["in place", "renamed over, mtime copied"])
+def test_message_changed_after_listing_to_have_a_dot_line_is_still_stuffed(maildir, how):
+    """RFC 1939 section 3: the cache says this message has no line starting with
+    ".", so RETR would skip looking; the file is rewritten after the listing
+    (same length), now with a line holding a lone ".".  Opening it notices (its
+    inode, size or mtime differ from what was measured) and the line is stuffed:
+    the client gets the whole new message, not an early terminator."""
+    root, adapter = maildir
+    old = b"Subject: a\n\nfirst line.\nab\nsecond. last\n"
+    new = b"Subject: a\n\nfirst line.\n.\nQsecond. last\n"
+    assert len(old) == len(new) and old.count(b"\n") == new.count(b"\n")  # the same size on the wire
+    name = deliver_like_an_mda(root, "alice", old)
+    path = os.path.join(root, "alice", "new", name)
+    with Controller(adapter) as server, RawClient(server.address) as c:
+        assert c.login("alice", "pw").startswith(b"+OK")
+        st = os.stat(path)
+        if how == "in place":
+            with open(path, "r+b") as f:
+                f.write(new)
+        else:
+            _write(path + ".tmp", new)
+            os.utime(path + ".tmp", ns=(st.st_atime_ns, st.st_mtime_ns))
+            os.rename(path + ".tmp", path)
+        c.send(b"RETR 1\r\n")
+        assert c.line() == b"+OK %d octets\r\n" % (len(old) + old.count(b"\n"))
+        assert unstuff(c.multiline()) == new.replace(b"\n", b"\r\n")
+        assert c.cmd("NOOP") == b"+OK\r\n"  # still in step: nothing was taken for a command
+
+
 def test_damaged_size_cache_is_ignored_and_rebuilt(maildir):
     root, adapter = maildir
     deliver_like_an_mda(root, "alice", b"Subject: a\n\nbody\n")

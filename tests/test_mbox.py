@@ -54,6 +54,28 @@ def test_from_quoting_round_trip_across_chunk_boundaries(spool, chunk_size):
         client.quit()
 
 
+def test_mbox_rewritten_after_listing_to_have_a_dot_line_never_ends_early(spool):
+    """RFC 1939 section 3: the index says no line of the message starts with ".";
+    another program (mutt rewrites in place) changes it after the listing to hold
+    a lone "." line near its start, same length.  The changed mbox is noticed when
+    the message is opened, so that line is stuffed and no early terminator goes
+    out before the check at the message's end closes the connection."""
+    root, auth = spool
+    path = os.path.join(root, "alice")
+    filler = b"A line of text. Another one.\n" * 30_000  # ~900 KB: several chunks
+    append_like_an_mda(path, b"Subject: a\n\nfirst line.\nab\nsecond. last\n" + filler)
+    with Controller(MboxAdapter(root, auth)) as server, RawClient(server.address) as c:
+        assert c.login("alice", "pw").startswith(b"+OK")
+        with open(path, "rb") as f:
+            old = f.read()
+        with open(path, "r+b") as f:
+            f.write(old.replace(b"\nab\nsecond", b"\n.\nQsecond"))
+        c.send(b"RETR 1\r\n")
+        received = c.read_all()
+    assert received.startswith(b"+OK") and b"\r\n..\r\nQsecond" in received
+    assert b"\r\n.\r\n" not in received
+
+
 def test_large_mbox_indexed_with_bounded_memory(spool):
     root, auth = spool
     path = os.path.join(root, "alice")

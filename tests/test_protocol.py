@@ -179,6 +179,84 @@ def test_iter_message_never_ends_a_message_of_the_wrong_size():
     assert b"".join(iter_message(io.BytesIO(data), size)) == stuff(data)
 
 
+def _without_dot_lines(data: bytes) -> bytes:
+    """``data`` with an "x" before every "." that starts a line (dots elsewhere stay)."""
+    data = data.replace(b"\n.", b"\nx.")
+    return b"x" + data if data.startswith(b".") else data
+
+
+@given(messages, st.integers(min_value=1, max_value=7))
+def test_a_message_said_to_have_no_dot_lines_gives_the_same_wire_bytes(data, chunk):
+    """RFC 1939 section 3: with dot_lines=False (MessageInfo.dot_lines) RETR skips
+    the search for lines to byte-stuff and still sends exactly what the full
+    stuffer does, for any chunking, bare CR and missing final line end included."""
+    data = _without_dot_lines(data)
+    assert not protocol.has_dot_lines(data)
+    sent = b"".join(iter_message(io.BytesIO(data), wire_size(data), chunk_size=chunk, dot_lines=False))
+    assert sent == stuff(data)
+
+
+def _stored(tmp_path, data: bytes):
+    path = tmp_path / "message"
+    path.write_bytes(data)
+    return open(path, "rb")
+
+
+PROSE_CRLF = b"Subject: stored as sent\r\n\r\n" + b"A line. Another one, with a dot. And\r\n" * 3000
+
+
+def test_a_message_stored_as_sent_goes_out_as_one_file_span(tmp_path):
+    """CRLF line ends, a final CRLF and no line starting with ".": the stored bytes
+    are the wire bytes (RFC 1939 section 3), so RETR hands the file over whole
+    (a FileSpan, for sendfile()), then the terminator, only if all of it went."""
+    size = len(PROSE_CRLF)
+    assert size >= protocol.SENDFILE_MIN and wire_size(PROSE_CRLF) == size
+    with _stored(tmp_path, PROSE_CRLF) as f:
+        chunks = iter_message(f, size, dot_lines=False)
+        span = next(chunks)
+        assert isinstance(span, protocol.FileSpan) and (span.file, span.offset, span.count) == (f, 0, size)
+        span.sent = size
+        assert list(chunks) == [b".\r\n"]
+        assert stuff(PROSE_CRLF) == PROSE_CRLF + b".\r\n"  # what the stuffer would have sent
+    with _stored(tmp_path, PROSE_CRLF) as f:
+        chunks = iter_message(f, size, dot_lines=False)
+        next(chunks).sent = size - 100  # the file ended early while it was sent
+        with pytest.raises(SizeMismatch):
+            next(chunks)
+    with _stored(tmp_path, PROSE_CRLF) as f:
+        chunks = iter_message(f, size, dot_lines=False)
+        next(chunks).sent = size
+        with open(tmp_path / "message", "ab") as grow:  # written to while it was sent
+            grow.write(b"more\r\n")
+        with pytest.raises(SizeMismatch):
+            next(chunks)
+
+
+@pytest.mark.parametrize("data, dot_lines", [
+    (PROSE_CRLF, None),                                     # not known: looked for
+    (PROSE_CRLF.replace(b"\r\n", b"\n"), False),            # LF line ends (Maildir)
+    (PROSE_CRLF[:-2], False),                               # no final CRLF: one is added
+    (PROSE_CRLF[:-1], False),                               # ends in a lone CR
+    (PROSE_CRLF[:-2] + b"\n", False),                       # one bare LF
+    (b"Subject: small\r\n\r\nshort.\r\n", False),         # below SENDFILE_MIN
+])
+def test_other_messages_are_stuffed_as_ever(tmp_path, data, dot_lines):
+    """Only the wire form goes out as a FileSpan; anything the stuffer would
+    change (line ends, the final CRLF), or a message whose lines are not known
+    to be free of dots, goes through it."""
+    with _stored(tmp_path, data) as f:
+        chunks = list(iter_message(f, wire_size(data), dot_lines=dot_lines))
+    assert all(isinstance(c, bytes) for c in chunks)
+    assert b"".join(chunks) == stuff(data)
+
+
+def test_bare_cr_inside_a_stored_wire_form_is_sent_as_the_stuffer_would(tmp_path):
+    data = PROSE_CRLF.replace(b"one, with", b"one,\rwith", 1)
+    assert wire_size(data) == len(data) and stuff(data) == data + b".\r\n"
+    with _stored(tmp_path, data) as f:
+        assert isinstance(next(iter_message(f, len(data), dot_lines=False)), protocol.FileSpan)
+
+
 def test_wire_size_counts_crlf():
     """RFC 1939 section 11: sizes count CRLF line endings."""
     assert wire_size(b"a\nb\n") == 6

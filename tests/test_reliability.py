@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from pop3frame import protocol
 from pop3frame.adapters.memory import MemoryAdapter
 from pop3frame.testing import Controller, ManualClock
-from tests.helpers import RawClient, tick_until_closed
+from tests.helpers import FileSpanServer, RawClient, tick_until_closed
 
 
 def open_fds() -> int:
@@ -334,6 +334,66 @@ def test_slow_reader_does_not_make_the_server_buffer(big_store, frozen):
         tracemalloc.stop()
     assert peak < 4 * 1024 * 1024, peak  # a few chunks, never the 20 MB message
     assert len(big_store.messages("alice")) == 2
+
+
+@pytest.fixture
+def stored_as_sent(tmp_path):
+    """A 32 MB message in wire form in a directory store: RETR sends it from the
+    file (sendfile()); far more than the socket buffers hold."""
+    path = tmp_path / "big"
+    line = b"Some prose. With dots, at the end too.\r\n"
+    with open(path, "wb") as f:
+        f.write(b"Subject: big\r\n\r\n")
+        for _ in range(32):
+            f.write(line * (1024 * 1024 // len(line)))
+    from pop3frame.adapters.directory import DirectoryAdapter
+
+    return path, DirectoryAdapter(str(tmp_path), user="alice", password="pw")
+
+
+def test_client_that_stops_reading_during_sendfile_is_cut_off_at_send_timeout(stored_as_sent, frozen):
+    """sendfile() too gives up once send_timeout has passed on ServerConfig.clock
+    (Python's socket.sendfile() would wait in poll() forever): the thread, the
+    lock and the file are freed."""
+    path, adapter = stored_as_sent
+    clock = lambda: frozen().timestamp()  # noqa: E731
+    with Controller(adapter, clock=clock, poll_interval=0.01, send_timeout=60,
+                    server_class=FileSpanServer) as server:
+        with RawClient(server.address, rcvbuf=65536) as c:
+            c.login("alice", "pw")
+            c.send(b"RETR 1\r\n")  # and never read
+            assert not server.wait_for_connections(0, timeout=0.2)
+            assert tick_until_closed(server, frozen, 61)
+        assert server.context.locks.held_names() == []
+        sent, = server.server.file_spans
+        assert 0 < sent < os.path.getsize(path)
+
+
+def test_file_that_shrinks_during_sendfile_ends_without_the_terminator(stored_as_sent):
+    """RFC 1939 section 3: a message cut short while it is sent from its file
+    (sendfile() reaches the end early) is not ended with "." but by closing the
+    connection: the client keeps nothing it would take for the whole message."""
+    path, adapter = stored_as_sent
+    size = os.path.getsize(path)
+    with Controller(adapter, server_class=FileSpanServer) as server:
+        with RawClient(server.address, rcvbuf=65536) as c:
+            c.login("alice", "pw")
+            c.send(b"RETR 1\r\n")
+            assert c.line() == b"+OK %d octets\r\n" % size
+            got = len(c.buf)
+            while got < 100_000:  # the server is in sendfile(), far from the end
+                got += len(c.sock.recv(65536))
+            os.truncate(path, size // 2)
+            tail = b""
+            while True:
+                data = c.sock.recv(65536)
+                if not data:
+                    break
+                got += len(data)
+                tail = (tail + data)[-5:]
+        assert got == size // 2 and tail != b"\r\n.\r\n"
+        assert server.wait_for_connections(0)
+        assert server.server.file_spans == [size // 2]
 
 
 def test_half_open_connections_do_not_block_others(big_store):

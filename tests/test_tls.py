@@ -14,7 +14,7 @@ import trustme
 from pop3frame.adapters.memory import MemoryAdapter
 from pop3frame.testing import Controller
 from pop3frame.tls import TLSCertificates
-from tests.helpers import RawClient, require_program, tick_until_closed
+from tests.helpers import FileSpanServer, RawClient, require_program, retr_lines_to_bytes, tick_until_closed
 
 
 class SourcePOP3(poplib.POP3):
@@ -78,6 +78,26 @@ def test_implicit_tls_listener(store, certs, client_context, caplog):
     # The session's one INFO line names the TLS version (DEBUG has the cipher too).
     end, = [r for r in caplog.records if "session end" in r.getMessage()]
     assert end.tls == version and end.getMessage().endswith(", quit, " + version)
+
+
+def test_message_stored_as_sent_goes_out_from_its_file_through_tls(certs, client_context, tmp_path):
+    """A message in wire form (CRLF, no line starting with ".") is read from its
+    file and written through TLS, which sendfile() cannot cross: exact bytes."""
+    from pop3frame.adapters.directory import DirectoryAdapter
+
+    data = b"Subject: over TLS\r\n\r\n" + b"Line. Another, with dots.\r\n" * 8000
+    (tmp_path / "reports").mkdir()
+    (tmp_path / "reports" / "report").write_bytes(data)
+    tls, _ = certs
+    with Controller(DirectoryAdapter(str(tmp_path / "reports"), user="u", password="pw"), tls=tls, secure=True,
+                    server_class=FileSpanServer) as server:
+        client = poplib.POP3_SSL("127.0.0.1", server.port, context=client_context, timeout=10)
+        client.user("u")
+        client.pass_("pw")
+        assert retr_lines_to_bytes(client.retr(1)[1]) == data
+        client.quit()
+        assert server.wait_for_connections(0)
+        assert server.server.file_spans == [len(data)]
 
 
 def test_stls_upgrades_and_capa_reflects_it(store, certs, client_context):
