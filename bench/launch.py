@@ -1,26 +1,37 @@
 """The benchmark's Maildir and the servers under test, each in its own process.
 
 One generated Maildir serves every server: user ``bench`` (password
-``bench``) with 1 KB, 100 KB, 10 MB and 20 MB messages, and users
-``bench0`` .. ``benchN`` (password ``bench``) with one 1 KB message each,
-for the concurrent tests (a client per mailbox, so no mailbox lock is
-contended).  Messages are stored with LF line ends, as in any Maildir, so
-every server converts them to CRLF on the wire.  ``passwd`` is a
-Dovecot-style passwd-file with ``{PLAIN}`` passwords, read by all three.
+``bench``) with the messages of :data:`SIZES`, and users ``bench0`` ..
+``benchN`` (password ``bench``) with one 1 KB message each, for the
+concurrent tests (a client per mailbox, so no mailbox lock is contended).
+The messages look like mail, so no server skips work that real mail costs
+it: headers as an MTA writes them (Received, Message-ID, MIME), English-like
+prose wrapped at 72 columns with a "." on most lines (ends of sentences,
+at line ends too), one message whose lines start with "." one in twenty
+times (byte-stuffed on the wire), and MIME multipart messages carrying a
+base64 attachment.  Messages are stored with LF line ends, as in any
+Maildir, so every server converts them to CRLF on the wire.  The text is
+pseudo-random with a fixed seed: every run serves the same bytes.
+``passwd`` is a Dovecot-style passwd-file with ``{PLAIN}`` passwords, read
+by all three.
 
 Servers run in the background with PR_SET_PDEATHSIG, so they die with the
 benchmark even if it is killed, and listen on 127.0.0.1 only.
 """
 from __future__ import annotations
 
+import base64
 import contextlib
 import ctypes
+import email.utils
 import os
+import random
 import resource
 import signal
 import socket
 import subprocess
 import sys
+import textwrap
 import time
 from typing import List, Optional, Tuple
 
@@ -28,8 +39,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 PASSWORD = "bench"
 BIG_USER = "bench"
-#: RETR test messages: label -> size in bytes.
-SIZES = {"1KB": 1_000, "100KB": 100_000, "10MB": 10_000_000, "20MB": 20_000_000}
+#: RETR test messages: label -> (size in bytes as stored, kind).  Sizes are
+#: far enough apart for loadgen.find_message to tell them by LIST size.
+SIZES = {"1KB": (1_000, "prose"), "100KB": (100_000, "prose"),
+         "130KB, 1 line in 20 starting with '.'": (130_000, "dot-lines"),
+         "10MB base64": (10_000_000, "attachment"), "20MB base64": (20_000_000, "attachment")}
 FD_LIMIT = 20_000
 
 DOVECOT_CONF = """\
@@ -77,11 +91,82 @@ service anvil {{
 """
 
 
-def message(size: int, n: int = 0) -> bytes:
-    line = b"x" * 76 + b"\n"
-    head = b"From: bench@localhost\nTo: bench@localhost\nSubject: bench %d bytes\nMessage-ID: <%d.%d@bench>\n\n" % (
-        size, size, n)
-    return head + line * max(1, (size - len(head)) // len(line))
+_WORDS = ("the of and to in a is that for it as was with be by on not he I this are or his from at which "
+          "but have an they you were her she there all would their we him been has when who will more no if "
+          "out so said what up its about into than them can only other new some could time these two may then "
+          "do first any my now such like our over man me even most made after also did many before must "
+          "through back years where much your way well down should because each just those people how too "
+          "little state good very make world still own see men work long get here between both life being "
+          "under never day same another know while last might us great old year off come since against go "
+          "came right used take three message server mailbox delivery protocol weekend invoice schedule "
+          "meeting attached thanks regards tomorrow report quarterly figures").split()
+
+
+def _sentence(rng) -> str:
+    words = [rng.choice(_WORDS) for _ in range(rng.randint(3, 12))]
+    if len(words) > 6 and rng.random() < 0.3:
+        words[rng.randint(2, len(words) - 3)] += ","
+    text = " ".join(words)
+    return text[0].upper() + text[1:] + rng.choice(".......?!")
+
+
+def prose(size: int, rng, dot_lines: int = 0) -> bytes:
+    """About ``size`` bytes of paragraphs of sentences wrapped at 72 columns.
+
+    Most lines hold a "." (sentence ends, many at the end of the line);
+    with ``dot_lines`` every that many lines one starts with "." (an
+    ellipsis, a quoted ".profile" ...), which RETR must byte-stuff; without
+    it no line does, as in most mail.
+    """
+    out: List[bytes] = []
+    total = count = 0
+    starts = ("...and so on, as before.", ".profile and .bashrc were both changed.", ". . . .", ".")
+    while total < size:
+        paragraph = " ".join(_sentence(rng) for _ in range(rng.randint(2, 7)))
+        for line in textwrap.wrap(paragraph, 72) + [""]:
+            count += 1
+            if dot_lines and count % dot_lines == 0:
+                line = rng.choice(starts) + (" " + line if line else "")
+            data = line.encode() + b"\n"
+            out.append(data)
+            total += len(data)
+    text = b"".join(out)[:size]
+    return text[:text.rfind(b"\n") + 1] if b"\n" in text else text
+
+
+def _headers(n: int, subject: str, content_type: str, rng) -> bytes:
+    stamp = 1700000000 + n
+    date = email.utils.formatdate(stamp, usegmt=True)
+    return ("Return-Path: <alice@example.org>\n"
+            "Received: from mx.example.org (mx.example.org [192.0.2.25])\n"
+            "\tby mail.example.net (Postfix) with ESMTPS id 4Z%06X\n"
+            "\tfor <bench@example.net>; %s\n"
+            "From: Alice Example <alice@example.org>\n"
+            "To: Bench <bench@example.net>\n"
+            "Subject: %s\n"
+            "Date: %s\n"
+            "Message-ID: <%d.%08x@example.org>\n"
+            "MIME-Version: 1.0\n"
+            "%s\n\n" % (rng.getrandbits(24), date, subject, date, stamp, rng.getrandbits(32), content_type)).encode()
+
+
+def message(size: int, kind: str = "prose", n: int = 0) -> bytes:
+    """A message of about ``size`` bytes (LF line ends) of the kind named in :data:`SIZES`."""
+    rng = random.Random("%d-%s-%d" % (size, kind, n))
+    if kind == "attachment":
+        boundary = "=_bench_%08x" % rng.getrandbits(32)
+        head = _headers(n, "report with attachment", 'Content-Type: multipart/mixed; boundary="%s"' % boundary, rng)
+        text = prose(2_000, rng)
+        part = ('--%s\nContent-Type: application/pdf; name="report-%d.pdf"\nContent-Transfer-Encoding: base64\n'
+                'Content-Disposition: attachment; filename="report-%d.pdf"\n\n' % (boundary, n, n)).encode()
+        intro = ("--%s\nContent-Type: text/plain; charset=utf-8\n\n" % boundary).encode()
+        tail = ("\n--%s--\n" % boundary).encode()
+        room = size - len(head) - len(intro) - len(text) - len(part) - len(tail)
+        # base64 lines are 76 characters and a newline: 57 octets each.
+        data = base64.encodebytes(rng.randbytes(max(57, room * 57 // 77)))
+        return head + intro + text + part + data + tail
+    head = _headers(n, "notes, part %d" % n, "Content-Type: text/plain; charset=utf-8", rng)
+    return head + prose(max(1, size - len(head)), rng, dot_lines=20 if kind == "dot-lines" else 0)
 
 
 def _new_maildir(home: str) -> None:
@@ -97,7 +182,7 @@ def build_maildir(d: str, users: int) -> None:
     mail = os.path.join(d, "mail")
     template = os.path.join(d, "small.eml")
     with open(template, "wb") as f:
-        f.write(message(1000))
+        f.write(message(1_000))
     with open(os.path.join(d, "passwd"), "w") as pw:
         pw.write("%s:{PLAIN}%s\n" % (BIG_USER, PASSWORD))
         for i in range(users):
@@ -108,9 +193,9 @@ def build_maildir(d: str, users: int) -> None:
             os.link(template, os.path.join(home, "new", "1700000000.M1P1.bench"))
     home = os.path.join(mail, BIG_USER)
     _new_maildir(home)
-    for k, size in enumerate(SIZES.values(), 1):
+    for k, (size, kind) in enumerate(SIZES.values(), 1):
         with open(os.path.join(home, "new", "%d.M%dP1.bench" % (1700000000 + k, k)), "wb") as f:
-            f.write(message(size, k))
+            f.write(message(size, kind, k))
     # Dovecot reads and writes the Maildir as the static userdb's nobody.
     subprocess.run(["chown", "-R", "nobody:nogroup", mail], check=False)
 
@@ -179,11 +264,23 @@ class Server:
 
 
 def start(name: str, d: str, *, python: Optional[str] = None, adapter: str = "maildir",
-          lifetime: float = 3600.0, extra: Tuple[str, ...] = ()) -> Server:
-    """Start ``pop3frame``, ``twisted`` or ``dovecot`` over the Maildir in ``d``."""
+          lifetime: float = 3600.0, extra: Tuple[str, ...] = (), workers: Optional[str] = None) -> Server:
+    """Start ``pop3frame``, ``twisted`` or ``dovecot`` over the Maildir in ``d``.
+
+    pop3frame with the Maildir store runs as ``pop3frame serve`` (``workers``:
+    its ``--workers``, default the CLI's); with ``adapter="memory"`` or
+    ``extra`` options, as ``servers/pop3frame_server.py``.
+    """
     port = free_port()
     log = os.path.join(d, "%s.log" % name)
-    if name == "pop3frame":
+    if name == "pop3frame" and adapter == "maildir" and not extra:
+        # The product as operators run it: pop3frame serve, logging at INFO
+        # (one line per session), with the Maildir store.
+        python = python or sys.executable
+        cmd = [os.path.join(os.path.dirname(python), "pop3frame"), "serve", "--maildir", os.path.join(d, "mail"),
+               "--passwd", os.path.join(d, "passwd"), "--listen", "127.0.0.1:%d" % port,
+               "--max-connections", "12000", *(("--workers", str(workers)) if workers else ())]
+    elif name == "pop3frame":
         cmd = [python or sys.executable, os.path.join(HERE, "servers", "pop3frame_server.py"),
                "--root", os.path.join(d, "mail"), "--passwd", os.path.join(d, "passwd"),
                "--port", str(port), "--adapter", adapter, "--lifetime", str(lifetime), *extra]

@@ -174,20 +174,22 @@ def retr_mb_per_s(user: str, password: str, size: int, repeat: int, max_seconds:
     s = login(user, password)
     buf = bytearray(1 << 20)
     number, listed = find_message(s, size, bytearray(1 << 16))
-    rates, deadline = [], time.monotonic() + max_seconds
+    times, deadline = [], time.monotonic() + max_seconds
     nbytes = 0
     for _ in range(repeat):
-        if rates and time.monotonic() > deadline:
+        if times and time.monotonic() > deadline:
             break
         start = time.perf_counter()
         s.sendall(b"RETR %d\r\n" % number)
         nbytes = read_until(s, b"\r\n.\r\n", buf)
-        rates.append(nbytes / (time.perf_counter() - start) / 1e6)
+        times.append(time.perf_counter() - start)
     if nbytes < listed:
         raise Failed("RETR %d returned %d bytes, LIST said %d" % (number, nbytes, listed))
     s.sendall(b"QUIT\r\n")
     s.close()
-    return {"value": statistics.median(rates), "best": max(rates), "done": len(rates), "bytes": nbytes}
+    median, best = statistics.median(times), min(times)
+    return {"value": nbytes / median / 1e6, "best": nbytes / best / 1e6, "per_s": 1 / median, "best_per_s": 1 / best,
+            "done": len(times), "bytes": nbytes}
 
 
 # -- STAT latency under concurrency -------------------------------------------
