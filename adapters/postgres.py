@@ -43,7 +43,7 @@ from pop3frame import AdapterBase, MessageInfo, TemporaryFailure
 from pop3frame.config import ServerConfig
 from pop3frame.locks import Lock, LockManager
 from pop3frame.passwords import SAMPLE_SIZE, PasswordCheck, hash_password
-from pop3frame.protocol import valid_uid
+from pop3frame.protocol import Measure, valid_uid
 
 __all__ = [
     "PostgresStore",
@@ -95,6 +95,13 @@ MIGRATIONS: Tuple[Tuple[int, str, str], ...] = (
             data bytea NOT NULL,
             PRIMARY KEY (message_id, seq)
         );
+        """,
+    ),
+    (
+        2,
+        "whether a line of a message starts with '.' (NULL: delivered before, not known)",
+        """
+        ALTER TABLE pop3frame_messages ADD COLUMN dot_lines boolean;
         """,
     ),
 )
@@ -159,28 +166,6 @@ def _check_name(name: str) -> str:
     if not name or len(name) > 255 or any(ord(c) < 32 or c == "\x7f" for c in name):
         raise ValueError("invalid user name %r" % (name,))
     return name
-
-
-class _WireSize:
-    """:func:`pop3frame.protocol.wire_size` computed over chunks as they pass."""
-
-    __slots__ = ("n", "newlines", "crlfs", "last")
-
-    def __init__(self) -> None:
-        self.n = self.newlines = self.crlfs = 0
-        self.last = b""
-
-    def feed(self, chunk: bytes) -> None:
-        self.n += len(chunk)
-        self.newlines += chunk.count(b"\n")
-        self.crlfs += chunk.count(b"\r\n") + (self.last == b"\r" and chunk[:1] == b"\n")
-        self.last = chunk[-1:]
-
-    def total(self) -> int:
-        n = self.n + self.newlines - self.crlfs
-        if self.n and self.last != b"\n":
-            n += 1 if self.last == b"\r" else 2
-        return n
 
 
 def _chunks(message: Union[bytes, bytearray, memoryview, BinaryIO]):
@@ -532,10 +517,10 @@ class PostgresStore(AdapterBase):
             if row is None:
                 raise UnknownUser(name)
             message_id, new_uid = row
-            size = _WireSize()
+            measure = Measure()
             count = 0
             for data in _chunks(message):
-                size.feed(data)
+                measure.feed(data)
                 # %b: the body travels in binary, not as a hex/escape string.
                 conn.execute(
                     "INSERT INTO pop3frame_chunks (message_id, seq, data) VALUES (%s, %s, %b)",
@@ -543,10 +528,10 @@ class PostgresStore(AdapterBase):
                 )
                 count += 1
             conn.execute(
-                "UPDATE pop3frame_messages SET size = %s, chunks = %s WHERE id = %s",
-                (size.total(), count, message_id),
+                "UPDATE pop3frame_messages SET size = %s, chunks = %s, dot_lines = %s WHERE id = %s",
+                (measure.size, count, measure.dot_lines, message_id),
             )
-            return new_uid, size.total()
+            return new_uid, measure.size
 
         # A file object cannot be rewound for a retry.
         new_uid, octets = self._run(work, retry=False)
@@ -578,12 +563,14 @@ class PostgresStore(AdapterBase):
         """
         rows = self._run(
             lambda conn: conn.execute(
-                "SELECT m.id, m.uid, m.size, m.chunks FROM pop3frame_messages m"
+                "SELECT m.id, m.uid, m.size, m.chunks, m.dot_lines FROM pop3frame_messages m"
                 " JOIN pop3frame_users u ON u.id = m.user_id WHERE u.name = %s ORDER BY m.id",
                 (username,),
             ).fetchall()
         )
-        return [MessageInfo(uid, size, key=(message_id, chunks)) for message_id, uid, size, chunks in rows]
+        # Stored bodies never change, so dot_lines holds until the row is gone.
+        return [MessageInfo(uid, size, key=(message_id, chunks), dot_lines=dots)
+                for message_id, uid, size, chunks, dots in rows]
 
     def _fetch_chunk(self, message_id: int, seq: int) -> Optional[bytes]:
         row = self._run(

@@ -26,7 +26,7 @@ from typing import Dict, List, Sequence, Tuple
 
 from pop3frame import AdapterBase, MessageInfo, TemporaryFailure
 from pop3frame.passwords import SAMPLE_SIZE, PasswordCheck, hash_password
-from pop3frame.protocol import wire_size
+from pop3frame.protocol import has_dot_lines, wire_size
 
 __all__ = ["SQLiteStore", "UnknownUser"]
 
@@ -35,7 +35,8 @@ logger = logging.getLogger("pop3frame.adapters.sqlite")
 CHUNK = 256 * 1024
 #: 1: the first release.  2: message ids AUTOINCREMENT, so the id of a
 #: deleted message is never handed out again (and so its unique-id).
-SCHEMA_VERSION = 2
+#: 3: messages.dot_lines, whether a line starts with "." (MessageInfo.dot_lines).
+SCHEMA_VERSION = 3
 
 _MESSAGES = """CREATE TABLE {name} (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -76,6 +77,15 @@ _MIGRATE_1_TO_2 = (
     "DROP TABLE messages",
     "ALTER TABLE messages_v2 RENAME TO messages",
     _MESSAGES_INDEX,
+)
+
+
+#: Later changes, in order: (version they start from, statements).  Never
+#: edit one that was released; append.  A new store is made at version 2
+#: and brought up by these too.
+_MIGRATIONS = (
+    # NULL: not known (delivered before); RETR then looks for dot lines.
+    (2, ("ALTER TABLE messages ADD COLUMN dot_lines INTEGER",)),
 )
 
 
@@ -184,6 +194,7 @@ class SQLiteStore(AdapterBase):
                 conn.execute(statement)
             store_id = secrets.token_hex(4)
             conn.executemany("INSERT INTO meta VALUES (?, ?)", (("store_id", store_id), ("uid_prefix", store_id)))
+            version = 2
         elif version == 1:
             for statement in _MIGRATE_1_TO_2:
                 conn.execute(statement)
@@ -195,7 +206,15 @@ class SQLiteStore(AdapterBase):
             while prefix == store_id:
                 prefix = secrets.token_hex(4)
             conn.execute("INSERT INTO meta VALUES ('uid_prefix', ?)", (prefix,))
-            logger.info("%s: migrated from schema version 1 to %d", self.path, SCHEMA_VERSION)
+            logger.info("%s: migrated from schema version 1 to 2", self.path)
+            version = 2
+        for start, statements in _MIGRATIONS:
+            if version == start:
+                for statement in statements:
+                    conn.execute(statement)
+                if conn.execute("SELECT 1 FROM messages LIMIT 1").fetchone():
+                    logger.info("%s: migrated from schema version %d to %d", self.path, start, start + 1)
+                version = start + 1
         conn.execute("PRAGMA user_version = %d" % SCHEMA_VERSION)
 
     def _connect(self) -> sqlite3.Connection:
@@ -246,8 +265,8 @@ class SQLiteStore(AdapterBase):
                 if row is None:
                     raise UnknownUser(name)
                 cur = conn.execute(
-                    "INSERT INTO messages (user_id, uid, size, delivered) VALUES (?, '', ?, ?)",
-                    (row[0], wire_size(message), time.time()),
+                    "INSERT INTO messages (user_id, uid, size, delivered, dot_lines) VALUES (?, '', ?, ?, ?)",
+                    (row[0], wire_size(message), time.time(), has_dot_lines(message)),
                 )
                 message_id = cur.lastrowid
                 uid = "%s.%d" % (self._uid_prefix, message_id)
@@ -289,7 +308,7 @@ class SQLiteStore(AdapterBase):
         conn = self._connect()
         try:
             rows = conn.execute(
-                "SELECT m.id, m.uid, m.size FROM messages m JOIN users u ON u.id = m.user_id"
+                "SELECT m.id, m.uid, m.size, m.dot_lines FROM messages m JOIN users u ON u.id = m.user_id"
                 " WHERE u.name = ? ORDER BY m.id",
                 (username,),
             ).fetchall()
@@ -298,7 +317,9 @@ class SQLiteStore(AdapterBase):
             raise
         with self._mutex:
             self._sessions[username] = conn
-        return [MessageInfo(uid, size, key=message_id) for message_id, uid, size in rows]
+        # Stored bodies never change, so dot_lines holds until the row is gone.
+        return [MessageInfo(uid, size, key=message_id, dot_lines=None if dots is None else bool(dots))
+                for message_id, uid, size, dots in rows]
 
     def _session(self, username: str) -> sqlite3.Connection:
         with self._mutex:

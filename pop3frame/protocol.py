@@ -215,25 +215,46 @@ def has_dot_lines(data: bytes) -> bool:
     return data[:1] == b"." or b"\n." in data
 
 
+class Measure:
+    """:func:`wire_size` and :func:`has_dot_lines` of a message fed in pieces, split anywhere."""
+
+    __slots__ = ("_octets", "_newlines", "_crlfs", "_last", "dot_lines")
+
+    def __init__(self) -> None:
+        self._octets = self._newlines = self._crlfs = 0
+        self._last = b"\n"  # the first line starts at offset 0
+        #: Whether a line fed so far starts with ".".
+        self.dot_lines = False
+
+    def feed(self, chunk: bytes) -> None:
+        if not chunk:
+            return
+        last = self._last
+        self._octets += len(chunk)
+        self._newlines += chunk.count(b"\n")
+        self._crlfs += chunk.count(CRLF) + (last == b"\r" and chunk[:1] == b"\n")
+        if not self.dot_lines:
+            self.dot_lines = (last == b"\n" and chunk[:1] == b".") or b"\n." in chunk
+        self._last = chunk[-1:]
+
+    @property
+    def size(self) -> int:
+        """:func:`wire_size` of what was fed."""
+        n = self._octets + self._newlines - self._crlfs
+        if self._octets and self._last != b"\n":
+            n += 1 if self._last == b"\r" else 2
+        return n
+
+
 def measure_stream(stream: BinaryIO, chunk_size: int = CHUNK_SIZE) -> Tuple[int, bool]:
     """(:func:`wire_size`, :func:`has_dot_lines`) of a stream read in chunks (bounded memory)."""
-    n = newlines = crlfs = 0
-    dots = False
-    last = b"\n"  # the first line starts at offset 0
+    measure = Measure()
     read = stream.read
     while True:
         chunk = read(chunk_size)
         if not chunk:
-            break
-        n += len(chunk)
-        newlines += chunk.count(b"\n")
-        crlfs += chunk.count(CRLF) + (last == b"\r" and chunk[:1] == b"\n")
-        if not dots:
-            dots = (last == b"\n" and chunk[:1] == b".") or b"\n." in chunk
-        last = chunk[-1:]
-    if n and last != b"\n":
-        n += 1 if last == b"\r" else 2
-    return n + newlines - crlfs, dots
+            return measure.size, measure.dot_lines
+        measure.feed(chunk)
 
 
 def stream_wire_size(stream: BinaryIO, chunk_size: int = CHUNK_SIZE) -> int:

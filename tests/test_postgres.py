@@ -23,7 +23,9 @@ import pytest
 from pop3frame import TemporaryFailure
 from pop3frame.config import ServerConfig
 from pop3frame.adapters.postgres import (
+    _VERSION_TABLE,
     CHUNK,
+    MIGRATIONS,
     SCHEMA_VERSION,
     PostgresLockManager,
     PostgresStore,
@@ -89,7 +91,8 @@ def test_schema_created_once_by_concurrent_instances(pg_db):
     for t in threads:
         t.join(60)
     assert errors == [] and len(stores) == 6
-    assert [v for v, in sql(pg_db, "SELECT version FROM pop3frame_schema_version")] == [SCHEMA_VERSION]
+    assert [v for v, in sql(pg_db, "SELECT version FROM pop3frame_schema_version ORDER BY version")] == list(
+        range(1, SCHEMA_VERSION + 1))  # each migration once
     assert sql(pg_db, "SELECT count(*) FROM pop3frame_meta WHERE key = 'store_id'") == [(1,)]
     stores[0].add_user("alice", "pw", scheme="PLAIN")
     # Every instance numbers UIDs with the one database-wide prefix.
@@ -98,6 +101,36 @@ def test_schema_created_once_by_concurrent_instances(pg_db):
     assert stores[3].schema_version() == SCHEMA_VERSION
     for s in stores:
         s.close()
+
+
+def test_dot_lines_kept_from_delivery_and_unknown_for_mail_from_before_migration_2(pg_db):
+    """Migration 2 keeps, with each message, whether a line starts with "." (RETR then
+    need not look); mail delivered under version 1 gets NULL, not known, and is stuffed
+    as ever (RFC 1939 section 3)."""
+    version_1 = MIGRATIONS[0]
+    sql(pg_db, _VERSION_TABLE)
+    sql(pg_db, version_1[2])
+    sql(pg_db, "INSERT INTO pop3frame_schema_version (version, description) VALUES (1, %s)", (version_1[1],))
+    sql(pg_db, "INSERT INTO pop3frame_meta VALUES ('store_id', 'a1b2c3d4')")
+    sql(pg_db, "INSERT INTO pop3frame_users (name, password) VALUES ('alice', '{PLAIN}pw')")
+    old = b"Subject: old\r\n\r\n.dotted\r\n"
+    (message_id,), = sql(pg_db, "INSERT INTO pop3frame_messages (user_id, uid, size, chunks)"
+                         " SELECT id, 'old.1', %s, 1 FROM pop3frame_users RETURNING id", (len(old),))
+    sql(pg_db, "INSERT INTO pop3frame_chunks VALUES (%s, 0, %s)", (message_id, old))
+    store = PostgresStore(pg_db)
+    try:
+        assert store.schema_version() == SCHEMA_VERSION == 2
+        store.deliver("alice", b"Subject: plain\n\nEnds in a dot.\n")
+        store.deliver("alice", b"Subject: dotted\n\n.profile changed\n")
+        assert [m.dot_lines for m in store.list_messages("alice")] == [None, False, True]
+        with Controller(store) as server:
+            client = server.pop3()
+            client.user("alice")
+            client.pass_("pw")
+            assert [client.retr(i)[1][2] for i in (1, 2, 3)] == [b".dotted", b"Ends in a dot.", b".profile changed"]
+            client.quit()
+    finally:
+        store.close()
 
 
 def test_newer_schema_is_refused(pg_db):

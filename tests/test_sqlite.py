@@ -11,7 +11,7 @@ import tracemalloc
 
 import pytest
 
-from pop3frame.adapters.sqlite import CHUNK, SQLiteStore, UnknownUser
+from pop3frame.adapters.sqlite import CHUNK, SCHEMA_VERSION, SQLiteStore, UnknownUser
 from pop3frame.passwords import split_scheme
 from pop3frame.protocol import iter_message
 from pop3frame.testing import Controller
@@ -334,7 +334,7 @@ def test_version_1_store_is_migrated_in_place_and_never_reissues_a_uid(tmp_path)
     issued = _v1_store(path, V1_MAIL, delete_newest=True)
     store = SQLiteStore(path)
     with sqlite3.connect(path) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
         assert "AUTOINCREMENT" in conn.execute("SELECT sql FROM sqlite_master WHERE name = 'messages'").fetchone()[0]
     with Controller(store) as server:
         client = server.pop3()
@@ -407,12 +407,33 @@ def test_two_processes_opening_a_version_1_store_migrate_it_once(tmp_path):
     store.close_mailbox("alice")
 
 
+def test_dot_lines_are_kept_from_delivery_and_unknown_for_mail_older_than_schema_3(tmp_path):
+    """Schema 3 keeps, with each message, whether a line starts with "." (RETR then
+    need not look).  Messages of a version 1 (or 2) store get NULL, not known, and
+    are stuffed as ever; new deliveries record it.  RFC 1939 section 3 either way."""
+    path = str(tmp_path / "old.db")
+    _v1_store(path, [b"Subject: old\r\n\r\n.dotted\r\n"], delete_newest=False)
+    store = SQLiteStore(path)
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+    store.deliver("alice", b"Subject: plain\n\nEnds in a dot.\n")
+    store.deliver("alice", b"Subject: dotted\n\n.profile changed\n")
+    assert [m.dot_lines for m in store.list_messages("alice")] == [None, False, True]
+    store.close_mailbox("alice")
+    with Controller(store) as server:
+        client = server.pop3()
+        client.user("alice")
+        client.pass_("pw")
+        assert [client.retr(i)[1][2] for i in (1, 2, 3)] == [b".dotted", b"Ends in a dot.", b".profile changed"]
+        client.quit()
+
+
 def test_a_store_of_a_newer_version_or_another_programs_database_is_refused(tmp_path):
     path = str(tmp_path / "future.db")
     SQLiteStore(path)
     with sqlite3.connect(path) as conn:
-        conn.execute("PRAGMA user_version = 3")
-    with pytest.raises(RuntimeError, match="schema version 3"):
+        conn.execute("PRAGMA user_version = %d" % (SCHEMA_VERSION + 1))
+    with pytest.raises(RuntimeError, match="schema version %d" % (SCHEMA_VERSION + 1)):
         SQLiteStore(path)
     other = str(tmp_path / "app.db")
     with sqlite3.connect(other) as conn:
