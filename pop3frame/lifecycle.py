@@ -77,19 +77,25 @@ class LogWriter(logging.handlers.QueueHandler):
     :meth:`flush` returns once everything logged before it is written;
     :meth:`close` (also run by :func:`logging.shutdown` at exit) writes the
     rest and ends the thread, so no line is lost at a normal exit or
-    SIGTERM.  Fork-safe: a child process (``--workers``) gets a fresh queue
-    and writer thread of its own, and never a half-written line of the
-    parent's (forks wait until a write in progress is done).
+    SIGTERM.  Memory stays bounded: with ``limit`` records waiting (a stream
+    that blocks, such as a pipe nobody reads), a thread that logs waits for
+    the writer, as it would have waited for the stream itself.  Fork-safe: a
+    child process (``--workers``) gets a fresh queue and writer thread of
+    its own, and never a half-written line of the parent's (forks wait until
+    a write in progress is done).
     """
 
     #: Most records written with one write().
     BATCH = 512
 
-    def __init__(self, target: logging.StreamHandler) -> None:
+    def __init__(self, target: logging.StreamHandler, limit: int = 10_000) -> None:
         super().__init__(queue.SimpleQueue())
         self.target = target
+        self.limit = limit
         self.setLevel(target.level)
         self._writing = threading.Lock()
+        #: Where threads wait while ``limit`` records are queued.
+        self._room = threading.Condition(threading.Lock())
         self._closed = False
         self._thread: Optional[threading.Thread] = None
         self._start()
@@ -148,6 +154,9 @@ class LogWriter(logging.handlers.QueueHandler):
                     target.handleError(batch[0])
         for event in done:
             event.set()
+        if self.queue.qsize() < self.limit:
+            with self._room:
+                self._room.notify_all()
         return going
 
     def flush(self, timeout: float = 10.0) -> None:
@@ -171,6 +180,8 @@ class LogWriter(logging.handlers.QueueHandler):
             if thread is not None and thread.is_alive():
                 self.queue.put_nowait(None)
                 thread.join(10.0)
+            with self._room:
+                self._room.notify_all()
         super().close()
 
     def handle(self, record: logging.LogRecord):
@@ -184,8 +195,15 @@ class LogWriter(logging.handlers.QueueHandler):
         return rv
 
     def enqueue(self, record: logging.LogRecord) -> None:
-        if not self._closed:
-            self.queue.put_nowait(record)
+        if self._closed:
+            return
+        self.queue.put_nowait(record)
+        if self.queue.qsize() > self.limit:
+            with self._room:
+                # The writer notifies after each batch; the timeout only
+                # covers a notification that came just before the wait.
+                while self.queue.qsize() > self.limit and not self._closed:
+                    self._room.wait(0.1)
 
     # -- fork (pop3frame serve --workers) --------------------------------------
 
@@ -199,6 +217,7 @@ class LogWriter(logging.handlers.QueueHandler):
         # The writer thread did not survive the fork, and the queue holds the
         # parent's records, which the parent writes.
         self._writing = threading.Lock()
+        self._room = threading.Condition(threading.Lock())
         self.queue = queue.SimpleQueue()
         if not self._closed:
             self._start()

@@ -196,6 +196,43 @@ def test_connection_threads_hand_records_to_one_writer(root_logging):
     assert len(stream.getvalue().splitlines()) == 2000
 
 
+class BlockedStream(io.StringIO):
+    """A stream whose write waits until ``flowing`` is set (a pipe nobody reads)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.flowing = threading.Event()
+
+    def write(self, text):
+        assert self.flowing.wait(30)
+        return super().write(text)
+
+
+def test_a_stream_that_blocks_makes_loggers_wait_instead_of_growing_the_queue(root_logging):
+    """Memory stays bounded when the log's stream blocks: past ``limit`` queued
+    records a thread that logs waits (as a direct write would), then goes on."""
+    stream = BlockedStream()
+    writer = setup_logging("INFO", stream=stream)
+    writer.limit = 100
+    log = logging.getLogger("pop3frame.t")
+    logged = []
+
+    def flood():
+        for i in range(1000):
+            log.info("line %d", i)
+            logged.append(i)
+
+    thread = threading.Thread(target=flood)
+    thread.start()
+    thread.join(0.5)
+    assert thread.is_alive() and len(logged) <= writer.limit + writer.BATCH + 1
+    assert writer.queue.qsize() <= writer.limit + 1
+    stream.flowing.set()
+    thread.join(30)
+    writer.close()
+    assert len(stream.getvalue().splitlines()) == 1000
+
+
 def test_arguments_and_tracebacks_are_resolved_before_the_hand_over(root_logging):
     """A mutable argument changed right after the call, and a traceback whose
     frames are gone, still log what they were at the call."""
