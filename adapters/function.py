@@ -166,8 +166,8 @@ def make_function_server(
 ) -> POP3Server:
     """A bound, not yet serving :class:`~pop3frame.POP3Server` for ``fn``.
 
-    Call ``serve_forever()`` (in a thread for tests; ``port=0`` lets the OS
-    pick, ``server.port`` tells which) and ``shutdown()`` to stop.
+    Call ``serve_forever()`` (``serve()`` in a thread for tests; ``port=0``
+    lets the OS pick, ``server.port`` tells which) and ``shutdown()`` to stop.
     """
     adapter = FunctionAdapter(fn, user=user, password=password, **adapter_options)
     return POP3Server((host, port), adapter, config or ServerConfig())
@@ -194,12 +194,9 @@ def serve_function(
     is closed on every way out.
     """
     server = make_function_server(fn, user=user, password=password, host=host, port=port, **options)
-    logger.info("serving %s on %s:%d", getattr(fn, "__name__", "function"), host, server.port)
     try:
         if ready is not None:
             ready(server)
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
+        server.serve_forever()  # logs where it listens; returns on Ctrl-C
     finally:
         server.server_close()

@@ -5,7 +5,7 @@ hides that item from then on (remembered in a small JSON state file).
 
 Run::
 
-    python examples/feed_reader.py https://example.org/news.atom [PORT]
+    .venv/bin/python examples/feed_reader.py https://example.org/news.atom [PORT]
 
 then log in as ``reader`` / ``reader`` on 127.0.0.1:PORT (default 1100).
 """
@@ -29,12 +29,7 @@ def main(argv):
     port = int(argv[2]) if len(argv) > 2 else 1100
     server = POP3Server(("127.0.0.1", port), build_adapter(argv[1]))
     print("serving %s on 127.0.0.1:%d (user reader, password reader)" % (argv[1], server.port), flush=True)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.server_close()
+    server.serve_forever()  # logs where it listens; Ctrl-C stops it
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ report per day.
 
 Run::
 
-    python examples/function_mail.py [PORT]      # user "me", password "secret"
+    .venv/bin/python examples/function_mail.py [PORT]      # user "me", password "secret"
 """
 import datetime
 import os

@@ -6,7 +6,7 @@ upstream (or moved to Trash with ``--trash``).
 
 Run::
 
-    python examples/imap_proxy.py imap.example.org --security ssl --folder INBOX --port 1100
+    .venv/bin/python examples/imap_proxy.py imap.example.org --security ssl --folder INBOX --port 1100
 """
 import argparse
 
@@ -37,11 +37,8 @@ def main(argv=None):
     server = POP3Server(("127.0.0.1", args.port), adapter)
     print("POP3 on 127.0.0.1:%d -> IMAP %s folder %s" % (server.port, args.imap_host, args.folder), flush=True)
     try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
+        server.serve_forever()  # logs where it listens; Ctrl-C stops it
     finally:
-        server.server_close()
         adapter.close()  # log out of the IMAP server
 
 

@@ -6,7 +6,7 @@ mail client deletes the row.
 
 Run::
 
-    python examples/sql_logs.py [PORT] [DB]      # default 1100 and ./logs.db; 0 = any free port
+    .venv/bin/python examples/sql_logs.py [PORT] [DB]      # default 1100 and ./logs.db; 0 = any free port
 
 then point a mail client (or ``curl pop3://ops:ops@127.0.0.1:1100/1``) at
 127.0.0.1, user ``ops``, password ``ops``.  Log from anywhere, any time::
@@ -79,12 +79,7 @@ def main(argv):
         log(path, "ERROR", "certificate for mail.example.org expires in 3 days")
     server = POP3Server(("127.0.0.1", port), build_adapter(path))
     print("serving %s on 127.0.0.1:%d (user ops, password ops)" % (path, server.port), flush=True)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.server_close()
+    server.serve_forever()  # logs where it listens; Ctrl-C stops it
 
 
 if __name__ == "__main__":

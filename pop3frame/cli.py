@@ -382,11 +382,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         logger.info("store: %s%s", _describe(settings.adapter),
                     " (pool up to %s)" % plural(pool, "connection") if pool else "")
         for server in group.servers:
-            host, port = server.server_address[:2]
-            logger.info("listening on %s port %d%s%s", host, port,
-                        " (TLS)" if server.secure else " (STLS offered)" if tls else "",
-                        " (PROXY protocol from %s)" % ", ".join(settings.proxy_trusted_networks)
-                        if server.proxy_protocol else "")
+            logger.info("%s", server.listening())
         signum = loop.run()
         logger.info("signal %d: stopping; sessions get %g s to finish", signum, state["settings"].shutdown_grace)
         # The handlers stay installed: a second SIGTERM during the grace

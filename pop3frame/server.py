@@ -462,6 +462,41 @@ class POP3Server(socketserver.ThreadingTCPServer):
     def port(self) -> int:
         return self.server_address[1]
 
+    def listening(self) -> str:
+        """``listening on HOST port PORT`` and how (TLS, STLS, PROXY): the log line."""
+        host, port = self.server_address[:2]
+        how = " (TLS)" if self.secure else " (STLS offered)" if self.context.tls is not None else ""
+        if self.proxy_protocol:
+            how += " (PROXY protocol from %s)" % ", ".join(map(str, self.proxy_networks))
+        return "listening on %s port %d%s" % (host, port, how)
+
+    def serve(self, poll_interval: float = 0.5) -> None:
+        """Accept connections until :meth:`shutdown`; for a thread of its own."""
+        super().serve_forever(poll_interval)
+
+    def serve_forever(self, poll_interval: float = 0.5) -> None:
+        """Serve until :meth:`shutdown` is called from another thread, or Ctrl-C.
+
+        For a script's main thread: logs where it listens, at INFO; a
+        program that set up no logging gets pop3frame's log on stderr at
+        INFO first, as ``pop3frame serve`` writes it.  Ctrl-C (SIGINT) ends
+        it cleanly: the listener closes, live sessions end as if their
+        client had gone (their deletions are not applied), and it returns,
+        so a script whose last call it is exits with status 0 and no
+        traceback.
+        """
+        if not logging.getLogger().handlers:
+            from .lifecycle import setup_logging
+
+            setup_logging("INFO")
+        logger.info("%s", self.listening())
+        try:
+            self.serve(poll_interval)
+        except KeyboardInterrupt:
+            logger.info("interrupted: stopped listening on %s port %d", *self.server_address[:2])
+            self.tracker.close_all(self)
+            self.server_close()
+
     def _refuse(self, request: socket.socket, ip: str, refusal: str) -> None:
         logger.warning("refusing %s: %s", ip, refusal)
         if self.stats is not None:
@@ -603,7 +638,7 @@ class ServerGroup:
         """
         for server in self.servers:
             thread = threading.Thread(
-                target=server.serve_forever,
+                target=server.serve,
                 args=(poll_interval,),
                 name="pop3-listen-%s:%s" % server.server_address[:2],
                 daemon=True,

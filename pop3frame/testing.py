@@ -7,6 +7,8 @@
         client.user("alice"); client.pass_("pw")
 
 The server listens on 127.0.0.1 (or ``host``) on a port the OS picks.
+Clients it hands out (:meth:`Controller.pop3`, :meth:`Controller.connect`)
+are closed when it stops, so a test need not close them itself.
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import dataclasses
 import poplib
 import socket
 import ssl
-from typing import Any, Optional, Tuple, Union
+from typing import Any, List, Optional, Tuple, Union
 
 from .adapter import AdapterBase
 from .config import ServerConfig
@@ -65,6 +67,8 @@ class Controller:
             config = dataclasses.replace(config or ServerConfig(hostname="localhost"), **options)
         self.group = ServerGroup(adapter, config or ServerConfig(hostname="localhost"), locks=locks, tls=tls)
         self.server: POP3Server = self.group.add_listener((host, port), secure=secure, server_class=server_class)
+        #: What pop3() and connect() handed out; closed by stop().
+        self._clients: List[Union[poplib.POP3, socket.socket]] = []
 
     @property
     def context(self) -> SessionContext:
@@ -87,6 +91,10 @@ class Controller:
         return self
 
     def stop(self) -> None:
+        """Close the clients handed out, then stop the server (sessions end without deletions)."""
+        clients, self._clients = self._clients, []
+        for client in clients:
+            client.close()
         self.group.shutdown()
 
     def __enter__(self) -> "Controller":
@@ -96,12 +104,16 @@ class Controller:
         self.stop()
 
     def pop3(self, timeout: float = 10.0) -> poplib.POP3:
-        """A connected ``poplib.POP3`` client (greeting already read)."""
-        return poplib.POP3(self.host, self.port, timeout=timeout)
+        """A connected ``poplib.POP3`` client (greeting already read); closed by :meth:`stop`."""
+        client = poplib.POP3(self.host, self.port, timeout=timeout)
+        self._clients.append(client)
+        return client
 
     def connect(self, timeout: float = 10.0) -> socket.socket:
-        """A raw connected socket; the greeting is still unread."""
-        return socket.create_connection(self.address, timeout=timeout)
+        """A raw connected socket, the greeting still unread; closed by :meth:`stop`."""
+        sock = socket.create_connection(self.address, timeout=timeout)
+        self._clients.append(sock)
+        return sock
 
     def wait_for_connections(self, at_most: int = 0, timeout: float = 10.0) -> bool:
         """Wait until at most ``at_most`` sessions are live (their locks released)."""

@@ -6,10 +6,12 @@ import email.policy
 import logging
 import os
 import poplib
+import re
 import shutil
 import socket
 import subprocess
 import tempfile
+import textwrap
 import time
 from email.parser import BytesParser
 from typing import List, Tuple
@@ -19,6 +21,19 @@ import pytest
 from pop3frame.server import POP3Server, SessionHandler
 
 CRLF = b"\r\n"
+
+README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.rst")
+
+
+def literal_block(starts_with: str) -> str:
+    """The reStructuredText literal block whose first line starts with ``starts_with``."""
+    with open(README, encoding="utf-8") as f:
+        text = f.read()
+    for block in re.findall(r"::\n\n((?:(?: {4}.*)?\n)+)", text):
+        code = textwrap.dedent(block)
+        if code.startswith(starts_with):
+            return code
+    raise AssertionError("no literal block starting with %r in README.rst" % starts_with)
 
 
 class RawClient:

@@ -19,20 +19,17 @@ def pop3frame(*args, input=None, cwd=None, env=None) -> subprocess.CompletedProc
                           cwd=cwd, timeout=60, env=dict(os.environ, **env) if env else None)
 
 
-class Daemon:
-    """``pop3frame serve`` in a subprocess; stderr pumped into a queue so waits are bounded."""
+class Piped:
+    """A program in a subprocess whose stderr is pumped into a queue, so every wait is bounded."""
 
-    def __init__(self, *args: str, cwd=None, listeners: int = 1) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "pop3frame", "serve", *args],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=cwd,
-        )
+    def __init__(self, argv, cwd=None) -> None:
+        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE, text=True, cwd=cwd)
         self.lines: "queue.Queue[str]" = queue.Queue()
         self.seen: list = []
         self.terminated = False
-        threading.Thread(target=self._pump, daemon=True).start()
-        self.ports = [int(self.wait_for(r"listening on \S+ port (\d+)").group(1)) for _ in range(listeners)]
-        self.port = self.ports[0]
+        self._pumping = threading.Thread(target=self._pump, daemon=True)
+        self._pumping.start()
 
     def _pump(self) -> None:
         for line in self.proc.stderr:
@@ -46,11 +43,24 @@ class Daemon:
             except queue.Empty:
                 pytest.fail("no log line matching %r in %s s; saw:\n%s" % (pattern, timeout, "".join(self.seen)))
             if not line:
-                pytest.fail("server exited (%s) before logging %r:\n%s" % (self.proc.wait(10), pattern, "".join(self.seen)))
+                pytest.fail("process exited (%s) before logging %r:\n%s" % (self.proc.wait(10), pattern, "".join(self.seen)))
             self.seen.append(line)
             m = re.search(pattern, line)
             if m:
                 return m
+
+    def rest(self, timeout: float = 20.0) -> str:
+        """Every line still to come, once the process has ended (bounded)."""
+        out = []
+        for _ in range(100000):
+            try:
+                line = self.lines.get(timeout=timeout)
+            except queue.Empty:
+                pytest.fail("the process did not close stderr in %s s" % timeout)
+            if not line:
+                return "".join(out)
+            out.append(line)
+        pytest.fail("endless output")
 
     def saw(self, pattern: str):
         """A line already read (e.g. before the listening lines) that matches."""
@@ -70,19 +80,29 @@ class Daemon:
                 self.proc.kill()
                 self.proc.wait()
 
-    def __enter__(self) -> "Daemon":
+    def __enter__(self):
         return self
 
     def __exit__(self, *exc) -> None:
         if self.proc.poll() is None:
             self.proc.kill()
-            self.proc.wait()
+        self.proc.wait()
+        # The pump ends at the end of stderr; then the pipe can be closed.
+        self._pumping.join(10)
+        self.proc.stderr.close()
 
 
-def write_config(tmp_path, text: str, name: str = "pop3frame.toml") -> str:
-    path = tmp_path / name
-    path.write_text(textwrap.dedent(text))
-    return str(path)
+class Daemon(Piped):
+    """``pop3frame serve`` in a subprocess, started when its listeners log their ports."""
+
+    def __init__(self, *args: str, cwd=None, listeners: int = 1) -> None:
+        super().__init__([sys.executable, "-m", "pop3frame", "serve", *args], cwd=cwd)
+        try:
+            self.ports = [int(self.wait_for(r"listening on \S+ port (\d+)").group(1)) for _ in range(listeners)]
+        except BaseException:
+            self.__exit__()
+            raise
+        self.port = self.ports[0]
 
 
 def write_config(tmp_path, text: str, name: str = "pop3frame.toml") -> str:

@@ -153,7 +153,7 @@ def test_make_function_server_non_blocking_form():
     server = make_function_server(
         lambda: [("1", b"Subject: served\r\n\r\nhi\r\n")], user="me", password="pw", port=0
     )
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread = threading.Thread(target=server.serve, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     try:
         client = poplib.POP3("127.0.0.1", server.port, timeout=10)

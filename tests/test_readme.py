@@ -1,32 +1,19 @@
 """The code in README.rst runs as shown: a stale README is a failing test."""
 from __future__ import annotations
 
-import os
 import re
 import shlex
-import textwrap
+import signal
+import subprocess
+import sys
 
 from pop3frame import client
 from pop3frame.adapters.memory import MemoryAdapter
 from pop3frame.cli import build_parser
 from pop3frame.testing import Controller
 
-from .helpers import RawClient
-from .processes import Daemon, pop3frame
-
-README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.rst")
-
-
-def literal_block(starts_with: str) -> str:
-    """The reStructuredText literal block whose first line starts with ``starts_with``."""
-    with open(README, encoding="utf-8") as f:
-        text = f.read()
-    for block in re.findall(r"::\n\n((?:(?: {4}.*)?\n)+)", text):
-        code = textwrap.dedent(block)
-        if code.startswith(starts_with):
-            return code
-    raise AssertionError("no literal block starting with %r in README.rst" % starts_with)
-
+from .helpers import README, RawClient, literal_block
+from .processes import Daemon, Piped, pop3frame
 
 def test_myserver_script_through_the_cli(tmp_path):
     """``pop3frame serve --adapter myserver.py:ReportAdapter`` serves the README's adapter."""
@@ -41,14 +28,36 @@ def test_myserver_script_through_the_cli(tmp_path):
         assert d.stop() == 0
 
 
-def test_testing_section_runs_against_the_readme_adapter(tmp_path):
-    """The "Testing your adapter" snippet passes against the adapter it tests."""
-    namespace: dict = {"__name__": "myserver"}
-    exec(compile(literal_block("# myserver.py"), "myserver.py", "exec"), namespace)
-    test_code = literal_block("from pop3frame.testing import Controller")
-    namespace.update(Controller=Controller)
-    exec(compile(test_code, "README-test", "exec"), namespace)
-    namespace["test_reports"]()  # raises AssertionError if stat() is not (1, 39)
+def test_testing_section_passes_with_every_warning_an_error(tmp_path):
+    """The "Testing your adapter" file, next to myserver.py, run the way the
+    README says and under ``-X dev -W error``: both tests pass, no socket is
+    left for the garbage collector (a ResourceWarning would fail them)."""
+    (tmp_path / "myserver.py").write_text(literal_block("# myserver.py"))
+    (tmp_path / "test_myserver.py").write_text(literal_block("# test_myserver.py"))
+    assert ".venv/bin/python -m pytest test_myserver.py" in open(README, encoding="utf-8").read()
+    out = subprocess.run([sys.executable, "-X", "dev", "-m", "pytest", "-W", "error", "-p", "no:cacheprovider",
+                          "-q", "test_myserver.py"], cwd=str(tmp_path), capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "2 passed" in out.stdout and "warning" not in out.stdout.lower(), out.stdout
+
+
+def test_myserver_script_run_directly_logs_and_stops_on_ctrl_c(tmp_path):
+    """``.venv/bin/python myserver.py``: a "listening on" line, the adapter
+    served, and SIGINT (Ctrl-C) ends it with exit status 0 and no traceback."""
+    script = literal_block("# myserver.py").replace('("127.0.0.1", 1100)', '("127.0.0.1", 0)')
+    assert script != literal_block("# myserver.py")
+    (tmp_path / "myserver.py").write_text(script)
+    with Piped([sys.executable, "myserver.py"], cwd=str(tmp_path)) as p:
+        port = int(p.wait_for(r"^\S+ \S+ INFO pop3frame\.server listening on 127\.0\.0\.1 port (\d+)$").group(1))
+        with RawClient(("127.0.0.1", port)) as c:
+            assert c.login("ops", "secret") == b"+OK ops's maildrop has 1 message (39 octets)\r\n"
+            p.signal(signal.SIGINT)
+            assert p.proc.wait(30) == 0
+            assert c.read_all() == b""  # the session was ended, not left hanging
+        rest = p.rest()
+    assert "Traceback" not in rest and "KeyboardInterrupt" not in rest, rest
+    assert re.fullmatch(r"(\S+ \S+ INFO pop3frame\.\S+ .*\n)+", rest), rest
+    assert "interrupted: stopped listening on 127.0.0.1 port %d\n" % port in rest
 
 
 def test_testing_by_hand_commands_run_as_written():

@@ -17,7 +17,8 @@ from pop3frame.adapters.maildir import MaildirAdapter
 from pop3frame.adapters.passwdfile import PasswdFile, set_password
 from pop3frame.testing import Controller
 from tests.harness_maildir import deliver_like_an_mda
-from tests.helpers import require_program
+from tests.helpers import literal_block, require_program
+from tests.processes import Daemon
 
 MESSAGES = [
     b"From: a@example.org\nTo: alice@example.org\nSubject: dots\n\n"
@@ -99,3 +100,58 @@ def test_fetchmail_fetches_maildir_byte_exact_keeps_then_deletes(tmp_path):
         assert server.wait_for_connections(0)
     assert os.listdir(os.path.join(mail, "alice", "new")) == []
     assert os.listdir(os.path.join(mail, "alice", "cur")) == []
+
+
+def readme_fetchmail(tmp_path, port: int, *drop: str) -> subprocess.CompletedProcess:
+    """README's fetchmail commands, verbatim but for the port and the words in ``drop``."""
+    block = literal_block("printf 'poll localhost port 1100")
+    for word in drop:
+        assert word in block
+        block = block.replace(word, "")
+    env = dict(os.environ, HOME=str(tmp_path), LC_ALL="C")
+    return subprocess.run(["/bin/sh", "-c", block.replace("port 1100", "port %d" % port)], cwd=str(tmp_path),
+                          capture_output=True, text=True, env=env, timeout=120)
+
+
+def test_readme_fetchmail_needs_sslproto_off_against_a_plain_server(tmp_path):
+    """fetchmail 6.4 requires TLS by default: against a server with no
+    certificate it gives up; README's --sslproto '' gets the demo mailbox."""
+    require_program("fetchmail")
+    with Daemon("--demo", "--listen", "127.0.0.1:0") as d:
+        refused = readme_fetchmail(tmp_path, d.port, "--sslproto ''")
+        assert refused.returncode != 0 and "upgrade to TLS failed" in refused.stderr, refused.stderr
+        result = readme_fetchmail(tmp_path, d.port)
+        assert result.returncode == 0, result.stderr
+        assert "3 messages for demo at localhost (683 octets)." in result.stdout
+        assert d.stop() == 0
+
+
+def test_fetchmail_defaults_with_a_certificate_stls_and_pop3s(tmp_path):
+    """The README's TLS set-up for real use: with --cert/--key the plain
+    listener offers STLS (RFC 2595) and fetchmail's defaults upgrade and verify
+    the certificate (here against a test CA); --ssl polls the POP3S listener
+    (RFC 8314)."""
+    import trustme
+
+    require_program("fetchmail")
+    ca = trustme.CA()
+    # fetchmail wants the name in the subject's CN too, as a CA-issued
+    # certificate has it; trustme puts it only in subjectAltName by default.
+    issued = ca.issue_cert("localhost", common_name="localhost")
+    issued.cert_chain_pems[0].write_to_path(str(tmp_path / "cert.pem"))
+    issued.private_key_pem.write_to_path(str(tmp_path / "key.pem"))
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    with Daemon("--demo", "--listen", "127.0.0.1:0", "--tls-listen", "127.0.0.1:0", "--cert", str(tmp_path / "cert.pem"),
+                "--key", str(tmp_path / "key.pem"), listeners=2) as d:
+        plain, secure = d.ports
+        for port, options in ((plain, ""), (secure, " ssl")):
+            rc = tmp_path / "fetchmailrc"
+            rc.write_text("poll localhost port %d protocol pop3 user demo password demo sslcertfile %s%s\n"
+                          % (port, tmp_path / "ca.pem", options))
+            rc.chmod(0o600)
+            result = subprocess.run(["fetchmail", "-f", str(rc), "--check"], capture_output=True, text=True,
+                                    env=dict(os.environ, HOME=str(tmp_path), LC_ALL="C"), timeout=120)
+            assert result.returncode == 0, result.stderr
+            assert "3 messages for demo at localhost (683 octets)." in result.stdout
+        d.wait_for(r"session end: .*user 'demo'")
+        assert d.stop() == 0

@@ -31,6 +31,18 @@ def test_controller_stop_closes_the_port():
     assert refused
 
 
+def test_controller_stop_closes_the_clients_it_handed_out():
+    """The README's test never closes its client: stopping the controller
+    does, so no ResourceWarning reaches the garbage collector."""
+    controller = Controller(MemoryAdapter({"u": "p"}, apop=False)).start()
+    client, raw = controller.pop3(), controller.connect()
+    quitted = controller.pop3()
+    quitted.quit()
+    controller.stop()
+    assert client.sock is None and client.file is None and raw.fileno() == -1
+    assert quitted.sock is None  # closed once by quit(), again by stop(): no error
+
+
 def test_manual_clock():
     clock = ManualClock(start=5)
     clock.advance(2.5)
