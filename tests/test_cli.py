@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
 import re
 import signal
 import socket
@@ -267,9 +268,9 @@ def test_config_file_sighup_reload_and_per_ip_limits(tmp_path):
             assert keep.greeting.startswith(b"+OK from the file")
             assert keep.login("demo", "demo").startswith(b"+OK")
             # Tighten the per-IP limit and reload: live sessions stay.
-            text = open(config).read().replace('greeting = "from the file"',
+            text = pathlib.Path(config).read_text().replace('greeting = "from the file"',
                                                'greeting = "from the file"\nmax_connections_per_ip = 1')
-            open(config, "w").write(text.replace('level = "INFO"', 'level = "DEBUG"'))
+            pathlib.Path(config).write_text(text.replace('level = "INFO"', 'level = "DEBUG"'))
             d.signal(signal.SIGHUP)
             d.wait_for(r"configuration reloaded \(log level DEBUG, max_connections 1000, max_connections_per_ip 1\)")
             assert keep.cmd("STAT") == b"+OK 3 683\r\n"  # the session survived the reload
@@ -278,7 +279,7 @@ def test_config_file_sighup_reload_and_per_ip_limits(tmp_path):
             with RawClient(("127.0.0.1", d.port), source="127.0.0.2") as other_ip:
                 assert other_ip.greeting.startswith(b"+OK")
             # A broken file on SIGHUP keeps the old settings.
-            open(config, "w").write("[server\n")
+            pathlib.Path(config).write_text("[server\n")
             d.signal(signal.SIGHUP)
             d.wait_for(r"keeping the old configuration: .*invalid TOML")
             keep.cmd("QUIT")

@@ -5,6 +5,7 @@ import io
 import json
 import logging
 import os
+import pathlib
 import signal
 import socket
 import subprocess
@@ -95,18 +96,18 @@ def test_default_wait_returns_as_soon_as_sessions_end(group):
 def test_pid_file(tmp_path):
     path = str(tmp_path / "p.pid")
     with PidFile(path):
-        assert open(path).read() == "%d\n" % os.getpid()
+        assert pathlib.Path(path).read_text() == "%d\n" % os.getpid()
     assert not os.path.exists(path)
     # A stale pid file (dead process) is taken over.
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    open(path, "w").write("%d\n" % dead.pid)
+    pathlib.Path(path).write_text("%d\n" % dead.pid)
     with PidFile(path):
         pass
     # A live one refuses.
     live = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
     try:
-        open(path, "w").write("%d\n" % live.pid)
+        pathlib.Path(path).write_text("%d\n" % live.pid)
         with pytest.raises(PidFileError, match="already running as pid %d" % live.pid):
             PidFile(path).write()
         PidFile(path).remove()  # not ours: left alone

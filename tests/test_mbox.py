@@ -4,6 +4,7 @@ from __future__ import annotations
 import grp
 import io
 import os
+import pathlib
 import poplib
 import pwd
 import subprocess
@@ -153,7 +154,7 @@ def test_fcntl_lock_of_another_process_refuses_login(spool):
             assert not os.path.exists(path + ".lock")  # our dotlock was undone
     finally:
         holder.kill()
-        holder.wait()
+        holder.communicate(timeout=30)  # reaps it and closes both pipes
 
 
 def test_rewrite_refused_if_mailbox_changed_incompatibly(spool):
@@ -388,7 +389,7 @@ def test_rewrite_refused_when_the_owner_cannot_be_kept(shared_spool):
         append_like_an_mda(path, b"Subject: %d\n\nx\n" % i)
     os.chown(path, 0, grp.getgrnam("mail").gr_gid)
     os.chmod(path, 0o666)
-    before = open(path, "rb").read()
+    before = pathlib.Path(path).read_bytes()
     code = (
         "import sys; from pop3frame import PermanentFailure; from pop3frame.lifecycle import drop_privileges\n"
         "from pop3frame.adapters.mbox import MboxAdapter\n"
@@ -404,7 +405,7 @@ def test_rewrite_refused_when_the_owner_cannot_be_kept(shared_spool):
     assert out.stdout == "cannot keep the mailbox's owner; nothing deleted\n", out.stderr
     st = os.stat(path)
     assert (st.st_uid, st.st_gid, st.st_mode & 0o7777) == (0, grp.getgrnam("mail").gr_gid, 0o666)
-    assert open(path, "rb").read() == before
+    assert pathlib.Path(path).read_bytes() == before
     assert os.listdir(shared_spool) == ["alice"]  # no temporary file, no dotlock
 
 
@@ -427,7 +428,7 @@ class Anyone:
 
 
 def files_under(top):
-    return {os.path.join(d, n): open(os.path.join(d, n), "rb").read()
+    return {os.path.join(d, n): pathlib.Path(d, n).read_bytes()
             for d, _, names in os.walk(top) for n in names}
 
 
@@ -497,7 +498,7 @@ def two_users(tmp_path):
 
 
 def assert_untouched(bob: str, before: bytes) -> None:
-    assert open(bob, "rb").read() == before
+    assert pathlib.Path(bob).read_bytes() == before
     assert (os.stat(bob).st_uid, os.stat(bob).st_mode & 0o7777) == (pwd.getpwnam("nobody").pw_uid, 0o600)
 
 
@@ -510,7 +511,7 @@ def test_mbox_replaced_by_a_link_to_another_users_mbox_is_refused(two_users, how
     spool, auth, bob = two_users
     alice = os.path.join(spool, "alice")
     (os.symlink if how == "symlink" else os.link)(bob, alice)
-    before = open(bob, "rb").read()
+    before = pathlib.Path(bob).read_bytes()
     with Controller(MboxAdapter(spool, auth)) as server:
         assert refused_login(server, "alice", "pw") == b"-ERR [SYS/PERM] mailbox is not a regular file"
     assert_untouched(bob, before)
@@ -580,7 +581,7 @@ def test_mbox_swapped_for_a_symlink_during_the_rewrite_is_not_replaced(two_users
     spool, auth, bob = two_users
     alice = os.path.join(spool, "alice")
     append_like_an_mda(alice, b"Subject: a\n\nalice's\n")
-    before = open(bob, "rb").read()
+    before = pathlib.Path(bob).read_bytes()
     adapter = SwapBeforeRewrite(spool, auth)
     with Controller(adapter) as server:
         client, got = fetch(server)

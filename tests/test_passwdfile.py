@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import pathlib
 
 import argon2
 import bcrypt
@@ -60,7 +61,7 @@ def test_reload_on_change_and_set_delete(passwd):
 def test_set_password_keeps_extra_fields(passwd):
     write(passwd, "carol:{PLAIN}x:1000:1000::/home/carol::userdb_quota_rule=*:storage=1G\n")
     set_password(passwd, "carol", "y", scheme="PLAIN")
-    assert open(passwd).read() == "carol:{PLAIN}y:1000:1000::/home/carol::userdb_quota_rule=*:storage=1G\n"
+    assert pathlib.Path(passwd).read_text() == "carol:{PLAIN}y:1000:1000::/home/carol::userdb_quota_rule=*:storage=1G\n"
 
 
 def test_malformed_lines_are_skipped(passwd):
@@ -94,7 +95,7 @@ def test_first_line_wins_like_dovecot(passwd, caplog):
     assert users.authenticate("dup", "first") and not users.authenticate("dup", "second")
     assert "listed again" in caplog.text
     set_password(passwd, "dup", "third", scheme="PLAIN")
-    assert open(passwd).read() == "dup:{PLAIN}third\n"
+    assert pathlib.Path(passwd).read_text() == "dup:{PLAIN}third\n"
 
 
 def test_non_utf8_bytes_spoil_only_their_line(passwd):

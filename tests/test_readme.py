@@ -1,6 +1,7 @@
 """The code in README.rst runs as shown: a stale README is a failing test."""
 from __future__ import annotations
 
+import pathlib
 import re
 import shlex
 import signal
@@ -34,7 +35,7 @@ def test_testing_section_passes_with_every_warning_an_error(tmp_path):
     left for the garbage collector (a ResourceWarning would fail them)."""
     (tmp_path / "myserver.py").write_text(literal_block("# myserver.py"))
     (tmp_path / "test_myserver.py").write_text(literal_block("# test_myserver.py"))
-    assert ".venv/bin/python -m pytest test_myserver.py" in open(README, encoding="utf-8").read()
+    assert ".venv/bin/python -m pytest test_myserver.py" in pathlib.Path(README).read_text(encoding="utf-8")
     out = subprocess.run([sys.executable, "-X", "dev", "-m", "pytest", "-W", "error", "-p", "no:cacheprovider",
                           "-q", "test_myserver.py"], cwd=str(tmp_path), capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr

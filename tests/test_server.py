@@ -368,7 +368,7 @@ def test_file_lock_manager_across_processes(tmp_path):
         assert locks.try_acquire("bob") is not None
     finally:
         holder.kill()
-        holder.wait()
+        holder.communicate(timeout=30)  # reaps it and closes both pipes
     lock = locks.try_acquire("alice/../x")
     assert lock is not None
     assert locks.try_acquire("alice/../x") is None  # also exclusive within one process
