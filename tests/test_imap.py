@@ -479,11 +479,13 @@ def test_another_spelling_of_a_logged_in_account_gets_in_use(dovecot, other):
     mailbox.  Now the name is sent quoted (Dovecot knows no user "alice" with
     quotes), and the lock is on the account case-folded (Dovecot folds case,
     so ALICE is alice): either way no second session."""
-    with Controller(IMAPUpstreamAdapter("127.0.0.1", dovecot.port)) as server:
+    adapter = IMAPUpstreamAdapter("127.0.0.1", dovecot.port)
+    with Controller(adapter) as server:
         first = login(server)
         assert refused_login(server, other, "alice-pw").startswith(
             b"-ERR [IN-USE]" if other == "ALICE" else b"-ERR [AUTH]")
         first.quit()
+    adapter.close()  # logs out the login parked after [IN-USE]
 
 
 def test_credentials_mapping_two_names_to_one_account_share_its_lock(dovecot):
@@ -493,6 +495,7 @@ def test_credentials_mapping_two_names_to_one_account_share_its_lock(dovecot):
         first = login(server, "al", "x")
         assert refused_login(server, "alias", "x").startswith(b"-ERR [IN-USE]")
         first.quit()
+    adapter.close()  # logs out the login parked after [IN-USE]
 
 
 def test_a_name_with_spaces_is_one_quoted_argument_upstream(dovecot):
@@ -544,6 +547,8 @@ def test_in_use_logins_park_one_connection_per_user(dovecot):
         assert len(adapter._parked) == 1
         assert [c.state for c in conns] == ["LOGOUT"] * 3 + ["AUTH"]
         first.quit()
+    adapter.close()
+    assert conns[-1].state == "LOGOUT"
 
 
 def test_parked_logins_are_bounded_in_all(dovecot):
@@ -551,16 +556,19 @@ def test_parked_logins_are_bounded_in_all(dovecot):
     for user in ("bob", "carol"):
         dovecot.add_user(user, user + "-pw")
     adapter = IMAPUpstreamAdapter("127.0.0.1", dovecot.port, max_parked=2)
-    with Controller(adapter) as server:
-        sessions = [login(server, u, u + "-pw") for u in ("alice", "bob", "carol")]
-        parked = []
-        for user in ("alice", "bob", "carol"):
-            assert refused_login(server, user, user + "-pw").startswith(b"-ERR [IN-USE]")
-            parked.append(adapter._parked[user].conn)
-        assert list(adapter._parked) == ["bob", "carol"]
-        assert [c.state for c in parked] == ["LOGOUT", "AUTH", "AUTH"]
-        for s in sessions:
-            s.quit()
+    try:
+        with Controller(adapter) as server:
+            sessions = [login(server, u, u + "-pw") for u in ("alice", "bob", "carol")]
+            parked = []
+            for user in ("alice", "bob", "carol"):
+                assert refused_login(server, user, user + "-pw").startswith(b"-ERR [IN-USE]")
+                parked.append(adapter._parked[user].conn)
+            assert list(adapter._parked) == ["bob", "carol"]
+            assert [c.state for c in parked] == ["LOGOUT", "AUTH", "AUTH"]
+            for s in sessions:
+                s.quit()
+    finally:
+        adapter.close()  # logs out the two still parked
 
 
 def test_parked_login_bounds_are_validated():
