@@ -325,6 +325,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         build_locks = configfile.locks_factory(settings)
     except ValueError as exc:
         raise UsageError(("--adapter: %s" if args.adapter else "%s") % exc) from None
+    switching = bool(settings.user or settings.group)
+    if not switching:
+        # Already the user that serves: the paths are checked before any port is bound.
+        _check_paths(args, settings)
     passwords.preload()
     for listener in listeners:
         try:
@@ -354,11 +358,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 drop_privileges(settings.user, settings.group)
             except (OSError, ValueError) as exc:
                 raise UsageError("--user/--group: cannot switch: %s" % exc) from None
-        # As the user that serves: what it must read, and what it will create.
-        found = preflight.problems(settings)
-        if found:
-            raise _path_errors(args, settings, found)
-        if settings.user or settings.group:
+        if switching:
+            _check_paths(args, settings)
             logger.info("running as uid %d gid %d", os.getuid(), os.getgid())
         try:
             adapter = build_adapter()
@@ -428,9 +429,13 @@ def _loopback(host: str) -> bool:
 _FLAGS = {"adapter.passwd": "passwd", "locks.directory": "lock_dir", "pid_file": "pid_file", "user": "user"}
 
 
-def _path_errors(args: argparse.Namespace, settings: Settings, found: List[preflight.Problem]) -> ConfigError:
-    """One error with every path problem, each named as the operator wrote it:
-    by the flag, else by the config file's key and line."""
+def _check_paths(args: argparse.Namespace, settings: Settings) -> None:
+    """As the user that serves, what it must read and what it will create
+    (:mod:`preflight`); ConfigError with every problem, each named as the
+    operator wrote it: by the flag, else by the config file's key and line."""
+    found = preflight.problems(settings)
+    if not found:
+        return
     text = configfile.text_of(settings.source) if settings.source else ""
     errors = []
     for key, message in found:
@@ -443,7 +448,7 @@ def _path_errors(args: argparse.Namespace, settings: Settings, found: List[prefl
             errors.append(ConfigError(message, key, configfile.locate(text, key.split(".")), settings.source))
         else:
             errors.append(ConfigError(message))
-    return ConfigError.of(errors)
+    raise ConfigError.of(errors)
 
 
 def _describe(spec: configfile.AdapterSpec) -> str:

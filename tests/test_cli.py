@@ -176,7 +176,8 @@ def test_maildir_with_passwd_file(tmp_path):
 
 @pytest.mark.parametrize("args,message", [
     (("serve", "--maildir", "/nonexistent"), "--maildir needs --passwd FILE"),
-    (("serve", "--maildir", "/tmp", "--passwd", "/nonexistent/passwd"), "--passwd: no such file"),
+    (("serve", "--maildir", "/tmp", "--passwd", "/nonexistent/passwd", "--listen", "127.0.0.1:0"),
+     "--passwd: no such file"),
     (("deliver", "nobody"), "no store at ./pop3frame.db"),
     (("user", "del", "nobody"), "no store at ./pop3frame.db"),
     (("serve", "--demo", "--max-connections", "0"), "max_connections must be at least 1"),
