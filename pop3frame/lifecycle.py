@@ -16,9 +16,10 @@ import queue
 import re
 import signal
 import sys
+import tempfile
 import threading
 import weakref
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 __all__ = ["JSONFormatter", "LogWriter", "setup_logging", "process_id", "PidFile", "PidFileError", "drop_privileges", "SignalLoop"]
 
@@ -280,18 +281,41 @@ class PidFileError(Exception):
 
 
 class PidFile:
-    """Write our pid to ``path`` (refusing if it names a live process); remove it at exit."""
+    """Write our pid to ``path`` (refusing if it names a live process); remove it at exit.
+
+    ``serve`` writes it as root into a directory the serving user may write
+    (that user removes it at exit), so nothing here follows a link or waits
+    for a FIFO's writer planted there: the pid goes into a new temporary
+    file (``O_EXCL``, a random name) renamed over ``path``, and :meth:`chown`
+    hands over that very file, by descriptor.
+    """
 
     def __init__(self, path: str) -> None:
         self.path = path
         self.pid = os.getpid()
+        #: (device, inode) of the file write() made.
+        self._written: Optional[Tuple[int, int]] = None
 
-    def _running(self) -> Optional[int]:
+    def _open(self) -> int:
+        """A descriptor of ``path`` itself: OSError for a link; a FIFO does not block."""
+        return os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+
+    def _read(self) -> Optional[str]:
+        """The pid text in the file, or None if there is none (or no regular file)."""
         try:
-            with open(self.path) as f:
-                pid = int(f.read().strip() or "0")
+            fd = self._open()
+            try:
+                return os.read(fd, 64).decode("ascii").strip()
+            finally:
+                os.close(fd)
         except (OSError, ValueError):
             return None
+
+    def _running(self) -> Optional[int]:
+        text = self._read()
+        if not text or not text.isdigit():
+            return None
+        pid = int(text)
         if pid <= 0 or pid == self.pid:
             return None
         try:
@@ -306,26 +330,50 @@ class PidFile:
         other = self._running()
         if other is not None:
             raise PidFileError("%s: pop3frame already running as pid %d" % (self.path, other))
-        tmp = "%s.%d.tmp" % (self.path, self.pid)
+        directory, name = os.path.split(os.path.abspath(self.path))
         try:
-            with open(tmp, "w") as f:
-                f.write("%d\n" % self.pid)
-            os.replace(tmp, self.path)
+            fd, tmp = tempfile.mkstemp(prefix=name + ".", suffix=".tmp", dir=directory)
         except OSError as exc:
             raise PidFileError("%s: %s" % (self.path, exc.strerror or exc)) from None
+        try:
+            with os.fdopen(fd, "w") as f:
+                os.fchmod(fd, 0o644)
+                f.write("%d\n" % self.pid)
+                f.flush()
+                st = os.fstat(fd)
+            os.replace(tmp, self.path)
+        except OSError as exc:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise PidFileError("%s: %s" % (self.path, exc.strerror or exc)) from None
+        self._written = (st.st_dev, st.st_ino)
 
     def chown(self, uid: int, gid: int) -> None:
+        """Hand the file write() made to the serving user; never another file now at ``path``."""
         try:
-            os.chown(self.path, uid, gid)
+            fd = self._open()
+        except OSError:
+            fd = None
+        try:
+            st = os.fstat(fd) if fd is not None else None
+            if st is None or (st.st_dev, st.st_ino) != self._written:
+                logging.getLogger("pop3frame.lifecycle").warning(
+                    "pid file %s was replaced since it was written: not handed to uid %d", self.path, uid)
+                return
+            os.fchown(fd, uid, gid)
         except OSError:
             pass
+        finally:
+            if fd is not None:
+                os.close(fd)
 
     def remove(self) -> None:
         """Remove the file if it is still ours."""
+        if self._read() != str(self.pid):
+            return
         try:
-            with open(self.path) as f:
-                if f.read().strip() != str(self.pid):
-                    return
             os.unlink(self.path)
         except FileNotFoundError:
             pass

@@ -117,6 +117,63 @@ def test_pid_file(tmp_path):
         live.wait(10)
 
 
+
+def _serving_ids():
+    """The ids ``serve --user`` hands the pid file to: nobody's as root, ours otherwise."""
+    return (65534, 65534) if os.geteuid() == 0 else (os.getuid(), os.getgid())
+
+
+def test_pid_file_is_never_written_or_handed_over_through_a_link(tmp_path):
+    """serve writes the pid file as root into a directory the serving user
+    may write (it removes the file at exit): a link planted there must not
+    make root truncate, write or chown another file.  Before: root opened
+    ``<file>.<pid>.tmp`` following a planted symlink (a root-owned 0600 file
+    became the pid, owned by nobody), and chown() followed a link swapped in
+    at ``<file>``."""
+    victim = tmp_path / "shadow"
+    victim.write_text("root:secret\n")
+    victim.chmod(0o600)
+    before = victim.stat()
+    path = tmp_path / "run" / "p.pid"
+    path.parent.mkdir()
+    pid_file = PidFile(str(path))
+    # The temporary name an attacker would predict (the pid is no secret).
+    (path.parent / ("p.pid.%d.tmp" % os.getpid())).symlink_to(victim)
+    pid_file.write()
+    assert victim.read_text() == "root:secret\n"
+    assert not path.is_symlink() and path.read_text() == "%d\n" % os.getpid()
+    # Swapped for a link between the write and the hand-over to the serving user.
+    path.unlink()
+    path.symlink_to(victim)
+    pid_file.chown(*_serving_ids())
+    after = victim.stat()
+    assert (after.st_uid, after.st_gid, after.st_mode) == (before.st_uid, before.st_gid, before.st_mode)
+    assert victim.read_text() == "root:secret\n"
+
+
+def test_pid_file_written_over_a_fifo_does_not_hang(tmp_path):
+    """A FIFO planted at the pid file's name: reading the old pid must not
+    wait for a writer (serve would hang as root before it listens)."""
+    path = tmp_path / "p.pid"
+    os.mkfifo(str(path))
+    pid_file = PidFile(str(path))
+    done = threading.Event()
+
+    def write():
+        pid_file.write()
+        done.set()
+
+    thread = threading.Thread(target=write, daemon=True)
+    thread.start()
+    try:
+        assert done.wait(10), "PidFile.write() blocked on a FIFO"
+    finally:
+        if not done.is_set():
+            # Give the blocked open() its writer so the thread ends.
+            os.close(os.open(str(path), os.O_WRONLY | os.O_NONBLOCK))
+        thread.join(10)
+    assert path.read_text() == "%d\n" % os.getpid()
+
 def test_json_formatter_pulls_out_the_session_and_extras():
     record = logging.LogRecord("pop3frame.session", logging.INFO, "", 0, "[1a-2] login %r from %s", ("bob", "::1"), None)
     record.user = "bob"
