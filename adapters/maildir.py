@@ -310,8 +310,9 @@ def _open_regular(name: str, dir_fd: Optional[int] = None) -> Tuple[BinaryIO, os
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise IsADirectoryError(errno.EISDIR, "not a regular file", name)
-        # An explicit buffer size spares open() its isatty() ioctl.
-        return os.fdopen(fd, "rb", buffering=io.DEFAULT_BUFFER_SIZE), st
+        # Unbuffered: every read is of a chunk anyway, and a buffered file
+        # costs an lseek() to open and a read() more to find the end.
+        return io.FileIO(fd, "rb"), st
     except BaseException:
         os.close(fd)
         raise
@@ -334,10 +335,13 @@ def _remove(path: str) -> None:
 class _Box:
     """One session's view of a Maildir; used only under the mailbox lock."""
 
-    __slots__ = ("home", "where", "retrieved", "sizes")
+    __slots__ = ("home", "where", "retrieved", "sizes", "_dirs")
 
     def __init__(self, home: str) -> None:
         self.home = home
+        #: "new"/"cur" -> a descriptor of that directory, opened (without
+        #: following a symlink) at the session's first RETR or TOP there.
+        self._dirs: Dict[str, int] = {}
         #: The size cache's entries (see _CACHE_FORMAT) as of the listing.
         self.sizes: Dict[str, List[int]] = {}
         #: base name -> where the message was last seen (updated on rescans).
@@ -347,6 +351,23 @@ class _Box:
     def path(self, base: str) -> Optional[str]:
         w = self.where.get(base)
         return None if w is None else os.path.join(self.home, w[0], w[1])
+
+    def open(self, base: str) -> Tuple[BinaryIO, os.stat_result]:
+        """The message where it was last seen, and its fstat(); KeyError if
+        it is nowhere.  Opened relative to a directory descriptor kept for
+        the session: one open() per message, not two."""
+        sub, name = self.where[base]
+        fd = self._dirs.get(sub)
+        if fd is None:
+            fd = self._dirs[sub] = os.open(os.path.join(self.home, sub), _DIR_FLAGS)
+        return _open_regular(name, fd)
+
+    def close(self) -> None:
+        """Close the directory descriptors (also before looking again: the
+        directory itself may have been replaced)."""
+        dirs, self._dirs = self._dirs, {}
+        for fd in dirs.values():
+            os.close(fd)
 
     def rescan(self) -> None:
         """Find every message again after another program moved or renamed some."""
@@ -651,12 +672,12 @@ class MaildirAdapter(AdapterBase):
         base = _base(message.key[1])
         box.where.setdefault(base, message.key)
         for _ in range(_ATTEMPTS):
-            path = box.path(base)
-            if path is None:
-                break
             try:
-                f, st = self._open(path)
+                f, st = box.open(base)
+            except KeyError:
+                break
             except FileNotFoundError:
+                box.close()
                 box.rescan()
                 continue
             except OSError as exc:
@@ -714,7 +735,10 @@ class MaildirAdapter(AdapterBase):
     def close_mailbox(self, username: str) -> None:
         with self._mutex:
             box = self._boxes.pop(username, None)
-        if box is None or not self.mark_seen:
+        if box is None:
+            return
+        box.close()
+        if not self.mark_seen:
             return
         for base in sorted(box.retrieved):
             self._mark_seen(box, base)

@@ -48,9 +48,13 @@ class Plan:
         return max(3, count // self.quick)
 
 
-def steps_for(server: launch.Server, plan: Plan, idle: Optional[Tuple[int, ...]] = None
-              ) -> List[Tuple[str, str, Callable[[], Dict[str, float]]]]:
-    """(metric, unit, run) for every measurement against one running server."""
+def steps_for(server: launch.Server, plan: Plan, idle: Optional[Tuple[int, ...]] = None,
+              sessions_only: bool = False) -> List[Tuple[str, str, Callable[[], Dict[str, float]]]]:
+    """(metric, unit, run) for every measurement against one running server.
+
+    ``sessions_only``: the warm-up, sessions/s and STAT latency only (what
+    more worker processes change), not RETR or memory.
+    """
     users = launch.user_names(plan.users)
     pw = launch.PASSWORD
     steps: List[Tuple[str, str, Callable[[], Dict[str, float]]]] = []
@@ -59,13 +63,13 @@ def steps_for(server: launch.Server, plan: Plan, idle: Optional[Tuple[int, ...]]
     for clients, total in plan.sessions.items():
         steps.append(("sessions/s, %d client%s" % (clients, "s" if clients > 1 else ""), "sessions/s",
                       lambda c=clients, t=total: loadgen.sessions_per_second(users, pw, c, t, plan.session_seconds)))
-    for label, (size, _) in launch.SIZES.items():
+    for label, (size, _) in () if sessions_only else launch.SIZES.items():
         # A 1 KB RETR measures the round trip: RETRs per second, not MB/s.
         steps.append(("RETR %s" % label, "RETR/s" if size < 10_000 else "MB/s",
                       lambda s=size: loadgen.retr_mb_per_s(launch.BIG_USER, pw, s, plan.retr_repeat(s))))
     steps.append(("STAT latency, %d clients" % plan.stat_clients, "ms",
                   lambda: loadgen.stat_latency_ms(users, pw, plan.stat_clients, plan.stat_count)))
-    for n in plan.idle if idle is None else idle:
+    for n in () if sessions_only else plan.idle if idle is None else idle:
         steps.append(("memory per idle session, %d" % n, "KB",
                       lambda n=n: loadgen.idle_kb_per_session(server.pid, users, pw, n)))
     return steps
@@ -149,6 +153,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a tenth of the counts: a smoke run")
     parser.add_argument("--cprofile", metavar="OUT", help="run the server under cProfile, stats to OUT")
     parser.add_argument("--keep", action="store_true", help="keep the temporary Maildir and logs")
+    parser.add_argument("--workers", help="pop3frame serve --workers (N or auto; default: the CLI's, 1)")
     args = parser.parse_args()
     launch.raise_fd_limit()
     plan = Plan(args.quick)
@@ -159,7 +164,7 @@ def main() -> None:
         print("building Maildir (%d users) in %s ..." % (plan.users, d), flush=True)
         launch.build_maildir(d, plan.users)
         extra = ("--cprofile", os.path.abspath(args.cprofile)) if args.cprofile else ()
-        with launch.start("pop3frame", d, adapter=args.adapter, extra=extra) as server:
+        with launch.start("pop3frame", d, adapter=args.adapter, extra=extra, workers=args.workers) as server:
             steps = steps_for(server, plan)
             total = len(steps) + 1
             count = [0]

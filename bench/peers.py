@@ -58,12 +58,21 @@ def main() -> None:
     parser.add_argument("--adapter", choices=("maildir", "memory"), default="maildir", help="pop3frame's adapter")
     parser.add_argument("--dovecot-idle", type=int, default=1000,
                         help="idle sessions for Dovecot (one process each; default 1000)")
+    parser.add_argument("--workers", default="1",
+                        help="comma-separated pop3frame serve --workers values, e.g. 1,2,4,auto: the first gets"
+                             " every measurement, the others sessions/s and STAT latency (default 1)")
     parser.add_argument("--quick", action="store_true", help="a tenth of the counts: a smoke run")
     parser.add_argument("--keep", action="store_true", help="keep the temporary Maildir and logs")
     args = parser.parse_args()
     launch.raise_fd_limit()
     plan = bench_core.Plan(args.quick)
     servers = [s for s in args.servers.split(",") if s]
+    workers = [w for w in args.workers.split(",") if w]
+    #: Each pop3frame configuration is a column of its own: name -> --workers.
+    variants = {("pop3frame" if k == 0 else "pop3frame --workers %s" % w): w for k, w in enumerate(workers)}
+    if "pop3frame" in servers:
+        at = servers.index("pop3frame")
+        servers[at:at + 1] = list(variants)
     if "dovecot" in servers and not dovecot_pop3_installed():
         # dovecot-imapd alone brings the dovecot binary but not its POP3 service.
         print("Dovecot's POP3 server not installed (apt-get install dovecot-pop3d): skipping it")
@@ -80,8 +89,11 @@ def main() -> None:
         python = {"pop3frame": args.pop3frame_python, "twisted": args.twisted_python}
         idle = {"dovecot": (args.dovecot_idle // (10 if args.quick else 1),)}
         # Count the steps first, for the progress line.
-        per_server = {name: len(bench_core.steps_for(launch.Server(name, None, 0), plan, idle.get(name)))
-                      for name in servers}
+        def steps(server: launch.Server):
+            return bench_core.steps_for(server, plan, idle.get(server.name),
+                                        sessions_only=server.name.startswith("pop3frame --workers"))
+
+        per_server = {name: len(steps(launch.Server(name, None, 0))) for name in servers}
         total = sum(per_server.values()) + 1
         count = [0]
 
@@ -90,9 +102,15 @@ def main() -> None:
             print("%s %s: %s ..." % (progress_bar(count[0], total), name, metric), end=" ", flush=True)
 
         for name in servers:
+            kind = "pop3frame" if name in variants else name
+            # --workers 1 is the CLI's default: not passed, so the tools run
+            # against a pop3frame without the option too.
+            processes = variants.get(name)
             try:
-                with launch.start(name, d, python=python.get(name), adapter=args.adapter) as server:
-                    rows = bench_core.run_steps(server, bench_core.steps_for(server, plan, idle.get(name)), progress)
+                with launch.start(kind, d, python=python.get(kind), adapter=args.adapter,
+                                  workers=None if processes in (None, "1") else processes) as server:
+                    server.name = name
+                    rows = bench_core.run_steps(server, steps(server), progress)
             except RuntimeError as exc:  # one server that will not run must not cost the others' figures
                 print("%s: %s; left out" % (name, exc), flush=True)
                 count[0] += per_server[name]
@@ -112,17 +130,19 @@ def main() -> None:
         else:
             subprocess.run(["rm", "-rf", d], check=False)
 
-    names = [n for n in ORDER if n in results]
-    peers = [n for n in names if n != "pop3frame"]
-    header = ["metric", "unit"] + names + ["pop3frame/%s" % p for p in peers]
+    names = [n for n in list(variants) + [o for o in ORDER if o not in variants] if n in results]
+    mine = [n for n in names if n in variants]
+    peers = [n for n in names if n not in variants]
+    pairs = [(m, p) for m in mine for p in peers]
+    header = ["metric", "unit"] + names + ["%s/%s" % (m.replace("pop3frame --workers ", "w"), p) for m, p in pairs]
     table: List[List[object]] = []
     for metric in order:
         unit = next(results[n][metric][0] for n in names if metric in results[n])
         values = [results[n].get(metric, (unit, None))[1] for n in names]
         ratios = []
-        for p in peers:
-            mine, theirs = results.get("pop3frame", {}).get(metric, (unit, None))[1], results[p].get(metric, (unit, None))[1]
-            ratios.append(mine / theirs if mine is not None and theirs else None)
+        for m, p in pairs:
+            ours, theirs = results[m].get(metric, (unit, None))[1], results[p].get(metric, (unit, None))[1]
+            ratios.append(ours / theirs if ours is not None and theirs else None)
         table.append([metric, unit + (" (lower is better)" if unit in LOWER_IS_BETTER else "")] + values + ratios)
     table.append(["raw loopback %d MB" % plan.loopback_mb, "MB/s", loop] + [None] * (len(header) - 3))
     print()
@@ -155,8 +175,9 @@ def chart(names: List[str], order: List[str], results, loop: float) -> None:
     for ax, metric in zip(axes.flat, metrics):
         present = [n for n in names if metric in results[n] and results[n][metric][1] == results[n][metric][1]]
         unit = results[present[0]][metric][0] if present else ""
-        ax.bar(present, [results[n][metric][1] for n in present], color=[colours[n] for n in present])
-        if metric.startswith("RETR") and metric.endswith("MB"):  # small messages: latency, not bandwidth
+        ax.bar([n.replace("pop3frame --workers ", "w") for n in present], [results[n][metric][1] for n in present],
+               color=[colours.get(n, "#5c9") for n in present])
+        if metric.startswith("RETR") and unit == "MB/s" and "MB" in metric:  # big messages: bandwidth
             ax.axhline(loop, color="grey", linestyle="--", linewidth=1)
             ax.text(0, loop, "raw loopback", fontsize=7, va="bottom", color="grey")
         better = "lower" if unit in LOWER_IS_BETTER else "higher"

@@ -46,8 +46,9 @@ def session(port: int, user: bytes, retr: int = 0) -> None:
         commands = [b"USER " + user, b"PASS " + launch.PASSWORD.encode(), b"STAT"]
         for cmd in commands:
             c.sendall(cmd + b"\r\n")
-            if not f.readline().startswith(b"+OK"):
-                raise RuntimeError("%r refused" % cmd)
+            reply = f.readline()
+            if not reply.startswith(b"+OK"):
+                raise RuntimeError("%r refused: %r" % (cmd, reply))
         if retr:
             c.sendall(b"RETR %d\r\n" % retr)
             while f.readline() != b".\r\n":

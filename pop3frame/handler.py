@@ -40,6 +40,8 @@ TIMEOUTS = (socket.timeout, BlockingIOError)
 WRITE_BUFFER = 64 * 1024
 #: send() flag: more data follows at once, so no packet for this part alone (Linux).
 _MSG_MORE = getattr(socket, "MSG_MORE", 0)
+#: Most buffers one sendmsg() takes (Linux's UIO_MAXIOV); more are joined.
+_IOV_MAX = 1024
 
 
 def kernel_timeval(seconds: float) -> bytes:
@@ -247,13 +249,24 @@ class Connection:
             self.flush()
 
     def flush(self, more: bool = False) -> None:
-        """Send what is buffered; ``more``: more follows at once (MSG_MORE, plain sockets only)."""
-        if not self._out:
+        """Send what is buffered; ``more``: more follows at once (MSG_MORE, plain sockets only).
+
+        Several pieces (a status line and a message chunk, pipelined
+        replies) go out with one sendmsg(), not copied into one string
+        first; through TLS, which has no sendmsg(), they are joined.
+        """
+        out = self._out
+        if not out:
             return
-        data = self._out[0] if len(self._out) == 1 else b"".join(self._out)
-        self._out.clear()
+        self._out = []
         self._out_size = 0
-        self._send(data, _MSG_MORE if more else 0)
+        flags = _MSG_MORE if more else 0
+        if len(out) == 1:
+            self._send(out[0], flags)
+        elif isinstance(self.sock, ssl.SSLSocket) or len(out) > _IOV_MAX:
+            self._send(b"".join(out), flags)
+        else:
+            self._send_parts(out, flags)
 
     def _send(self, data: bytes, flags: int = 0) -> None:
         """Send all of ``data`` within ``send_timeout`` seconds by ``clock``.
@@ -275,6 +288,23 @@ class Connection:
                 continue
             view = view[sent:]
             self.bytes_out += sent
+
+    def _send_parts(self, parts: list, flags: int) -> None:
+        """:meth:`_send` for several buffers, with sendmsg() on a plain socket."""
+        tries = self._send_tries()
+        while parts:
+            next(tries)
+            try:
+                sent = self.sock.sendmsg(parts, (), flags)
+            except TIMEOUTS:
+                continue
+            self.bytes_out += sent
+            # Empty pieces (a chunk that was all held back) go too.
+            while parts and sent >= len(parts[0]):
+                sent -= len(parts[0])
+                del parts[0]
+            if sent:
+                parts[0] = memoryview(parts[0])[sent:]
 
     def send_file(self, span: FileSpan) -> None:
         """Send what is buffered, then ``span`` from its file; sets ``span.sent``.

@@ -549,6 +549,9 @@ class Session:
         if not _NUMBER.match(cmd.args[1]):
             return [protocol.err("invalid number of lines")]
         stream = self._open(msg)
+        if isinstance(stream, io.RawIOBase):
+            # TOP reads lines: through a buffer, not a read() per octet.
+            stream = io.BufferedReader(stream)
         return self._stream(protocol.ok(), protocol.iter_top(stream, int(cmd.args[1])), stream)
 
     def _open(self, msg: MessageInfo):
@@ -569,13 +572,10 @@ class Session:
         closes the connection, so the client knows the reply is incomplete.
         """
         try:
-            chunk = next(chunks, b"")
-            if isinstance(chunk, bytes):
-                # The status line travels with the first chunk: one send, not two.
-                yield first + chunk
-            else:  # a FileSpan: the handler sends the line with it
-                yield first
-                yield chunk
+            # The status line goes out with the first chunk, in one send
+            # (sendmsg(), or MSG_MORE before a FileSpan): the handler sends
+            # what it gathered when a reply is done or 64 KiB are waiting.
+            yield first
             yield from chunks
         except protocol.SizeMismatch as exc:
             self.log.error("message %s: %s; closing without the terminator", retrieved.uid if retrieved else "?", exc)

@@ -10,6 +10,7 @@ import logging
 import os
 import socket
 import threading
+import time
 import tracemalloc
 
 import pytest
@@ -394,6 +395,38 @@ def test_file_that_shrinks_during_sendfile_ends_without_the_terminator(stored_as
         assert got == size // 2 and tail != b"\r\n.\r\n"
         assert server.wait_for_connections(0)
         assert server.server.file_spans == [size // 2]
+
+
+@given(st.lists(st.integers(min_value=0, max_value=300_000), min_size=2, max_size=6))
+@settings(max_examples=20, deadline=None)
+def test_pieces_sent_together_arrive_whole_and_in_order(sizes):
+    """Connection.flush sends buffered pieces with one sendmsg(); the kernel takes
+    part of them when its buffer is small and the reader slow: every octet still
+    arrives once, in order."""
+    from pop3frame.handler import Connection
+
+    server, client = socket.socketpair()
+    with server, client:
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        conn = Connection(server, time.monotonic, poll_interval=0.05, send_timeout=10)  # bounds a stuck send
+        pieces = [bytes([65 + k % 26]) * n for k, n in enumerate(sizes)]
+        received = bytearray()
+
+        def read():
+            while len(received) < sum(sizes):
+                data = client.recv(1000)
+                if not data:
+                    break
+                received.extend(data)
+
+        reader = threading.Thread(target=read)
+        reader.start()
+        for piece in pieces:
+            conn._out.append(piece)
+            conn._out_size += len(piece)
+        conn.flush()
+        reader.join(30)
+        assert bytes(received) == b"".join(pieces) and conn.bytes_out == sum(sizes)
 
 
 def test_half_open_connections_do_not_block_others(big_store):
