@@ -39,7 +39,7 @@ import launch
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def session(port: int, user: bytes, retr: int = 0) -> None:
+def session(port: int, user: bytes, retr: int = 0, repeat: int = 1) -> None:
     with socket.create_connection(("127.0.0.1", port), timeout=60) as c:
         f = c.makefile("rb")
         f.readline()
@@ -49,7 +49,7 @@ def session(port: int, user: bytes, retr: int = 0) -> None:
             reply = f.readline()
             if not reply.startswith(b"+OK"):
                 raise RuntimeError("%r refused: %r" % (cmd, reply))
-        if retr:
+        for _ in range(repeat if retr else 0):
             c.sendall(b"RETR %d\r\n" % retr)
             while f.readline() != b".\r\n":
                 pass
@@ -91,6 +91,9 @@ def main() -> None:
     parser.add_argument("--pop3frame", default=os.path.join(os.path.dirname(sys.executable), "pop3frame"))
     parser.add_argument("--sessions", type=int, default=200)
     parser.add_argument("--retr", choices=list(launch.SIZES), help="RETR this message in every session")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="callgrind: RETRs per session (one session of that many RETRs is measured:"
+                             " instructions per RETR)")
     parser.add_argument("--log-level", default="INFO")
     parser.add_argument("--show", action="store_true", help="strace: print the trace too")
     args = parser.parse_args()
@@ -127,8 +130,10 @@ def main() -> None:
                 count_strace(trace, args.show)
             else:
                 subprocess.run(["callgrind_control", "-i", "on", str(server.pid)], check=True, capture_output=True)
+                if args.repeat > 1:
+                    who = who[:1]
                 for user in who:
-                    session(port, user, number)
+                    session(port, user, number, args.repeat)
                 time.sleep(0.5)  # the log writer's last lines
                 subprocess.run(["callgrind_control", "-d", str(server.pid)], check=True, capture_output=True)
                 dumps = [p for p in glob.glob(out + "*") if os.path.getsize(p)]
@@ -137,8 +142,12 @@ def main() -> None:
                     for line in open(path, errors="replace"):
                         if line.startswith("summary:") or line.startswith("totals:"):
                             total = max(total, int(line.split()[1]))
-                print("%d sessions%s: %.0f instructions per session (%d in all)"
-                      % (len(who), " with RETR %s" % args.retr if number else "", total / len(who), total))
+                if args.repeat > 1:
+                    print("one session of %d RETR %s: %.0f instructions per RETR (%d in all)"
+                          % (args.repeat, args.retr, total / args.repeat, total))
+                else:
+                    print("%d sessions%s: %.0f instructions per session (%d in all)"
+                          % (len(who), " with RETR %s" % args.retr if number else "", total / len(who), total))
         finally:
             server.terminate()
             server.wait(120)

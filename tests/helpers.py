@@ -299,3 +299,22 @@ class FileSpanServer(POP3Server):
                     spans.append(span.sent)
 
             self.conn.send_file = recorded
+
+
+def assert_new_mail_records_dot_lines(store) -> None:
+    """``store`` holds, for alice (password "pw"), one message from before it kept
+    MessageInfo.dot_lines, whose line ".dotted" starts with ".": that one reports
+    None (not known), two new deliveries False and True, and RETR gives all three
+    exactly, stuffed where needed (RFC 1939 section 3)."""
+    from pop3frame.testing import Controller
+
+    store.deliver("alice", b"Subject: plain\n\nEnds in a dot.\n")
+    store.deliver("alice", b"Subject: dotted\n\n.profile changed\n")
+    assert [m.dot_lines for m in store.list_messages("alice")] == [None, False, True]
+    store.close_mailbox("alice")
+    with Controller(store) as server:
+        client = server.pop3()
+        client.user("alice")
+        client.pass_("pw")
+        assert [client.retr(i)[1][2] for i in (1, 2, 3)] == [b".dotted", b"Ends in a dot.", b".profile changed"]
+        client.quit()

@@ -34,7 +34,7 @@ from pop3frame.adapters.postgres import (
 )
 from pop3frame.protocol import wire_size
 from pop3frame.testing import Controller
-from tests.helpers import RawClient, retr_lines_to_bytes
+from tests.helpers import RawClient, assert_new_mail_records_dot_lines, retr_lines_to_bytes
 from tests.pg import ServerProcess, pg_db, pg_dsn, sql, wait_until_unlocked  # noqa: F401  (fixtures)
 
 LOGGER = "pop3frame.adapters.postgres"
@@ -120,15 +120,7 @@ def test_dot_lines_kept_from_delivery_and_unknown_for_mail_from_before_migration
     store = PostgresStore(pg_db)
     try:
         assert store.schema_version() == SCHEMA_VERSION == 2
-        store.deliver("alice", b"Subject: plain\n\nEnds in a dot.\n")
-        store.deliver("alice", b"Subject: dotted\n\n.profile changed\n")
-        assert [m.dot_lines for m in store.list_messages("alice")] == [None, False, True]
-        with Controller(store) as server:
-            client = server.pop3()
-            client.user("alice")
-            client.pass_("pw")
-            assert [client.retr(i)[1][2] for i in (1, 2, 3)] == [b".dotted", b"Ends in a dot.", b".profile changed"]
-            client.quit()
+        assert_new_mail_records_dot_lines(store)
     finally:
         store.close()
 

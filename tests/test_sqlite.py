@@ -15,7 +15,7 @@ from pop3frame.adapters.sqlite import CHUNK, SCHEMA_VERSION, SQLiteStore, Unknow
 from pop3frame.passwords import split_scheme
 from pop3frame.protocol import iter_message
 from pop3frame.testing import Controller
-from tests.helpers import RawClient, retr_interrupted, retr_lines_to_bytes
+from tests.helpers import RawClient, assert_new_mail_records_dot_lines, retr_interrupted, retr_lines_to_bytes
 from tests.processes import Daemon, pop3frame
 
 
@@ -416,16 +416,7 @@ def test_dot_lines_are_kept_from_delivery_and_unknown_for_mail_older_than_schema
     store = SQLiteStore(path)
     with sqlite3.connect(path) as conn:
         assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
-    store.deliver("alice", b"Subject: plain\n\nEnds in a dot.\n")
-    store.deliver("alice", b"Subject: dotted\n\n.profile changed\n")
-    assert [m.dot_lines for m in store.list_messages("alice")] == [None, False, True]
-    store.close_mailbox("alice")
-    with Controller(store) as server:
-        client = server.pop3()
-        client.user("alice")
-        client.pass_("pw")
-        assert [client.retr(i)[1][2] for i in (1, 2, 3)] == [b".dotted", b"Ends in a dot.", b".profile changed"]
-        client.quit()
+    assert_new_mail_records_dot_lines(store)
 
 
 def test_a_store_of_a_newer_version_or_another_programs_database_is_refused(tmp_path):
