@@ -274,7 +274,7 @@ def _reload(args: argparse.Namespace, state: Dict[str, Any]) -> None:
     old: Settings = state["settings"]
     try:
         new = resolve_settings(args)
-        config = configfile.server_config(new)
+        config = _fit_open_files(configfile.server_config(new))
     except (ConfigError, UsageError, ValueError) as exc:
         logger.error("SIGHUP: keeping the old configuration: %s", exc)
         return
@@ -303,7 +303,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = resolve_settings(args)
     log_writer = setup_logging(settings.log_level, settings.log_json)
     try:
-        config = configfile.server_config(settings)
+        config = _fit_open_files(configfile.server_config(settings))
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     if settings.user or settings.group:
@@ -400,6 +400,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
             pid_file.remove()
         log_writer.close()  # every line written before the process ends
     return 0
+
+
+def _fit_open_files(config: ServerConfig) -> ServerConfig:
+    """``config`` with max_connections as many as the open-files limit has room for,
+    after raising that limit as far as it goes."""
+    from .lifecycle import connections_open_files_allow
+
+    limit, room = connections_open_files_allow(config.max_connections)
+    if room >= config.max_connections:
+        return config
+    logger.warning("open files limit %d (the hard limit) has room for max_connections %d instead of %d; "
+                   "raise the hard limit (systemd: LimitNOFILE=) to serve more", limit, room, config.max_connections)
+    return dataclasses.replace(config, max_connections=room)
 
 
 def _demo_hint(listeners: Sequence[Listener], sockets: Sequence[Any]) -> Optional[str]:

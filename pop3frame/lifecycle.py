@@ -14,6 +14,7 @@ import logging.handlers
 import os
 import queue
 import re
+import resource
 import signal
 import sys
 import tempfile
@@ -21,7 +22,8 @@ import threading
 import weakref
 from typing import Callable, Dict, List, Optional, Tuple
 
-__all__ = ["JSONFormatter", "LogWriter", "setup_logging", "process_id", "PidFile", "PidFileError", "drop_privileges", "SignalLoop"]
+__all__ = ["JSONFormatter", "LogWriter", "setup_logging", "process_id", "PidFile", "PidFileError", "drop_privileges",
+           "SignalLoop", "connections_open_files_allow"]
 
 _SESSION_PREFIX = re.compile(r"\[([0-9a-f]+-[0-9a-f]+)\] ")
 #: LogRecord attributes that are not user-supplied ``extra`` fields.
@@ -412,6 +414,37 @@ def resolve_ids(user: Optional[str], group: Optional[str]):
                 raise ValueError("group: no such group %r" % group) from None
             gid = int(group)
     return uid, gid, name
+
+
+#: Descriptors one connection may hold at once: its socket, the duplicate a
+#: TLS handshake wraps, and the store's (a SQLite session holds the database
+#: and its WAL; a Maildir session new/ and cur/, and a message during RETR;
+#: an mbox its directory, the file and a dot-lock).
+FILES_PER_CONNECTION = 6
+#: Descriptors the server keeps besides connections: standard streams,
+#: listeners, the log, the stats endpoint, a store's own, passwd-file reads.
+FILES_RESERVED = 64
+
+
+def connections_open_files_allow(max_connections: int) -> Tuple[int, int]:
+    """Raise the soft open-files limit to what ``max_connections`` need, as far
+    as the hard limit allows; return the limit and how many connections it
+    leaves room for (``max_connections`` when it is enough).
+
+    The usual soft limit (1024) is far below what the default 1000
+    connections need: unauthenticated TLS connections alone (two descriptors
+    each) could use up every descriptor, and then a logged-in user's store
+    could open nothing.  A server that cannot raise it far enough must
+    admit fewer connections, so the excess is refused at the door.
+    """
+    wanted = max_connections * FILES_PER_CONNECTION + FILES_RESERVED
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        soft = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    if soft == resource.RLIM_INFINITY or soft >= wanted:
+        return soft, max_connections
+    return soft, max(1, (soft - FILES_RESERVED) // FILES_PER_CONNECTION)
 
 
 def drop_privileges(user: Optional[str], group: Optional[str]) -> None:

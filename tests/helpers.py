@@ -318,3 +318,20 @@ def assert_new_mail_records_dot_lines(store) -> None:
         client.pass_("pw")
         assert [client.retr(i)[1][2] for i in (1, 2, 3)] == [b".dotted", b"Ends in a dot.", b".profile changed"]
         client.quit()
+
+
+def tls_files(directory) -> Tuple[str, str, "ssl.SSLContext"]:
+    """A trustme certificate for localhost and 127.0.0.1 written to ``directory``:
+    (cert.pem path, key.pem path, a client context that trusts it)."""
+    import ssl
+
+    import trustme
+
+    ca = trustme.CA()
+    issued = ca.issue_cert("localhost", "127.0.0.1")
+    cert, key = os.path.join(str(directory), "cert.pem"), os.path.join(str(directory), "key.pem")
+    issued.cert_chain_pems[0].write_to_path(cert)
+    issued.private_key_pem.write_to_path(key)
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+    return cert, key, context

@@ -95,8 +95,11 @@ class Piped:
 class Daemon(Piped):
     """``pop3frame serve`` in a subprocess, started when its listeners log their ports."""
 
-    def __init__(self, *args: str, cwd=None, listeners: int = 1) -> None:
-        super().__init__([sys.executable, "-m", "pop3frame", "serve", *args], cwd=cwd)
+    def __init__(self, *args: str, cwd=None, listeners: int = 1, ulimit: str = "") -> None:
+        argv = [sys.executable, "-m", "pop3frame", "serve", *args]
+        if ulimit:  # the shell's ulimit options (e.g. "-Sn 64"), then exec: the pid stays the server's
+            argv = ["sh", "-c", 'ulimit %s && exec "$@"' % ulimit, "sh"] + argv
+        super().__init__(argv, cwd=cwd)
         try:
             self.ports = [int(self.wait_for(r"listening on \S+ port (\d+)").group(1)) for _ in range(listeners)]
         except BaseException:

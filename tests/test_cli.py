@@ -15,7 +15,7 @@ import urllib.request
 import pytest
 
 from pop3frame.proxy import build_v1, build_v2
-from tests.helpers import RawClient, demo_store, reachable_dir
+from tests.helpers import RawClient, demo_store, reachable_dir, tls_files
 from tests.processes import Daemon, pop3frame, write_config
 
 
@@ -591,16 +591,8 @@ def test_user_subcommand_options_after_the_action(tmp_path):
 
 def test_tls_listeners_from_a_config_file(tmp_path):
     import poplib
-    import ssl
 
-    import trustme
-
-    ca = trustme.CA()
-    issued = ca.issue_cert("localhost", "127.0.0.1")
-    issued.cert_chain_pems[0].write_to_path(str(tmp_path / "cert.pem"))
-    issued.private_key_pem.write_to_path(str(tmp_path / "key.pem"))
-    context = ssl.create_default_context()
-    ca.configure_trust(context)
+    cert, key, context = tls_files(tmp_path)
     config = write_config(tmp_path, """
         [[listener]]
         address = "127.0.0.1:0"
@@ -612,7 +604,7 @@ def test_tls_listeners_from_a_config_file(tmp_path):
         key = "%s"
         [adapter]
         type = "demo"
-    """ % (tmp_path / "cert.pem", tmp_path / "key.pem"))
+    """ % (cert, key))
     with Daemon("--config", config, listeners=2) as d:
         plain, secure = d.ports
         assert d.saw(r"port %d \(STLS offered\)" % plain) and d.saw(r"port %d \(TLS\)" % secure)

@@ -20,7 +20,7 @@ from pop3frame.adapters.memory import MemoryAdapter
 from pop3frame.auth import FailureThrottle
 from pop3frame.server import ConnectionTracker
 from pop3frame.testing import Controller, ManualClock
-from tests.helpers import RawClient
+from tests.helpers import RawClient, tls_files
 from tests.processes import Daemon, write_config
 
 WRONG = b"-ERR [AUTH] invalid user name or password\r\n"
@@ -375,3 +375,49 @@ def test_commands_before_login_are_bounded_in_number():
         for _ in range(49):
             assert c.line().startswith(b"+OK") and c.multiline().endswith(b".\r\n")
         assert c.login("alice", "pw") == b"-ERR too many commands without a login, closing connection\r\n"
+
+
+def test_unauthenticated_connections_cannot_take_the_descriptors_logged_in_users_need(tmp_path):
+    """Each TLS connection holds two descriptors (its socket and the duplicate the
+    handshake wraps).  Under the usual soft open-files limit of 1024, 510 TLS
+    connections from 51 addresses (within every per-address limit, half of
+    max_connections) took them all: TLS handshakes failed ("Too many open files")
+    and a logged-in user's RETR got -ERR [SYS/TEMP].  serve raises the soft limit
+    to what max_connections needs (here from 64)."""
+    cert, key, client = tls_files(tmp_path)
+    with Daemon("--listen", "127.0.0.1:0", "--tls-listen", "127.0.0.1:0", "--cert", cert, "--key", key,
+                cwd=str(tmp_path), listeners=2, ulimit="-Sn 64") as d:
+        held = []
+        try:
+            for _ in range(40):
+                sock = client.wrap_socket(socket.create_connection(("127.0.0.1", d.ports[1]), timeout=10),
+                                          server_hostname="localhost")
+                held.append(sock)
+                assert sock.recv(100).startswith(b"+OK POP3 server ready")
+            with RawClient(("127.0.0.1", d.port)) as c:
+                assert c.login("demo", "demo").startswith(b"+OK demo's maildrop")
+                assert c.cmd("RETR 1").startswith(b"+OK") and c.multiline().endswith(b"\r\n.\r\n")
+        finally:
+            for sock in held:
+                sock.close()
+        assert d.stop() == 0
+    assert "Too many open files" not in "".join(d.seen) + d.rest()
+
+
+def test_max_connections_fits_a_hard_open_files_limit(tmp_path):
+    """Where the hard limit leaves no room for max_connections, serve says so and
+    serves as many as fit (6 descriptors each, 64 kept for itself), so the next
+    connection is refused with -ERR [SYS/TEMP] before descriptors run out."""
+    with Daemon("--demo", "--listen", "127.0.0.1:0", ulimit="-n 128") as d:
+        assert d.saw(r"WARNING .*open files limit 128 .* max_connections 10 instead of 1000")
+        clients = []
+        try:
+            for _ in range(10):
+                clients.append(RawClient(("127.0.0.1", d.port)))
+            assert clients[0].login("demo", "demo").startswith(b"+OK")
+            with RawClient(("127.0.0.1", d.port)) as extra:
+                assert extra.greeting == b"-ERR [SYS/TEMP] too many connections\r\n"
+        finally:
+            for c in clients:
+                c.close()
+        assert d.stop() == 0
