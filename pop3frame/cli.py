@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import getpass
 import ipaddress
 import logging
@@ -334,16 +335,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         try:
             sockets.append(bind_socket(listener.address))
         except OSError as exc:
-            raise UsageError("cannot listen on %s: %s"
-                             % (configfile.format_address(listener.address), exc.strerror or exc)) from None
+            raise _cannot_listen(listener.address, exc) from None
     stats = Stats()
     stats_server = None
     if settings.stats_listen:
         try:
             stats_server = StatsServer(stats, settings.stats_listen)
         except OSError as exc:
-            raise UsageError("cannot listen on %s for stats: %s"
-                             % (configfile.format_address(settings.stats_listen), exc.strerror or exc)) from None
+            raise _cannot_listen(settings.stats_listen, exc, " for stats") from None
     pid_file = PidFile(settings.pid_file) if settings.pid_file else None
     if pid_file is not None:
         try:
@@ -464,6 +463,21 @@ def _check_paths(args: argparse.Namespace, settings: Settings) -> None:
     raise ConfigError.of(errors)
 
 
+#: What to do about the usual reasons a port cannot be bound.
+_BIND_HINTS = {
+    errno.EADDRINUSE: "another program listens there: stop it, or choose another port",
+    errno.EACCES: "ports below 1024 need root (with --user USER to drop it after binding) "
+                  "or the CAP_NET_BIND_SERVICE capability",
+    errno.EADDRNOTAVAIL: "no network interface of this machine has that address",
+}
+
+
+def _cannot_listen(address: Tuple[str, int], exc: OSError, what: str = "") -> UsageError:
+    hint = _BIND_HINTS.get(exc.errno or 0)
+    return UsageError("cannot listen on %s%s: %s%s" % (configfile.format_address(address), what, reason(exc),
+                                                     " (%s)" % hint if hint else ""))
+
+
 def _describe(spec: configfile.AdapterSpec) -> str:
     if spec.type == "sqlite":
         return "sqlite %s" % (spec.path or DEFAULT_DB)
@@ -491,8 +505,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
             configfile.adapter_factory(spec)
         except ValueError as exc:
             field, _, message = str(exc).partition(": ")
-            if ":" in spec.type and not field.startswith("options."):
-                field, message = "type", str(exc)  # import errors of module:Class
+            if field not in ("path", "passwd", "dsn") and not field.startswith("options."):
+                field, message = "type", str(exc)  # module:Class not importable, a missing extra
             errors.append(error("adapter." + field, message))
     switch = None
     if settings.user or settings.group:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import logging
 import queue
+import signal
 import socket
 import socketserver
 import ssl
@@ -339,6 +340,12 @@ def _context(
     return SessionContext(adapter, config, locks, tls=tls)
 
 
+def _interrupt_once(signum, frame) -> None:
+    """SIGINT during serve_forever: stop, and ignore further ones until stopped."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    raise KeyboardInterrupt
+
+
 class POP3Server(socketserver.ThreadingTCPServer):
     """A POP3 listener.
 
@@ -490,12 +497,23 @@ class POP3Server(socketserver.ThreadingTCPServer):
 
             setup_logging("INFO")
         logger.info("%s", self.listening())
+        # The first Ctrl-C stops; one more must not cut the stopping short
+        # (sessions half closed, a traceback from the log's flush at exit).
+        previous = None
+        if threading.current_thread() is threading.main_thread() and \
+                signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            previous = signal.signal(signal.SIGINT, _interrupt_once)
         try:
             self.serve(poll_interval)
         except KeyboardInterrupt:
             logger.info("interrupted: stopped listening on %s port %d", *self.server_address[:2])
             self.tracker.close_all(self)
             self.server_close()
+            for handler in logging.getLogger().handlers:
+                handler.flush()
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous)
 
     def _refuse(self, request: socket.socket, ip: str, refusal: str) -> None:
         logger.warning("refusing %s: %s", ip, refusal)

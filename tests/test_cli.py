@@ -637,3 +637,12 @@ def test_postgres_without_psycopg_says_what_to_install(args, prefix):
     assert out.returncode == 2 and len(err.splitlines()) == 1, err
     assert err.startswith(prefix + "the PostgreSQL store needs psycopg 3 and psycopg_pool"), err
     assert err.rstrip().endswith("pip install 'pop3frame[postgres]'") and "cannot connect" not in err
+
+
+def test_check_config_names_the_adapter_type_when_its_extra_is_missing(tmp_path):
+    """The missing driver is the fault of ``type = "postgres"`` (its line), not of a key named postgres."""
+    config = write_config(tmp_path, '[adapter]\ntype = "postgres"\ndsn = "postgresql://u@127.0.0.1:1/mail"\n')
+    out = subprocess.run([sys.executable, "-c", BLOCK_PSYCOPG, "check-config", config], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 2 and len(out.stderr.splitlines()) == 1, out.stderr
+    assert out.stderr.startswith("pop3frame: %s:2: adapter.type: postgres: adapter not available: " % config)

@@ -232,3 +232,14 @@ def test_imap_proxy_builder():
             client.quit()
     finally:
         dovecot.cleanup()
+
+
+def test_feed_reader_without_feedparser_says_what_to_install(tmp_path):
+    """Run as its header says, in a Python where feedparser cannot be
+    imported: one line naming the package to install, not a traceback."""
+    run = ("import runpy, sys; sys.modules['feedparser'] = None; "
+           "sys.argv = ['feed_reader.py', 'https://example.org/news.atom', '0']; "
+           "runpy.run_path(%r, run_name='__main__')" % str(EXAMPLES / "feed_reader.py"))
+    out = subprocess.run([sys.executable, "-c", run], capture_output=True, text=True, timeout=60, cwd=str(tmp_path))
+    assert out.returncode == 1 and out.stdout == ""
+    assert out.stderr == "the feed adapter needs feedparser: pip install 'pop3frame[feeds]'\n"

@@ -8,6 +8,7 @@ import os
 import pwd
 import re
 import shutil
+import socket
 
 import pytest
 
@@ -247,3 +248,21 @@ def test_shipped_example_validates_in_a_temporary_tree(tmp_path):
     assert 'directory = "%s"' % (tmp_path / "run" / "locks") in text and 'address = "[::]:110"' in text
     assert not (tmp_path / "run").exists()  # checked, not created
     shutil.rmtree(tmp_path / "etc")
+
+
+def test_a_port_in_use_or_an_address_not_here_says_what_to_do(tmp_path):
+    """The quick start's port may be taken by another program: the line says
+    so and what to do, for the POP3 and the stats listeners alike."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        out = pop3frame("serve", "--demo", "--listen", "127.0.0.1:%d" % port)
+        assert one_error(out) == ("pop3frame: cannot listen on 127.0.0.1:%d: Address already in use (another "
+                                  "program listens there: stop it, or choose another port)" % port)
+        out = pop3frame("serve", "--demo", "--listen", "127.0.0.1:0", "--stats-listen", "127.0.0.1:%d" % port)
+        assert one_error(out).startswith("pop3frame: cannot listen on 127.0.0.1:%d for stats: Address already in use ("
+                                         % port)
+    out = pop3frame("serve", "--demo", "--listen", "192.0.2.1:1100")  # TEST-NET-1: on no interface here
+    assert one_error(out) == ("pop3frame: cannot listen on 192.0.2.1:1100: Cannot assign requested address "
+                              "(no network interface of this machine has that address)")
