@@ -8,8 +8,6 @@ import signal
 import subprocess
 import sys
 
-import pytest
-
 from pop3frame import client
 from pop3frame.adapters.memory import MemoryAdapter
 from pop3frame.cli import build_parser
@@ -63,20 +61,46 @@ def test_myserver_script_run_directly_logs_and_stops_on_ctrl_c(tmp_path):
     assert "interrupted: stopped listening on 127.0.0.1 port %d\n" % port in rest
 
 
-@pytest.mark.parametrize("second", ["at once", "while it stops"])
-def test_myserver_script_pressed_ctrl_c_twice(tmp_path, second):
-    """A second Ctrl-C while it stops is ignored (status 0), or, landing after
-    it stopped, ends Python as Ctrl-C does (status 130, -SIGINT here): never
-    a traceback, never a half-closed session."""
+def test_myserver_script_pressed_ctrl_c_twice(tmp_path):
+    """Ctrl-C pressed again while the first one stops the server is ignored:
+    exit status 0, no traceback, the session closed once.  The second press
+    comes from the adapter itself, when the stopping ends the session."""
     script = literal_block("# myserver.py").replace('("127.0.0.1", 1100)', '("127.0.0.1", 0)')
+    script = script.replace("ReportAdapter()", "PressedTwice()").replace('if __name__ == "__main__":', """
+class PressedTwice(ReportAdapter):
+    def close_mailbox(self, username):
+        import os, signal
+        os.kill(os.getpid(), signal.SIGINT)
+
+if __name__ == "__main__":""")
     (tmp_path / "myserver.py").write_text(script)
     with Piped([sys.executable, "myserver.py"], cwd=str(tmp_path)) as p:
-        p.wait_for(r"listening on 127\.0\.0\.1 port \d+$")
-        p.signal(signal.SIGINT)
-        if second == "while it stops":
-            p.wait_for(r"interrupted: stopped listening")
-        p.signal(signal.SIGINT)
-        assert p.proc.wait(30) in (0, -signal.SIGINT)
+        port = int(p.wait_for(r"listening on 127\.0\.0\.1 port (\d+)$").group(1))
+        with RawClient(("127.0.0.1", port)) as c:
+            assert c.login("ops", "secret").startswith(b"+OK")
+            p.signal(signal.SIGINT)
+            assert p.proc.wait(30) == 0
+            assert c.read_all() == b""
         rest = "".join(p.seen) + p.rest()
     assert "Traceback" not in rest and "KeyboardInterrupt" not in rest, rest
     assert rest.count("interrupted: stopped listening") == 1, rest
+
+
+def test_testing_by_hand_commands_run_as_written():
+    """The "Testing by hand" commands parse as written, and the pipeline one talks to a server."""
+    block = literal_block(".venv/bin/pop3frame client")
+    lines = [line.split("  #")[0] for line in block.splitlines() if line.strip()]
+    parser = build_parser()
+    for line in lines:
+        words = shlex.split(line.split("|")[-1])
+        assert words[:2] == [".venv/bin/pop3frame", "client"], line
+        assert parser.parse_args(words[1:]).func is client.run
+    pipeline = lines[-1]
+    printed, command = pipeline.split("|")
+    with Controller(MemoryAdapter({}, apop=False)) as server:
+        result = pop3frame(*shlex.split(command)[1:-1], "127.0.0.1:%d" % server.port,
+                           input=shlex.split(printed)[1].replace("\\n", "\n").encode())
+    assert result.returncode == 0 and result.stdout.startswith(b"+OK POP3 server ready\r\n+OK Capability")
+    verdict = literal_block("$ .venv/bin/pop3frame client --check").strip().splitlines()[-1]
+    assert re.fullmatch(r"OK: logged in as \w+, [\d,]+ messages?, [\d,]+ octets, TLS 1\.\d, "
+                        r"certificate expires \d{4}-\d\d-\d\d \(in [\d,]+ days?\)", verdict)
