@@ -7,36 +7,87 @@ from __future__ import annotations
 
 import collections
 import threading
-from typing import Callable, Deque, Dict, List
+from typing import TYPE_CHECKING, Callable, ContextManager, Deque, Dict, List, Optional
 
 from .config import client_key
 
-__all__ = ["LoginDelayTracker", "FailureThrottle", "PasswordChecks"]
+if TYPE_CHECKING:
+    from .config import ServerConfig
+
+__all__ = ["LoginDelayTracker", "FailureThrottle", "PasswordChecks", "Records"]
+
+
+#: When a record stops deciding anything (clock seconds), from its values.
+Expiry = Callable[[List[float]], float]
+
+
+class Records:
+    """Records of floats by key (client address, mailbox), in this process.
+
+    The storage behind :class:`FailureThrottle` and
+    :class:`LoginDelayTracker`; :class:`pop3frame.hostwide.SharedRecords`
+    has the same methods over memory shared by pre-forked workers.  Callers
+    hold ``mutex`` around every call.  Past ``limit`` records the expired
+    ones go, and with ``bounded``, if that is not enough, the older half (by
+    expiry): each insertion costs O(1) on average.
+    """
+
+    def __init__(self, limit: int, bounded: bool = True) -> None:
+        self.limit = limit
+        self.bounded = bounded
+        self.mutex: ContextManager = threading.Lock()
+        self._records: Dict[str, List[float]] = {}
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def get(self, key: str, now: float, expires: Expiry) -> Optional[List[float]]:
+        """The record of ``key`` (a copy to change and :meth:`put` back), or None if none is alive."""
+        record = self._records.get(key)
+        if record is not None and expires(record) < now:
+            del self._records[key]
+            return None
+        return None if record is None else list(record)
+
+    def put(self, key: str, record: List[float], now: float, expires: Expiry) -> None:
+        self._records[key] = record
+        if len(self._records) > self.limit:
+            records = {k: r for k, r in self._records.items() if expires(r) >= now}
+            if self.bounded and len(records) > self.limit // 2:
+                records = dict(sorted(records.items(), key=lambda item: expires(item[1]))[-(self.limit // 2):])
+            self._records = records
 
 
 class LoginDelayTracker:
-    """RFC 2449 section 6.5 LOGIN-DELAY: minimum seconds between logins to a mailbox."""
+    """RFC 2449 section 6.5 LOGIN-DELAY: minimum seconds between logins to a mailbox.
 
-    def __init__(self, delay: float, clock: Callable[[], float]) -> None:
+    ``records``: where the last login times live (default: this process,
+    unbounded: only mailboxes that logged in have one).
+    """
+
+    def __init__(self, delay: float, clock: Callable[[], float], records: Optional[Records] = None) -> None:
         self.delay = delay
         self._clock = clock
-        self._mutex = threading.Lock()
-        self._last: Dict[str, float] = {}
+        self._records = records or Records(10000, bounded=False)
+
+    @classmethod
+    def for_config(cls, config: "ServerConfig", records: Optional[Records] = None) -> "LoginDelayTracker":
+        return cls(config.login_delay, config.clock, records)
 
     def check_and_record(self, mailbox: str) -> bool:
         """Record a login now; return False if the previous one was too recent."""
         if self.delay <= 0:
             return True
         now = self._clock()
-        with self._mutex:
-            last = self._last.get(mailbox)
-            if last is not None and now - last < self.delay:
+        with self._records.mutex:
+            last = self._records.get(mailbox, now, self._expires)
+            if last is not None and now - last[0] < self.delay:
                 return False
-            self._last[mailbox] = now
-            # Bound the table: entries older than the delay decide nothing.
-            if len(self._last) > 10000:
-                self._last = {k: v for k, v in self._last.items() if now - v < self.delay}
+            self._records.put(mailbox, [now], now, self._expires)
         return True
+
+    def _expires(self, record: List[float]) -> float:
+        return record[0] + self.delay
 
 
 class FailureThrottle:
@@ -80,6 +131,7 @@ class FailureThrottle:
         lockout_failures: int = 0,
         lockout_duration: float = 0.0,
         max_records: int = 100000,
+        records: Optional[Records] = None,
     ) -> None:
         #: Addresses remembered at most (about 250 bytes each).  Past it,
         #: forgotten records go, and if that is not enough, the older half
@@ -91,9 +143,14 @@ class FailureThrottle:
         self.lockout_failures = lockout_failures
         self.lockout_duration = lockout_duration
         self._clock = clock
-        self._mutex = threading.Lock()
         # address -> [failures, last failure, answer not before, locked until]
-        self._records: Dict[str, List[float]] = {}
+        self._records = records or Records(max_records)
+
+    @classmethod
+    def for_config(cls, config: "ServerConfig", records: Optional[Records] = None) -> "FailureThrottle":
+        return cls(config.free_auth_failures, config.max_auth_failure_delay, config.clock,
+                   lockout_failures=config.auth_lockout_failures, lockout_duration=config.auth_lockout_duration,
+                   records=records)
 
     def delay(self, failures: int) -> float:
         """Seconds the answer to an address's ``failures``-th failure is withheld."""
@@ -107,59 +164,38 @@ class FailureThrottle:
         """Record a failed authentication now; return when its ``-ERR`` may be sent."""
         now = self._clock()
         address = client_key(address)
-        with self._mutex:
-            record = self._record(address, now)
-            if record is None:
-                record = self._records[address] = [0, now, now, 0.0]
+        with self._records.mutex:
+            record = self._records.get(address, now, self._expires) or [0, now, now, 0.0]
             record[0] += 1
             record[1] = now
             record[2] = now + self.delay(int(record[0]))
             if self.lockout_failures and record[0] >= self.lockout_failures and record[3] <= now:
                 record[3] = now + self.lockout_duration
-            if len(self._records) > self.max_records:
-                self._shrink(now)
+            self._records.put(address, record, now, self._expires)
             return record[2]
-
-    def _shrink(self, now: float) -> None:
-        """Drop forgotten records; if still too many, the older half (by last failure).
-
-        Halving, not trimming to the limit, so the next cleanup is
-        ``max_records / 2`` failures away: each failure costs O(1) on average.
-        """
-        records = {a: r for a, r in self._records.items() if self._live(r, now)}
-        if len(records) > self.max_records // 2:
-            newest = sorted(records.items(), key=lambda item: item[1][1])[-(self.max_records // 2):]
-            records = dict(newest)
-        self._records = records
 
     def __len__(self) -> int:
         """Addresses remembered now."""
-        with self._mutex:
+        with self._records.mutex:
             return len(self._records)
 
     def not_before(self, address: str) -> float:
         """When the answer to a successful authentication from ``address`` may be sent."""
         now = self._clock()
-        with self._mutex:
-            record = self._record(client_key(address), now)
-            return max(now, record[2]) if record else now
+        with self._records.mutex:
+            record = self._records.get(client_key(address), now, self._expires)
+        return max(now, record[2]) if record else now
 
     def locked_for(self, address: str) -> float:
         """Seconds ``address`` stays locked out (0 if it is not; always 0 without lockout)."""
         now = self._clock()
-        with self._mutex:
-            record = self._record(client_key(address), now)
-            return max(0.0, record[3] - now) if record else 0.0
+        with self._records.mutex:
+            record = self._records.get(client_key(address), now, self._expires)
+        return max(0.0, record[3] - now) if record else 0.0
 
-    def _record(self, address: str, now: float):
-        record = self._records.get(address)
-        if record is not None and not self._live(record, now):
-            del self._records[address]
-            return None
-        return record
-
-    def _live(self, record: List[float], now: float) -> bool:
-        return now - record[1] <= self.FORGET_AFTER or record[2] > now or record[3] > now
+    def _expires(self, record: List[float]) -> float:
+        """When a record stops mattering: an hour after its last failure, or when its delay or lockout ends."""
+        return max(record[1] + self.FORGET_AFTER, record[2], record[3])
 
 
 class PasswordChecks:
@@ -177,9 +213,10 @@ class PasswordChecks:
     soon as ``gone()`` says its client hung up, checked every ``poll``
     seconds; either way its place in line goes to the next.
 
-    Thread-safe.  The interface is :meth:`acquire` and :meth:`release`
-    only, so a host-wide implementation (shared memory for pre-forked
-    workers) can replace this one.
+    Thread-safe.  The interface is :meth:`acquire` and :meth:`release`;
+    the pool of places behind it is :meth:`_take` and :meth:`_give`, which
+    :class:`pop3frame.hostwide.HostPasswordChecks` shares between the
+    workers of ``serve --workers``.
     """
 
     def __init__(self, limit: int, clock: Callable[[], float], poll: float = 1.0) -> None:
@@ -194,14 +231,21 @@ class PasswordChecks:
         # after handing its place over.
         self._line: Deque[threading.Event] = collections.deque()
 
+    @classmethod
+    def for_config(cls, config: "ServerConfig") -> "PasswordChecks":
+        return cls(config.max_password_checks, config.clock, poll=min(1.0, config.poll_interval))
+
+    #: Seconds between the first waiter's own tries for a place: never for
+    #: this class, whose places come back only through :meth:`release`.
+    retry = float("inf")
+
     def acquire(self, deadline: float, gone: Callable[[], bool] = lambda: False) -> bool:
         """Wait for a place; True once this thread holds one (then :meth:`release` it).
 
         False if ``deadline`` passed or ``gone()`` answered True first.
         """
         with self._mutex:
-            if self._free and not self._line:
-                self._free -= 1
+            if not self._line and self._take():
                 return True
             turn = threading.Event()
             self._line.append(turn)
@@ -210,13 +254,31 @@ class PasswordChecks:
                 remaining = deadline - self._clock()
                 if remaining <= 0 or gone():
                     break
-                if turn.wait(min(remaining, self.poll)):
+                wait = min(remaining, self.poll)
+                if self._line and self._line[0] is turn:
+                    wait = min(wait, self.retry)
+                if turn.wait(wait):
                     return True
+                with self._mutex:
+                    if self._line and self._line[0] is turn and self._take():
+                        self._line.popleft()
+                        return True
         except BaseException:
             self._leave(turn)
             raise
         self._leave(turn)
         return False
+
+    def _take(self) -> bool:
+        """Take a free place from the pool, if there is one (mutex held)."""
+        if self._free:
+            self._free -= 1
+            return True
+        return False
+
+    def _give(self) -> None:
+        """Put a place back into the pool (mutex held)."""
+        self._free += 1
 
     def _leave(self, turn: threading.Event) -> None:
         with self._mutex:
@@ -232,7 +294,7 @@ class PasswordChecks:
             if self._line:
                 self._line.popleft().set()
             else:
-                self._free += 1
+                self._give()
 
     @property
     def running(self) -> int:

@@ -17,7 +17,7 @@ import logging
 import os
 import ssl
 import sys
-from typing import Any, Dict, List, NoReturn, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, NoReturn, Optional, Sequence, Tuple
 
 from . import __version__
 from . import configfile, passwords, preflight
@@ -39,6 +39,14 @@ def parse_address(text: str) -> Tuple[str, int]:
     """``HOST:PORT`` or ``[IPV6]:PORT`` -> (host, port)."""
     try:
         return configfile.parse_address(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def parse_workers(text: str):
+    """--workers: a number >= 1 or ``auto``."""
+    try:
+        return configfile.parse_workers(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
@@ -129,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--group", help="switch to this group after binding the ports")
     serve.add_argument("--shutdown-grace", type=float, metavar="SECONDS",
                        help="on SIGTERM, how long sessions may finish (default 10)")
+    serve.add_argument("--workers", type=parse_workers, metavar="N",
+                       help="server processes under one supervisor: a number, or auto (one per CPU); default 1")
     serve.add_argument("--stats-listen", type=parse_address, metavar="HOST:PORT",
                        help="serve Prometheus metrics on http://HOST:PORT/metrics")
     serve.set_defaults(func=cmd_serve)
@@ -214,7 +224,7 @@ def apply_flags(settings: Settings, args: argparse.Namespace) -> Settings:
         s.server["read_only"] = True
     if args.lock_dir:
         s.lock_backend, s.lock_dir = "file", args.lock_dir
-    for name in ("log_level", "pid_file", "user", "group", "stats_listen"):
+    for name in ("log_level", "pid_file", "user", "group", "stats_listen", "workers"):
         if getattr(args, name) is not None:
             setattr(s, name, getattr(args, name))
     if args.log_json:
@@ -233,6 +243,10 @@ def _flag_errors(s: Settings) -> None:
         raise UsageError("--%s needs --passwd FILE (the users and their passwords)" % spec.type)
     if any(l.tls for l in s.listeners) and not (s.cert and s.key) or bool(s.cert) != bool(s.key):
         raise UsageError("TLS needs both --cert FILE and --key FILE")
+    try:
+        configfile.check_workers(s)
+    except ValueError as exc:
+        raise UsageError("--workers: %s" % exc) from None
     try:
         parse_networks(s.proxy_trusted_networks, "--proxy-trusted-network")
     except ValueError as exc:
@@ -296,10 +310,24 @@ def _reload(args: argparse.Namespace, state: Dict[str, Any]) -> None:
         logger.warning("SIGHUP: changed settings that need a restart: %s", ", ".join(changed))
 
 
+@dataclasses.dataclass
+class _Prepared:
+    """What ``serve`` sets up before it serves: as root, before any fork."""
+
+    args: argparse.Namespace
+    settings: Settings
+    config: ServerConfig
+    tls: Any
+    build_adapter: Callable[[], Any]
+    build_locks: Callable[[], Any]
+    listeners: List[Listener]
+    sockets: List[Any]
+    stats_socket: Any
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from .lifecycle import PidFile, PidFileError, SignalLoop, drop_privileges, resolve_ids, setup_logging
-    from .server import ServerGroup, bind_socket
-    from .stats import ErrorCounter, Stats, StatsServer
+    from .server import bind_socket
 
     settings = resolve_settings(args)
     log_writer = setup_logging(settings.log_level, settings.log_json)
@@ -307,6 +335,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         config = _fit_open_files(configfile.server_config(settings))
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+    uid = gid = None
     if settings.user or settings.group:
         try:
             uid, gid, _ = resolve_ids(settings.user, settings.group)
@@ -336,68 +365,165 @@ def cmd_serve(args: argparse.Namespace) -> int:
             sockets.append(bind_socket(listener.address))
         except OSError as exc:
             raise _cannot_listen(listener.address, exc) from None
-    stats = Stats()
-    stats_server = None
+    stats_socket = None
     if settings.stats_listen:
         try:
-            stats_server = StatsServer(stats, settings.stats_listen)
+            stats_socket = bind_socket(settings.stats_listen)
         except OSError as exc:
             raise _cannot_listen(settings.stats_listen, exc, " for stats") from None
+    prepared = _Prepared(args, settings, config, tls, build_adapter, build_locks, listeners, sockets, stats_socket)
     pid_file = PidFile(settings.pid_file) if settings.pid_file else None
     if pid_file is not None:
         try:
             pid_file.write()
         except PidFileError as exc:
             raise UsageError("--pid-file: %s" % exc) from None
+    host = None
     try:
-        if settings.user or settings.group:
+        if settings.worker_count() > 1:
+            # Imported and made before the privilege drop: the lock
+            # directory may have to be made where only root can.
+            from . import prefork  # noqa: F401
+            from .hostwide import HostState
+
+            host = HostState(config, settings.worker_count(), uid=uid, gid=gid)
+        if switching:
             if pid_file is not None and uid is not None:
                 pid_file.chown(uid, gid if gid is not None else -1)
             try:
                 drop_privileges(settings.user, settings.group)
             except (OSError, ValueError) as exc:
                 raise UsageError("--user/--group: cannot switch: %s" % exc) from None
-        if switching:
             _check_paths(args, settings)
             logger.info("running as uid %d gid %d", os.getuid(), os.getgid())
-        try:
-            adapter = build_adapter()
-            locks = build_locks()
-        except ValueError as exc:
-            raise UsageError(("--adapter: %s" if args.adapter else "%s") % exc) from None
-        logging.getLogger().addHandler(ErrorCounter(stats))
-        group = ServerGroup(adapter, config, locks=locks, tls=tls, stats=stats)
-        for listener, sock in zip(listeners, sockets):
-            group.add_listener(listener.address, secure=listener.tls, proxy_protocol=listener.proxy_protocol,
-                               proxy_timeout=settings.proxy_timeout,
-                               proxy_trusted_networks=settings.proxy_trusted_networks, sock=sock)
-        state = {"group": group, "settings": settings}
-        loop = SignalLoop(lambda: _reload(args, state))
+        if host is not None:
+            return _supervise(prepared, host)
+        loop = SignalLoop(lambda: None)
         loop.install()
-        group.start()
-        if stats_server is not None:
-            stats_server.start()
-            logger.info("stats on http://%s/metrics", configfile.format_address(stats_server.server_address[:2]))
-        pool = getattr(adapter, "pool_size", None)
-        logger.info("store: %s%s", _describe(settings.adapter),
-                    " (pool up to %s)" % plural(pool, "connection") if pool else "")
-        for server in group.servers:
-            logger.info("%s", server.listening())
-        signum = loop.run()
-        logger.info("signal %d: stopping; sessions get %g s to finish", signum, state["settings"].shutdown_grace)
-        # The handlers stay installed: a second SIGTERM during the grace
-        # period must not kill the process before the locks are released.
-        group.graceful_shutdown(state["settings"].shutdown_grace)
-        if stats_server is not None:
-            stats_server.stop()
-        if locks is not None:
-            locks.close()
-        adapter.close()
-        logger.info("stopped")
+        return _serve(prepared, loop)
     finally:
+        if host is not None:
+            host.close()
         if pid_file is not None:
             pid_file.remove()
         log_writer.close()  # every line written before the process ends
+
+
+def _serve(prepared: _Prepared, loop, host=None, worker=None) -> int:
+    """Serve until ``loop`` sees SIGTERM: the whole server, or one worker of ``--workers``."""
+    from .server import ServerGroup
+    from .session import SessionContext
+    from .stats import ErrorCounter, Stats, StatsServer
+
+    settings, args = prepared.settings, prepared.args
+    try:
+        adapter = prepared.build_adapter()
+        locks = prepared.build_locks()
+    except ValueError as exc:
+        raise UsageError(("--adapter: %s" if args.adapter else "%s") % exc) from None
+    context = SessionContext(adapter, prepared.config, locks or (host.locks() if host else None), tls=prepared.tls)
+    if host is None:
+        stats, tracker = Stats(), None
+    else:
+        # Everything a client could escape by landing on another worker is host-wide.
+        host.share(context)
+        stats, tracker = host.stats(worker.slot), host.tracker(worker.slot, context)
+    logging.getLogger().addHandler(ErrorCounter(stats))
+    group = ServerGroup(context, stats=stats, tracker=tracker)
+    for listener, sock in zip(prepared.listeners, prepared.sockets):
+        group.add_listener(listener.address, secure=listener.tls, proxy_protocol=listener.proxy_protocol,
+                           proxy_timeout=settings.proxy_timeout,
+                           proxy_trusted_networks=settings.proxy_trusted_networks, sock=sock)
+    stats_server = None if prepared.stats_socket is None else StatsServer(stats, sock=prepared.stats_socket)
+    state = {"group": group, "settings": settings}
+    loop.on_reload = lambda: _reload(args, state)
+    group.start()
+    if stats_server is not None:
+        stats_server.start()
+    pool = getattr(adapter, "pool_size", None)
+    if worker is None:
+        _announce(prepared, pool, [server.listening() for server in group.servers])
+    else:
+        worker.ready(str(pool or ""))
+    signum = loop.run()
+    if worker is None:
+        logger.info("signal %d: stopping; sessions get %g s to finish", signum, state["settings"].shutdown_grace)
+    # The handlers stay installed: a second SIGTERM during the grace
+    # period must not kill the process before the locks are released.
+    group.graceful_shutdown(state["settings"].shutdown_grace)
+    if stats_server is not None:
+        stats_server.stop()
+    context.locks.close()
+    adapter.close()
+    logger.info("stopped")
+    return 0
+
+
+def _announce(prepared: _Prepared, pool: Optional[int], listening: Sequence[str], workers: int = 1) -> None:
+    """The start-up lines: stats, store, listeners."""
+    if prepared.stats_socket is not None:
+        logger.info("stats on http://%s/metrics", configfile.format_address(prepared.stats_socket.getsockname()[:2]))
+    logger.info("store: %s%s", _describe(prepared.settings.adapter),
+                " (pool up to %s%s)" % (plural(pool, "connection"), " per worker" if workers > 1 else "")
+                if pool else "")
+    for line in listening:
+        logger.info("%s", line)
+
+
+def _supervise(prepared: _Prepared, host) -> int:
+    """``--workers N``: fork the workers and supervise them until SIGTERM (see :mod:`pop3frame.prefork`)."""
+    from .config import parse_networks
+    from .prefork import StartFailed, Supervisor
+    from .server import listening
+    from .stats import ErrorCounter
+
+    counter = ErrorCounter(host.stats(None))
+    logging.getLogger().addHandler(counter)
+    settings = prepared.settings
+    state = {"settings": settings}
+    for sock in prepared.sockets + ([prepared.stats_socket] if prepared.stats_socket is not None else []):
+        # Every worker waits on these; the losers of each accept race must
+        # get EAGAIN, not block in accept() (see pop3frame.prefork).
+        sock.setblocking(False)
+
+    def work(worker) -> int:
+        # The log writer is the worker's own already (lifecycle.LogWriter
+        # forks); its errors count in its own row.
+        logging.getLogger().removeHandler(counter)
+        return _serve(prepared, worker.signals, host, worker)
+
+    def ready(slot: int, note: str) -> None:
+        if slot == 0:
+            state["pool"] = int(note) if note.isdigit() else None
+
+    def started() -> None:
+        proxies = parse_networks(settings.proxy_trusted_networks, "proxy_trusted_networks")
+        _announce(prepared, state.get("pool"), [
+            listening(sock.getsockname(), l.tls, prepared.tls is not None, proxies if l.proxy_protocol else None)
+            for l, sock in zip(prepared.listeners, prepared.sockets)], count)
+
+    def reload() -> None:
+        # The workers reload (and report) for themselves; the supervisor
+        # needs only its log level and the grace period it waits for.
+        try:
+            new = resolve_settings(prepared.args) if prepared.args.config else state["settings"]
+        except (ConfigError, UsageError):
+            return
+        logging.getLogger().setLevel(new.log_level)
+        state["settings"] = new
+
+    count = settings.worker_count()
+    if settings.lock_backend == "memory":
+        logger.info("mailbox locks in %s", host.lock_dir)
+    supervisor = Supervisor(count, work, grace=lambda: state["settings"].shutdown_grace, on_ready=ready,
+                            on_started=started, on_exit=host.release, on_reload=reload,
+                            expected=(UsageError, ConfigError))
+    logger.info("starting %d workers", count)
+    try:
+        supervisor.run()
+    except StartFailed as exc:
+        raise UsageError(str(exc)) from None
+    logger.info("stopped")
     return 0
 
 

@@ -22,7 +22,7 @@ import os
 import re
 import sys
 import typing
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 from .config import LOOPBACK, ServerConfig, parse_networks
 
@@ -194,6 +194,8 @@ class Settings:
     user: Optional[str] = None
     group: Optional[str] = None
     shutdown_grace: float = 10.0
+    #: Server processes: a number, or "auto" for one per CPU (see worker_count).
+    workers: Union[int, str] = 1
     proxy_timeout: float = 5.0
     #: Peers whose PROXY headers are believed (CIDR); others are closed unread.
     proxy_trusted_networks: Tuple[str, ...] = LOOPBACK
@@ -203,6 +205,30 @@ class Settings:
 
     def effective_listeners(self) -> List[Listener]:
         return self.listeners or [Listener(DEFAULT_LISTEN)]
+
+    def worker_count(self) -> int:
+        """How many server processes ``workers`` asks for ("auto": one per CPU)."""
+        if self.workers == "auto":
+            return os.cpu_count() or 1
+        return int(self.workers)
+
+
+def check_workers(settings: Settings) -> None:
+    """ValueError if the store cannot be shared by the settings' workers."""
+    if settings.adapter.type == "demo" and settings.worker_count() > 1:
+        raise ValueError("the demo store lives in one process's memory: it cannot be shared by %d workers"
+                         % settings.worker_count())
+
+
+def parse_workers(value: Any) -> Union[int, str]:
+    """A ``workers`` setting: an integer >= 1 or "auto"; ValueError otherwise."""
+    if value == "auto":
+        return value
+    if isinstance(value, str) and value.isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError("expected a number of processes >= 1, or \"auto\", got %r" % (value,))
+    return value
 
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -408,7 +434,7 @@ def read(text: str, source: Optional[str] = None) -> Tuple[Settings, List[Config
         raise ConfigError("invalid TOML: %s" % exc, "", int(m.group(1)) if m else None, source) from None
     r = _Reader(text, source)
     top = ("listener", "tls", "adapter", "locks", "server", "logging", "stats", "proxy",
-           "shutdown_grace", "pid_file", "user", "group")
+           "shutdown_grace", "workers", "pid_file", "user", "group")
     data = r.table(data, (), top)
     s = Settings(source=source)
 
@@ -506,6 +532,13 @@ def read(text: str, source: Optional[str] = None) -> Tuple[Settings, List[Config
         if grace < 0:
             raise r.error(("shutdown_grace",), "must not be negative")
         s.shutdown_grace = grace
+    if "workers" in data:
+        with r.step():
+            try:
+                s.workers = parse_workers(data["workers"])
+                check_workers(s)
+            except ValueError as exc:
+                raise r.error(("workers",), str(exc)) from None
     for name in ("pid_file", "user", "group"):
         with r.step():
             setattr(s, name, r.typed(data, (), name, str))
@@ -844,6 +877,7 @@ def dump(settings: Settings) -> str:
             out.append("%s = %s" % (_toml_key(key), _toml_value(value)))
 
     put("shutdown_grace", settings.shutdown_grace)
+    put("workers", settings.workers)
     put("pid_file", settings.pid_file)
     put("user", settings.user)
     put("group", settings.group)

@@ -68,18 +68,6 @@ class ConnectionTracker:
         config = context.config
         return cls(config.max_connections, config.max_connections_per_ip, context.is_trusted)
 
-    def _over_per_ip(self, ip: str) -> bool:
-        return (bool(self.max_per_ip) and self._per_ip.get(client_key(ip), 0) >= self.max_per_ip
-                and not self.exempt(ip))
-
-    def _count(self, ip: str, n: int) -> None:
-        key = client_key(ip)
-        left = self._per_ip.get(key, 0) + n
-        if left:
-            self._per_ip[key] = left
-        else:
-            del self._per_ip[key]
-
     def admit(self, sock: socket.socket, ip: Optional[str], server: "POP3Server") -> Optional[str]:
         """Register a connection, or return why it must be refused.
 
@@ -87,14 +75,10 @@ class ConnectionTracker:
         adds the address later (a PROXY listener learns it from the header).
         """
         with self._mutex:
-            if len(self._live) >= self.max_total:
-                return "too many connections"
-            if ip is not None and self._over_per_ip(ip):
-                return "too many connections from your address"
-            self._live[sock] = (ip, server)
-            if ip is not None:
-                self._count(ip, 1)
-            return None
+            refusal = self._count_in(ip, new=True)
+            if refusal is None:
+                self._live[sock] = (ip, server)
+            return refusal
 
     def assign_ip(self, sock: socket.socket, ip: str) -> Optional[str]:
         """Give an admitted connection its client address, or say why it must be refused."""
@@ -102,11 +86,45 @@ class ConnectionTracker:
             entry = self._live.get(sock)
             if entry is None or entry[0] is not None:
                 raise ValueError("connection not admitted, or its address is already known")
-            if self._over_per_ip(ip):
-                return "too many connections from your address"
-            self._live[sock] = (ip, entry[1])
-            self._count(ip, 1)
-            return None
+            refusal = self._count_in(ip, new=False)
+            if refusal is None:
+                self._live[sock] = (ip, entry[1])
+            return refusal
+
+    def refusal(self, total: Optional[int], ip: Optional[str], from_ip: int) -> Optional[str]:
+        """Why one more connection must be refused, or None.
+
+        ``total``: connections counted now (None: this one is counted
+        already, only its address is new); ``from_ip``: those counted under
+        ``ip``'s key.
+        """
+        if total is not None and total >= self.max_total:
+            return "too many connections"
+        if ip is not None and self.max_per_ip and from_ip >= self.max_per_ip and not self.exempt(ip):
+            return "too many connections from your address"
+        return None
+
+    def _count_in(self, ip: Optional[str], new: bool) -> Optional[str]:
+        """Count a connection (``new``: in the total too) from ``ip``, or say why not.
+
+        Called with the mutex held; :class:`pop3frame.hostwide.HostConnectionTracker`
+        counts in memory the workers of ``serve --workers`` share instead.
+        """
+        key = None if ip is None else client_key(ip)
+        refusal = self.refusal(len(self._live) if new else None, ip, self._per_ip.get(key, 0) if key is not None else 0)
+        if refusal is None and key is not None:
+            self._per_ip[key] = self._per_ip.get(key, 0) + 1
+        return refusal
+
+    def _count_out(self, ip: Optional[str]) -> None:
+        """Undo :meth:`_count_in` for a connection that ended (mutex held)."""
+        if ip is not None:
+            key = client_key(ip)
+            left = self._per_ip[key] - 1
+            if left:
+                self._per_ip[key] = left
+            else:
+                del self._per_ip[key]
 
     def set_limits(self, max_total: int, max_per_ip: int) -> None:
         """Change the limits for new connections (SIGHUP); live ones stay."""
@@ -118,8 +136,7 @@ class ConnectionTracker:
         with self._mutex:
             entry = self._live.pop(sock, None)
             if entry is not None:
-                if entry[0] is not None:
-                    self._count(entry[0], -1)
+                self._count_out(entry[0])
                 self._mutex.notify_all()
 
     def count(self) -> int:
@@ -328,6 +345,14 @@ class Workers:
             self._jobs.put(None)
 
 
+def listening(address, secure: bool, stls: bool, proxy_networks: Optional[Sequence] = None) -> str:
+    """The log line of a listener on ``address``: where, and how (TLS, STLS, PROXY from where)."""
+    how = " (TLS)" if secure else " (STLS offered)" if stls else ""
+    if proxy_networks is not None:
+        how += " (PROXY protocol from %s)" % ", ".join(map(str, proxy_networks))
+    return "listening on %s port %d%s" % (address[0], address[1], how)
+
+
 def _context(
     adapter: Union[AdapterBase, SessionContext],
     config: Optional[ServerConfig],
@@ -471,11 +496,8 @@ class POP3Server(socketserver.ThreadingTCPServer):
 
     def listening(self) -> str:
         """``listening on HOST port PORT`` and how (TLS, STLS, PROXY): the log line."""
-        host, port = self.server_address[:2]
-        how = " (TLS)" if self.secure else " (STLS offered)" if self.context.tls is not None else ""
-        if self.proxy_protocol:
-            how += " (PROXY protocol from %s)" % ", ".join(map(str, self.proxy_networks))
-        return "listening on %s port %d%s" % (host, port, how)
+        return listening(self.server_address, self.secure, self.context.tls is not None,
+                         self.proxy_networks if self.proxy_protocol else None)
 
     def serve(self, poll_interval: float = 0.5) -> None:
         """Accept connections until :meth:`shutdown`; for a thread of its own."""
@@ -597,7 +619,11 @@ class POP3Server(socketserver.ThreadingTCPServer):
 
 
 class ServerGroup:
-    """Several listeners sharing one adapter, lock manager and connection budget."""
+    """Several listeners sharing one adapter, lock manager and connection budget.
+
+    ``tracker``: the connection budget, if not this group's own (the
+    workers of ``serve --workers`` share one for the host).
+    """
 
     def __init__(
         self,
@@ -607,9 +633,10 @@ class ServerGroup:
         locks: Optional[LockManager] = None,
         tls: Union[TLSCertificates, ssl.SSLContext, None] = None,
         stats: Optional[Stats] = None,
+        tracker: Optional[ConnectionTracker] = None,
     ) -> None:
         self.context = _context(adapter, config, locks, tls)
-        self.tracker = ConnectionTracker.for_context(self.context)
+        self.tracker = tracker or ConnectionTracker.for_context(self.context)
         self.workers = Workers.for_config(self.context.config)
         self.stats = stats
         if stats is not None and stats.active is None:

@@ -117,17 +117,10 @@ class SessionContext:
         self.adapter = adapter
         self.config = config or ServerConfig()
         self.locks = locks or InProcessLockManager()
-        self.login_delays = LoginDelayTracker(self.config.login_delay, self.config.clock)
-        self.failures = FailureThrottle(
-            self.config.free_auth_failures,
-            self.config.max_auth_failure_delay,
-            self.config.clock,
-            lockout_failures=self.config.auth_lockout_failures,
-            lockout_duration=self.config.auth_lockout_duration,
-        )
+        self.login_delays = LoginDelayTracker.for_config(self.config)
+        self.failures = FailureThrottle.for_config(self.config)
         #: Places for password checks, shared by every session of the server.
-        self.password_checks = PasswordChecks(self.config.max_password_checks, self.config.clock,
-                                              poll=min(1.0, self.config.poll_interval))
+        self.password_checks = PasswordChecks.for_config(self.config)
         self.trusted_networks = parse_networks(self.config.trusted_networks, "trusted_networks")
         apop = self.config.apop
         if apop is None:

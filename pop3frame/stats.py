@@ -55,13 +55,16 @@ class Stats:
             self._values[name] += n
 
     def get(self, name: str) -> int:
+        return self.counters()[name]
+
+    def counters(self) -> Dict[str, int]:
+        """Every counter (of every worker, for :class:`pop3frame.hostwide.SharedStats`)."""
         with self._mutex:
-            return self._values[name]
+            return dict(self._values)
 
     def snapshot(self) -> Dict[str, int]:
         """Every counter, plus ``sessions_active``."""
-        with self._mutex:
-            values = dict(self._values)
+        values = self.counters()
         values["sessions_active"] = self.active() if self.active is not None else 0
         return values
 
@@ -167,6 +170,9 @@ class StatsServer(socketserver.ThreadingTCPServer):
     (one thread each; more are answered 503 and closed by the accepting
     thread), a request head of at most MAX_REQUEST_HEAD octets, and
     ``request_timeout`` seconds (on ``clock``) in total to send it.
+
+    ``sock``: a listening socket bound earlier to serve instead of binding
+    ``address`` (the workers of ``serve --workers`` share one).
     """
 
     daemon_threads = True
@@ -174,7 +180,8 @@ class StatsServer(socketserver.ThreadingTCPServer):
 
     def __init__(self, stats: Stats, address: Tuple[str, int] = ("127.0.0.1", 9110),
                  request_timeout: float = 5.0, max_connections: int = 4,
-                 clock: Callable[[], float] = time.monotonic, poll_interval: float = 1.0) -> None:
+                 clock: Callable[[], float] = time.monotonic, poll_interval: float = 1.0,
+                 *, sock: Optional[socket.socket] = None) -> None:
         self.stats = stats
         #: Seconds a client gets to send its whole request.
         self.request_timeout = request_timeout
@@ -185,7 +192,11 @@ class StatsServer(socketserver.ThreadingTCPServer):
         self._active = 0
         self._deadlines: Dict[socket.socket, float] = {}
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
-        super().__init__(address, _Handler)
+        super().__init__(address, _Handler, bind_and_activate=sock is None)
+        if sock is not None:
+            self.socket.close()
+            self.socket = sock
+            self.server_address = sock.getsockname()
         self._thread: Optional[threading.Thread] = None
 
     @property
