@@ -101,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "other peers of a --proxy-listen port are closed unread")
     store = serve.add_mutually_exclusive_group()
     store.add_argument("--demo", action="store_true", default=None,
-                       help="serve an in-memory demo mailbox (user demo, password demo)")
+                       help="serve an in-memory demo mailbox (user demo, password demo; loopback listeners only)")
     store.add_argument("--sqlite", metavar="PATH",
                        help="SQLite store (the default: %s; when serve creates it with every listener on loopback, "
                             "it is seeded with user demo, password demo)" % DEFAULT_DB)

@@ -694,7 +694,8 @@ def adapter_factory(spec: AdapterSpec, log=None, threads: Optional[int] = None,
     ``demo_hint``: called when the store is built, it says how to reach the
     server (``telnet localhost 1100``, for the log) when the embedded
     default may be seeded with user ``demo`` (password ``demo``), or None;
-    without it nothing is ever seeded.  Even then only a store at the
+    without it nothing is ever seeded.  Where it says None, the ``demo``
+    store is refused too.  Even then only a store at the
     implicit default path (no ``path`` given) that the build creates gets
     it: never a store the operator named, nor one that existed before
     (whatever its users).  ``pop3frame serve`` gives a hint only while
@@ -707,7 +708,15 @@ def adapter_factory(spec: AdapterSpec, log=None, threads: Optional[int] = None,
     if spec.type == "demo":
         from pop3frame.adapters.memory import demo_adapter
 
-        return demo_adapter
+        def demo():
+            # Its password is published: where serve says no demo may be
+            # seeded, none may be served either.
+            if demo_hint is not None and demo_hint() is None:
+                raise ValueError("demo: user demo's password is public: serve it on loopback listeners only,"
+                                 " none taking PROXY headers")
+            return demo_adapter()
+
+        return demo
     if spec.type == "sqlite":
         from pop3frame.adapters.sqlite import SQLiteStore
 

@@ -107,6 +107,23 @@ def test_default_store_gets_no_demo_unless_every_listener_is_loopback(tmp_path, 
     assert pop3frame("user", "list", cwd=str(tmp_path)).stdout == b""
 
 
+@pytest.mark.parametrize("listeners", [
+    ("--listen", "0.0.0.0:0"),
+    ("--listen", "127.0.0.1:0", "--tls-listen", "0.0.0.0:0"),
+    ("--proxy-listen", "127.0.0.1:0"),
+], ids=["any-address", "one-of-two", "proxy"])
+def test_demo_mailbox_is_refused_unless_every_listener_is_loopback(tmp_path, listeners):
+    """--demo is an account whose password everyone knows: like the seeded default
+    store, only where nobody from another host can reach it.  Before, ``serve --demo
+    --listen 0.0.0.0:110`` let anyone on the network log in as demo/demo."""
+    cert, key, _ = tls_files(tmp_path)
+    out = pop3frame("serve", "--demo", "--cert", cert, "--key", key, *listeners)
+    assert out.returncode == 2
+    assert out.stderr.decode().splitlines()[-1] == (
+        "pop3frame: demo: user demo's password is public: serve it on loopback listeners only,"
+        " none taking PROXY headers")
+
+
 def test_log_lines_become_email(tmp_path):
     """The README example: a script adds a user and delivers; a POP3 client reads it."""
     db = str(tmp_path / "logs.db")
@@ -319,8 +336,8 @@ def test_sigterm_grace_over_cuts_a_session_without_deleting(tmp_path):
 def test_proxy_listener_end_to_end(tmp_path, header):
     build = build_v1 if header == "v1" else build_v2
     # Plaintext allowed everywhere: a trusted network would have no per-address limit.
-    with Daemon("--demo", "--proxy-listen", "127.0.0.1:0", "--max-connections-per-ip", "1",
-                "--allow-plaintext-auth") as d:
+    with Daemon("--sqlite", demo_store(str(tmp_path / "store.db")), "--proxy-listen", "127.0.0.1:0",
+                "--max-connections-per-ip", "1", "--allow-plaintext-auth") as d:
         def connect(ip):
             s = socket.create_connection(("127.0.0.1", d.port), timeout=10)
             s.sendall(build((ip, 40000), ("127.0.0.1", d.port)))
@@ -345,10 +362,11 @@ def test_proxy_listener_end_to_end(tmp_path, header):
         assert d.stop() == 0
 
 
-def test_proxy_trusted_network_replaces_the_loopback_default():
+def test_proxy_trusted_network_replaces_the_loopback_default(tmp_path):
     """--proxy-trusted-network 127.0.0.1/32: a client from 127.0.0.2 (loopback,
     trusted by default) may no longer send a header, and is closed unread."""
-    with Daemon("--demo", "--proxy-listen", "127.0.0.1:0", "--proxy-trusted-network", "127.0.0.1/32") as d:
+    with Daemon("--sqlite", demo_store(str(tmp_path / "store.db")), "--proxy-listen", "127.0.0.1:0",
+                "--proxy-trusted-network", "127.0.0.1/32") as d:
         assert d.saw(r"listening on 127\.0\.0\.1 port \d+ \(PROXY protocol from 127\.0\.0\.1/32\)")
         with socket.create_connection(("127.0.0.1", d.port), timeout=10, source_address=("127.0.0.2", 0)) as raw:
             raw.sendall(build_v1(("127.0.0.1", 40000), ("127.0.0.1", d.port)) + b"USER demo\r\n")

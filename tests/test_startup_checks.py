@@ -173,8 +173,8 @@ def test_malformed_listen_addresses(tmp_path, address, why):
 
 
 @pytest.mark.parametrize("address,bound", [("0.0.0.0:0", "0.0.0.0"), ("[::]:0", "::"), ("[::1]:0", "::1")])
-def test_all_interfaces_written_out(address, bound):
-    with Daemon("--demo", "--listen", address) as d:
+def test_all_interfaces_written_out(tmp_path, address, bound):
+    with Daemon("--sqlite", str(tmp_path / "store.db"), "--listen", address) as d:
         assert d.saw(r"listening on %s port %d" % (re.escape(bound), d.port))
         with RawClient(("::1" if ":" in bound else "127.0.0.1", d.port)) as c:
             assert c.greeting.startswith(b"+OK")
