@@ -14,11 +14,13 @@ unique-id is a SHA-1 of those, so a report rewritten or replaced under the
 same name is a new message, never mistaken for one a client already has.
 A session that listed the old version gets ``-ERR`` for it and its DELE
 leaves the new one alone; a file rewritten in place while RETR reads it is
-noticed at its end (its version changed) and the connection is closed
-rather than the mix of old and new bytes ended as a whole message.  Wire sizes are cached per directory by version
+noticed at the next read (its version changed) and the connection is closed
+before any byte read after the write is sent, rather than the mix of old and
+new bytes ended as a whole message.  Wire sizes are cached per directory by version
 (entries for files that are gone are dropped), so files are read once, not
-per STAT, and with them whether a line starts with "." (a report stored
-with CRLF line ends and none goes out with ``sendfile()``): a file
+per STAT, and with them whether a line starts with "." (RETR of one with
+none skips looking for lines to byte-stuff; never ``sendfile()``, which
+would send a rewrite's bytes before it could be noticed): a file
 rewritten in place with its size and mtime put back is served as it was
 measured, as ``make`` or ``rsync`` would not notice it either.  Pass ``read_only=True`` to serve a shared directory nobody may
 delete from.
@@ -37,7 +39,7 @@ import threading
 from typing import Dict, Iterator, Optional, Sequence, Tuple
 
 from pop3frame import AdapterBase, MessageInfo, PermanentFailure, TemporaryFailure
-from pop3frame.protocol import measure_stream
+from pop3frame.protocol import CheckedFile, MessageChanged, measure_stream
 
 from .maildir import safe_user_name
 
@@ -126,7 +128,7 @@ class DirectoryAdapter(AdapterBase):
                 try:
                     with _open(fd, version) as f:
                         measured = measure_stream(f)
-                except TemporaryFailure:
+                except (TemporaryFailure, MessageChanged):
                     continue  # changed since the scan: the next session sees it
             sizes[version] = measured
             uid = hashlib.sha1(os.fsencode(name) + b"\0%d %d %d" % version[1:]).hexdigest()
@@ -172,33 +174,6 @@ def _version(name: str, st: os.stat_result) -> Version:
     return (name, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
-class _Unchanged(io.FileIO):
-    """One version of a file, read to its end: at the end it must still be that version.
-
-    A write while it was read changed its mtime (and maybe its size), so
-    what was read may mix two versions: that raises instead of ending.
-    """
-
-    def __init__(self, fd: int, version: Version) -> None:
-        super().__init__(fd, "rb")
-        self._version = version
-
-    def _check(self) -> None:
-        if _version(self._version[0], os.fstat(self.fileno())) != self._version:
-            raise TemporaryFailure("message changed while being read")
-
-    def readinto(self, b) -> int:
-        n = super().readinto(b)
-        if n == 0:
-            self._check()
-        return n
-
-    def readall(self) -> bytes:
-        data = super().readall()
-        self._check()
-        return data
-
-
 def _open(directory: int, version: Version):
     """The file ``version`` names in the directory open as ``directory``, open for
     reading; TemporaryFailure if the name now holds another file (or none)."""
@@ -210,7 +185,10 @@ def _open(directory: int, version: Version):
         if exc.errno not in (errno.ENOENT, errno.ELOOP):
             raise
         raise TemporaryFailure("message no longer exists") from None
-    if _version(version[0], os.fstat(fd)) != version:
+    st = os.fstat(fd)
+    if _version(version[0], st) != version:
         os.close(fd)
         raise TemporaryFailure("message changed since the listing")
-    return io.BufferedReader(_Unchanged(fd, version))
+    # Reports are rewritten in place: checked on every read, never sent with
+    # sendfile(), whose bytes would leave before a rewrite could be noticed.
+    return CheckedFile(io.FileIO(fd, "rb"), st, sendfile=False)

@@ -34,7 +34,10 @@ Contract (what a POP3 client and the other programs sharing the Maildir see):
   after the first login.
 - RETR streams the open file.  A message another program moved or
   re-flagged since the listing is found again by its base name; one that
-  is gone gives ``-ERR [SYS/TEMP]``.
+  is gone gives ``-ERR [SYS/TEMP]``.  One written in place while it is
+  read (no Maildir writer does) ends without the terminator; sent with
+  ``sendfile()`` (a message of 64 KiB or more stored in wire form), the
+  write is noticed only at the end, after what it changed went out.
 - After a session, retrieved messages move from ``new/`` to ``cur/`` with
   the ``S`` (seen) flag, as Dovecot does, by ``rename``: never copied, so a
   message is always in exactly one place and an existing name is never
@@ -81,7 +84,7 @@ from typing import Any, BinaryIO, Callable, Dict, Iterator, List, NamedTuple, Op
 
 from pop3frame import AdapterBase, MessageInfo, PermanentFailure, TemporaryFailure
 from pop3frame.failures import log_failure
-from pop3frame.protocol import measure_stream, valid_uid
+from pop3frame.protocol import CheckedFile, measure_stream, valid_uid
 
 __all__ = ["MaildirAdapter", "safe_user_name", "CACHE_NAME"]
 
@@ -693,7 +696,9 @@ class MaildirAdapter(AdapterBase):
                 logger.warning("%s: message %s changed since it was measured", box.home, base)
                 entry[0] = -1
                 message.dot_lines = None
-            return f
+            # Checked on every read from this version on: one written in
+            # place while RETR reads it never ends in a terminator.
+            return CheckedFile(f, st)
         raise TemporaryFailure("message no longer exists")
 
     def message_retrieved(self, username: str, message: MessageInfo) -> None:

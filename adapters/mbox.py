@@ -25,6 +25,9 @@
   still hold that message's bytes by its SHA-1; otherwise the read raises
   and the server closes the connection without the terminator, rather
   than end a message another program changed in place while it was sent.
+  A message the index found no line starting with "." in goes out
+  unstuffed, so once the mbox changed each piece read is searched for one
+  before it goes out: one there raises at once.
 - Locking follows Debian's mutt/procmail/Dovecot convention: a dotlock
   ``<mbox>.lock`` created with O_EXCL, plus ``fcntl.lockf`` on the mbox,
   held while indexing and while rewriting.  A dotlock older than
@@ -91,14 +94,19 @@ class _Unquote(io.RawIOBase):
     hashes a message in the same pass that measures it).  ``check``, if
     given, is called once the range was read (or the file ended before it),
     before the end is reported; it raises if what was read is not what was
-    indexed.  Closing closes ``f`` unless ``closefd`` is false.
+    indexed.  ``guard``, if given, is called with each piece of output and
+    whether it starts a line, before the piece is returned; it raises if the
+    piece must not go out.  Closing closes ``f`` unless ``closefd`` is false.
     """
 
     def __init__(self, f, start: int, end: int, chunk_size: int, *, digest=None, closefd: bool = True,
-                 check: Optional[Callable[[], None]] = None) -> None:
+                 check: Optional[Callable[[], None]] = None,
+                 guard: Optional[Callable[[bytes, bool], None]] = None) -> None:
         super().__init__()
         self._f = f
         self._check = check
+        self._guard = guard
+        self._line_start = True  # the output so far ends at a line start
         self._left = end - start
         self._chunk_size = chunk_size
         self._digest = digest
@@ -125,7 +133,12 @@ class _Unquote(io.RawIOBase):
             self._done = self._left <= 0
             if self._done and self._check is not None:
                 self._check()
-            self._out = memoryview(self._unquote(chunk, self._done))
+            out = self._unquote(chunk, self._done)
+            if out:
+                if self._guard is not None:
+                    self._guard(out, self._line_start)
+                self._line_start = out.endswith(b"\n")
+            self._out = memoryview(out)
         n = min(len(b), len(self._out))
         b[:n] = self._out[:n]
         self._out = self._out[n:]
@@ -435,15 +448,25 @@ class MboxAdapter(AdapterBase):
         with self._directory(username) as (directory, name):
             f = self._open(username, directory, name, os.O_RDONLY, "rb")
 
+        def changed() -> bool:
+            st = os.fstat(f.fileno())
+            return (st.st_size, st.st_mtime_ns) != (index.size, index.mtime_ns)
+
         def unchanged() -> None:
             # RETR reads without the mailbox lock, and a program that rewrites
             # the mbox in place (or did since the listing) changes the bytes
             # under us.  An mbox as indexed is fine; one that changed (most
             # often mail was only appended) must still hold this message.
-            st = os.fstat(f.fileno())
-            if (st.st_size, st.st_mtime_ns) == (index.size, index.mtime_ns):
-                return
-            if self.measure(f, entry.start, entry.body, entry.end, entry.pin).digest != entry.digest:
+            if changed() and self.measure(f, entry.start, entry.body, entry.end, entry.pin).digest != entry.digest:
+                raise TemporaryFailure("mailbox changed by another program while the message was read")
+
+        def no_dot_lines(out: bytes, line_start: bool) -> None:
+            # RETR sends this message unstuffed (the index found no line
+            # starting with "."), so one that does now comes from a rewrite
+            # made while it is read, and would end the reply early in a
+            # terminator the client believes: refused before it goes out.
+            # The search costs only after the mbox changed.
+            if changed() and ((line_start and out[:1] == b".") or b"\n." in out):
                 raise TemporaryFailure("mailbox changed by another program while the message was read")
 
         try:
@@ -456,8 +479,9 @@ class MboxAdapter(AdapterBase):
                 # line sent unstuffed would end the reply before unchanged()
                 # could tell.
                 message.dot_lines = None
-            return io.BufferedReader(_Unquote(f, entry.body, entry.end, self.chunk_size, check=unchanged),
-                                     self.chunk_size)
+            guard = no_dot_lines if message.dot_lines is False else None
+            return io.BufferedReader(_Unquote(f, entry.body, entry.end, self.chunk_size, check=unchanged,
+                                              guard=guard), self.chunk_size)
         except BaseException:
             f.close()
             raise

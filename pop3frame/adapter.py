@@ -64,6 +64,11 @@ class MessageInfo:
     ``open_message`` returns, so a False that may have gone stale (the
     message changed since it was measured) must not be given:
     ``open_message`` may set it to None when it finds the message changed.
+    Nor may a stream return bytes written after it was opened with False
+    in force: the first line starting with "." among them would go out
+    unstuffed and end the reply early, in a terminator the client believes.
+    A regular file is checked after every read for that (see
+    :meth:`AdapterBase.open_message`); another stream must check itself.
     Not part of the message's identity (equality, hash).
     """
 
@@ -224,6 +229,15 @@ class AdapterBase:
         its length is not checked).  So a file object must raise, not
         return EOF early, when the message vanishes or changes while being
         read; and it must deliver exactly the bytes whose size was listed.
+
+        A regular file (one with ``fileno()``) is read as a
+        :class:`pop3frame.protocol.CheckedFile`: after each read that
+        returned bytes an ``fstat()`` shows whether the file was written
+        since RETR began (its size or mtime changed), and if so those bytes
+        are not sent and the connection closes.  Return a CheckedFile made
+        with the ``os.fstat()`` you checked the file against when opening it
+        (so a write in between is seen too), with ``sendfile=False`` for
+        files that are rewritten in place.
         """
         raise NotImplementedError
 

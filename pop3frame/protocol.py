@@ -277,6 +277,89 @@ class SizeMismatch(Exception):
         self.sent = sent
 
 
+class MessageChanged(Exception):
+    """A message file was written while RETR read it (see :class:`CheckedFile`).
+
+    Like :class:`SizeMismatch`, raised instead of the terminator: what went
+    out may mix two versions of the message.
+    """
+
+
+def file_version(st: os.stat_result) -> Tuple[int, int, int, int]:
+    """What a write to a file changes: (device, inode, size, mtime in ns).
+
+    A write sets the mtime before it copies its data, so a read that got any
+    of the new bytes is followed by an fstat() that shows the new mtime.
+    """
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+class CheckedFile:
+    """A message file read only while it stays the version it was opened as.
+
+    ``file``: a binary file object on a regular file; ``st``: its
+    ``os.fstat()`` as checked by whoever opened it (by default, taken now).
+    Every :meth:`read` that returns bytes is followed by an ``fstat()``
+    (one system call per chunk): if a program wrote to the file meanwhile
+    (mail readers and report generators rewrite files in place), it raises
+    :class:`MessageChanged` before those bytes go anywhere, so neither a mix
+    of two versions nor a line starting with "." that the store said was not
+    there (:attr:`pop3frame.MessageInfo.dot_lines`) reaches the client.
+
+    ``sendfile``: whether RETR may send the file with ``sendfile()`` (see
+    :func:`iter_message`).  Those bytes leave unread, so a write during the
+    send is only noticed at its end, after the bytes it changed went out
+    unstuffed: only for files nobody rewrites in place (Maildir's).
+    """
+
+    __slots__ = ("file", "sendfile", "_version")
+
+    def __init__(self, file: BinaryIO, st: Optional[os.stat_result] = None, *, sendfile: bool = True) -> None:
+        self.file = file
+        self.sendfile = sendfile
+        self._version = file_version(st if st is not None else os.fstat(file.fileno()))
+
+    def check(self) -> None:
+        """Raise :class:`MessageChanged` if the file was written since it was opened."""
+        if file_version(os.fstat(self.file.fileno())) != self._version:
+            raise MessageChanged("the message file was written to while it was sent")
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.file.read(size)
+        if data:
+            self.check()
+        return data
+
+    def fileno(self) -> int:
+        return self.file.fileno()
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self.file.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self.file.tell()
+
+    def close(self) -> None:
+        self.file.close()
+
+    def __enter__(self) -> "CheckedFile":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def checked(stream: BinaryIO) -> BinaryIO:
+    """``stream`` as a :class:`CheckedFile` if it is a regular file, else as it is."""
+    if isinstance(stream, CheckedFile):
+        return stream
+    try:
+        st = os.fstat(stream.fileno())
+    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is both
+        return stream
+    return CheckedFile(stream, st) if stat.S_ISREG(st.st_mode) else stream
+
+
 class FileSpan:
     """A part of a reply that goes out straight from a file: ``count`` octets
     of ``file`` (a file object with a descriptor) from ``offset``.
@@ -312,15 +395,20 @@ def iter_message(stream: BinaryIO, size: Optional[int] = None, chunk_size: int =
     chunk that does is yielded, or when it ends short of it, in place of
     the terminator.
 
+    A regular file is read as a :class:`CheckedFile` (unless it is one
+    already): a write to it while it is read raises :class:`MessageChanged`
+    before the bytes read after it are sent.
+
     ``dot_lines=False`` (no line starts with ".") skips the search for lines
     to stuff; and when ``stream`` is a regular file whose stored length from
     here is ``size`` (so its line ends are CRLF already, the last included:
     then :func:`wire_size` adds nothing), what it holds is what goes out: the
     message is one :class:`FileSpan`, sent without passing through Python,
-    then the terminator, if all of it went and a read at its end (where the
+    then the terminator, if all of it went, a read at its end (where the
     stream may check the message did not change meanwhile) finds nothing
-    more.
+    more, and the file was not written meanwhile.
     """
+    stream = checked(stream)
     if dot_lines is False and size is not None and size >= SENDFILE_MIN:
         span = _wire_form(stream, size)
         if span is not None:
@@ -333,6 +421,7 @@ def iter_message(stream: BinaryIO, size: Optional[int] = None, chunk_size: int =
             stream.seek(span.offset + span.count)
             if stream.read(1):
                 raise SizeMismatch(size, size + 1, ended=False)
+            stream.check()
             yield TERMINATOR
             return
     s = Stuffer(dot_lines)
@@ -353,7 +442,10 @@ def iter_message(stream: BinaryIO, size: Optional[int] = None, chunk_size: int =
 
 
 def _wire_form(stream: BinaryIO, size: int) -> Optional[FileSpan]:
-    """The rest of ``stream`` as a FileSpan, if it is a regular file of ``size`` more octets."""
+    """The rest of ``stream`` as a FileSpan, if it is a regular file of ``size`` more octets
+    that may be sent with ``sendfile()``."""
+    if not isinstance(stream, CheckedFile) or not stream.sendfile:
+        return None
     try:
         fd = stream.fileno()
         st = os.fstat(fd)

@@ -542,6 +542,9 @@ class Session:
         if not _NUMBER.match(cmd.args[1]):
             return [protocol.err("invalid number of lines")]
         stream = self._open(msg)
+        if isinstance(stream, protocol.CheckedFile):
+            # Stuffed line by line, and not vouched for by length: unchecked.
+            stream = stream.file
         if isinstance(stream, io.RawIOBase):
             # TOP reads lines: through a buffer, not a read() per octet.
             stream = io.BufferedReader(stream)
@@ -559,8 +562,9 @@ class Session:
 
         ``retrieved``: the RETR's message, reported to the adapter once the
         whole of it went out (not for TOP, not after a broken connection).
-        An error while streaming (the adapter's, or a RETR body that is not
-        the size LIST gave: :class:`~pop3frame.protocol.SizeMismatch`) is
+        An error while streaming (the adapter's, a RETR body that is not
+        the size LIST gave: :class:`~pop3frame.protocol.SizeMismatch`, or a
+        file written while read: :class:`~pop3frame.protocol.MessageChanged`) is
         logged here and raised on, before the terminator: the handler then
         closes the connection, so the client knows the reply is incomplete.
         """
@@ -570,7 +574,7 @@ class Session:
             # what it gathered when a reply is done or 64 KiB are waiting.
             yield first
             yield from chunks
-        except protocol.SizeMismatch as exc:
+        except (protocol.SizeMismatch, protocol.MessageChanged) as exc:
             self.log.error("message %s: %s; closing without the terminator", retrieved.uid if retrieved else "?", exc)
             raise
         except Exception:

@@ -121,6 +121,10 @@ def retr_interrupted(address: Tuple[str, int], user: str, password: str, number:
     send buffer) ahead, so ``interrupt()`` runs while the server is still
     reading a message of tens of MB.  Returns (status line, the wire bytes
     after it, whether they ended in the terminator rather than a close).
+
+    As a real client does, the reply ends at the first line that is "."
+    alone, wherever it comes: a "." line the server failed to byte-stuff
+    ends the message there, and what follows it is not part of it.
     """
     with RawClient(address, timeout=60, rcvbuf=64 * 1024) as raw:
         assert raw.login(user, password).startswith(b"+OK")
@@ -129,15 +133,19 @@ def retr_interrupted(address: Tuple[str, int], user: str, password: str, number:
         while len(raw.buf) < read_first and raw._fill():
             pass
         interrupt()
-        parts, tail = [raw.buf], raw.buf[-5:]
-        # Only the tail is searched: a terminator cannot occur earlier (byte-stuffing).
-        while tail[-5:] != b"\r\n.\r\n":
+        # The body so far, and the position from which it is still to be
+        # searched for CRLF.CRLF (a terminator can span two reads).
+        body = bytearray(b"\r\n" + raw.buf)
+        searched = 0
+        while True:
+            end = body.find(b"\r\n.\r\n", searched)
+            if end >= 0:
+                return status, bytes(body[2:end + 5]), True
+            searched = max(len(body) - 4, 0)
             data = raw.sock.recv(1 << 16)
             if not data:
-                return status, b"".join(parts), False
-            parts.append(data)
-            tail = tail[-5:] + data[-5:]
-        return status, b"".join(parts), True
+                return status, bytes(body[2:]), False
+            body += data
 
 
 #: Headers every message a client gets should carry (RFC 5322 section 3.6,

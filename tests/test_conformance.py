@@ -452,6 +452,10 @@ def test_concurrent_sessions_many_users(harness, server):
 HUGE = b"Subject: huge\r\n\r\n" + (b"x" * 998 + b"\r\n") * 16_000
 #: The same length and shape, other bytes.
 CHANGED = HUGE.replace(b"x", b"y")
+#: The same length, every other line "." alone: sent unstuffed (a store that said
+#: HUGE has no line starting with "." and did not notice the change), the first
+#: one would end the reply early, in a terminator the client believes.
+DOTTED = b"Subject: huge\r\n\r\n" + (b".\r\n" + b"y" * 995 + b"\r\n") * 16_000
 
 
 def _retr_while(harness, server, change):
@@ -486,3 +490,12 @@ def test_a_message_replaced_mid_retr_never_ends_cleanly(harness, server):
     length, other bytes): never a mix of old and new bytes ending in '.'.  Not generated
     for stores whose messages cannot change (SQLite, PostgreSQL, IMAP, memory)."""
     _retr_while(harness, server, lambda handle: harness.replace("alice", handle, CHANGED))
+
+
+@needs("replace")
+def test_a_message_replaced_by_dot_lines_mid_retr_never_ends_cleanly(harness, server):
+    """As above, the new bytes holding lines that are "." alone (RFC 1939 section 3:
+    each must go out as ".."): a store that measured the message as having no line
+    starting with "." (MessageInfo.dot_lines) must not let the change out unstuffed,
+    where the first such line would end the reply early in a terminator."""
+    _retr_while(harness, server, lambda handle: harness.replace("alice", handle, DOTTED))

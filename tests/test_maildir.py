@@ -18,7 +18,8 @@ from pop3frame.adapters.maildir import CACHE_NAME, MaildirAdapter, safe_user_nam
 from pop3frame.adapters.passwdfile import PasswdFile, set_password
 from pop3frame.testing import Controller
 from tests.harness_maildir import deliver_like_an_mda
-from tests.helpers import RawClient, drop, expected_failure_logged_once, reachable_dir, unstuff
+from tests.helpers import (RawClient, drop, expected_failure_logged_once, reachable_dir, retr_interrupted,
+                           retr_lines_to_bytes, unstuff)
 
 
 @pytest.fixture
@@ -868,3 +869,42 @@ def test_unreadable_new_directory_is_an_error_not_an_empty_mailbox(shared_root, 
         os.chmod(new, 0o700)
     line = expected_failure_logged_once(caplog.records, "Permission denied")
     assert line.getMessage() == "%s: cannot open the Maildir: Permission denied" % os.path.join(shared_root, "alice")
+
+
+#: 16 MB: far more than the server can have sent a slow reader (see retr_interrupted).
+HUGE = b"Subject: huge\r\n\r\n" + (b"x" * 998 + b"\r\n") * 16_000
+
+
+@pytest.mark.parametrize("stored, new, only_old", [
+    # LF line ends: read and converted, without looking for "." lines (none were):
+    # each read is checked, so no byte read after the rewrite is sent.
+    (HUGE.replace(b"\r\n", b"\n"), HUGE.replace(b"\r\n", b"\n").replace(b"xx\nx", b"xx\n."), True),
+    # Stored as sent: the file goes out with sendfile(), unread, so the rewrite is
+    # seen only at its end, after new bytes went out (never a terminator, though).
+    (HUGE, HUGE.replace(b"x", b"y"), False),
+], ids=["read", "sendfile"])
+def test_message_written_in_place_mid_retr_never_ends_cleanly(maildir, stored, new, only_old):
+    """RFC 1939 section 3: a message file rewritten in place (same size; no Maildir
+    writer does it, an operator's cp or a broken tool may) while a slow client reads it
+    never ends in a terminator, before its end (a "." line of the new bytes sent
+    unstuffed: the size cache said there was none) or at it (old and new bytes mixed):
+    the connection closes, and the next session serves the file as it is now."""
+    root, adapter = maildir
+    assert len(new) == len(stored)
+    name = deliver_like_an_mda(root, "alice", stored)
+    path = os.path.join(root, "alice", "new", name)
+
+    def rewrite():
+        old = os.stat(path).st_mtime_ns
+        with open(path, "r+b") as f:
+            f.write(new)
+        os.utime(path, ns=(old + 10**9, old + 10**9))  # a later clock tick, as any real write
+
+    with Controller(adapter) as server:
+        status, body, complete = retr_interrupted(server.address, "alice", "pw", 1, rewrite)
+        assert status == b"+OK %d octets\r\n" % len(HUGE)
+        assert not complete and (HUGE.startswith(body) or not only_old)
+        assert server.wait_for_connections(0)
+        client = login(server)
+        assert retr_lines_to_bytes(client.retr(1)[1]) == new.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+        client.quit()

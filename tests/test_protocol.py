@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import os
 
 import pytest
 from hypothesis import given, strategies as st
@@ -214,7 +215,7 @@ def test_a_message_stored_as_sent_goes_out_as_one_file_span(tmp_path):
     with _stored(tmp_path, PROSE_CRLF) as f:
         chunks = iter_message(f, size, dot_lines=False)
         span = next(chunks)
-        assert isinstance(span, protocol.FileSpan) and (span.file, span.offset, span.count) == (f, 0, size)
+        assert isinstance(span, protocol.FileSpan) and (span.file.file, span.offset, span.count) == (f, 0, size)
         span.sent = size
         assert list(chunks) == [b".\r\n"]
         assert stuff(PROSE_CRLF) == PROSE_CRLF + b".\r\n"  # what the stuffer would have sent
@@ -228,7 +229,40 @@ def test_a_message_stored_as_sent_goes_out_as_one_file_span(tmp_path):
         next(chunks).sent = size
         with open(tmp_path / "message", "ab") as grow:  # written to while it was sent
             grow.write(b"more\r\n")
-        with pytest.raises(SizeMismatch):
+        with pytest.raises((SizeMismatch, protocol.MessageChanged)):
+            next(chunks)
+    with _stored(tmp_path, PROSE_CRLF) as f:
+        chunks = iter_message(f, size, dot_lines=False)
+        next(chunks).sent = size
+        _rewrite_in_place(tmp_path / "message", PROSE_CRLF.replace(b"A line", b"B line"))
+        with pytest.raises(protocol.MessageChanged):
+            next(chunks)
+
+
+def _rewrite_in_place(path, data):
+    """Write ``data`` over the file at ``path`` (same inode), with a later mtime
+    than it had: a program writes in the same clock tick only by chance."""
+    old = os.stat(path).st_mtime_ns
+    with open(path, "r+b") as f:
+        f.write(data)
+    os.utime(path, ns=(old + 10**9, old + 10**9))
+
+
+@pytest.mark.parametrize("dot_lines", [None, False])
+def test_a_file_written_while_it_is_read_never_ends(tmp_path, dot_lines):
+    """RFC 1939 section 3: the terminator vouches for the whole message.  A message
+    file rewritten in place (same size) after RETR read its first chunk: the next
+    chunk is not sent, stuffed or not (LF storage, so no FileSpan), whatever the
+    file holds now; a "." line in it never goes out unstuffed."""
+    data = PROSE_CRLF.replace(b"\r\n", b"\n") * 8
+    new = data.replace(b"A line.", b"\n.\nine.")
+    assert len(new) == len(data) and len(data) > 2 * protocol.CHUNK_SIZE
+    with _stored(tmp_path, data) as f:
+        chunks = iter_message(f, wire_size(data), dot_lines=dot_lines)
+        first = next(chunks)
+        assert isinstance(first, bytes) and b"\r\n.\r\n" not in first
+        _rewrite_in_place(tmp_path / "message", new)
+        with pytest.raises(protocol.MessageChanged):
             next(chunks)
 
 

@@ -339,17 +339,19 @@ def test_slow_reader_does_not_make_the_server_buffer(big_store, frozen):
 
 @pytest.fixture
 def stored_as_sent(tmp_path):
-    """A 32 MB message in wire form in a directory store: RETR sends it from the
-    file (sendfile()); far more than the socket buffers hold."""
-    path = tmp_path / "big"
+    """A 32 MB message in wire form in a Maildir: RETR sends it from the file
+    (sendfile()); far more than the socket buffers hold."""
+    from pop3frame.adapters.maildir import MaildirAdapter
+
+    for sub in ("new", "cur", "tmp"):
+        (tmp_path / "alice" / sub).mkdir(parents=True)
+    path = tmp_path / "alice" / "new" / "1700000000.M1P1.host"
     line = b"Some prose. With dots, at the end too.\r\n"
     with open(path, "wb") as f:
         f.write(b"Subject: big\r\n\r\n")
         for _ in range(32):
             f.write(line * (1024 * 1024 // len(line)))
-    from pop3frame.adapters.directory import DirectoryAdapter
-
-    return path, DirectoryAdapter(str(tmp_path), user="alice", password="pw")
+    return path, MaildirAdapter(str(tmp_path), lambda user, password: password == "pw")
 
 
 def test_client_that_stops_reading_during_sendfile_is_cut_off_at_send_timeout(stored_as_sent, frozen):

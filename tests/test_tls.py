@@ -83,13 +83,14 @@ def test_implicit_tls_listener(store, certs, client_context, caplog):
 def test_message_stored_as_sent_goes_out_from_its_file_through_tls(certs, client_context, tmp_path):
     """A message in wire form (CRLF, no line starting with ".") is read from its
     file and written through TLS, which sendfile() cannot cross: exact bytes."""
-    from pop3frame.adapters.directory import DirectoryAdapter
+    from pop3frame.adapters.maildir import MaildirAdapter
 
     data = b"Subject: over TLS\r\n\r\n" + b"Line. Another, with dots.\r\n" * 8000
-    (tmp_path / "reports").mkdir()
-    (tmp_path / "reports" / "report").write_bytes(data)
+    for sub in ("new", "cur", "tmp"):
+        (tmp_path / "u" / sub).mkdir(parents=True)
+    (tmp_path / "u" / "new" / "1700000000.M1P1.host").write_bytes(data)
     tls, _ = certs
-    with Controller(DirectoryAdapter(str(tmp_path / "reports"), user="u", password="pw"), tls=tls, secure=True,
+    with Controller(MaildirAdapter(str(tmp_path), lambda user, password: password == "pw"), tls=tls, secure=True,
                     server_class=FileSpanServer) as server:
         client = poplib.POP3_SSL("127.0.0.1", server.port, context=client_context, timeout=10)
         client.user("u")
