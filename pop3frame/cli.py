@@ -268,7 +268,15 @@ def load_tls(settings: Settings):
     try:
         return TLSCertificates(settings.cert, settings.key)
     except (OSError, ssl.SSLError) as exc:
-        raise UsageError("cannot load --cert/--key (%s, %s): %s" % (settings.cert, settings.key, reason(exc))) from None
+        raise UsageError("cannot load --cert/--key (%s, %s): %s"
+                         % (settings.cert, settings.key, _tls_reason(exc))) from None
+
+
+def _tls_reason(exc: Exception) -> str:
+    """Why a certificate and key did not load, in words (OpenSSL's own are cryptic)."""
+    if isinstance(exc, ssl.SSLError):
+        return "not a PEM certificate chain and its private key (OpenSSL: %s)" % (exc.reason or exc)
+    return reason(exc)
 
 
 # -- serve ------------------------------------------------------------------------
@@ -624,7 +632,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         return ConfigError(message, key, configfile.locate(text, path), args.file)
 
     spec = settings.adapter
-    if not any(e.key.startswith("adapter.") for e in errors):
+    if not configfile.adapter_problems(spec):  # else already reported, and nothing to import
         try:
             # Imports the adapter and checks its options; builds nothing (a
             # check must not create a database).
@@ -644,13 +652,13 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         else:
             if os.geteuid() == 0:
                 switch = lambda: drop_privileges(settings.user, settings.group)  # noqa: E731
-    if settings.cert:
+    if settings.cert and settings.key:  # one without the other is already a problem
         from .tls import TLSCertificates
 
         try:
             TLSCertificates(settings.cert, settings.key)
         except (OSError, ssl.SSLError) as exc:
-            errors.append(error("tls.cert", "cannot load certificate/key: %s" % reason(exc)))
+            errors.append(error("tls.cert", "cannot load certificate/key: %s" % _tls_reason(exc)))
     found = preflight.pid_file_problems(settings) + preflight.problems_as(settings, switch)
     errors += [error(key, message) for key, message in found]
     if errors:

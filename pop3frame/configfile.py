@@ -39,6 +39,7 @@ __all__ = [
     "server_config",
     "dump",
     "BUNDLED_ADAPTERS",
+    "adapter_problems",
     "resolve_factory",
     "adapter_factory",
     "locks_factory",
@@ -254,12 +255,16 @@ def locate(text: str, path: Sequence[Any]) -> Optional[int]:
     counts: Dict[Tuple[str, ...], int] = {}
     pattern = _key_pattern(key) if key else None
     header_line = None
+    #: The path itself as a table header ([extra] for an unknown table "extra").
+    own_header = None
     for number, line in enumerate(text.splitlines(), 1):
         m = _HEADER.match(line)
         if m:
             current = tuple(part.strip().strip('"') for part in m.group(2).split("."))
             if m.group(1) == "[[":
                 counts[current] = counts.get(current, -1) + 1
+            if own_header is None and index is None and current == tuple(path):
+                own_header = number
             if current == table and (index is None or counts.get(current) == index):
                 header_line = number
                 if key is None:
@@ -276,7 +281,7 @@ def locate(text: str, path: Sequence[Any]) -> Optional[int]:
         for number, line in enumerate(text.splitlines(), 1):
             if dotted.match(line):
                 return number
-    return header_line
+    return header_line if header_line is not None else own_header
 
 
 # -- reading -------------------------------------------------------------------
@@ -549,8 +554,8 @@ def read(text: str, source: Optional[str] = None) -> Tuple[Settings, List[Config
                 server_config(s)
             except ValueError as exc:
                 raise _server_error(r, str(exc)) from None
-    if listeners_read and tls_read:
-        if any(l.tls for l in s.listeners) and not (s.cert and s.key):
+    if tls_read:
+        if listeners_read and any(l.tls for l in s.listeners) and not (s.cert and s.key):
             i = next(i for i, l in enumerate(s.listeners) if l.tls)
             r.problems.append(r.error(("listener", i, "tls"), "a TLS listener needs [tls] cert and key"))
         if bool(s.cert) != bool(s.key):

@@ -413,6 +413,9 @@ def resolve_ids(user: Optional[str], group: Optional[str]):
             if not group.isdigit():
                 raise ValueError("group: no such group %r" % group) from None
             gid = int(group)
+    if uid is not None and gid is None:
+        # Else the switch would keep root's group and supplementary groups.
+        raise ValueError("user: uid %d has no passwd entry to take a group from; name the group too" % uid)
     return uid, gid, name
 
 

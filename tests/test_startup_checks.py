@@ -266,3 +266,32 @@ def test_a_port_in_use_or_an_address_not_here_says_what_to_do(tmp_path):
     out = pop3frame("serve", "--demo", "--listen", "192.0.2.1:1100")  # TEST-NET-1: on no interface here
     assert one_error(out) == ("pop3frame: cannot listen on 192.0.2.1:1100: Cannot assign requested address "
                               "(no network interface of this machine has that address)")
+
+
+@needs_root
+def test_a_uid_without_passwd_entry_needs_a_group(tmp_path):
+    """--user 99999 (no passwd entry) used to switch the uid alone and serve
+    with root's group and supplementary groups; now it must name a group."""
+    assert 99999 not in [entry.pw_uid for entry in pwd.getpwall()]
+    out = pop3frame("serve", "--demo", "--user", "99999", "--listen", "127.0.0.1:0")
+    assert one_error(out) == ("pop3frame: --user: uid 99999 has no passwd entry to take a group from; "
+                              "name the group too")
+    config = write_config(tmp_path, 'user = "99999"\n')
+    assert one_error(pop3frame("check-config", config)).startswith("pop3frame: %s:1: user: uid 99999 " % config)
+    with Daemon("--demo", "--user", "99999", "--group", "65534", "--listen", "127.0.0.1:0") as d:
+        with open("/proc/%d/status" % d.proc.pid) as f:
+            status = dict(line.split(":", 1) for line in f)
+        assert status["Uid"].split() == ["99999"] * 4 and status["Gid"].split() == ["65534"] * 4
+        assert status["Groups"].split() == ["65534"]
+        assert d.stop() == 0
+
+
+def test_check_config_with_a_certificate_but_no_key_and_an_unknown_table(tmp_path):
+    """Found together with other mistakes: no traceback from loading half a
+    TLS pair, and an unknown table is named by its header's line."""
+    config = write_config(tmp_path, '[[listener]]\naddress = "[::1"\n[tls]\ncert = "c.pem"\n[extra]\nx = 1\n')
+    assert errors(pop3frame("check-config", config)) == ["pop3frame: %s:%s" % (config, line) for line in (
+        "2: listener[0].address: expected HOST:PORT, got '[::1' (no ']' closes the IPv6 address)",
+        "3: tls.key: missing: TLS needs both cert and key",
+        "5: extra: unknown key",
+    )]
