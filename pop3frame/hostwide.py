@@ -60,20 +60,27 @@ def table_key(text: str) -> bytes:
     return bytes((_HASHED,)) + hashlib.sha256(raw).digest().ljust(KEY_SIZE - 1, b"\0")
 
 
+#: The first octet of the memory's file that stands for a password-check
+#: place; those before it lock the tables.
+PLACES = 8
+
+
 def _align(n: int) -> int:
     return (n + 7) & ~7
 
 
 _regions: "weakref.WeakSet[SharedMemory]" = weakref.WeakSet()
+_locks: "weakref.WeakSet[SharedLock]" = weakref.WeakSet()
 
 
 def _after_fork_in_child() -> None:
-    # A thread of the parent may have held a region's thread lock at the
-    # fork; that thread does not exist here to release it.
+    # A thread of the parent may have held a thread lock at the fork; that
+    # thread does not exist here to release it.
     for region in _regions:
-        region._threads = threading.Lock()
         region._octets = threading.Lock()
         region._mine = set()  # record locks are not inherited
+    for lock in _locks:
+        lock._threads = threading.Lock()
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
@@ -82,12 +89,10 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 class SharedMemory:
     """``size`` zeroed octets shared by this process and every process it forks afterwards.
 
-    Used as a context manager, it is the lock of everything in it: a
-    threading lock excludes this process's threads, an ``fcntl`` record lock
-    on the first octet of the region's file the other processes.  The
-    kernel drops a record lock whose process dies, so a worker killed while
-    holding it blocks nobody; at worst it leaves one record half-updated.
-    The file's other octets serve as further locks (:meth:`try_lock`).
+    The octets of the region's file also serve as locks between the
+    processes (``fcntl`` record locks, which the kernel drops when their
+    process dies, so a worker killed holding one blocks nobody): a
+    :class:`SharedLock` waits for one, :meth:`try_lock` takes one if free.
     """
 
     def __init__(self, size: int) -> None:
@@ -103,28 +108,12 @@ class SharedMemory:
             os.close(fd)
             raise
         self._fd = fd
-        self._threads = threading.Lock()
         self._octets = threading.Lock()
         self._mine: Set[int] = set()  # octets this process has locked (try_lock)
         _regions.add(self)
 
-    def __enter__(self) -> "SharedMemory":
-        self._threads.acquire()
-        try:
-            fcntl.lockf(self._fd, fcntl.LOCK_EX, 1, 0)
-        except BaseException:
-            self._threads.release()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        try:
-            fcntl.lockf(self._fd, fcntl.LOCK_UN, 1, 0)
-        finally:
-            self._threads.release()
-
     def try_lock(self, octet: int) -> bool:
-        """Lock octet ``octet`` (>= 1) of the file, without waiting; False if it is locked.
+        """Lock octet ``octet`` of the file, without waiting; False if it is locked.
 
         Locked here or in any other process: the kernel's record locks
         belong to a process, and would let it lock an octet twice, so this
@@ -147,6 +136,38 @@ class SharedMemory:
             fcntl.lockf(self._fd, fcntl.LOCK_UN, 1, octet)
 
 
+class SharedLock:
+    """A lock between the threads of every process sharing ``memory``, as a context manager.
+
+    A threading lock excludes this process's threads, the record lock on
+    octet ``octet`` of the memory's file the other processes (at worst a
+    worker killed holding it leaves one record half-updated).  One lock per
+    table, so looking up failed logins never waits for a connection's
+    admission in another worker.
+    """
+
+    def __init__(self, memory: SharedMemory, octet: int) -> None:
+        self._fd = memory._fd
+        self._octet = octet
+        self._threads = threading.Lock()
+        _locks.add(self)
+
+    def __enter__(self) -> "SharedLock":
+        self._threads.acquire()
+        try:
+            fcntl.lockf(self._fd, fcntl.LOCK_EX, 1, self._octet)
+        except BaseException:
+            self._threads.release()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            fcntl.lockf(self._fd, fcntl.LOCK_UN, 1, self._octet)
+        finally:
+            self._threads.release()
+
+
 class SharedTable:
     """A fixed-size hash table of keys and struct-packed values in shared memory.
 
@@ -154,16 +175,17 @@ class SharedTable:
     tombstones), keys from :func:`table_key` stored whole, slots chosen by
     the interpreter's keyed hash (the same in every forked worker, and
     unknown to clients).  At most three quarters of the slots are used.
-    Not locked itself: callers hold the :class:`SharedMemory` lock.
+    Not locked itself: callers hold :attr:`lock` around every call.
     """
 
     #: How many slots from a key's own slot are searched for a victim when the table is full.
     EVICTION_WINDOW = 16
 
-    def __init__(self, memory: SharedMemory, offset: int, capacity: int, values: str) -> None:
+    def __init__(self, memory: SharedMemory, offset: int, capacity: int, values: str, lock_octet: int = 0) -> None:
         if capacity < 4 or capacity & (capacity - 1):
             raise ValueError("capacity must be a power of two, at least 4")
         self.memory = memory
+        self.lock = SharedLock(memory, lock_octet)
         self.capacity = capacity
         self.limit = capacity * 3 // 4
         self._values = struct.Struct(values)
@@ -279,8 +301,8 @@ class SharedRecords:
 
     def __init__(self, table: SharedTable) -> None:
         self._table = table
-        #: The lock callers hold around every call (the shared memory's).
-        self.mutex = table.memory
+        #: The lock callers hold around every call (the table's).
+        self.mutex = table.lock
 
     def get(self, key: str, now: float, expires: Expiry) -> Optional[List[float]]:
         k = table_key(key)
@@ -331,7 +353,7 @@ class HostConnectionTracker(ConnectionTracker):
     and close them); their counts, in total and per address key, are kept
     per worker in shared memory, so a dead worker's counts can be cleared
     (:meth:`HostState.release`).  Lock order: this tracker's mutex, then
-    the shared memory's.
+    the table's.
     """
 
     def __init__(self, table: SharedTable, totals: memoryview, slot: int, max_total: int, max_per_ip: int,
@@ -343,7 +365,7 @@ class HostConnectionTracker(ConnectionTracker):
 
     def _count_in(self, ip: Optional[str], new: bool) -> Optional[str]:
         key = None if ip is None else table_key(client_key(ip))
-        with self._table.memory:
+        with self._table.lock:
             counts = list(self._table.get(key) or (0,) * len(self._totals)) if key is not None else []
             refusal = self.refusal(sum(self._totals) if new else None, ip, sum(counts))
             if refusal is not None:
@@ -358,7 +380,7 @@ class HostConnectionTracker(ConnectionTracker):
 
     def _count_out(self, ip: Optional[str]) -> None:
         key = None if ip is None else table_key(client_key(ip))
-        with self._table.memory:
+        with self._table.lock:
             self._totals[self._slot] -= 1
             counts = list(self._table.get(key) or ()) if key is not None else []
             if not counts:
@@ -371,7 +393,7 @@ class HostConnectionTracker(ConnectionTracker):
 
     def count_ip(self, ip: str) -> int:
         """Live connections counted under ``ip``'s key, on every worker."""
-        with self._table.memory:
+        with self._table.lock:
             return sum(self._table.get(table_key(client_key(ip))) or ())
 
     def count_host(self) -> int:
@@ -391,7 +413,7 @@ class HostPasswordChecks(PasswordChecks):
     :attr:`retry` seconds (places are not handed between processes).
     """
 
-    retry = 0.05
+    retry = 0.01
 
     def __init__(self, memory: SharedMemory, first_octet: int, limit: int, clock: Callable[[], float],
                  poll: float = 1.0) -> None:
@@ -483,13 +505,13 @@ class HostState:
         self._stats = view[offsets["stats"]:offsets["totals"]].cast("q")
         self._totals = view[offsets["totals"]:offsets["connections"]].cast("q")
         self.connections = SharedTable(self.memory, offsets["connections"], _capacity(2 * config.max_connections),
-                                       connection_values)
+                                       connection_values, lock_octet=0)
         self.failure_records = SharedRecords(SharedTable(self.memory, offsets["failures"],
-                                                         _capacity(self.FAILURE_RECORDS), "4d"))
+                                                         _capacity(self.FAILURE_RECORDS), "4d", lock_octet=1))
         self.login_records = None
         if config.login_delay > 0:
             self.login_records = SharedRecords(SharedTable(self.memory, offsets["logins"],
-                                                           _capacity(self.LOGIN_RECORDS), "d"))
+                                                           _capacity(self.LOGIN_RECORDS), "d", lock_octet=2))
         self.lock_dir = private_directory(uid, gid)
 
     def locks(self) -> FileLockManager:
@@ -513,13 +535,13 @@ class HostState:
         context.failures = FailureThrottle.for_config(config, self.failure_records)
         if self.login_records is not None:
             context.login_delays = LoginDelayTracker.for_config(config, self.login_records)
-        context.password_checks = HostPasswordChecks(self.memory, 1, self.password_checks, config.clock,
+        context.password_checks = HostPasswordChecks(self.memory, PLACES, self.password_checks, config.clock,
                                                      poll=min(1.0, config.poll_interval))
         return context
 
     def release(self, slot: int) -> None:
         """Forget the connections of worker ``slot``, which is gone (its sockets closed with it)."""
-        with self.memory:
+        with self.connections.lock:
             self._totals[slot] = 0
             for key, counts in self.connections.items():
                 if counts[slot]:

@@ -97,7 +97,7 @@ def test_shared_table_behaves_like_a_dict_through_collisions_and_deletions():
     model = {}
     rng = random.Random(1939)
     keys = [table_key("10.0.0.%d" % i) for i in range(80)]
-    with memory:
+    with table.lock:
         for step in range(5000):
             key = rng.choice(keys)
             if rng.random() < 0.55 and (key in model or len(model) < table.limit):
@@ -115,7 +115,7 @@ def test_shared_table_behaves_like_a_dict_through_collisions_and_deletions():
 def test_a_full_table_refuses_or_drops_the_record_that_expires_first():
     memory = SharedMemory(SharedTable.size(8, "d"))
     table = SharedTable(memory, 0, 8, "d")
-    with memory:
+    with table.lock:
         for i in range(table.limit):
             assert table.put(table_key(str(i)), (100.0 + i,))
         assert not table.put(table_key("new"), (1.0,))  # no expiry given: refused
@@ -318,7 +318,7 @@ def test_mailbox_locks_exclude_across_processes_and_die_with_their_holder():
 
 def test_a_process_killed_holding_the_shared_lock_blocks_nobody():
     state = host()
-    holder = Held(lambda: state.memory.__enter__() is state.memory)
+    holder = Held(lambda: state.connections.lock.__enter__() is state.connections.lock)
     assert holder.result is True
     holder.kill()
     assert in_child(lambda: state.tracker(1, context()).count_ip("192.0.2.1")) == 0
