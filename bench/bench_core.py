@@ -32,7 +32,7 @@ RESULTS = os.path.join(launch.HERE, "results")
 class Plan:
     """Counts of one run; ``quick`` divides them for a smoke run."""
 
-    def __init__(self, quick: bool = False, idle: Tuple[int, ...] = (1000, 5000)) -> None:
+    def __init__(self, quick: bool = False, idle: Tuple[int, ...] = (1000, 3000)) -> None:
         q = 10 if quick else 1
         self.users = 5000
         self.sessions = {1: 3000 // q, 16: 6000 // q, 32: 6000 // q}
