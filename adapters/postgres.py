@@ -493,7 +493,9 @@ class PostgresStore(AdapterBase):
         ``message`` is bytes or a binary file object, which is read in
         CHUNK-sized pieces (never whole).  ``uid`` keeps a unique-id from
         another server when importing mail (ValueError if invalid or already
-        used in this mailbox); by default it is ``<store id>.<row id>``.
+        used in this mailbox); by default it is ``<store id>.<row id>.<random>``:
+        the random part (32 bits) keeps it new after the database was restored
+        from a dump, whose id sequence goes back to where the dump left it.
         UnknownUser if there is no such user.  The message becomes visible
         to the next session only when completely stored (one transaction);
         sessions already open never see it.  Safe from any thread or process.
@@ -506,11 +508,11 @@ class PostgresStore(AdapterBase):
             try:
                 row = conn.execute(
                     "INSERT INTO pop3frame_messages (id, user_id, uid, size, chunks)"
-                    " SELECT n.id, u.id, coalesce(%s, %s || '.' || n.id), 0, 0"
+                    " SELECT n.id, u.id, coalesce(%s, %s || '.' || n.id || '.' || %s), 0, 0"
                     " FROM pop3frame_users u,"
                     "  (SELECT nextval(pg_get_serial_sequence('pop3frame_messages', 'id')) AS id) n"
                     " WHERE u.name = %s RETURNING id, uid",
-                    (uid, self._store_id, name),
+                    (uid, self._store_id, secrets.token_hex(4), name),
                 ).fetchone()
             except unique:
                 raise ValueError("unique-id %r already used in %r's mailbox" % (uid, name)) from None

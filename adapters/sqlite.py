@@ -173,9 +173,12 @@ class SQLiteStore(AdapterBase):
     def _prepare_schema(self, conn: sqlite3.Connection) -> None:
         """Create or migrate the schema, in the caller's write transaction.
 
-        Unique-ids are ``<prefix>.<message id>``.  The prefix starts as the
-        store's random id, so a recreated database never hands out a
-        unique-id a client remembers from the old one.  Migrating from
+        Unique-ids are ``<prefix>.<message id>.<random>``.  The prefix
+        starts as the store's random id, so a recreated database never hands
+        out a unique-id a client remembers from the old one; the random part
+        (32 bits, drawn at delivery) does the same for a store restored from
+        a backup, whose ids and sequence go back to where the backup left
+        them, so it hands out again ids it gave since.  Migrating from
         version 1 gives it a new random value: ids there were reused, and
         once the newest message was deleted nothing in the file tells how
         high they went, so "<store id>.<next id>" may have been issued
@@ -269,7 +272,7 @@ class SQLiteStore(AdapterBase):
                     (row[0], wire_size(message), time.time(), has_dot_lines(message)),
                 )
                 message_id = cur.lastrowid
-                uid = "%s.%d" % (self._uid_prefix, message_id)
+                uid = "%s.%d.%s" % (self._uid_prefix, message_id, secrets.token_hex(4))
                 conn.execute("UPDATE messages SET uid = ? WHERE id = ?", (uid, message_id))
                 conn.executemany(
                     "INSERT INTO chunks (message_id, seq, data) VALUES (?, ?, ?)",

@@ -12,6 +12,7 @@ import hashlib
 import io
 import logging
 import poplib
+import subprocess
 import sys
 import threading
 import time
@@ -379,6 +380,31 @@ def test_failed_update_leaves_every_message(pg_db):
         assert len(store.list_messages("alice")) == 3
     finally:
         store.close()
+
+
+def test_a_store_restored_from_a_dump_never_reissues_a_uid(pg_db, tmp_path):
+    """RFC 1939 section 7 (UIDL): the database restored from a pg_dump taken before
+    the newest delivery (pg_restore --clean, pop3frame stopped).  The id sequence
+    goes back with it, so the next delivery gets the id of mail a client that keeps
+    mail on the server already saw: its unique-id must still be new."""
+    dump = str(tmp_path / "mail.dump")
+    with PostgresStore(pg_db) as store:
+        store.add_user("alice", "alice-pw", scheme="PLAIN")
+        issued = [store.deliver("alice", b"Subject: %d\r\n\r\nx\r\n" % i) for i in (1, 2)]
+        subprocess.run(["pg_dump", "--format=custom", "--file", dump, pg_db], check=True, timeout=60)
+        issued.append(store.deliver("alice", b"Subject: after the dump\r\n\r\nx\r\n"))
+        with Controller(store) as server:
+            client = pop(server.address)
+            assert [line.split()[1].decode() for line in client.uidl()[1]] == issued
+            client.quit()
+    subprocess.run(["pg_restore", "--clean", "--if-exists", "--dbname", pg_db, dump], check=True, timeout=60)
+    with PostgresStore(pg_db) as store:
+        new = store.deliver("alice", b"Subject: after the restore\r\n\r\nx\r\n")
+        with Controller(store) as server:
+            client = pop(server.address)
+            assert [line.split()[1].decode() for line in client.uidl()[1]] == issued[:2] + [new]
+            client.quit()
+    assert new not in issued
 
 
 # -- several instances, in separate processes -------------------------------------------

@@ -1,7 +1,9 @@
 """SQLite store: the embedded default."""
 from __future__ import annotations
 
+import os
 import poplib
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -266,6 +268,32 @@ def test_uid_of_a_deleted_newest_message_is_never_reissued(store):
         third = store.deliver("alice", b"Subject: 3\r\n\r\nx\r\n")
         assert _uids_seen(server) == [issued[0], third]
     assert third not in issued
+
+
+def test_a_store_restored_from_a_backup_never_reissues_a_uid(store, tmp_path):
+    """RFC 1939 section 7 (UIDL): an operator restores the store from last night's
+    backup (sqlite3's online backup, copied back while pop3frame is stopped).  Its ids
+    and AUTOINCREMENT sequence go back with it, so the next delivery gets the id of
+    mail delivered after the backup, which a client that keeps mail on the server
+    already saw: its unique-id must still be new, or that client never fetches it."""
+    issued = [store.deliver("alice", b"Subject: %d\r\n\r\nx\r\n" % i) for i in (1, 2)]
+    backup = str(tmp_path / "backup.db")
+    with sqlite3.connect(store.path) as live, sqlite3.connect(backup) as copy:
+        live.backup(copy)
+    live.close()
+    copy.close()
+    issued.append(store.deliver("alice", b"Subject: after the backup\r\n\r\nx\r\n"))
+    with Controller(store) as server:
+        assert _uids_seen(server) == issued  # the client has all three
+    for suffix in ("-wal", "-shm"):
+        if os.path.exists(store.path + suffix):
+            os.unlink(store.path + suffix)
+    shutil.copyfile(backup, store.path)
+    restored = SQLiteStore(store.path)
+    new = restored.deliver("alice", b"Subject: after the restore\r\n\r\nx\r\n")
+    with Controller(restored) as server:
+        assert _uids_seen(server) == issued[:2] + [new]
+    assert new not in issued
 
 
 #: The schema and delivery SQL of schema version 1 (pop3frame before issue 11), verbatim.
