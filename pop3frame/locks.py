@@ -9,6 +9,7 @@ hosts.  A manager only ever *tries* a lock; POP3 never waits for one.
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import os
@@ -93,7 +94,8 @@ class FileLockManager(LockManager):
     """``flock`` locks on files in a directory, for several processes on one host.
 
     The kernel drops a flock when its process dies, so a crashed server never
-    leaves a mailbox locked.  Lock files are named by a hash of the mailbox
+    leaves a mailbox locked.  The directory must be writable by its owner only
+    (PermissionError otherwise).  Lock files are named by a hash of the mailbox
     name, so any name (with ``/`` or ``..``) is safe, and are left in place:
     unlinking a lock file races with another process opening it.
     """
@@ -101,6 +103,11 @@ class FileLockManager(LockManager):
     def __init__(self, directory: str) -> None:
         self.directory = directory
         os.makedirs(directory, mode=0o700, exist_ok=True)
+        # Lock names are no secret: whoever may create files here could hold
+        # any mailbox's lock for ever, or plant a link for us to follow.
+        if os.stat(directory).st_mode & 0o022:
+            raise PermissionError(errno.EPERM, "others may write in it (chmod go-w, or a directory of its own)",
+                                  directory)
 
     def _path(self, name: str) -> str:
         digest = hashlib.sha256(name.encode("utf-8")).hexdigest()[:32]

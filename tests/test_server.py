@@ -376,6 +376,23 @@ def test_file_lock_manager_across_processes(tmp_path):
     assert not locks.is_locked("alice/../x")
 
 
+@pytest.mark.parametrize("mode", [0o1777, 0o777, 0o770])
+def test_a_lock_directory_others_may_write_is_refused(tmp_path, mode):
+    """Whoever may create files in the lock directory can take any mailbox's lock
+    (lock names are a hash of the mailbox: a file it holds flock on is [IN-USE]
+    for ever, one mode 000 an error at every login) or plant a symlink the server
+    follows.  Before, --lock-dir /tmp/locks (1777) let uid 1234 lock alice out and
+    make the server, as nobody, create a file in bob's Maildir new/."""
+    shared = tmp_path / "locks"
+    shared.mkdir()
+    shared.chmod(mode)
+    with pytest.raises(PermissionError, match="others may write in it"):
+        FileLockManager(str(shared))
+    assert list(shared.iterdir()) == []
+    shared.chmod(0o755)
+    assert FileLockManager(str(shared)).try_acquire("alice") is not None
+
+
 def test_file_locks_serve_a_real_server(adapter, tmp_path):
     with Controller(adapter, locks=FileLockManager(str(tmp_path))) as server:
         a = server.pop3()

@@ -145,6 +145,18 @@ def test_paths_the_dropped_user_cannot_create(shared):
     assert sorted(os.listdir(shared)) == ["mail"]
 
 
+def test_lock_directory_others_may_write_is_refused_at_start(tmp_path):
+    """A shared lock directory (--lock-dir /tmp/locks, mode 1777) would let any
+    local user take any mailbox's lock: one line, exit 2."""
+    locks = tmp_path / "locks"
+    locks.mkdir()
+    locks.chmod(0o1777)
+    out = pop3frame("serve", "--demo", "--lock-dir", str(locks), "--listen", "127.0.0.1:0")
+    assert out.returncode == 2
+    assert one_error(out) == ("pop3frame: lock directory %s: others may write in it "
+                              "(chmod go-w, or a directory of its own)" % locks)
+
+
 @pytest.mark.parametrize("address,why", [
     ("[::1", "no ']' closes the IPv6 address"),
     (":1100", "the host is empty; for all interfaces write 0.0.0.0:1100 or [::]:1100"),
