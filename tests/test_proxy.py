@@ -280,6 +280,27 @@ def test_local_command_keeps_the_peer_address(proxied):
     c.close()
 
 
+@pytest.mark.parametrize("header", [
+    build_v1(("127.0.0.1", 5000), ("127.0.0.1", 110)),
+    build_v1(None, None),  # UNKNOWN
+    build_v2(None, None, local=True),
+    V2_SIGNATURE + bytes((0x21, 0x31, 0, 216)) + bytes(216),  # AF_UNIX
+], ids=["names-loopback", "v1-unknown", "v2-local", "v2-unix"])
+def test_what_a_trusted_proxys_header_without_an_outside_address_gets(proxied, header):
+    """docs/security.rst: a header naming a trusted address, or no client at all
+    (the proxy's own loopback address stands), gets what a trusted network gets:
+    passwords without TLS and no per-address limit (max_connections_per_ip is 1 here)."""
+    group, address, _ = proxied
+    clients = [connect(address, header) for _ in range(2)]
+    try:
+        assert [c.greeting[:3] for c in clients] == [b"+OK", b"+OK"]
+        assert clients[1].cmd("USER alice") == b"+OK send PASS\r\n"
+    finally:
+        for c in clients:
+            c.close()
+    assert group.tracker.wait_until_at_most(0, 10)
+
+
 # -- who may send a header ------------------------------------------------------
 
 
