@@ -315,14 +315,16 @@ class Connection:
         must go within ``send_timeout``, as each chunk of a streamed reply
         must: a client that stops reading gets ``socket.timeout``.  Through
         TLS the file is read and written in chunks.  Fewer octets than
-        ``span.count`` go when the file ends first.
+        ``span.count`` go when the file ends first, or when it was written
+        to (checked after each chunk read, and before each piece sendfile()
+        sends).
         """
         fd = span.file.fileno()
         offset, end = span.offset, span.offset + span.count
         if isinstance(self.sock, ssl.SSLSocket):
             while offset < end:
                 data = os.pread(fd, min(CHUNK_SIZE, end - offset), offset)
-                if not data:
+                if not data or span.file.changed():
                     break
                 self.write(data)
                 offset += len(data)
@@ -332,6 +334,8 @@ class Connection:
         out = self.sock.fileno()
         try:
             while offset < end:
+                if offset > span.offset and span.file.changed():
+                    return  # the piece sent last may hold new bytes; no more
                 piece = min(end, offset + CHUNK_SIZE)
                 tries = self._send_tries()
                 while offset < piece:

@@ -308,8 +308,10 @@ class CheckedFile:
 
     ``sendfile``: whether RETR may send the file with ``sendfile()`` (see
     :func:`iter_message`).  Those bytes leave unread, so a write during the
-    send is only noticed at its end, after the bytes it changed went out
-    unstuffed: only for files nobody rewrites in place (Maildir's).
+    send is noticed only after the piece (CHUNK_SIZE) being sent, whose
+    changed bytes went out unstuffed: only for files nobody rewrites in
+    place (Maildir's).  Through TLS the file is read, and checked, piece by
+    piece.
     """
 
     __slots__ = ("file", "sendfile", "_version")
@@ -319,9 +321,13 @@ class CheckedFile:
         self.sendfile = sendfile
         self._version = file_version(st if st is not None else os.fstat(file.fileno()))
 
+    def changed(self) -> bool:
+        """Whether the file was written since it was opened."""
+        return file_version(os.fstat(self.file.fileno())) != self._version
+
     def check(self) -> None:
         """Raise :class:`MessageChanged` if the file was written since it was opened."""
-        if file_version(os.fstat(self.file.fileno())) != self._version:
+        if self.changed():
             raise MessageChanged("the message file was written to while it was sent")
 
     def read(self, size: int = -1) -> bytes:
@@ -362,16 +368,17 @@ def checked(stream: BinaryIO) -> BinaryIO:
 
 class FileSpan:
     """A part of a reply that goes out straight from a file: ``count`` octets
-    of ``file`` (a file object with a descriptor) from ``offset``.
+    of ``file`` from ``offset``.
 
     Whoever sends it (the connection handler, with ``sendfile()`` where the
     socket allows) sets ``sent`` to the octets that went out: fewer than
-    ``count`` when the file ended first.
+    ``count`` when the file ended first, or was written to (it stops at the
+    next piece).
     """
 
     __slots__ = ("file", "offset", "count", "sent")
 
-    def __init__(self, file: BinaryIO, offset: int, count: int) -> None:
+    def __init__(self, file: CheckedFile, offset: int, count: int) -> None:
         self.file = file
         self.offset = offset
         self.count = count
@@ -414,6 +421,7 @@ def iter_message(stream: BinaryIO, size: Optional[int] = None, chunk_size: int =
         if span is not None:
             yield span
             if span.sent != size:
+                stream.check()  # stopped early because it was written to?
                 raise SizeMismatch(size, span.sent, ended=True)
             # The read to the end that sendfile() spared: a stream may check
             # there that the message did not change while it was sent (see

@@ -9,12 +9,13 @@ import poplib
 import re
 import shutil
 import socket
+import ssl
 import subprocess
 import tempfile
 import textwrap
 import time
 from email.parser import BytesParser
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import pytest
 
@@ -39,7 +40,8 @@ def literal_block(starts_with: str) -> str:
 class RawClient:
     """A POP3 client on a raw socket, for asserting exact bytes."""
 
-    def __init__(self, address: Tuple[str, int], timeout: float = 10.0, source: str = "", rcvbuf: int = 0) -> None:
+    def __init__(self, address: Tuple[str, int], timeout: float = 10.0, source: str = "", rcvbuf: int = 0,
+                 context: Optional[ssl.SSLContext] = None) -> None:
         if rcvbuf:
             # Set before connecting, which also turns off the kernel's
             # autotuning: the server can run only this far ahead of us.
@@ -50,6 +52,8 @@ class RawClient:
         else:
             self.sock = socket.create_connection(address, timeout=timeout,
                                                  source_address=(source, 0) if source else None)
+        if context is not None:  # implicit TLS (RFC 8314)
+            self.sock = context.wrap_socket(self.sock, server_hostname="localhost")
         self.buf = b""
         self.greeting = self.line()
 
@@ -114,7 +118,7 @@ class RawClient:
 
 
 def retr_interrupted(address: Tuple[str, int], user: str, password: str, number: int, interrupt,
-                     read_first: int = 1 << 20) -> Tuple[bytes, bytes, bool]:
+                     read_first: int = 1 << 20, context: Optional[ssl.SSLContext] = None) -> Tuple[bytes, bytes, bool]:
     """RETR read by a slow client, with ``interrupt()`` called part-way.
 
     The client's small receive window keeps the server at most a few MB (its
@@ -126,7 +130,7 @@ def retr_interrupted(address: Tuple[str, int], user: str, password: str, number:
     alone, wherever it comes: a "." line the server failed to byte-stuff
     ends the message there, and what follows it is not part of it.
     """
-    with RawClient(address, timeout=60, rcvbuf=64 * 1024) as raw:
+    with RawClient(address, timeout=60, rcvbuf=64 * 1024, context=context) as raw:
         assert raw.login(user, password).startswith(b"+OK")
         raw.send(b"RETR %d\r\n" % number)
         status = raw.line()

@@ -374,7 +374,8 @@ def test_client_that_stops_reading_during_sendfile_is_cut_off_at_send_timeout(st
 
 def test_file_that_shrinks_during_sendfile_ends_without_the_terminator(stored_as_sent):
     """RFC 1939 section 3: a message cut short while it is sent from its file
-    (sendfile() reaches the end early) is not ended with "." but by closing the
+    (sendfile() reaches the end early, or it stops at the next piece, seeing the file
+    changed) is not ended with "." but by closing the
     connection: the client keeps nothing it would take for the whole message."""
     path, adapter = stored_as_sent
     size = os.path.getsize(path)
@@ -394,9 +395,10 @@ def test_file_that_shrinks_during_sendfile_ends_without_the_terminator(stored_as
                     break
                 got += len(data)
                 tail = (tail + data)[-5:]
-        assert got == size // 2 and tail != b"\r\n.\r\n"
+        # It stops at the first piece after the change: never past what the file holds.
+        assert got <= size // 2 and tail != b"\r\n.\r\n"
         assert server.wait_for_connections(0)
-        assert server.server.file_spans == [size // 2]
+        assert server.server.file_spans == [got]
 
 
 @given(st.lists(st.integers(min_value=0, max_value=300_000), min_size=2, max_size=6))

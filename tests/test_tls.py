@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import poplib
 import socket
 import ssl
@@ -14,7 +15,8 @@ import trustme
 from pop3frame.adapters.memory import MemoryAdapter
 from pop3frame.testing import Controller
 from pop3frame.tls import TLSCertificates
-from tests.helpers import FileSpanServer, RawClient, require_program, retr_lines_to_bytes, tick_until_closed
+from tests.helpers import (FileSpanServer, RawClient, require_program, retr_interrupted, retr_lines_to_bytes,
+                           tick_until_closed)
 
 
 class SourcePOP3(poplib.POP3):
@@ -99,6 +101,39 @@ def test_message_stored_as_sent_goes_out_from_its_file_through_tls(certs, client
         client.quit()
         assert server.wait_for_connections(0)
         assert server.server.file_spans == [len(data)]
+
+
+def test_message_written_in_place_while_sent_through_tls_never_goes_out_unstuffed(certs, client_context,
+                                                                                   tmp_path):
+    """RFC 1939 section 3: a message in wire form is read from its file for TLS (no
+    sendfile()), so a write to it while it is sent is seen before the next piece goes
+    out: a Maildir file rewritten in place (same size, now with lines that are "."
+    alone, where the size cache said none starts with ".") never sends those lines
+    unstuffed, where the first would end the reply early in a terminator; the
+    connection closes after old bytes only."""
+    from pop3frame.adapters.maildir import MaildirAdapter
+
+    data = b"Subject: huge\r\n\r\n" + (b"x" * 998 + b"\r\n") * 16_000
+    dotted = b"Subject: huge\r\n\r\n" + (b".\r\n" + b"y" * 995 + b"\r\n") * 16_000
+    for sub in ("new", "cur", "tmp"):
+        (tmp_path / "u" / sub).mkdir(parents=True)
+    path = tmp_path / "u" / "new" / "1700000000.M1P1.host"
+    path.write_bytes(data)
+
+    def rewrite():
+        old = path.stat().st_mtime_ns
+        with open(path, "r+b") as f:
+            f.write(dotted)
+        os.utime(path, ns=(old + 10**9, old + 10**9))  # a later clock tick, as any real write
+
+    tls, _ = certs
+    with Controller(MaildirAdapter(str(tmp_path), lambda user, password: password == "pw"), tls=tls, secure=True,
+                    server_class=FileSpanServer) as server:
+        status, body, complete = retr_interrupted(server.address, "u", "pw", 1, rewrite, context=client_context)
+        assert status == b"+OK %d octets\r\n" % len(data)
+        assert not complete and data.startswith(body)
+        assert server.wait_for_connections(0)
+        assert len(server.server.file_spans) == 1 and server.server.file_spans[0] < len(data)
 
 
 def test_stls_upgrades_and_capa_reflects_it(store, certs, client_context):
