@@ -35,6 +35,9 @@
 - Deletion rewrites the mbox into a temporary file in the same directory,
   copies any mail appended since the session started, fsyncs and renames
   over the original: the file is always either the old or the new one.
+  The temporary file has one name per mbox, so the copy a rewrite killed
+  part-way leaves is removed by the next rewrite (its dotlock, left too,
+  is broken once stale).
   The new file gets the old one's owner, group and mode; if the owner cannot
   be kept (the server does not run as root), nothing is deleted.  MDAs must
   take the dotlock too (Debian's do): one waiting only for the fcntl lock
@@ -60,7 +63,6 @@ import io
 import logging
 import os
 import re
-import secrets
 import stat
 import threading
 import time
@@ -502,8 +504,17 @@ class MboxAdapter(AdapterBase):
     def _rewrite(self, path: str, directory: int, name: str, f, st: os.stat_result, index: _Index,
                  doomed: Set[int]) -> _Index:
         """Replace the mbox ``name`` in ``directory`` by a copy without ``doomed``; return the copy's index."""
-        tmp = ".mbox-%s" % secrets.token_hex(8)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o600, dir_fd=directory)
+        # One name per mbox, so the copy a rewrite killed part-way left
+        # behind (as large as the mbox, in the mail spool) is found by the
+        # next one: the dotlock held here excludes a live rewrite of it.
+        tmp = ".pop3frame-%s.tmp" % hashlib.sha1(name.encode("utf-8", "surrogateescape")).hexdigest()[:20]
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW
+        try:
+            fd = os.open(tmp, flags, 0o600, dir_fd=directory)
+        except FileExistsError:
+            logger.warning("removing %s, the copy of %s an interrupted rewrite left", tmp, path)
+            os.unlink(tmp, dir_fd=directory)
+            fd = os.open(tmp, flags, 0o600, dir_fd=directory)
         try:
             with os.fdopen(fd, "wb") as out:
                 _give_owner(out.fileno(), st, path)

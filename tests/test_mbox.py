@@ -7,8 +7,10 @@ import os
 import pathlib
 import poplib
 import pwd
+import signal
 import subprocess
 import sys
+import time
 import tracemalloc
 
 import pytest
@@ -19,6 +21,7 @@ from pop3frame.adapters.passwdfile import PasswdFile, set_password
 from pop3frame.testing import ManualClock, Controller
 from tests.harness_mbox import append_like_an_mda
 from tests.helpers import RawClient, reachable_dir, refused_login, retr_lines_to_bytes
+from tests.processes import Daemon
 
 
 @pytest.fixture
@@ -115,6 +118,62 @@ def test_deletion_rewrites_atomically_and_keeps_mail_appended_meanwhile(spool):
         client, got = fetch(server)
         assert got == [b"Subject: 1\r\n\r\nbody 1\r\n", b"Subject: late\r\n\r\nlate\r\n"]
         client.quit()
+
+
+#: A pop3frame serve --adapter that kills itself with SIGKILL in the middle of
+#: rewriting an mbox: at a read of the mbox opened for writing once the copy exists.
+KILLED_MID_REWRITE = """
+import os, signal
+from pop3frame.adapters.mbox import MboxAdapter
+from pop3frame.adapters.passwdfile import PasswdFile
+
+
+class KilledMidRewrite(MboxAdapter):
+    def __init__(self, spool, passwd):
+        super().__init__(spool, PasswdFile(passwd))
+
+    def open_file(self, fd, mode):
+        f = super().open_file(fd, mode)
+        read, spool = f.read, self.path_template.rsplit("/", 1)[0]
+
+        def read_or_die(*args):
+            if "+" in mode and any(n.startswith(".") for n in os.listdir(spool)):
+                os.kill(os.getpid(), signal.SIGKILL)
+            return read(*args)
+
+        f.read = read_or_die
+        return f
+"""
+
+
+def test_server_killed_during_the_rewrite_loses_nothing_and_its_leftovers_go(spool, tmp_path):
+    """RFC 1939 section 6: DELE takes effect only in UPDATE, once QUIT is answered.  The
+    server killed with SIGKILL while QUIT rewrites the mbox: the client gets no +OK and
+    every message is still there.  The killed rewrite left its copy of the mbox (as large
+    as the mbox, in the spool) and the dotlock; once the dotlock is stale the next rewrite
+    runs and the copy is gone with it."""
+    root, auth = spool
+    path = os.path.join(root, "alice")
+    for i in range(3):
+        append_like_an_mda(path, b"Subject: %d\n\nbody %d\n" % (i, i))
+    before = pathlib.Path(path).read_bytes()
+    (tmp_path / "killer.py").write_text(KILLED_MID_REWRITE)
+    with Daemon("--listen", "127.0.0.1:0", "--adapter", "%s:KilledMidRewrite" % (tmp_path / "killer.py"),
+                "--adapter-option", "spool=%s" % root, "--passwd", auth.path) as server:
+        with RawClient(("127.0.0.1", server.port)) as c:
+            assert c.login("alice", "pw").startswith(b"+OK")
+            assert c.cmd("DELE 1").startswith(b"+OK")
+            assert c.cmd("QUIT") == b""  # killed: no reply
+        assert server.proc.wait(30) == -signal.SIGKILL
+    assert pathlib.Path(path).read_bytes() == before
+    assert len(os.listdir(root)) == 3  # the mbox, its dotlock, the rewrite's copy
+    clock = ManualClock(time.time() + 301)  # the dotlock is stale
+    with Controller(MboxAdapter(root, auth, clock=clock)) as server:
+        client, got = fetch(server)
+        assert [subject.split(b"\r\n")[0] for subject in got] == [b"Subject: 0", b"Subject: 1", b"Subject: 2"]
+        client.dele(1)
+        assert client.quit().startswith(b"+OK")
+    assert sorted(os.listdir(root)) == ["alice"]
 
 
 def test_dotlock_held_by_another_program_refuses_login(spool):
