@@ -25,6 +25,7 @@ import time
 from typing import Dict, List, Sequence, Tuple
 
 from pop3frame import AdapterBase, MessageInfo, TemporaryFailure
+from pop3frame.ownership import refuse_shared
 from pop3frame.passwords import SAMPLE_SIZE, PasswordCheck, hash_password
 from pop3frame.protocol import has_dot_lines, wire_size
 
@@ -153,6 +154,8 @@ class SQLiteStore(AdapterBase):
         self._passwords = PasswordCheck(sample=self._stored_passwords)
         parent = os.path.dirname(os.path.abspath(path))
         os.makedirs(parent, exist_ok=True)
+        # SQLite opens <path>-wal and <path>-shm by name: nobody else may plant them.
+        refuse_shared(parent)
         with self._connect() as conn:
             # Versions only go up, so a current store needs no write lock
             # (a CLI command must not wait for a big delivery to finish).

@@ -9,12 +9,13 @@ hosts.  A manager only ever *tries* a lock; POP3 never waits for one.
 """
 from __future__ import annotations
 
-import errno
 import fcntl
 import hashlib
 import os
 import threading
 from typing import Dict, Optional
+
+from .ownership import refuse_shared
 
 __all__ = ["Lock", "LockManager", "InProcessLockManager", "FileLockManager"]
 
@@ -103,11 +104,9 @@ class FileLockManager(LockManager):
     def __init__(self, directory: str) -> None:
         self.directory = directory
         os.makedirs(directory, mode=0o700, exist_ok=True)
-        # Lock names are no secret: whoever may create files here could hold
-        # any mailbox's lock for ever, or plant a link for us to follow.
-        if os.stat(directory).st_mode & 0o022:
-            raise PermissionError(errno.EPERM, "others may write in it (chmod go-w, or a directory of its own)",
-                                  directory)
+        # Whoever could create a lock file here first could hold any
+        # mailbox's lock for ever, or plant a link for us to follow.
+        refuse_shared(directory)
 
     def _path(self, name: str) -> str:
         digest = hashlib.sha256(name.encode("utf-8")).hexdigest()[:32]

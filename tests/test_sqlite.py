@@ -461,3 +461,27 @@ def test_a_store_of_a_newer_version_or_another_programs_database_is_refused(tmp_
         SQLiteStore(other)
     with sqlite3.connect(other) as conn:
         assert [r[0] for r in conn.execute("SELECT name FROM sqlite_master")] == ["messages"]
+
+
+@pytest.mark.parametrize("mode", [0o1777, 0o775])
+def test_a_store_in_a_directory_others_may_write_is_refused(tmp_path, mode):
+    """SQLite opens ``<store>-wal`` and ``<store>-shm`` by name, following what is
+    there: in a directory others may write (``/tmp``, a quick start run there),
+    uid 1234 created them mode 0666 before the server's first start, and the
+    server (as nobody) wrote the whole store, password hashes and mail, into that
+    user's WAL, which the user could also rewrite."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(mode)
+    for name in ("store.db-wal", "store.db-shm"):
+        (shared / name).write_bytes(b"")
+        (shared / name).chmod(0o666)
+    with pytest.raises(PermissionError, match="others may write in it"):
+        SQLiteStore(str(shared / "store.db"))
+    assert sorted(p.name for p in shared.iterdir()) == ["store.db-shm", "store.db-wal"]
+    assert (shared / "store.db-wal").read_bytes() == b""
+    out = pop3frame("serve", "--sqlite", str(shared / "store.db"), "--listen", "127.0.0.1:0")
+    assert out.returncode == 2
+    assert out.stderr.decode().splitlines()[-1] == (
+        "pop3frame: sqlite: cannot open %s: %s: others may write in it (chmod go-w, or a directory of its own)"
+        % (shared / "store.db", shared))
