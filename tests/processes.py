@@ -19,6 +19,15 @@ def pop3frame(*args, input=None, cwd=None, env=None) -> subprocess.CompletedProc
                           cwd=cwd, timeout=60, env=dict(os.environ, **env) if env else None)
 
 
+def on_port_0(args: tuple) -> tuple:
+    """``serve`` args with a listener on port 0 unless they name one: a
+    mistake checked after binding (as the serving user) must neither need
+    nor take the default 127.0.0.1:1100, which another process may hold."""
+    if args[:1] == ("serve",) and "--listen" not in args:
+        return args + ("--listen", "127.0.0.1:0")
+    return args
+
+
 class Piped:
     """A program in a subprocess whose stderr is pumped into a queue, so every wait is bounded."""
 

@@ -16,7 +16,7 @@ import pytest
 
 from pop3frame.proxy import build_v1, build_v2
 from tests.helpers import RawClient, demo_store, reachable_dir, tls_files
-from tests.processes import Daemon, pop3frame, write_config
+from tests.processes import Daemon, on_port_0, pop3frame, write_config
 
 
 def test_serve_demo_subprocess():
@@ -202,7 +202,7 @@ def test_maildir_with_passwd_file(tmp_path):
     (("serve", "--demo", "--proxy-trusted-network", "nonsense"), "--proxy-trusted-network: 'nonsense'"),
 ])
 def test_operator_mistakes_are_one_line(tmp_path, args, message):
-    out = pop3frame(*args, input=b"Subject: x\n\nx\n", cwd=str(tmp_path))
+    out = pop3frame(*on_port_0(args), input=b"Subject: x\n\nx\n", cwd=str(tmp_path))
     assert out.returncode == 2
     assert out.stderr.decode().startswith("pop3frame: ") and message in out.stderr.decode()
     assert b"Traceback" not in out.stderr
@@ -542,7 +542,7 @@ def test_check_config_prints_effective_settings(tmp_path):
 def test_bad_config_files_are_one_line_errors(tmp_path, text, message):
     config = write_config(tmp_path, text)
     for args in (("check-config", config), ("serve", "--config", config)):
-        out = pop3frame(*args, cwd=str(tmp_path))
+        out = pop3frame(*on_port_0(args), cwd=str(tmp_path))
         err = out.stderr.decode()
         if args[0] == "serve" and "tls.cert" in message:
             message = "pop3frame: cannot load --cert/--key"
@@ -591,7 +591,7 @@ def test_check_config_catches_what_serve_would(tmp_path, text, message):
     (("passwd", "/nonexistent/dir/passwd", "bob", "--password-stdin"), "pop3frame: "),
 ])
 def test_more_operator_mistakes_are_one_line(tmp_path, args, message):
-    out = pop3frame(*args, input=b"pw\n", cwd=str(tmp_path))
+    out = pop3frame(*on_port_0(args), input=b"pw\n", cwd=str(tmp_path))
     err = out.stderr.decode()
     assert out.returncode == 2, err
     assert err.startswith(message), err
@@ -649,7 +649,7 @@ def test_postgres_without_psycopg_says_what_to_install(args, prefix):
     """In an interpreter where psycopg cannot be imported (None in
     sys.modules makes every import of it fail), the one line names the extra
     to install instead of claiming it cannot connect."""
-    out = subprocess.run([sys.executable, "-c", BLOCK_PSYCOPG, *args], input=b"Subject: x\n\nx\n",
+    out = subprocess.run([sys.executable, "-c", BLOCK_PSYCOPG, *on_port_0(args)], input=b"Subject: x\n\nx\n",
                          capture_output=True, timeout=60)
     err = out.stderr.decode()
     assert out.returncode == 2 and len(err.splitlines()) == 1, err
