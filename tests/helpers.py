@@ -13,9 +13,10 @@ import ssl
 import subprocess
 import tempfile
 import textwrap
+import threading
 import time
 from email.parser import BytesParser
-from typing import List, Optional, Tuple
+from typing import List, Optional, Set, Tuple
 
 import pytest
 
@@ -238,6 +239,42 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+def open_fds() -> Set[Tuple[str, str]]:
+    """This process's open descriptors, each with what it points to (a
+    socket's inode, a file's path).  ``open_fds() - before`` is what was
+    opened since ``before`` and is still open, whatever other code (a
+    subprocess object of an earlier test collected meanwhile) closed."""
+    found = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            found.add((fd, os.readlink("/proc/self/fd/" + fd)))
+        except OSError:  # the listing's own descriptor, closed by now
+            pass
+    return found
+
+
+#: ``thread_keepalive`` for a server whose threads a test counts: no idle
+#: connection thread ends by itself while counted, so counts are exact.
+KEEP_THREADS = 3600.0
+
+
+def settled_workers(server, before) -> set:
+    """The connection threads a :class:`~pop3frame.testing.Controller`
+    (started with ``thread_keepalive=KEEP_THREADS``) keeps once its sessions
+    ended.  Waits (bounded) until no connection is live and every thread
+    started since ``before`` (a set of threads), listeners aside, waits idle
+    in the pool; a thread still serving, or one that is no connection
+    thread, fails the test.  How many there are is up to the scheduler: a
+    client that reconnects at once may be accepted before the previous
+    session's thread is back in the pool, and then gets a new one."""
+    assert server.wait_for_connections(0)
+    workers = {t for t in set(threading.enumerate()) - before if not t.name.startswith("pop3-listen-")}
+    pool = server.group.workers
+    assert pool.wait_idle(len(workers)), "%d of %d connection threads idle" % (pool.idle, len(workers))
+    assert pool.idle == len(workers)
+    return workers
 
 
 def wait_ready(proc, ready, timeout: float) -> bool:

@@ -19,11 +19,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from pop3frame import protocol
 from pop3frame.adapters.memory import MemoryAdapter
 from pop3frame.testing import Controller, ManualClock
-from tests.helpers import FileSpanServer, RawClient, tick_until_closed
-
-
-def open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
+from tests.helpers import KEEP_THREADS, FileSpanServer, RawClient, open_fds, settled_workers, tick_until_closed
 
 
 # -- property-based protocol fuzzing --------------------------------------------
@@ -115,7 +111,7 @@ def nothing_left_behind(server, baseline):
     for thread in set(threading.enumerate()) - threads:
         thread.join(10)  # it has released its connection; now let it end
     assert set(threading.enumerate()) - threads == set()
-    assert open_fds() == fds
+    assert open_fds() - fds == set()
     assert server.context.locks.held_names() == []
 
 
@@ -456,29 +452,39 @@ def assert_back_to(threads, fds) -> None:
     for thread in set(threading.enumerate()) - threads:
         thread.join(10)
     assert set(threading.enumerate()) - threads == set()
-    assert open_fds() == fds
+    assert open_fds() - fds == set()
 
 
 def test_soak_sequential_sessions_leave_no_threads_or_fds():
+    """10,000 sessions one after another, each client reconnecting at once.
+    The next client may be accepted before the last session's thread is back
+    in the pool, so how many threads the pool grows to is the scheduler's
+    doing (3 or 4 on an idle machine, 4 to 6 with two CPU hogs: "at most 3"
+    failed).  Exact: once the sessions ended every one of them waits
+    idle in the pool, a settled pool serves the next clients with no new
+    thread, and after stop no thread, descriptor or lock is left."""
     store = MemoryAdapter({"alice": "pw"}, apop=False)
     store.deliver("alice", b"Subject: s\r\n\r\nsoak\r\n")
     script = b"USER alice\r\nPASS pw\r\nSTAT\r\nRETR 1\r\nQUIT\r\n"
+
+    def session() -> None:
+        s = socket.create_connection(server.address, timeout=60)
+        s.sendall(script)
+        data = b""
+        while not data.endswith(b"signing off (1 message left)\r\n"):
+            chunk = s.recv(4096)
+            assert chunk, data
+            data += chunk
+        s.close()
+
     threads, fds = set(threading.enumerate()), open_fds()
-    with Controller(store) as server:
-        listening = threading.active_count()
+    with Controller(store, thread_keepalive=KEEP_THREADS) as server:
         for _ in range(10_000):
-            s = socket.create_connection(server.address)
-            s.sendall(script)
-            data = b""
-            while not data.endswith(b"signing off (1 message left)\r\n"):
-                chunk = s.recv(4096)
-                assert chunk, data
-                data += chunk
-            s.close()
-        assert server.wait_for_connections(0)
-        # Finished connections' threads wait to be reused, a handful at most
-        # for one client at a time, not one per session.
-        assert threading.active_count() - listening <= 3
+            session()
+        workers = settled_workers(server, threads)
+        for _ in range(100):
+            session()
+            assert settled_workers(server, threads) == workers  # reused, not one per session
         assert server.context.locks.held_names() == []
     assert_back_to(threads, fds)
 
