@@ -1,6 +1,7 @@
 """``pop3frame client``: the line client and ``--check``, against pop3frame, Dovecot and hostile peers."""
 from __future__ import annotations
 
+import contextlib
 import datetime
 import io
 import os
@@ -393,7 +394,7 @@ class Pty:
         os.close(slave)
         self.seen = b""
 
-    def expect(self, text: bytes, count: int = 1, timeout: float = 20.0) -> None:
+    def expect(self, text: bytes, count: int = 1, timeout: float = 60.0) -> None:
         """Wait until ``text`` was shown ``count`` times in all."""
         deadline = time.monotonic() + timeout
         while self.seen.count(text) < count:
@@ -410,9 +411,27 @@ class Pty:
     def type(self, text: str) -> None:
         os.write(self.master, text.encode() + b"\r")
 
+    def wait_blocked(self, timeout: float = 60.0) -> None:
+        """Wait until the client sleeps in the kernel: once its prompt is shown
+        that is the wait for input.  A SIGINT that comes between the prompt
+        and that select() stays pending until the next keystroke: CPython's
+        readline (and plain input()) look at signals only when the wait is
+        interrupted."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with open("/proc/%d/stat" % self.proc.pid) as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+            if state == "S":
+                return
+            assert time.monotonic() < deadline, "the client did not wait for input in %s s (state %s)" % (
+                timeout, state)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(0.01)  # a pause that ends at once if the client exited
+            assert self.proc.poll() is None, "the client exited at the prompt:\n%r" % self.seen
+
     def wait(self) -> int:
         try:
-            while select.select([self.master], [], [], 20)[0]:  # drain, or the child blocks writing
+            while select.select([self.master], [], [], 60)[0]:  # drain, or the child blocks writing
                 try:
                     data = os.read(self.master, 4096)
                 except OSError:
@@ -420,7 +439,7 @@ class Pty:
                 if not data:
                     break
                 self.seen += data
-            return self.proc.wait(20)
+            return self.proc.wait(60)
         finally:
             self.close()
 
@@ -482,6 +501,7 @@ def test_ctrl_c_at_the_prompt_ends_cleanly(tmp_path):
         term.type("NOOP")
         term.expect(b"-ERR")  # NOOP before login
         term.expect(b"pop3> ", count=2)
+        term.wait_blocked()
         term.proc.send_signal(signal.SIGINT)
         status = term.wait()
         assert server.wait_for_connections(0)
