@@ -21,6 +21,7 @@ import subprocess
 import tempfile
 from typing import Optional
 
+from tests import reaper
 from tests.helpers import free_port, wait_ready
 
 DOVECOT = shutil.which("dovecot") or ("/usr/sbin/dovecot" if os.path.exists("/usr/sbin/dovecot") else None)
@@ -31,6 +32,7 @@ GREETINGS = {"imap": b"* OK", "pop3": b"+OK"}
 
 CONFIG = """\
 protocols = {protocol}
+login_greeting = {greeting}
 listen = 127.0.0.1
 base_dir = {base}/run
 state_dir = {base}/state
@@ -117,6 +119,10 @@ class Dovecot:
         # root-only tmp_path: Dovecot's auth and mail processes run as
         # unprivileged users and must reach the passwd-file and the Maildirs.
         self.base = base = tempfile.mkdtemp(prefix="pop3frame-dovecot-")
+        reaper.remove(base)
+        #: Says the server on our port is this one, not another test run's
+        #: that took the port after free_port().
+        self.greeting = "pop3frame test " + os.path.basename(base)
         os.chmod(base, 0o755)
         os.makedirs(os.path.join(base, "run"), exist_ok=True)
         os.makedirs(os.path.join(base, "state"), exist_ok=True)
@@ -168,11 +174,12 @@ class Dovecot:
                 f.write(CONFIG.format(
                     protocol=self.protocol, base=self.base, mail=self.mail, port=self.port,
                     uid=min(self.uid, 500), login_user=self.login_user, internal_user=self.internal_user,
-                    ssl=self.ssl,
+                    ssl=self.ssl, greeting=self.greeting,
                 ))
             # Configuration errors go to stderr before the log file is open.
             with open(os.path.join(self.base, "stderr"), "ab") as err:
                 self.proc = subprocess.Popen([DOVECOT, "-F", "-c", conf], stdout=subprocess.DEVNULL, stderr=err)
+            reaper.reap(self.proc.pid)
             if self._wait_ready():
                 return self
             self.stop()
@@ -182,8 +189,10 @@ class Dovecot:
         """Wait for the login greeting; False if Dovecot exited."""
         def ready() -> bool:
             try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=5) as conn:
-                    return conn.recv(1024).startswith(GREETINGS[self.protocol])
+                with socket.create_connection(("127.0.0.1", self.port), timeout=5) as conn, \
+                        conn.makefile("rb") as greeting:
+                    line = greeting.readline()
+                return line.startswith(GREETINGS[self.protocol]) and self.greeting.encode() in line
             except OSError:
                 return False
 

@@ -44,6 +44,7 @@ from typing import List, Optional
 
 import pytest
 
+from tests import reaper
 from tests.helpers import free_port, wait_ready
 
 ENV_DSN = "POP3FRAME_TEST_PG_DSN"
@@ -77,6 +78,7 @@ class Cluster:
     def __init__(self, bindir: str) -> None:
         self.bindir = bindir
         self.base = tempfile.mkdtemp(prefix="pop3frame-pg-")
+        reaper.remove(self.base)
         self.data = os.path.join(self.base, "data")
         self.logfile = os.path.join(self.base, "postgres.log")
         self.proc: Optional[subprocess.Popen] = None
@@ -124,19 +126,24 @@ class Cluster:
                      "-c", "max_connections=300", "-c", "shared_buffers=32MB"],
                     cwd=self.base, stdout=log, stderr=log, **self._as,
                 )
+            reaper.reap(self.proc.pid, signal.SIGINT)  # SIGINT: "fast" shutdown
             if self._wait_ready():
                 return self
             self.stop()
         raise Unavailable("postgres did not start; its log:\n" + self.log()[-3000:])
 
     def _wait_ready(self, timeout: float = 60.0) -> bool:
-        """Wait until a connection succeeds; False at once if postgres exited."""
+        """Wait until our postgres answers; False at once if it exited.
+
+        Another test run's cluster (the same user, trust) may have taken the
+        port between free_port() and our bind: ours is the one serving our
+        data directory."""
         import psycopg
 
         def ready() -> bool:
             try:
-                psycopg.connect(self.dsn(), connect_timeout=5).close()
-                return True
+                with psycopg.connect(self.dsn(), connect_timeout=5) as conn:
+                    return conn.execute("SHOW data_directory").fetchone()[0] == self.data
             except psycopg.OperationalError:
                 return False
 

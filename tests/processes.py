@@ -12,6 +12,8 @@ import threading
 
 import pytest
 
+from tests import reaper
+
 
 def pop3frame(*args, input=None, cwd=None, env=None) -> subprocess.CompletedProcess:
     """Run one ``pop3frame`` command to completion (bounded); ``env`` is added to the environment."""
@@ -34,6 +36,7 @@ class Piped:
     def __init__(self, argv, cwd=None) -> None:
         self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.PIPE, text=True, cwd=cwd)
+        reaper.reap(self.proc.pid)
         self.lines: "queue.Queue[str]" = queue.Queue()
         self.seen: list = []
         self.terminated = False
