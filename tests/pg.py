@@ -312,8 +312,12 @@ class ServerProcess:
         self._stderr: List[bytes] = []
         threading.Thread(target=self._pump, daemon=True).start()
         threading.Thread(target=lambda: self._stderr.extend(self.proc.stderr), daemon=True).start()
-        self.port = int(self.expect("PORT", timeout).split()[1])
-        self.lock_backend_pid = int(self.expect("LOCKPID", timeout).split()[1])
+        try:
+            self.port = int(self.expect("PORT", timeout).split()[1])
+            self.lock_backend_pid = int(self.expect("LOCKPID", timeout).split()[1])
+        except BaseException:  # no with block will stop it
+            self.stop()
+            raise
 
     def _pump(self) -> None:
         for raw in self.proc.stdout:

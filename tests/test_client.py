@@ -444,10 +444,19 @@ class Pty:
             self.close()
 
     def close(self) -> None:
+        """Kill the client if it still runs and close the terminal (again: nothing)."""
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
-        os.close(self.master)
+        if self.master >= 0:
+            os.close(self.master)
+            self.master = -1
+
+    def __enter__(self) -> "Pty":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()  # also when a test failed half-way, with the client still at its prompt
 
 
 def terminal_env(tmp_path):
@@ -463,8 +472,7 @@ def test_interactive_session_at_a_terminal(tmp_path, readline):
     code = None if readline else (
         "import sys; sys.modules['readline'] = None; from pop3frame.cli import main; sys.exit(main())")
     with Controller(store()) as server:
-        term = Pty(["127.0.0.1:%d" % server.port], terminal_env(tmp_path), python_code=code)
-        try:
+        with Pty(["127.0.0.1:%d" % server.port], terminal_env(tmp_path), python_code=code) as term:
             term.expect(b"+OK POP3 server ready")
             term.expect(b"pop3> ")
             term.type("CAPA")
@@ -481,8 +489,6 @@ def test_interactive_session_at_a_terminal(tmp_path, readline):
             term.expect(b"maildrop has 3 messages")
             term.type("QUIT")
             status = term.wait()
-        finally:
-            term.close() if term.proc.poll() is None else None
     assert status == client.EXIT_REFUSED  # the wrong password's -ERR
     assert b"alice-pw" not in term.seen and b"Traceback" not in term.seen
     history = tmp_path / "state" / "pop3frame" / "client_history"
@@ -495,8 +501,7 @@ def test_interactive_session_at_a_terminal(tmp_path, readline):
 
 
 def test_ctrl_c_at_the_prompt_ends_cleanly(tmp_path):
-    with Controller(store()) as server:
-        term = Pty(["127.0.0.1:%d" % server.port], terminal_env(tmp_path))
+    with Controller(store()) as server, Pty(["127.0.0.1:%d" % server.port], terminal_env(tmp_path)) as term:
         term.expect(b"pop3> ")
         term.type("NOOP")
         term.expect(b"-ERR")  # NOOP before login
@@ -512,17 +517,17 @@ def test_ctrl_c_at_the_prompt_ends_cleanly(tmp_path):
 def test_check_asks_for_the_password_at_a_terminal(tmp_path):
     """No POP3_PASSWORD: --check asks (getpass, no echo); Ctrl-D at the prompt is "no password"."""
     with Controller(store()) as server:
-        term = Pty(["--check", "alice", "127.0.0.1:%d" % server.port], terminal_env(tmp_path))
-        term.expect(b"Password for alice: ")
-        term.type("alice-pw")
-        term.expect(b"OK: logged in as alice, 3 messages")
-        assert term.wait() == 0
-        assert b"alice-pw" not in term.seen  # not echoed
-        term = Pty(["--check", "alice", "127.0.0.1:%d" % server.port], terminal_env(tmp_path))
-        term.expect(b"Password for alice: ")
-        os.write(term.master, b"\x04")
-        term.expect(b"FAIL: no password")
-        assert term.wait() == client.EXIT_FAILED
+        with Pty(["--check", "alice", "127.0.0.1:%d" % server.port], terminal_env(tmp_path)) as term:
+            term.expect(b"Password for alice: ")
+            term.type("alice-pw")
+            term.expect(b"OK: logged in as alice, 3 messages")
+            assert term.wait() == 0
+            assert b"alice-pw" not in term.seen  # not echoed
+        with Pty(["--check", "alice", "127.0.0.1:%d" % server.port], terminal_env(tmp_path)) as term:
+            term.expect(b"Password for alice: ")
+            os.write(term.master, b"\x04")
+            term.expect(b"FAIL: no password")
+            assert term.wait() == client.EXIT_FAILED
     assert b"Traceback" not in term.seen
 
 
