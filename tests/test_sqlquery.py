@@ -18,6 +18,7 @@ from pop3frame.adapters.sqlquery import SQLQueryAdapter, _params, _placeholders
 from pop3frame.passwords import hash_password
 from pop3frame.testing import Controller
 from tests.helpers import assert_clean, expected_failure_logged_once, parse, retr_lines_to_bytes
+from tests.pg import pg_db, pg_dsn  # noqa: F401  (fixtures)
 
 
 
@@ -461,59 +462,12 @@ def test_delete_placeholders():
 # -- the same adapter on PostgreSQL through psycopg (paramstyle pyformat) -------------
 
 
-@pytest.fixture(scope="module")
-def postgres(tmp_path_factory):
-    """A private PostgreSQL server (Debian's binaries) on 127.0.0.1, a port
-    the OS picked, trust authentication; stopped by its PID."""
-    import glob
-    import os
-    import pwd
-    import shutil
-    import socket
-    import subprocess
-    import tempfile
+@pytest.fixture
+def postgres(pg_db):
+    """Connections to a fresh database of the tests' PostgreSQL (tests.pg)."""
+    import psycopg
 
-    psycopg = pytest.importorskip("psycopg")
-    bindirs = sorted(glob.glob("/usr/lib/postgresql/*/bin/postgres"))
-    if not bindirs:
-        if os.environ.get("CI") == "true":
-            pytest.fail("PostgreSQL is missing under CI; .ci/run installs postgresql")
-        pytest.skip("PostgreSQL not installed (apt-get install postgresql)")
-    bindir = os.path.dirname(bindirs[-1])
-    # Under /tmp, not tmp_path: as root the server runs as "postgres" and
-    # must own its data directory.
-    base = tempfile.mkdtemp(prefix="pop3frame-sqlquery-pg-")
-    user = None
-    if os.geteuid() == 0:
-        user = "postgres"  # PostgreSQL refuses to run as root
-        pw = pwd.getpwnam(user)
-        os.chown(base, pw.pw_uid, pw.pw_gid)
-    data = os.path.join(base, "data")
-    subprocess.run(
-        [bindir + "/initdb", "-D", data, "-A", "trust", "-U", "postgres", "--no-sync"],
-        check=True, capture_output=True, user=user,
-    )
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen(
-        [bindir + "/postgres", "-D", data, "-p", str(port), "-k", base,
-         "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, user=user,
-    )
-    log = []
-    for line in proc.stdout:  # blocks until the server says it is ready
-        log.append(line)
-        if "ready to accept connections" in line:
-            break
-    else:
-        pytest.fail("postgres did not start:\n" + "".join(log))
-    dsn = "host=127.0.0.1 port=%d user=postgres dbname=postgres" % port
-    yield lambda: psycopg.connect(dsn)
-    proc.terminate()
-    proc.wait(30)
-    proc.stdout.close()
-    shutil.rmtree(base, ignore_errors=True)
+    return lambda: psycopg.connect(pg_db)
 
 
 @pytest.fixture
