@@ -482,6 +482,9 @@ class Gate(PostgresStore):
         super().__init__(*args, **kwargs)
         self.inside = threading.Semaphore(0)
         self.opened = threading.Event()
+        # The pool opens its minimum of connections in the background; on a
+        # loaded machine opening one can take longer than a short pool_timeout.
+        self._pool.wait(timeout=60)
 
     def _before_commit(self, conn, username, messages):
         self.inside.release()
@@ -504,7 +507,9 @@ def test_pool_grows_to_the_thread_count_and_follows_it(pg_db):
     """``threads`` is the pool's maximum: as many sessions as threads hold a
     connection at once, one more call finds none; set_threads() raises the
     maximum at once.  An explicit pool_size wins over the thread count."""
-    store = Gate(pg_db, threads=3, pool_timeout=0.3)
+    # Room to open a connection on a loaded machine; the call that finds the
+    # pool at its maximum waits it out.
+    store = Gate(pg_db, threads=3, pool_timeout=5)
     clients = []
     try:
         assert store.pool_size == 3
