@@ -69,6 +69,11 @@ def _port(text: str) -> int:
 
 
 def _ip(text: str, version: int) -> str:
+    if "%" in text:
+        # An IPv6 zone ("fe80::1%eth0", Python 3.9+ parses it) names an
+        # interface of the proxy's host, not a client: the sender chose it,
+        # and it would reach the logs and every per-address key verbatim.
+        raise ProxyError("an address with a zone is not a client address")
     try:
         ip = ipaddress.ip_address(text)
     except ValueError:

@@ -1,6 +1,7 @@
 """PROXY protocol v1/v2: pure parsing with hand-built headers, the socket reader, and listeners."""
 from __future__ import annotations
 
+import logging
 import socket
 import struct
 import threading
@@ -64,6 +65,8 @@ def test_v1_longest_header_is_accepted():
     b"PROXY TCP4 192.0.2.10 198.51.100.1 1 110\n",            # LF without CR
     b"proxy TCP4 192.0.2.10 198.51.100.1 1 110\r\n",          # case matters
     b"PROXY TCP4 \xff.0.2.10 198.51.100.1 1 110\r\n",         # not ASCII
+    b"PROXY TCP6 fe80::1%x ::1 1 110\r\n",                    # an IPv6 zone
+    b"PROXY TCP6 ::1 fe80::1%eth0 1 110\r\n",
 ])
 def test_v1_malformed(line):
     with pytest.raises(ProxyError):
@@ -270,6 +273,20 @@ def test_listener_closes_connections_without_a_valid_header(proxied):
         assert sock.recv(100) == b""  # closed, no greeting
     assert group.tracker.wait_until_at_most(0, 10)
     assert stats.get("refused") == 1
+
+
+def test_header_naming_an_ipv6_zone_closes_the_connection(proxied, caplog):
+    """A v1 header's address must be a plain address: Python 3.9+ parses "fe80::1%x"
+    as an address with zone "x", which a client of a trusted proxy could otherwise
+    choose freely, and which reached the logs and the per-address keys verbatim."""
+    group, address, stats = proxied
+    caplog.set_level(logging.INFO, logger="pop3frame")
+    with socket.create_connection(address, timeout=10) as sock:
+        sock.sendall(b"PROXY TCP6 fe80::1%forged-zone ::1 5000 110\r\nCAPA\r\n")
+        assert sock.recv(100) == b""  # closed, no greeting
+    assert group.tracker.wait_until_at_most(0, 10)
+    assert stats.get("refused") == 1
+    assert "bad PROXY header" in caplog.text and "forged-zone" not in caplog.text
 
 
 def test_local_command_keeps_the_peer_address(proxied):
