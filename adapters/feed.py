@@ -52,6 +52,7 @@ import urllib.request
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Set, Tuple, Union
 
 from pop3frame import AdapterBase, MessageInfo, PermanentFailure, POP3Error, TemporaryFailure
+from pop3frame.clientlog import quoted
 from pop3frame.failures import log_failure
 from pop3frame.passwords import table_check
 from pop3frame.protocol import wire_size
@@ -314,7 +315,7 @@ class FeedAdapter(AdapterBase):
             except OSError as exc:
                 log_failure(logger, logging.ERROR, "cannot write state file %s", self.state_file, exc=exc)
                 raise TemporaryFailure("could not remember deleted items") from None
-        logger.info("hid %d feed item(s) for %r", len(messages), username)
+        logger.info("hid %d feed item(s) for %s", len(messages), quoted(username))
 
     def close_mailbox(self, username: str) -> None:
         with self._mutex:

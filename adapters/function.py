@@ -34,6 +34,7 @@ from email.message import Message
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 from pop3frame import AdapterBase, MessageInfo, POP3Error, PermanentFailure, TemporaryFailure
+from pop3frame.clientlog import quoted
 from pop3frame.config import ServerConfig
 from pop3frame.passwords import table_check
 from pop3frame.protocol import valid_uid, wire_size
@@ -125,7 +126,7 @@ class FunctionAdapter(AdapterBase):
         except POP3Error:
             raise
         except Exception:
-            logger.exception("the mail function failed for %r", username)
+            logger.exception("the mail function failed for %s", quoted(username))
             raise TemporaryFailure("mail source failed") from None
         with self._mutex:
             self._sessions[username] = cache
@@ -146,7 +147,7 @@ class FunctionAdapter(AdapterBase):
         except POP3Error:
             raise
         except Exception:
-            logger.exception("on_delete failed for %r", username)
+            logger.exception("on_delete failed for %s", quoted(username))
             raise TemporaryFailure("could not delete messages") from None
 
     def close_mailbox(self, username: str) -> None:

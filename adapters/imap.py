@@ -87,6 +87,7 @@ from collections import OrderedDict
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from pop3frame import AdapterBase, MessageInfo, PermanentFailure, TemporaryFailure
+from pop3frame.clientlog import quoted
 from pop3frame.failures import log_failure
 
 __all__ = ["IMAPUpstreamAdapter"]
@@ -362,7 +363,7 @@ class IMAPUpstreamAdapter(AdapterBase):
         if upstream is None:
             return False
         if not all(map(_sendable, upstream)):
-            logger.info("IMAP login for %r not tried: NUL, CR or LF in the name or password", username)
+            logger.info("IMAP login for %s not tried: NUL, CR or LF in the name or password", quoted(username))
             return False
         conn = self.connect()
         try:
@@ -396,14 +397,14 @@ class IMAPUpstreamAdapter(AdapterBase):
         credentials, raise TemporaryFailure if it is unavailable."""
         self._logout(conn)
         if isinstance(exc, _CONNECTION_ERRORS):
-            log_failure(logger, logging.WARNING, "IMAP login for %r: connection failed", username, exc=exc)
+            log_failure(logger, logging.WARNING, "IMAP login for %s: connection failed", quoted(username), exc=exc)
             raise TemporaryFailure("upstream mail server unavailable") from None
         if not isinstance(exc, imaplib.IMAP4.error):
             raise exc
         if any(code in str(exc).encode("utf-8", "replace") for code in _TEMPORARY_CODES):
-            logger.warning("IMAP login for %r refused temporarily", username)
+            logger.warning("IMAP login for %s refused temporarily", quoted(username))
             raise TemporaryFailure("upstream mail server unavailable") from None
-        logger.info("IMAP server refused the login of %r", username)
+        logger.info("IMAP server refused the login of %s", quoted(username))
 
     def _reap_parked(self) -> None:
         """Log out the parked logins older than ``park_seconds`` (logins
@@ -442,7 +443,7 @@ class IMAPUpstreamAdapter(AdapterBase):
         tails = _pipelined_tails(conn, wanted) if wanted else {}
         missing = [uid for uid, _ in wanted if uid not in tails]
         if missing:  # expunged meanwhile, or an answer we did not understand: ask again next time
-            logger.info("no final octets for %d message(s) of %r", len(missing), account)
+            logger.info("no final octets for %d message(s) of %s", len(missing), quoted(account))
         top = max((uid for uid, _ in messages), default=checked)
         checked = max(checked, min(missing) - 1 if missing else top)
         current = {uid for uid, _ in messages}
@@ -464,7 +465,7 @@ class IMAPUpstreamAdapter(AdapterBase):
             caps = frozenset((data[0] or b"").decode("ascii", "replace").upper().split()) if typ == "OK" else frozenset()
             typ, data = conn.select(_quote(self.folder), readonly=self.read_only)
             if typ != "OK":
-                logger.error("IMAP folder %r cannot be selected for %r: %s", self.folder, username, data)
+                logger.error("IMAP folder %r cannot be selected for %s: %s", self.folder, quoted(username), data)
                 raise PermanentFailure("mail folder not available")
             exists = int(data[0] or 0)
             _, validity = conn.response("UIDVALIDITY")
@@ -489,7 +490,7 @@ class IMAPUpstreamAdapter(AdapterBase):
             raise
         except (*_CONNECTION_ERRORS, imaplib.IMAP4.error, ValueError) as exc:
             self._logout(conn)
-            log_failure(logger, logging.WARNING, "listing IMAP folder %r for %r failed", self.folder, username, exc=exc)
+            log_failure(logger, logging.WARNING, "listing IMAP folder %r for %s failed", self.folder, quoted(username), exc=exc)
             raise TemporaryFailure("upstream mail server unavailable") from None
         except BaseException:
             self._logout(conn)
@@ -546,7 +547,7 @@ class IMAPUpstreamAdapter(AdapterBase):
             if self.on_delete == "trash":
                 if "MOVE" in session.caps:
                     self._ok(conn.uid("MOVE", uids, _quote(self.trash_folder)), "move to trash")
-                    logger.info("moved %d message(s) of %r to %s", len(messages), username, self.trash_folder)
+                    logger.info("moved %d message(s) of %s to %s", len(messages), quoted(username), self.trash_folder)
                     return
                 self._ok(conn.uid("COPY", uids, _quote(self.trash_folder)), "copy to trash")
             self._ok(conn.uid("STORE", uids, "+FLAGS.SILENT", r"(\Deleted)"), "flag as deleted")
@@ -563,9 +564,9 @@ class IMAPUpstreamAdapter(AdapterBase):
                     log_failure(logger, logging.WARNING, "could not remove \\Deleted flags again", exc=exc)
                 raise
         except (*_CONNECTION_ERRORS, imaplib.IMAP4.error) as exc:
-            log_failure(logger, logging.WARNING, "IMAP delete for %r failed", username, exc=exc)
+            log_failure(logger, logging.WARNING, "IMAP delete for %s failed", quoted(username), exc=exc)
             raise TemporaryFailure("could not delete messages upstream") from None
-        logger.info("deleted %d message(s) of %r upstream", len(messages), username)
+        logger.info("deleted %d message(s) of %s upstream", len(messages), quoted(username))
 
     @staticmethod
     def _ok(reply: Tuple[str, list], what: str) -> None:

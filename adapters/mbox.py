@@ -69,6 +69,7 @@ import time
 from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Set, Tuple
 
 from pop3frame import AdapterBase, MessageInfo, PermanentFailure, TemporaryFailure
+from pop3frame.clientlog import quoted
 from pop3frame.protocol import CHUNK_SIZE, measure_stream
 
 from .maildir import safe_user_name
@@ -255,7 +256,7 @@ class MboxAdapter(AdapterBase):
     # -- opening, without following symlinks -----------------------------------
 
     def _refuse(self, username: str, what: str) -> PermanentFailure:
-        logger.error("mbox of %r (%s): %s; not served", username, self.path(username), what)
+        logger.error("mbox of %s (%s): %s; not served", quoted(username), self.path(username), what)
         return PermanentFailure("mailbox is not a regular file")
 
     @contextlib.contextmanager

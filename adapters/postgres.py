@@ -40,6 +40,7 @@ import time
 from typing import Any, BinaryIO, Callable, Dict, List, Optional, Sequence, Set, Tuple, TypeVar, Union
 
 from pop3frame import AdapterBase, MessageInfo, TemporaryFailure
+from pop3frame.clientlog import quoted
 from pop3frame.config import ServerConfig
 from pop3frame.locks import Lock, LockManager
 from pop3frame.passwords import SAMPLE_SIZE, PasswordCheck, hash_password
@@ -620,7 +621,7 @@ class PostgresStore(AdapterBase):
         # No retry: a failure at COMMIT leaves the outcome unknown to us.
         deleted = self._run(work, retry=False)
         if deleted != len(ids):
-            logger.info("%r: %d of %d messages were already gone", username, len(ids) - deleted, len(ids))
+            logger.info("%s: %d of %d messages were already gone", quoted(username), len(ids) - deleted, len(ids))
 
     def _before_commit(self, conn: Any, username: str, messages: Sequence[MessageInfo]) -> None:
         """Hook called inside the deletion transaction, before COMMIT.
@@ -863,7 +864,7 @@ class PostgresLockManager(LockManager):
                 return
             try:
                 if not conn.execute("SELECT pg_advisory_unlock(%s)", (key,)).fetchone()[0]:
-                    logger.error("mailbox %r was not locked on the lock connection at release", name)
+                    logger.error("mailbox %s was not locked on the lock connection at release", quoted(name))
             except self._psycopg.OperationalError as exc:
                 self._lost(exc)
 

@@ -97,6 +97,7 @@ import threading
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Set, Tuple, Union
 
 from pop3frame import AdapterBase, MessageInfo, PermanentFailure, POP3Error, TemporaryFailure
+from pop3frame.clientlog import quoted
 from pop3frame.failures import log_failure
 from pop3frame.passwords import table_check
 from pop3frame.protocol import wire_size
@@ -277,7 +278,7 @@ class SQLQueryAdapter(AdapterBase):
             logger.error("%s: misconfigured query: %s", self.name, exc)
             raise PermanentFailure("misconfigured query") from None
         except Exception:
-            logger.exception("%s: query failed for %r", self.name, username)
+            logger.exception("%s: query failed for %s", self.name, quoted(username))
             raise TemporaryFailure("database query failed") from None
         finally:
             self._close(conn)
@@ -445,9 +446,9 @@ class SQLQueryAdapter(AdapterBase):
             # One transaction for all rows: executemany then a single commit.
             cur.executemany(self.delete_statement, params)
             conn.commit()
-            logger.info("%s: deleted %d row(s) for %r", self.name, len(messages), username)
+            logger.info("%s: deleted %d row(s) for %s", self.name, len(messages), quoted(username))
         except Exception:
-            logger.exception("%s: delete failed for %r; rolled back", self.name, username)
+            logger.exception("%s: delete failed for %s; rolled back", self.name, quoted(username))
             try:
                 conn.rollback()
             except Exception:

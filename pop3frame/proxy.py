@@ -22,6 +22,8 @@ import struct
 import time
 from typing import NamedTuple, Optional, Tuple
 
+from .clientlog import quoted
+
 __all__ = [
     "ProxyError",
     "ProxyHeader",
@@ -64,7 +66,7 @@ class ProxyHeader(NamedTuple):
 
 def _port(text: str) -> int:
     if not text.isdigit() or (len(text) > 1 and text[0] == "0") or len(text) > 5 or int(text) > 65535:
-        raise ProxyError("bad port %r" % text)
+        raise ProxyError("bad port %s" % quoted(text))
     return int(text)
 
 
@@ -77,12 +79,12 @@ def _ip(text: str, version: int) -> str:
     try:
         ip = ipaddress.ip_address(text)
     except ValueError:
-        raise ProxyError("bad address %r" % text) from None
+        raise ProxyError("bad address %s" % quoted(text)) from None
     if ip.version != version:
-        raise ProxyError("address %r is not IPv%d" % (text, version))
+        raise ProxyError("address %s is not IPv%d" % (quoted(text), version))
     if version == 4 and text != str(ip):
         # The spec wants dotted decimal without leading zeros.
-        raise ProxyError("bad address %r" % text)
+        raise ProxyError("bad address %s" % quoted(text))
     return str(ip)
 
 
@@ -106,7 +108,7 @@ def parse_v1(line: bytes) -> ProxyHeader:
         raise ProxyError("v1 header needs 6 fields, got %d" % len(parts))
     _, family, src, dst, sport, dport = parts
     if family not in ("TCP4", "TCP6"):
-        raise ProxyError("unknown v1 family %r" % family)
+        raise ProxyError("unknown v1 family %s" % quoted(family))
     version = 4 if family == "TCP4" else 6
     return ProxyHeader(1, "PROXY", family, (_ip(src, version), _port(sport)), (_ip(dst, version), _port(dport)))
 

@@ -29,6 +29,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from . import protocol
 from .adapter import AdapterBase
+from .clientlog import clipped, quoted
 from .config import LOOPBACK, ServerConfig, client_key, in_networks, parse_networks
 from .handler import POP3Handler, kernel_timeval
 from .locks import LockManager
@@ -223,10 +224,11 @@ class SessionHandler(POP3Handler):
         # one (login, TLS, quit, how it ended), failed logins included.
         logger.info(
             "[%s] session end: peer %s port %s, user %s, %d retrieved, %d deleted, %d octets sent, %.3f s, %s%s%s",
-            session.id, host, port, "%r" % session.user if session.user else "-", retrieved, deleted, sent,
+            session.id, host, port, quoted(session.user) if session.user else "-", retrieved, deleted, sent,
             duration, self.ended, ", %d failed login%s" % (failures, "" if failures == 1 else "s") if failures else "",
             ", " + self.tls_version if self.tls_version else "",
-            extra={"session": session.id, "peer": host, "port": port, "user": session.user,
+            extra={"session": session.id, "peer": host, "port": port,
+                   "user": clipped(session.user) if session.user else None,
                    "retrieved": retrieved, "deleted": deleted, "bytes_out": sent,
                    "duration": round(duration, 3), "ended": self.ended, "failed_logins": failures,
                    "tls": self.tls_version},

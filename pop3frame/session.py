@@ -31,6 +31,7 @@ from .adapter import (
     TemporaryFailure,
 )
 from .auth import FailureThrottle, LoginDelayTracker, PasswordChecks
+from .clientlog import quoted
 from .config import ServerConfig, in_networks, parse_networks
 from .lifecycle import process_id
 from .locks import Lock, LockManager
@@ -428,7 +429,8 @@ class Session:
         if not checks.acquire(self.login_deadline, self.client_gone):
             # The deadline passed or the client left while others' checks
             # ran: end like an autologout, with no reply.
-            self.log.info("no password check for %r before the login deadline or the client left; closing", user)
+            self.log.info("no password check for %s before the login deadline or the client left; closing",
+                          quoted(user))
             self.closing = True
             return None
         try:
@@ -465,7 +467,7 @@ class Session:
         self._messages = messages
         self.state = State.TRANSACTION
         count, size = len(messages), sum(m.size for m in messages)
-        self.log.debug("login %r from %s: %s, %s", user, self.peer[0], protocol.plural(count, "message"),
+        self.log.debug("login %s from %s: %s, %s", quoted(user), self.peer[0], protocol.plural(count, "message"),
                        protocol.plural(size, "octet"))
         # RFC 6856 section 2.1: outside UTF-8 mode no non-ASCII string may
         # reach the client, and a UTF-8 name may log in before UTF8 (2.2).
@@ -479,7 +481,7 @@ class Session:
         operator (and fail2ban) must see guessing as it happens.
         """
         self._failures += 1
-        self.log.info("login failed for %r from %s: %s (%d on this connection)", user, self.peer[0], why,
+        self.log.info("login failed for %s from %s: %s (%d on this connection)", quoted(user), self.peer[0], why,
                       self._failures)
         if self._failures >= self.config.max_auth_failures:
             self.closing = True
@@ -765,7 +767,7 @@ class Session:
             left = len(self._messages) - len(doomed)
         finally:
             self.finish()
-        self.log.debug("quit %r: %d retrieved, %d deleted", self.user, self.retrieved, self.deleted_count)
+        self.log.debug("quit %s: %d retrieved, %d deleted", quoted(self.user or ""), self.retrieved, self.deleted_count)
         suffix = "maildrop empty" if left == 0 else "%s left" % protocol.plural(left, "message")
         return [protocol.ok("%s (%s)" % (signoff, suffix))]
 

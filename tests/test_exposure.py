@@ -6,6 +6,7 @@ time-dependent limits run on an injected clock.
 """
 from __future__ import annotations
 
+import base64
 import logging
 import os
 import re
@@ -18,6 +19,7 @@ import trustme
 
 from pop3frame.adapters.memory import MemoryAdapter
 from pop3frame.auth import FailureThrottle
+from pop3frame.clientlog import quoted
 from pop3frame.server import ConnectionTracker
 from pop3frame.testing import Controller, ManualClock
 from tests.helpers import RawClient, tls_files
@@ -219,6 +221,32 @@ def test_a_withheld_reply_past_the_login_deadline_closes_the_connection_at_the_d
         clock.advance(0.5)
         assert c.read_all() == b""
         assert "autologout: no login within 120 s of connecting" in caplog.text
+
+
+def test_client_text_in_log_lines_is_quoted_and_clipped(caplog):
+    """A user name reaches the log escaped and clipped (pop3frame.clientlog.quoted):
+    a "login failed" line once carried the whole 6 KB name of an AUTH PLAIN response,
+    line breaks and terminal escapes included (repr escaped those, but kept them all)."""
+    caplog.set_level(logging.DEBUG, logger="pop3frame")
+    forged = "A" * 6000 + "\n2026-01-01 INFO pop3frame.session forged\x1b[2K\u2028"
+    long_name = "b" * 200
+    with Controller(MemoryAdapter({long_name: "pw"}), max_auth_failure_delay=0) as server:
+        with RawClient(server.address) as c:
+            response = base64.b64encode(b"\0" + forged.encode() + b"\0pw").decode()
+            assert c.cmd("AUTH PLAIN") == b"+ \r\n"
+            assert c.cmd(response) == WRONG  # RFC 5034 section 4: a response may exceed 255 octets
+            assert c.login(long_name, "pw").startswith(b"+OK")
+            assert c.cmd("QUIT").startswith(b"+OK")
+        assert server.wait_for_connections(0)
+    lines = [r.getMessage() for r in caplog.records if r.name.startswith("pop3frame")]
+    assert any("login failed for 'AAAA" in line for line in lines)
+    assert any("user '%s'..." % ("b" * 64) in line for line in lines)  # the session summary
+    for line in lines:
+        assert len(line) < 400 and line.isprintable(), line[:200]
+        assert "forged" not in line and "b" * 65 not in line
+    summary = next(r for r in caplog.records if "session end" in r.getMessage() and r.user)
+    assert summary.user == "b" * 64 + "..."  # the JSON log's field, clipped too
+    assert quoted("\udcff\x00\u202e" * 100) == repr("\udcff\x00\u202e" * 21 + "\udcff") + "..."
 
 
 TOO_MANY = b"-ERR too many invalid commands, closing connection\r\n"
