@@ -22,6 +22,7 @@ full connection table refuses the connection.
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import mmap
@@ -30,6 +31,7 @@ import shutil
 import struct
 import tempfile
 import threading
+import time
 import weakref
 from typing import Callable, Dict, Iterator, List, Optional, Set, Tuple
 
@@ -144,7 +146,19 @@ class SharedLock:
     worker killed holding it leaves one record half-updated).  One lock per
     table, so looking up failed logins never waits for a connection's
     admission in another worker.
+
+    No thread waits for a second lock while it holds one of these (they are
+    taken around single table operations; password-check places are only
+    ever tried, never waited for), so no deadlock exists to detect.  The
+    kernel detects one anyway: it owns record locks by process, so worker A
+    waiting for the failures table while another of its threads holds the
+    connections table, and worker B, holding the failures table, asking for
+    the connections table, look like a cycle, and B's request fails with
+    EDEADLK.  That request is tried again every :attr:`retry` seconds until
+    A's thread lets go (it waits for nothing).
     """
+
+    retry = 0.001
 
     def __init__(self, memory: SharedMemory, octet: int) -> None:
         self._fd = memory._fd
@@ -155,7 +169,14 @@ class SharedLock:
     def __enter__(self) -> "SharedLock":
         self._threads.acquire()
         try:
-            fcntl.lockf(self._fd, fcntl.LOCK_EX, 1, self._octet)
+            while True:
+                try:
+                    fcntl.lockf(self._fd, fcntl.LOCK_EX, 1, self._octet)
+                    break
+                except OSError as exc:
+                    if exc.errno != errno.EDEADLK:
+                        raise
+                time.sleep(self.retry)
         except BaseException:
             self._threads.release()
             raise

@@ -6,12 +6,15 @@ checked to the second without waiting for them.
 """
 from __future__ import annotations
 
+import errno
+import fcntl
 import os
 import pickle
 import random
 import select
 import signal
 import socket
+import threading
 import time
 
 import pytest
@@ -288,6 +291,78 @@ def test_a_waiting_check_gets_a_place_freed_in_another_worker():
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
         for fd in go + holding:
+            os.close(fd)
+
+
+def _waits_for_a_record_lock(pid: int) -> bool:
+    """Whether process ``pid`` has a request for an fcntl record lock blocked in the kernel."""
+    with open("/proc/locks") as f:
+        return any(line.split()[1:3] == ["->", "POSIX"] and line.split()[5] == str(pid) for line in f)
+
+
+def test_two_workers_waiting_for_each_others_tables_wait_instead_of_failing():
+    """Record locks belong to a process, so the kernel's deadlock check saw a cycle
+    where there is none: this process's threads hold the connections table and
+    wait for the failures table, the child holds the failures table and asks
+    for the connections table.  That request failed with EDEADLK (seen as
+    '-ERR [SYS/TEMP]' after PASS and dropped connections under
+    'serve --workers 2' with 16 clients); it must wait for the table instead."""
+    state = host()
+    connections, failures = state.connections.lock, state.failure_records.mutex
+    go, report = os.pipe(), os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover (the child)
+        try:
+            signal.alarm(60)  # never outlive a test that failed
+            with failures:
+                os.write(report[1], b"h")
+                os.read(go[0], 1)  # this process's thread waits for the failures table now
+                lockf, told = fcntl.lockf, []
+
+                def observed(*args):  # the real call, reporting the kernel's first EDEADLK
+                    try:
+                        return lockf(*args)
+                    except OSError as exc:
+                        if exc.errno == errno.EDEADLK and not told:
+                            told.append(os.write(report[1], b"d"))
+                        raise
+
+                fcntl.lockf = observed
+
+                def ask() -> None:
+                    try:
+                        with connections:
+                            os.write(report[1], b"ok")
+                    except OSError as exc:
+                        os.write(report[1], errno.errorcode[exc.errno].encode())
+
+                asking = threading.Thread(target=ask)
+                asking.start()
+                asking.join(50)
+        finally:
+            os._exit(0)
+    waiter = None
+    try:
+        assert select.select([report[0]], [], [], 20)[0] and os.read(report[0], 1) == b"h"
+        got = []
+        with connections:
+            waiter = threading.Thread(target=lambda: got.append(failures.__enter__()))
+            waiter.start()
+            deadline = time.monotonic() + 20
+            while not _waits_for_a_record_lock(os.getpid()):
+                assert time.monotonic() < deadline, "the thread never waited for the failures table"
+                select.select([], [], [], 0.01)
+            os.write(go[1], b"x")
+            # The kernel has answered the child's request for the connections table with EDEADLK.
+            assert select.select([report[0]], [], [], 20)[0] and os.read(report[0], 1) == b"d"
+        assert select.select([report[0]], [], [], 20)[0] and os.read(report[0], 64) == b"ok"
+        waiter.join(20)
+        assert got == [failures]
+        failures.__exit__(None, None, None)
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        for fd in go + report:
             os.close(fd)
 
 
