@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import ipaddress
 import os
 import socket
@@ -14,6 +15,7 @@ __all__ = ["ServerConfig", "RFC1939_MIN_AUTOLOGOUT", "LOOPBACK", "parse_networks
 LOOPBACK = ("127.0.0.0/8", "::1/128")
 
 Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
+IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
 
 
 def parse_networks(cidrs: Sequence[str], what: str) -> List[Network]:
@@ -24,17 +26,29 @@ def parse_networks(cidrs: Sequence[str], what: str) -> List[Network]:
         raise ValueError("%s: %s" % (what, exc)) from None
 
 
-def in_networks(address: str, networks: Sequence[Network]) -> bool:
-    """Whether an IP address is in one of ``networks``; an IPv6 zone is
-    ignored and an IPv4-mapped IPv6 address counts as its IPv4 address."""
+@functools.lru_cache(maxsize=4096)
+def _address(address: str) -> Optional[IPAddress]:
+    """``address`` as an IP address (an IPv6 zone dropped, an IPv4-mapped IPv6
+    address as its IPv4 address), None if it is not one.  Cached: every
+    connection asks about its address several times (limits, trust, failed
+    logins), and parsing one costs microseconds."""
     try:
         ip = ipaddress.ip_address(address.split("%", 1)[0])
     except ValueError:
-        return False
+        return None
     if ip.version == 6 and ip.ipv4_mapped:
-        ip = ip.ipv4_mapped
-    return any(ip in net for net in networks)
+        return ip.ipv4_mapped
+    return ip
 
+
+def in_networks(address: str, networks: Sequence[Network]) -> bool:
+    """Whether an IP address is in one of ``networks``; an IPv6 zone is
+    ignored and an IPv4-mapped IPv6 address counts as its IPv4 address."""
+    ip = _address(address)
+    return ip is not None and any(ip in net for net in networks)
+
+
+@functools.lru_cache(maxsize=4096)
 def client_key(address: str) -> str:
     """What per-address limits count a client under.
 
@@ -42,14 +56,11 @@ def client_key(address: str) -> str:
     counts as its /64, the smallest block a subscriber is given (RFC 6177),
     so one client cannot pose as 2**64 others.  Anything else is itself.
     """
-    try:
-        ip = ipaddress.ip_address(address.split("%", 1)[0])
-    except ValueError:
+    ip = _address(address)
+    if ip is None:
         return address
     if ip.version == 4:
         return str(ip)
-    if ip.ipv4_mapped:
-        return str(ip.ipv4_mapped)
     return str(ipaddress.IPv6Network((ip, 64), strict=False))
 
 

@@ -254,6 +254,31 @@ def test_connection_threads_hand_records_to_one_writer(root_logging):
     assert len(stream.getvalue().splitlines()) == 2000
 
 
+def test_records_that_come_while_the_writer_gathers_go_out_in_one_write(root_logging):
+    """Connection threads do not wake the writer for every line: woken by a record,
+    it lets more gather (GATHER seconds, cut short by flush() and close()) and
+    writes them together, so a server logging a line per session makes one
+    write() per interval instead of a wake-up and a write() per session."""
+    stream = ThreadStream()
+    writer = setup_logging("INFO", stream=stream)
+    writer.GATHER = 60.0  # here only flush() ends the gathering
+    log = logging.getLogger("pop3frame.t")
+    log.info("line 0")
+    pause = threading.Event()
+    for _ in range(1000):  # until the writer has taken the first record, 10 s at most
+        if writer.queue.empty():
+            break
+        pause.wait(0.01)
+    assert writer.queue.empty()
+    for i in range(1, 20):
+        log.info("line %d", i)
+    writer.flush(10)
+    lines = stream.getvalue().splitlines()
+    assert [line.rsplit(" ", 1)[1] for line in lines] == [str(i) for i in range(20)]
+    assert stream.writes == 1
+    writer.close()
+
+
 class BlockedStream(io.StringIO):
     """A stream whose write waits until ``flowing`` is set (a pipe nobody reads)."""
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import stringprep
 import subprocess
+import unicodedata
 
 import pytest
 
@@ -103,6 +105,25 @@ def test_apop_rfc1939_vector():
 def test_saslprep_rfc4013_examples(given, prepared):
     """RFC 4013 section 3: the examples that prepare."""
     assert sasl.saslprep(given) == prepared
+
+
+def test_saslprep_leaves_printable_ascii_alone():
+    """RFC 4013 section 2: no step changes or refuses a printable ASCII character
+    (saslprep returns such strings as they are, without looking them up): none
+    is mapped (2.1, tables B.1 and C.1.2), form KC keeps it (2.2), none is
+    prohibited (2.3) or right-to-left (2.4, table D.1), and all are
+    assigned (2.5).  An ASCII control character still goes through the tables."""
+    printable = [chr(c) for c in range(0x20, 0x7F)]
+    for c in printable:
+        assert not stringprep.in_table_b1(c) and not stringprep.in_table_c12(c)
+        assert unicodedata.ucd_3_2_0.normalize("NFKC", c) == c
+        assert not any(table(c) for table in sasl._PROHIBITED) and not stringprep.in_table_a1(c)
+        assert not stringprep.in_table_d1(c)  # no RandALCat: the bidi rule never applies
+    text = "".join(printable)
+    assert sasl.saslprep(text) == text and sasl.saslprep(text, stored=True) == text
+    for control in ("\x00", "\x1f", "\x7f", "bench\r\n"):
+        with pytest.raises(sasl.SASLError):
+            sasl.saslprep(control)
 
 
 @pytest.mark.parametrize("given", ["\u0007", "\u0627\u0031", "\ufffd", "\u00ad"])
