@@ -182,6 +182,25 @@ class SharedLock:
             raise
         return self
 
+    def try_acquire(self) -> bool:
+        """Take the lock only if no thread or process holds it now (then leave it
+        with ``__exit__``); never waits.
+
+        For the supervisor, which must go on reaping, forking and answering
+        signals while a worker stopped in the middle of a table operation
+        (SIGSTOP, a debugger) holds the lock.
+        """
+        if not self._threads.acquire(blocking=False):
+            return False
+        try:
+            fcntl.lockf(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, self._octet)
+        except OSError as exc:
+            self._threads.release()
+            if exc.errno in (errno.EAGAIN, errno.EACCES):
+                return False
+            raise
+        return True
+
     def __exit__(self, *exc: object) -> None:
         try:
             fcntl.lockf(self._fd, fcntl.LOCK_UN, 1, self._octet)
@@ -560,9 +579,18 @@ class HostState:
                                                      poll=min(1.0, config.poll_interval))
         return context
 
-    def release(self, slot: int) -> None:
-        """Forget the connections of worker ``slot``, which is gone (its sockets closed with it)."""
-        with self.connections.lock:
+    def release(self, slot: int) -> bool:
+        """Forget the connections of worker ``slot``, which is gone (its sockets closed with it).
+
+        Never waits: False, with nothing done, while another process holds
+        the connection table's lock (a worker stopped in the middle of an
+        admission); call again later, and fork no worker for ``slot`` before
+        this returned True, or it would lose its own counts.
+        """
+        lock = self.connections.lock
+        if not lock.try_acquire():
+            return False
+        try:
             self._totals[slot] = 0
             for key, counts in self.connections.items():
                 if counts[slot]:
@@ -571,6 +599,9 @@ class HostState:
                         self.connections.put(key, rest)
                     else:
                         self.connections.delete(key)
+        finally:
+            lock.__exit__()
+        return True
 
     def close(self) -> None:
         """Remove the lock directory (in the process that made it, once the workers are gone)."""

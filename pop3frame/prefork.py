@@ -57,7 +57,7 @@ import os
 import select
 import signal
 import time
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Type
+from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple, Type
 
 from .lifecycle import SignalLoop
 
@@ -152,7 +152,10 @@ class Supervisor:
     ``on_ready(slot, note)`` for each worker that reported ready,
     ``on_started()`` once the first set all did,
     ``on_exit(slot)`` after a worker is reaped (release what it held in
-    shared state, before a new worker takes its slot), ``on_reload()`` on
+    shared state, before a new worker takes its slot; it must not wait for
+    a lock a stopped worker may hold, and returns False if it could not
+    finish: it is called again every :attr:`retry` seconds, and the slot
+    stays empty until it returned True), ``on_reload()`` on
     SIGHUP before it is relayed, ``grace()`` the current shutdown grace.
 
     :meth:`run` returns 0 after a stop, or raises :class:`StartFailed` if a
@@ -169,7 +172,7 @@ class Supervisor:
         grace: Callable[[], float] = lambda: 10.0,
         on_ready: Callable[[int, str], None] = lambda slot, note: None,
         on_started: Callable[[], None] = lambda: None,
-        on_exit: Callable[[int], None] = lambda slot: None,
+        on_exit: Callable[[int], Optional[bool]] = lambda slot: None,
         on_reload: Callable[[], None] = lambda: None,
         expected: Tuple[Type[BaseException], ...] = (),
         backoff: Optional[Backoff] = None,
@@ -189,6 +192,7 @@ class Supervisor:
         self.clock = clock
         self._children: Dict[int, _Child] = {}  # pid -> child
         self._due: Dict[int, float] = {}  # slot -> when to fork it again
+        self._unreleased: Set[int] = set()  # slots whose on_exit must be called again
         self._stopping: Optional[float] = None  # deadline once stopping
         #: Why the first set of workers could not start (None: no failure yet).
         self._start_failure: Optional[str] = None
@@ -237,10 +241,15 @@ class Supervisor:
         self._starting = False
         return True
 
+    #: Seconds between calls of ``on_exit`` for a slot it could not clean up yet.
+    retry = 0.1
+
     def _supervise(self) -> None:
         while True:
             now = self.clock()
-            timers = list(self._due.values()) + ([self._stopping] if self._stopping else [])
+            # A slot still to clean up is tried again every `retry` seconds, not when it is due.
+            timers = [when for slot, when in self._due.items() if slot not in self._unreleased] \
+                + ([self._stopping] if self._stopping else []) + ([now + self.retry] if self._unreleased else [])
             self._step(max(0.0, min(timers) - now) if timers else None)
             if self._stopping is not None:
                 if not self._children:
@@ -249,9 +258,12 @@ class Supervisor:
                     self._finish()
                     return
                 continue
+            for slot in sorted(self._unreleased):
+                if self._clean_up(slot):
+                    self._unreleased.discard(slot)
             now = self.clock()
             for slot, when in sorted(self._due.items()):
-                if when <= now:
+                if when <= now and slot not in self._unreleased:
                     del self._due[slot]
                     self._fork(slot)
 
@@ -326,10 +338,9 @@ class Supervisor:
     def _exited(self, child: _Child, status: int) -> None:
         lived = self.clock() - child.started
         how = _describe(status)
-        try:
-            self.on_exit(child.slot)
-        except Exception:
-            logger.exception("cleaning up after worker %d failed", child.slot)
+        released = self._clean_up(child.slot)
+        if not released:
+            self._unreleased.add(child.slot)
         if self._stopping is not None:
             logger.info("worker %d (pid %d) %s", child.slot, child.pid, how)
             return
@@ -338,9 +349,19 @@ class Supervisor:
             return
         delay = self.backoff.delay(child.slot, lived)
         why = ": %s" % child.failure if child.failure else ""
-        logger.error("worker %d (pid %d) %s after %.1f s%s; forking a new one in %g s",
-                     child.slot, child.pid, how, lived, why, delay)
+        logger.error("worker %d (pid %d) %s after %.1f s%s; forking a new one in %g s%s",
+                     child.slot, child.pid, how, lived, why, delay,
+                     "" if released else ", once another process (a stopped worker?) lets go of the shared "
+                     "memory it was counted in")
         self._due[child.slot] = self.clock() + delay
+
+    def _clean_up(self, slot: int) -> bool:
+        """``on_exit(slot)``; False if it must be called again."""
+        try:
+            return self.on_exit(slot) is not False
+        except Exception:
+            logger.exception("cleaning up after worker %d failed", slot)
+            return True
 
     def _stop(self) -> None:
         self._stopping = self.clock() + self.grace() + STOP_MARGIN

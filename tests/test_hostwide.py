@@ -399,6 +399,25 @@ def test_a_process_killed_holding_the_shared_lock_blocks_nobody():
     assert in_child(lambda: state.tracker(1, context()).count_ip("192.0.2.1")) == 0
 
 
+def test_clearing_a_dead_workers_counts_never_waits_for_the_table():
+    """The supervisor calls release(): with the table's lock held elsewhere (a worker
+    stopped mid-admission) it says so instead of waiting, and clears once it is free."""
+    state = host(max_connections_per_ip=2)
+    sock = socket.socket()
+    try:
+        counted = Held(lambda: state.tracker(0, context(max_connections_per_ip=2)).admit(sock, "198.51.100.1", None))
+        assert counted.result is None
+        counted.kill()
+        holder = Held(lambda: state.connections.lock.__enter__() is state.connections.lock)
+        assert state.release(0) is False
+        assert state.tracker(1, context()).count_host() == 1  # nothing changed meanwhile
+        holder.kill()
+        assert state.release(0) is True
+        assert state.tracker(1, context()).count_ip("198.51.100.1") == 0 and len(state.connections) == 0
+    finally:
+        sock.close()
+
+
 @pytest.mark.parametrize("runtime", [True, False])
 def test_the_lock_directory_is_private_and_under_the_runtime_directory(tmp_path, monkeypatch, runtime):
     if runtime:

@@ -9,6 +9,7 @@ workers.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import re
@@ -18,6 +19,7 @@ import urllib.request
 
 import pytest
 
+from pop3frame.hostwide import PLACES
 from pop3frame.prefork import Backoff
 from tests.helpers import RawClient, reachable_dir
 from tests.pg import pg_db, pg_dsn, wait_until_unlocked  # noqa: F401  (fixtures)
@@ -252,6 +254,39 @@ def test_crashed_workers_are_forked_again_with_backoff(tmp_path):
         with RawClient(("127.0.0.1", d.port)) as c:
             assert c.login("demo", "demo").startswith(b"+OK")
         assert d.stop() == 0
+
+
+@contextlib.contextmanager
+def tables_held(supervisor: int):
+    """Every table lock of the memory ``supervisor`` shares with its workers, held by this process:
+    what a worker stopped (SIGSTOP, a debugger) in the middle of a table operation holds."""
+    fd_dir = "/proc/%d/fd" % supervisor
+    name = next(n for n in os.listdir(fd_dir) if "memfd:pop3frame-shared" in os.readlink(os.path.join(fd_dir, n)))
+    fd = os.open(os.path.join(fd_dir, name), os.O_RDWR)
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX, PLACES, 0)
+        yield
+    finally:
+        os.close(fd)  # and with it the locks
+
+
+def test_a_worker_stopped_holding_the_shared_tables_does_not_stop_the_supervisor(tmp_path):
+    """The supervisor cleared a dead worker's connection counts under the table's lock,
+    waiting for it: with the holder stopped, it logged no death, forked no worker and
+    ignored SIGTERM.  Now it goes on, and clears the counts once the lock is free."""
+    with serve(tmp_path, "--listen", "127.0.0.1:0", "--shutdown-grace", "0.2") as d:
+        first, _ = workers(d)
+        with tables_held(d.proc.pid):
+            os.kill(first, signal.SIGKILL)
+            d.wait_for(r"worker 0 \(pid %d\) was killed by SIGKILL after [\d.]+ s; forking a new one in 0 s, "
+                       r"once another process \(a stopped worker\?\) lets go" % first)
+        second = int(d.wait_for(r"worker 0 ready \(pid (\d+)\)").group(1))
+        with RawClient(("127.0.0.1", d.port)) as c:
+            assert c.login("demo", "demo").startswith(b"+OK")
+        with tables_held(d.proc.pid):
+            os.kill(second, signal.SIGKILL)
+            d.wait_for(r"worker 0 \(pid %d\) was killed by SIGKILL" % second)
+            assert d.stop() == 0  # SIGTERM: the other worker stops, and so does the supervisor
 
 
 def test_workers_stop_when_the_supervisor_is_killed(tmp_path):
