@@ -133,7 +133,9 @@ def subjects(server, user="alice", password="alice-pw"):
 
 
 def raw_session(server, user="alice", password="alice-pw") -> RawClient:
-    raw = RawClient(server.address)
+    # 60 s as retr_interrupted: the feed store parses its file at each login,
+    # seconds with the tests' 16 MB message in it, and over 10 s under load.
+    raw = RawClient(server.address, timeout=60)
     assert raw.login(user, password).startswith(b"+OK")
     return raw
 
