@@ -5,6 +5,8 @@ import pathlib
 import re
 import shlex
 import signal
+import socket
+import sqlite3
 import subprocess
 import sys
 
@@ -15,6 +17,40 @@ from pop3frame.testing import Controller
 
 from .helpers import README, RawClient, literal_block
 from .processes import Daemon, Piped, pop3frame
+
+def test_quick_start_session_as_shown(tmp_path):
+    """The quick start's telnet session, line by line, against ``pop3frame
+    serve`` on a new ./pop3frame.db: the same replies, but for the parts the
+    README says differ.  The unique-id (RFC 1939 section 7, UIDL) is the
+    store's id, the message's number and a part drawn at delivery: the README
+    showed ``6f2a91c3.2`` long after the random part was added."""
+    shown = literal_block("$ telnet localhost 1100").splitlines()[1:]
+    uid = re.search(r"^\+OK 2 (\w+)\.2\.(\w+)$", "\n".join(shown), re.M)
+    assert uid, shown
+    text = pathlib.Path(README).read_text(encoding="utf-8")
+    assert "is the store's id (``%s``" % uid.group(1) in text
+    with Daemon("--listen", "127.0.0.1:0", cwd=str(tmp_path)) as d:
+        with sqlite3.connect(str(tmp_path / "pop3frame.db")) as db:
+            (store_id,) = db.execute("SELECT value FROM meta WHERE key = 'store_id'").fetchone()
+        db.close()
+
+        def expected(line: str) -> str:
+            pattern = re.escape(line).replace(uid.group(1), store_id).replace(uid.group(2), "[0-9a-f]{8}")
+            return pattern.replace("myhost", re.escape(socket.gethostname()))
+
+        with RawClient(("127.0.0.1", d.port)) as c:
+            assert re.fullmatch(expected(shown[0]), c.greeting.decode().rstrip("\r\n"))
+            commands = 0
+            for line in shown[1:]:
+                if not line.startswith(("+OK", "-ERR")) and re.match(r"[A-Z]{3,4}( |$)", line):
+                    c.send(line.encode() + b"\r\n")
+                    commands += 1
+                else:
+                    got = c.line().decode().rstrip("\r\n")
+                    assert re.fullmatch(expected(line), got), (line, got)
+            assert commands == 6 and c.read_all() == b""
+        assert d.stop() == 0
+
 
 def test_myserver_script_through_the_cli(tmp_path):
     """``pop3frame serve --adapter myserver.py:ReportAdapter`` serves the README's adapter."""

@@ -3,13 +3,15 @@ from __future__ import annotations
 
 import base64
 import os
+import shlex
 import subprocess
 
 from pop3frame.adapters.maildir import MaildirAdapter
 from pop3frame.adapters.passwdfile import PasswdFile, set_password
 from pop3frame.testing import Controller
 from tests.harness_maildir import deliver_like_an_mda
-from tests.helpers import require_program
+from tests.helpers import RawClient, literal_block, require_program
+from tests.processes import Daemon
 
 
 MESSAGES = [
@@ -47,3 +49,31 @@ def test_mpop_fetches_maildir_byte_exact(tmp_path):
     # --keep=off: mpop deleted what it fetched, through DELE + QUIT.
     assert os.listdir(os.path.join(mail, "alice", "new")) == []
     assert os.listdir(os.path.join(mail, "alice", "cur")) == []
+
+
+def test_readme_mpop_needs_tls_off_and_auth_user_against_the_quick_start(tmp_path):
+    """README's mpop line against the quick start's store (SQLite, which
+    offers no challenge-response mechanism): mpop's defaults refuse to send
+    a password without TLS; with --tls=off --auth=user (USER/PASS, RFC 1939
+    section 7) it fetches the three demo messages and, keeping them, deletes
+    nothing."""
+    mpop = require_program("mpop")
+    line = literal_block("mpop --host=127.0.0.1").strip()
+    assert "\n" not in line
+    with Daemon("--listen", "127.0.0.1:0", cwd=str(tmp_path)) as d:
+        words = shlex.split(line.replace("--port=1100", "--port=%d" % d.port))
+        assert words[0] == "mpop" and "--port=%d" % d.port in words
+        env = dict(os.environ, HOME=str(tmp_path), LC_ALL="C")
+
+        def run(argv):
+            return subprocess.run([mpop, *argv[1:], "--passwordeval=echo demo"], cwd=str(tmp_path),
+                                  capture_output=True, text=True, env=env, timeout=120)
+
+        refused = run([w for w in words if w not in ("--tls=off", "--auth=user")])
+        assert refused.returncode != 0 and "cannot use a secure authentication method" in refused.stderr, refused
+        result = run(words)
+        assert result.returncode == 0, result.stderr
+        assert (tmp_path / "demo.mbox").read_bytes().count(b"\nSubject: ") == 3
+        with RawClient(("127.0.0.1", d.port)) as c:
+            assert c.login("demo", "demo") == b"+OK demo's maildrop has 3 messages (683 octets)\r\n"
+        assert d.stop() == 0
