@@ -4,8 +4,12 @@ from __future__ import annotations
 import configparser
 import pathlib
 import re
+import shlex
 
 import pytest
+
+from tests.helpers import RawClient
+from tests.processes import Daemon, pop3frame
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -32,3 +36,58 @@ def test_dockerfile_copies_what_the_install_needs(dockerfile):
             copied.update(p.rstrip("/") for p in line.split()[1:-1])
     assert build_inputs() <= copied, build_inputs() - copied
     assert re.search(r"^RUN pip install --no-cache-dir '\.\[", (ROOT / dockerfile).read_text(), re.M)
+
+
+def dockerfile_commands(dockerfile: str) -> list:
+    """The shell commands in a Dockerfile's comments (``#   command``, continued by a trailing backslash)."""
+    commands, current = [], ""
+    for line in (ROOT / dockerfile).read_text().splitlines():
+        if not line.startswith("#   "):
+            current = ""
+            continue
+        current += line[1:].strip()
+        if current.endswith("\\"):
+            current = current[:-1] + " "
+        else:
+            commands.append(current)
+            current = ""
+    return commands
+
+
+def test_dockerfile_local_try_as_written(tmp_path):
+    """docs/Dockerfile's local try, the container's /data a temporary directory
+    and each ``docker exec`` run in it as WORKDIR: the store it names and the
+    0.0.0.0 listener get no demo user (its comment promised demo/demo), the
+    documented ``user add`` and ``deliver`` fill it, and ops logs in."""
+    commands = dockerfile_commands("docs/Dockerfile")
+    run = next(c for c in commands if c.startswith("docker run -d "))
+    serve = shlex.split(run)
+    serve = serve[serve.index("serve") + 1:]
+    assert serve[:2] == ["--sqlite", "/data/pop3frame.db"] and "0.0.0.0:1100" in serve
+    # Loopback stands in for Docker's bridge, where the container sees its clients come from.
+    assert serve[serve.index("--trusted-network") + 1] == "172.16.0.0/12"
+    moved = {"/data": str(tmp_path), "0.0.0.0:1100": "127.0.0.1:0", "172.16.0.0/12": "127.0.0.0/8"}
+    serve = [moved.get(w, w).replace("/data/", str(tmp_path) + "/") for w in serve]
+    with Daemon(*serve, cwd=str(tmp_path)) as d:
+        with RawClient(("127.0.0.1", d.port)) as c:
+            assert c.login("demo", "demo").startswith(b"-ERR [AUTH]")
+        execs = [c for c in commands if "docker exec -i pop3frame pop3frame " in c]
+        assert len(execs) == 2
+        for command in execs:
+            piped, _, inside = command.rpartition("docker exec -i pop3frame pop3frame ")
+            words, _, here = inside.partition("<<<")
+            if here:
+                data = shlex.split(here)[0] + "\n"
+            else:
+                printf = shlex.split(piped.rstrip(" |"))
+                assert printf[0] == "printf" and len(printf) == 2
+                data = printf[1].replace("\\n", "\n")
+            out = pop3frame(*shlex.split(words), input=data.encode(), cwd=str(tmp_path))
+            assert out.returncode == 0, out.stderr
+        telnet = next(c for c in commands if c.startswith("telnet "))
+        assert telnet == "telnet localhost 1100"
+        with RawClient(("127.0.0.1", d.port)) as c:
+            assert c.login("ops", "s3cret") == b"+OK ops's maildrop has 1 message (38 octets)\r\n"
+            c.send(b"TOP 1 0\r\n")
+            assert c.multiline().endswith(b"\r\nSubject: hello\r\n\r\n.\r\n")
+        assert d.stop() == 0
