@@ -260,23 +260,10 @@ def resolve_settings(args: argparse.Namespace) -> Settings:
     return settings
 
 
-def load_tls(settings: Settings):
-    if not settings.cert:
-        return None
-    from .tls import TLSCertificates
-
-    try:
-        return TLSCertificates(settings.cert, settings.key)
-    except (OSError, ssl.SSLError) as exc:
-        raise UsageError("cannot load --cert/--key (%s, %s): %s"
-                         % (settings.cert, settings.key, _tls_reason(exc))) from None
-
-
-def _tls_reason(exc: Exception) -> str:
-    """Why a certificate and key did not load, in words (OpenSSL's own are cryptic)."""
-    if isinstance(exc, ssl.SSLError):
-        return "not a PEM certificate chain and its private key (OpenSSL: %s)" % (exc.reason or exc)
-    return reason(exc)
+def load_tls(args: argparse.Namespace, settings: Settings):
+    tls, found = preflight.load_tls(settings)
+    _raise_problems(args, settings, found)
+    return tls
 
 
 # -- serve ------------------------------------------------------------------------
@@ -349,7 +336,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             uid, gid, _ = resolve_ids(settings.user, settings.group)
         except ValueError as exc:
             raise UsageError("--%s" % exc) from None
-    tls = load_tls(settings)
+    tls = load_tls(args, settings)
     # Code is imported and ports are bound first (110 and 995 need root),
     # then privileges are dropped, and only then are the store and the lock
     # directory opened: files they create must belong to the user that
@@ -572,14 +559,18 @@ def _loopback(host: str) -> bool:
 
 
 #: The flag that sets a config key, for naming a problem with it.
-_FLAGS = {"adapter.passwd": "passwd", "locks.directory": "lock_dir", "pid_file": "pid_file", "user": "user"}
+_FLAGS = {"adapter.passwd": "passwd", "locks.directory": "lock_dir", "pid_file": "pid_file", "user": "user",
+          "tls.cert": "cert", "tls.key": "key"}
 
 
 def _check_paths(args: argparse.Namespace, settings: Settings) -> None:
-    """As the user that serves, what it must read and what it will create
-    (:mod:`preflight`); ConfigError with every problem, each named as the
-    operator wrote it: by the flag, else by the config file's key and line."""
-    found = preflight.problems(settings)
+    """As the user that serves, what it must read and what it will create (:mod:`preflight`)."""
+    _raise_problems(args, settings, preflight.problems(settings))
+
+
+def _raise_problems(args: argparse.Namespace, settings: Settings, found: List[preflight.Problem]) -> None:
+    """ConfigError with every problem found, each named as the operator wrote
+    it: by the flag, else by the config file's key and line."""
     if not found:
         return
     text = configfile.text_of(settings.source) if settings.source else ""
@@ -652,14 +643,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         else:
             if os.geteuid() == 0:
                 switch = lambda: drop_privileges(settings.user, settings.group)  # noqa: E731
-    if settings.cert and settings.key:  # one without the other is already a problem
-        from .tls import TLSCertificates
-
-        try:
-            TLSCertificates(settings.cert, settings.key)
-        except (OSError, ssl.SSLError) as exc:
-            errors.append(error("tls.cert", "cannot load certificate/key: %s" % _tls_reason(exc)))
-    found = preflight.pid_file_problems(settings) + preflight.problems_as(settings, switch)
+    found = preflight.load_tls(settings)[1] + preflight.pid_file_problems(settings)
+    found += preflight.problems_as(settings, switch)
     errors += [error(key, message) for key, message in found]
     if errors:
         raise ConfigError.of(errors)

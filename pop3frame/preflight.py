@@ -6,7 +6,8 @@ serve: the mail root (Maildir, mbox, directory), the passwd-file (readable,
 no malformed line), and what the server creates (the SQLite store, the lock
 directory).  ``pop3frame check-config`` runs the same checks, as that user
 too (:func:`problems_as`, in a child process when it runs as root), and
-the pid file's directory, which ``serve`` writes before the switch.
+what ``serve`` reads or writes before the switch: the pid file's directory,
+the TLS certificate and key (:func:`load_tls`).
 
 Nothing is created or changed.  A problem is ``(key, message)``: ``key``
 the config file key (``adapter.path``), ``message`` one line.
@@ -16,11 +17,16 @@ from __future__ import annotations
 import json
 import os
 import pwd
-from typing import Callable, List, Optional, Tuple
+import ssl
+from typing import TYPE_CHECKING, Callable, List, Optional, Tuple
 
 from .configfile import DEFAULT_DB, Settings
+from .failures import reason
 
-__all__ = ["Problem", "problems", "problems_as", "pid_file_problems"]
+if TYPE_CHECKING:
+    from .tls import TLSCertificates
+
+__all__ = ["Problem", "problems", "problems_as", "pid_file_problems", "load_tls", "tls_reason"]
 
 Problem = Tuple[str, str]
 
@@ -85,16 +91,23 @@ def _mbox(key: str, template: str) -> List[Problem]:
     return _directory(key, os.path.dirname(head) or ".", "directory of the mbox files")
 
 
+def _read(key: str, path: str) -> Tuple[Optional[bytes], List[Problem]]:
+    """The contents of a file the server reads, or the problem reading it."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(), []
+    except FileNotFoundError:
+        return None, [(key, "no such file: %s" % path)]
+    except OSError as exc:
+        return None, [(key, "cannot read %s as %s: %s" % (path, _who(), exc.strerror or exc))]
+
+
 def _passwd(key: str, path: str) -> List[Problem]:
     from pop3frame.adapters.passwdfile import malformed_lines
 
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except FileNotFoundError:
-        return [(key, "no such file: %s" % path)]
-    except OSError as exc:
-        return [(key, "cannot read %s as %s: %s" % (path, _who(), exc.strerror or exc))]
+    data, found = _read(key, path)
+    if data is None:
+        return found
     bad = malformed_lines(data)
     found = [(key, "%s:%d: malformed line (expected user:{SCHEME}hash)" % (path, n))
              for n in bad[:MAX_LINES_REPORTED]]
@@ -118,6 +131,34 @@ def problems(settings: Settings) -> List[Problem]:
     if settings.lock_backend == "file" and settings.lock_dir:
         found += _creatable("locks.directory", settings.lock_dir, "lock directory")
     return found
+
+
+def tls_reason(exc: Exception) -> str:
+    """Why a certificate and key did not load, in words (OpenSSL's own are cryptic)."""
+    if isinstance(exc, ssl.SSLError):
+        return "not a PEM certificate chain and its private key (OpenSSL: %s)" % (exc.reason or exc)
+    return reason(exc)
+
+
+def load_tls(settings: Settings) -> Tuple[Optional["TLSCertificates"], List[Problem]]:
+    """The certificate and key of ``settings``, loaded as the current user
+    (``serve`` reads them before it switches user), or the problems: each
+    file that cannot be read under its own key (a missing key file is not
+    the certificate's fault), then a pair that does not load."""
+    if not (settings.cert and settings.key):
+        return None, []  # one without the other: a mistake the settings already name
+    found: List[Problem] = []
+    for key, path in (("tls.cert", settings.cert), ("tls.key", settings.key)):
+        found += _read(key, path)[1]
+    if found:
+        return None, found
+    from .tls import TLSCertificates
+
+    try:
+        return TLSCertificates(settings.cert, settings.key), []
+    except (OSError, ssl.SSLError) as exc:
+        return None, [("tls.cert", "cannot load %s with the key %s: %s" % (settings.cert, settings.key,
+                                                                         tls_reason(exc)))]
 
 
 def pid_file_problems(settings: Settings) -> List[Problem]:

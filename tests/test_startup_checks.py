@@ -247,7 +247,7 @@ def test_shipped_example_validates_in_a_temporary_tree(tmp_path):
     config = example_in(tmp_path)
     missing = errors(pop3frame("check-config", config, cwd=str(tmp_path)))
     assert [re.sub(r"^pop3frame: [^:]+:\d+: ", "", line).split(":")[0] for line in missing] == [
-        "tls.cert", "adapter.path", "adapter.passwd"]
+        "tls.cert", "tls.key", "adapter.path", "adapter.passwd"]
     (tmp_path / "etc").mkdir()
     (tmp_path / "mail").mkdir()
     (tmp_path / "etc" / "passwd").write_text("alice:{PLAIN}pw\n")
@@ -307,3 +307,29 @@ def test_check_config_with_a_certificate_but_no_key_and_an_unknown_table(tmp_pat
         "3: tls.key: missing: TLS needs both cert and key",
         "5: extra: unknown key",
     )]
+
+
+def test_certificate_and_key_are_checked_each_by_its_own_name(tmp_path):
+    """A missing certificate and a missing key are two problems, each named
+    (one "cannot load certificate/key: No such file or directory" line used
+    to hide which, and the key only showed once the certificate was there);
+    an unreadable pair is one line naming both files."""
+    out = pop3frame("serve", "--demo", "--listen", "127.0.0.1:0", "--cert", "cert.pem", "--key", "key.pem",
+                    cwd=str(tmp_path))
+    assert errors(out) == ["pop3frame: --cert: no such file: cert.pem", "pop3frame: --key: no such file: key.pem"]
+    config = write_config(tmp_path, '[tls]\ncert = "cert.pem"\nkey = "key.pem"\n')
+    assert errors(pop3frame("check-config", config, cwd=str(tmp_path))) == [
+        "pop3frame: %s:2: tls.cert: no such file: cert.pem" % config,
+        "pop3frame: %s:3: tls.key: no such file: key.pem" % config]
+    (tmp_path / "cert.pem").write_text("not a certificate\n")
+    assert errors(pop3frame("check-config", config, cwd=str(tmp_path))) == [
+        "pop3frame: %s:3: tls.key: no such file: key.pem" % config]
+    (tmp_path / "key.pem").mkdir()
+    assert errors(pop3frame("serve", "--config", config, "--listen", "127.0.0.1:0", cwd=str(tmp_path))) == [
+        "pop3frame: %s:3: tls.key: cannot read key.pem as user %s: Is a directory"
+        % (config, pwd.getpwuid(os.geteuid()).pw_name)]
+    (tmp_path / "key.pem").rmdir()
+    (tmp_path / "key.pem").write_text("not a key\n")
+    (line,) = errors(pop3frame("check-config", config, cwd=str(tmp_path)))
+    assert line.startswith("pop3frame: %s:2: tls.cert: cannot load cert.pem with the key key.pem: not a PEM "
+                           "certificate chain and its private key (OpenSSL: " % config), line
