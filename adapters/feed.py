@@ -53,6 +53,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Set, 
 
 from pop3frame import AdapterBase, MessageInfo, PermanentFailure, POP3Error, TemporaryFailure
 from pop3frame.clientlog import quoted
+from pop3frame.extras import install_hint
 from pop3frame.failures import log_failure
 from pop3frame.passwords import table_check
 from pop3frame.protocol import wire_size
@@ -71,7 +72,7 @@ def _feedparser():
     try:
         import feedparser
     except ImportError:
-        raise ImportError("the feed adapter needs feedparser: pip install 'pop3frame[feeds]'") from None
+        raise ImportError("the feed adapter needs feedparser: %s" % install_hint("feeds")) from None
     return feedparser
 
 

@@ -42,6 +42,7 @@ from typing import Any, BinaryIO, Callable, Dict, List, Optional, Sequence, Set,
 from pop3frame import AdapterBase, MessageInfo, TemporaryFailure
 from pop3frame.clientlog import quoted
 from pop3frame.config import ServerConfig
+from pop3frame.extras import install_hint
 from pop3frame.locks import Lock, LockManager
 from pop3frame.passwords import SAMPLE_SIZE, PasswordCheck, hash_password
 from pop3frame.protocol import Measure, valid_uid
@@ -123,9 +124,6 @@ CREATE TABLE pop3frame_schema_version (
 )
 """
 
-_INSTALL_HINT = "pip install 'pop3frame[postgres]'"
-
-
 def import_driver():
     """Import psycopg 3 and psycopg_pool, or fail with the install command."""
     try:
@@ -133,7 +131,7 @@ def import_driver():
         import psycopg_pool
     except ImportError as exc:
         raise ImportError(
-            "the PostgreSQL store needs psycopg 3 and psycopg_pool (%s): %s" % (exc, _INSTALL_HINT)
+            "the PostgreSQL store needs psycopg 3 and psycopg_pool (%s): %s" % (exc, install_hint("postgres"))
         ) from exc
     return psycopg, psycopg_pool
 

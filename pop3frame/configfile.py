@@ -25,6 +25,7 @@ import typing
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 from .config import LOOPBACK, ServerConfig, parse_networks
+from .extras import install_hint
 
 __all__ = [
     "ConfigError",
@@ -295,7 +296,7 @@ def _toml():
     try:
         import tomli
     except ImportError:
-        raise ConfigError("reading TOML needs Python 3.11 or the tomli package (pip install 'pop3frame[toml]')")
+        raise ConfigError("reading TOML needs Python 3.11 or the tomli package: %s" % install_hint("toml"))
     return tomli
 
 

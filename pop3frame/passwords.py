@@ -44,6 +44,8 @@ import secrets
 import threading
 from typing import Callable, Dict, Iterable, Mapping, Optional, Tuple
 
+from .extras import install_hint
+
 __all__ = [
     "hash_password",
     "verify_password",
@@ -80,7 +82,7 @@ def _need(module: str, extra: str = "passwords"):
         return __import__(module, fromlist=["_"])
     except ImportError:
         raise UnsupportedScheme(
-            "this scheme needs the %r package: pip install 'pop3frame[%s]'" % (module, extra)
+            "this scheme needs the %r package: %s" % (module, install_hint(extra))
         ) from None
 
 

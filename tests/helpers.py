@@ -24,7 +24,8 @@ from pop3frame.server import POP3Server, SessionHandler
 
 CRLF = b"\r\n"
 
-README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.rst")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+README = os.path.join(ROOT, "README.rst")
 
 
 def literal_block(starts_with: str) -> str:

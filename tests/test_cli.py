@@ -15,7 +15,7 @@ import urllib.request
 import pytest
 
 from pop3frame.proxy import build_v1, build_v2
-from tests.helpers import RawClient, demo_store, reachable_dir, tls_files
+from tests.helpers import ROOT, RawClient, demo_store, reachable_dir, tls_files
 from tests.processes import Daemon, on_port_0, pop3frame, write_config
 
 
@@ -646,13 +646,27 @@ BLOCK_PSYCOPG = ("import sys; sys.modules['psycopg'] = sys.modules['psycopg_pool
 def test_postgres_without_psycopg_says_what_to_install(args, prefix):
     """In an interpreter where psycopg cannot be imported (None in
     sys.modules makes every import of it fail), the one line names the extra
-    to install instead of claiming it cannot connect."""
+    to install instead of claiming it cannot connect: for the README's
+    checkout and venv, the command that installs it there (``pip`` is not on
+    the PATH, and pop3frame comes from the checkout, not from an index)."""
     out = subprocess.run([sys.executable, "-c", BLOCK_PSYCOPG, *on_port_0(args)], input=b"Subject: x\n\nx\n",
-                         capture_output=True, timeout=60)
+                         capture_output=True, timeout=60, cwd=ROOT)
     err = out.stderr.decode()
     assert out.returncode == 2 and len(err.splitlines()) == 1, err
     assert err.startswith(prefix + "the PostgreSQL store needs psycopg 3 and psycopg_pool"), err
-    assert err.rstrip().endswith("pip install 'pop3frame[postgres]'") and "cannot connect" not in err
+    python = os.path.relpath(sys.executable, ROOT)  # .venv/bin/python in the README's set-up
+    assert err.endswith(": %s -m pip install -e '.[postgres]'\n" % python) and "cannot connect" not in err
+
+
+def test_install_hint_for_a_checkout_and_for_an_installed_package(tmp_path, monkeypatch):
+    """Outside the checkout its path is absolute; a pop3frame installed from
+    an index (no setup.cfg beside the package) is installed by name."""
+    from pop3frame import extras
+
+    monkeypatch.chdir(tmp_path)
+    assert extras.install_hint("feeds") == "%s -m pip install -e '%s[feeds]'" % (sys.executable, ROOT)
+    monkeypatch.setattr(extras, "_ROOT", str(tmp_path))
+    assert extras.install_hint("feeds") == "%s -m pip install 'pop3frame[feeds]'" % sys.executable
 
 
 def test_check_config_names_the_adapter_type_when_its_extra_is_missing(tmp_path):

@@ -15,10 +15,9 @@ from email.parser import BytesParser
 import pytest
 
 from pop3frame.testing import Controller
-from tests.helpers import require_program, retr_lines_to_bytes
-from tests.helpers import assert_clean
+from tests.helpers import ROOT, assert_clean, require_program, retr_lines_to_bytes
 
-EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
+EXAMPLES = pathlib.Path(ROOT) / "examples"
 
 
 def load(name):
@@ -234,12 +233,15 @@ def test_imap_proxy_builder():
         dovecot.cleanup()
 
 
-def test_feed_reader_without_feedparser_says_what_to_install(tmp_path):
-    """Run as its header says, in a Python where feedparser cannot be
-    imported: one line naming the package to install, not a traceback."""
+def test_feed_reader_without_feedparser_says_what_to_install():
+    """Run as its header says, from the checkout, in a Python where
+    feedparser cannot be imported: one line with the command that installs
+    it there, not a traceback (``pip install 'pop3frame[feeds]'`` named a
+    ``pip`` that is not on the PATH and a package that is not on an index)."""
     run = ("import runpy, sys; sys.modules['feedparser'] = None; "
-           "sys.argv = ['feed_reader.py', 'https://example.org/news.atom', '0']; "
-           "runpy.run_path(%r, run_name='__main__')" % str(EXAMPLES / "feed_reader.py"))
-    out = subprocess.run([sys.executable, "-c", run], capture_output=True, text=True, timeout=60, cwd=str(tmp_path))
+           "sys.argv = ['examples/feed_reader.py', 'https://example.org/news.atom', '0']; "
+           "runpy.run_path('examples/feed_reader.py', run_name='__main__')")
+    out = subprocess.run([sys.executable, "-c", run], capture_output=True, text=True, timeout=60, cwd=str(ROOT))
     assert out.returncode == 1 and out.stdout == ""
-    assert out.stderr == "the feed adapter needs feedparser: pip install 'pop3frame[feeds]'\n"
+    python = os.path.relpath(sys.executable, ROOT)  # .venv/bin/python, as the header has it
+    assert out.stderr == "the feed adapter needs feedparser: %s -m pip install -e '.[feeds]'\n" % python

@@ -12,6 +12,7 @@ import hashlib
 import io
 import logging
 import poplib
+import re
 import subprocess
 import sys
 import threading
@@ -23,6 +24,7 @@ import pytest
 
 from pop3frame import TemporaryFailure
 from pop3frame.config import ServerConfig
+from pop3frame.extras import install_hint
 from pop3frame.adapters.postgres import (
     _VERSION_TABLE,
     CHUNK,
@@ -70,9 +72,9 @@ def pop(address, user="alice", password="alice-pw"):
 def test_missing_driver_names_the_extra(monkeypatch):
     """The module imports without psycopg; using it says what to install."""
     monkeypatch.setitem(sys.modules, "psycopg", None)
-    with pytest.raises(ImportError, match=r"pip install 'pop3frame\[postgres\]'"):
+    with pytest.raises(ImportError, match=re.escape(install_hint("postgres")) + "$"):
         PostgresStore("dbname=none")
-    with pytest.raises(ImportError, match=r"pip install 'pop3frame\[postgres\]'"):
+    with pytest.raises(ImportError, match=re.escape(install_hint("postgres")) + "$"):
         PostgresLockManager("dbname=none")
 
 
