@@ -7,6 +7,8 @@ import importlib.util
 import os
 import pathlib
 import poplib
+import shlex
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -16,6 +18,7 @@ import pytest
 
 from pop3frame.testing import Controller
 from tests.helpers import ROOT, assert_clean, require_program, retr_lines_to_bytes
+from tests.processes import Piped
 
 EXAMPLES = pathlib.Path(ROOT) / "examples"
 
@@ -245,3 +248,78 @@ def test_feed_reader_without_feedparser_says_what_to_install():
     assert out.returncode == 1 and out.stdout == ""
     python = os.path.relpath(sys.executable, ROOT)  # .venv/bin/python, as the header has it
     assert out.stderr == "the feed adapter needs feedparser: %s -m pip install -e '.[feeds]'\n" % python
+
+
+def header_command(name: str, *replace) -> list:
+    """The command an example's header gives (``.venv/bin/python examples/NAME.py ...``), as
+    words, run with this Python and the example's absolute path; ``replace``: (old, new) word pairs."""
+    text = (EXAMPLES / (name + ".py")).read_text()
+    line = next(l for l in text.splitlines() if ".venv/bin/python examples/%s.py" % name in l)
+    words = shlex.split(line[line.index(".venv/bin/python"):].split(";")[0], comments=True)
+    assert words[:2] == [".venv/bin/python", "examples/%s.py" % name], line
+    words[:2] = [sys.executable, str(EXAMPLES / (name + ".py"))]
+    for old, new in replace:
+        assert old in words, (old, line)
+        words[words.index(old)] = new
+    return words
+
+
+def run_as_its_header_says(words, cwd, user, password, messages):
+    """Start the example, log in, count the messages; then Ctrl-C: exit status 0, no traceback."""
+    with Piped(words, cwd=cwd) as p:
+        port = int(p.wait_for(r"INFO pop3frame\.server listening on 127\.0\.0\.1 port (\d+)$").group(1))
+        client = poplib.POP3("127.0.0.1", port, timeout=30)
+        client.user(user)
+        client.pass_(password)
+        assert client.stat()[0] == messages
+        client.quit()
+        p.signal(signal.SIGINT)
+        assert p.proc.wait(30) == 0
+        rest = p.rest()
+    assert "Traceback" not in rest and "interrupted: stopped listening" in rest, rest
+
+
+def test_custom_adapter_run_as_its_header_says(tmp_path):
+    """``custom_adapter.py todo.txt [PORT]`` where there is no todo.txt used to
+    listen anyway and answer every login with a traceback (FileNotFoundError);
+    without arguments, an IndexError.  Now one usage line, exit status 1."""
+    words = header_command("custom_adapter", ("[PORT]", "0"))
+    assert words[2] == "todo.txt"
+    usage = "usage: custom_adapter.py FILE [PORT]: FILE, one message per line, must exist\n"
+    for argv in (words, words[:2]):
+        out = subprocess.run(argv, cwd=str(tmp_path), capture_output=True, text=True, timeout=60)
+        assert (out.returncode, out.stdout, out.stderr) == (1, "", usage)
+    (tmp_path / "todo.txt").write_text("buy milk\ncall Bob\n")
+    run_as_its_header_says(words, str(tmp_path), "anyone", "secret", 2)
+
+
+def test_function_mail_run_as_its_header_says(tmp_path):
+    run_as_its_header_says(header_command("function_mail", ("[PORT]", "0")), str(tmp_path), "me", "secret", 1)
+
+
+def test_feed_reader_run_as_its_header_says(tmp_path):
+    """The header's feed URL replaced by a local feed (the tests have no network)."""
+    from tests.feeds import RSS, FeedServer
+
+    feeds = FeedServer()
+    feeds.publish("/rss", RSS)
+    try:
+        words = header_command("feed_reader", ("https://example.org/news.atom", feeds.url("/rss")), ("[PORT]", "0"))
+        run_as_its_header_says(words, str(tmp_path), "reader", "reader", 3)
+    finally:
+        feeds.close()
+
+
+def test_imap_proxy_run_as_its_header_says(tmp_path):
+    """The header's IMAP server replaced by a local Dovecot (without implicit TLS)."""
+    from tests.dovecot import Dovecot, require as require_dovecot
+
+    require_dovecot()
+    dovecot = Dovecot().start()
+    try:
+        dovecot.add_user("alice", "alice-pw")
+        dovecot.append("alice", b"Subject: via IMAP\r\n\r\nhello\r\n")
+        words = header_command("imap_proxy", ("imap.example.org", "127.0.0.1"), ("ssl", "plain"), ("1100", "0"))
+        run_as_its_header_says(words + ["--imap-port", str(dovecot.port)], str(tmp_path), "alice", "alice-pw", 1)
+    finally:
+        dovecot.cleanup()
