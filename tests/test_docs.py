@@ -7,10 +7,12 @@ import os
 import pathlib
 import re
 import shlex
+import subprocess
+import sys
 
 import pytest
 
-from tests.helpers import RawClient
+from tests.helpers import RawClient, require_program
 from tests.processes import Daemon, pop3frame
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -116,3 +118,26 @@ def test_every_document_is_checked():
         documents.update(os.path.relpath(os.path.join(top, f), ROOT) for f in files if f.endswith(".rst"))
     checked = set(test_documents_are_plain_restructuredtext.pytestmark[0].args[1])
     assert documents == checked
+
+
+def test_systemd_unit_runs_what_its_install_steps_install(tmp_path):
+    """docs/pop3frame.service started /usr/local/bin/pop3frame, which none of
+    its install steps made (Debian's Python refuses a system-wide pip
+    install): its ExecStart is the venv its steps create, and
+    ``systemd-analyze verify`` accepts the unit with that venv's pop3frame
+    (this test's own stands in for it)."""
+    analyze = require_program("systemd-analyze")
+    unit = (ROOT / "docs" / "pop3frame.service").read_text()
+    steps = [line[1:].strip() for line in unit.splitlines() if line.startswith("#   ")]
+    venv = re.fullmatch(r"python3 -m venv (\S+) && \1/bin/pip install '\.\[passwords\]'", steps[0])
+    assert venv, steps[0]
+    (start,) = re.findall(r"^ExecStart=(\S+) serve --config (\S+)$", unit, re.M)
+    assert start[0] == venv.group(1) + "/bin/pop3frame"
+    assert any("cp docs/example.toml %s " % start[1] in step for step in steps)
+    assert "%s check-config %s" % start in steps
+    ours = os.path.join(os.path.dirname(sys.executable), "pop3frame")
+    assert os.access(ours, os.X_OK)
+    (tmp_path / "pop3frame.service").write_text(unit.replace("ExecStart=" + start[0], "ExecStart=" + ours))
+    out = subprocess.run([analyze, "verify", str(tmp_path / "pop3frame.service")], capture_output=True, text=True,
+                         timeout=60)
+    assert (out.returncode, out.stdout, out.stderr) == (0, "", "")
