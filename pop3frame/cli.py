@@ -545,10 +545,13 @@ def _demo_hint(listeners: Sequence[Listener], sockets: Sequence[Any]) -> Optiona
     if any(l.proxy_protocol for l in listeners) or not all(_loopback(host) for host, _ in bound):
         return None
     names = ["localhost" if host in ("127.0.0.1", "::1") else host for host, _ in bound]
+    # The client first: on a fresh machine it is there and telnet often is not.
+    # Named as it was started (.venv/bin/pop3frame in the README), so the line can be copied.
+    prog = sys.argv[0] if os.path.basename(sys.argv[0]) == "pop3frame" else "pop3frame"
     for listener, name, (_, port) in zip(listeners, names, bound):
         if not listener.tls:
-            return "telnet %s %d" % (name, port)
-    return "curl -k pop3s://demo:demo@%s/1" % configfile.format_address((names[0], bound[0][1]))
+            return "%s client %s:%d (or telnet %s %d)" % (prog, name, port, name, port)
+    return "%s client --tls --insecure %s" % (prog, configfile.format_address((names[0], bound[0][1])))
 
 
 def _loopback(host: str) -> bool:

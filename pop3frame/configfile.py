@@ -698,7 +698,7 @@ def adapter_factory(spec: AdapterSpec, log=None, threads: Optional[int] = None,
     sizes its pool to.
 
     ``demo_hint``: called when the store is built, it says how to reach the
-    server (``telnet localhost 1100``, for the log) when the embedded
+    server (``pop3frame client localhost:1100``, for the log) when the embedded
     default may be seeded with user ``demo`` (password ``demo``), or None;
     without it nothing is ever seeded.  Where it says None, the ``demo``
     store is refused too.  Even then only a store at the

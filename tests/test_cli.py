@@ -61,7 +61,8 @@ def test_default_store_is_sqlite_seeded_with_demo(tmp_path):
     """The quick start: a new ./pop3frame.db on loopback gets demo/demo, and
     the log says where to reach it: the port really bound, not 1100."""
     with Daemon("--listen", "127.0.0.1:0", cwd=str(tmp_path)) as d:
-        assert d.saw(r"new store pop3frame\.db: added user 'demo' .*; try: telnet localhost %d$" % d.port)
+        assert d.saw(r"new store pop3frame\.db: added user 'demo' .*; try: pop3frame client localhost:%d "
+                     r"\(or telnet localhost %d\)$" % (d.port, d.port))
         with RawClient(("127.0.0.1", d.port)) as c:
             assert c.login("demo", "demo") == b"+OK demo's maildrop has 3 messages (683 octets)\r\n"
             c.cmd("QUIT")

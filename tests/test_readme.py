@@ -1,6 +1,7 @@
 """The code in README.rst runs as shown: a stale README is a failing test."""
 from __future__ import annotations
 
+import os
 import pathlib
 import re
 import shlex
@@ -50,6 +51,24 @@ def test_quick_start_session_as_shown(tmp_path):
                     assert re.fullmatch(expected(line), got), (line, got)
             assert commands == 6 and c.read_all() == b""
         assert d.stop() == 0
+
+
+def test_quick_start_log_names_a_client_that_is_there(tmp_path):
+    """``.venv/bin/pop3frame serve`` on a fresh machine: the log's "try:"
+    line said ``telnet localhost 1100``, which a machine with only python3
+    lacks.  It now gives the client as it was started, and that command,
+    run as printed, logs in as demo."""
+    script = os.path.relpath(os.path.join(os.path.dirname(sys.executable), "pop3frame"), str(tmp_path))
+    with Piped([script, "serve", "--listen", "127.0.0.1:0"], cwd=str(tmp_path)) as p:
+        hint = p.wait_for(r"added user 'demo' .*; try: (\S+ client localhost:(\d+)) \(or telnet localhost \2\)$")
+        assert hint.group(1).startswith(script + " client ")
+        p.wait_for(r"listening on 127\.0\.0\.1 port %s$" % hint.group(2))
+        out = subprocess.run(shlex.split(hint.group(1)), input=b"USER demo\nPASS demo\nQUIT\n", cwd=str(tmp_path),
+                             capture_output=True, timeout=60)
+        assert out.returncode == 0, out
+        assert b"+OK demo's maildrop has 3 messages (683 octets)\r\n" in out.stdout
+        p.signal(signal.SIGTERM)
+        assert p.proc.wait(30) == 0
 
 
 def test_myserver_script_through_the_cli(tmp_path):
