@@ -28,15 +28,23 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README = os.path.join(ROOT, "README.rst")
 
 
-def literal_block(starts_with: str) -> str:
-    """The reStructuredText literal block whose first line starts with ``starts_with``."""
-    with open(README, encoding="utf-8") as f:
+def literal_block(starts_with: str, document: str = "README.rst") -> str:
+    """The reStructuredText literal block whose first line starts with
+    ``starts_with``, in README.rst or another ``document`` of the repository."""
+    with open(os.path.join(ROOT, document), encoding="utf-8") as f:
         text = f.read()
     for block in re.findall(r"::\n\n((?:(?: {4}.*)?\n)+)", text):
         code = textwrap.dedent(block)
         if code.startswith(starts_with):
             return code
-    raise AssertionError("no literal block starting with %r in README.rst" % starts_with)
+    raise AssertionError("no literal block starting with %r in %s" % (starts_with, document))
+
+
+def moved_into(text: str, tree) -> str:
+    """A config text (docs/example.toml, a docs snippet) with its /etc, /var/mail and /run paths inside ``tree``."""
+    for old, new in (("/etc/pop3frame", "etc"), ("/var/mail", "mail"), ("/run/pop3frame", "run")):
+        text = text.replace(old, os.path.join(str(tree), new))
+    return text
 
 
 class RawClient:

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from tests.helpers import RawClient, require_program
+from tests.helpers import RawClient, literal_block, moved_into, require_program, tls_files
 from tests.processes import Daemon, pop3frame
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -141,3 +141,47 @@ def test_systemd_unit_runs_what_its_install_steps_install(tmp_path):
     out = subprocess.run([analyze, "verify", str(tmp_path / "pop3frame.service")], capture_output=True, text=True,
                          timeout=60)
     assert (out.returncode, out.stdout, out.stderr) == (0, "", "")
+
+
+def test_configuration_guides_short_config_validates(tmp_path):
+    """docs/configuration.rst's config file "in short", its paths in a
+    temporary tree with the files it names: check-config accepts it."""
+    text = moved_into(literal_block("shutdown_grace = 10", "docs/configuration.rst"), tmp_path)
+    config = tmp_path / "pop3frame.toml"
+    config.write_text(text)
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "mail").mkdir()
+    (tmp_path / "etc" / "passwd").write_text("alice:{PLAIN}pw\n")
+    cert, key, _ = tls_files(tmp_path)
+    os.replace(cert, tmp_path / "etc" / "fullchain.pem")
+    os.replace(key, tmp_path / "etc" / "privkey.pem")
+    out = pop3frame("check-config", str(config), cwd=str(tmp_path))
+    assert (out.returncode, out.stderr) == (0, b"")
+
+
+@pytest.mark.parametrize("document,starts_with", [
+    ("docs/deployment-postgres.rst", "# HAProxy connects here"),
+    ("docs/compose/pop3frame.toml", None),
+])
+def test_postgres_deployment_configs_validate(tmp_path, document, starts_with):
+    """The instance config of the PostgreSQL guide and the compose set-up's
+    file: check-config accepts each as written (it connects to no database)."""
+    text = (ROOT / document).read_text() if starts_with is None else literal_block(starts_with, document)
+    config = tmp_path / "pop3frame.toml"
+    config.write_text(text)
+    out = pop3frame("check-config", str(config), cwd=str(tmp_path))
+    assert (out.returncode, out.stderr) == (0, b"")
+    assert 'type = "postgres"' in out.stdout.decode() and 'backend = "postgres"' in out.stdout.decode()
+
+
+def test_stats_from_python_as_shown():
+    """docs/configuration.rst's Stats snippet runs (``...`` is a statement) and its keys are the counters'."""
+    from pop3frame.adapters.memory import MemoryAdapter
+    from pop3frame.config import ServerConfig
+
+    code = literal_block("from pop3frame.server import ServerGroup", "docs/configuration.rst")
+    names = {"adapter": MemoryAdapter({}), "config": ServerConfig()}
+    exec(compile(code, "configuration.rst", "exec"), names)
+    shown = re.search(r"stats\.snapshot\(\)\s+# (\{.*\})", code).group(1)
+    keys = re.findall(r'"(\w+)": \d+', shown)
+    assert keys and set(keys) <= set(names["stats"].snapshot())

@@ -12,7 +12,7 @@ import socket
 
 import pytest
 
-from tests.helpers import RawClient, reachable_dir
+from tests.helpers import RawClient, moved_into, reachable_dir
 from tests.processes import Daemon, pop3frame, write_config
 
 EXAMPLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "example.toml")
@@ -233,10 +233,7 @@ def test_check_config_reports_every_problem_in_one_run(tmp_path):
 def example_in(tree) -> str:
     """docs/example.toml with its /etc, /var/mail and /run paths moved into ``tree``."""
     with open(EXAMPLE) as f:
-        text = f.read()
-    for old, new in (("/etc/pop3frame", "etc"), ("/var/mail", "mail"), ("/run/pop3frame", "run")):
-        text = text.replace(old, str(tree / new))
-    return write_config(tree, text, "example.toml")
+        return write_config(tree, moved_into(f.read(), tree), "example.toml")
 
 
 def test_shipped_example_validates_in_a_temporary_tree(tmp_path):

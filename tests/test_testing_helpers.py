@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import socket
+import warnings
+
+import pytest
 
 from pop3frame.adapters.memory import MemoryAdapter
 from pop3frame.testing import Controller, ManualClock
@@ -47,3 +50,13 @@ def test_manual_clock():
     clock = ManualClock(start=5)
     clock.advance(2.5)
     assert clock() == 7.5
+
+
+def test_every_test_runs_with_resource_warnings_as_errors(pytestconfig):
+    """setup.cfg makes a ResourceWarning (an unclosed socket or file, also one
+    the garbage collector finds) fail the test, for .ci/run and the README's
+    test command alike."""
+    assert {"error::ResourceWarning", "error::pytest.PytestUnraisableExceptionWarning"} <= set(
+        pytestconfig.getini("filterwarnings"))
+    with pytest.raises(ResourceWarning):
+        warnings.warn("unclosed socket", ResourceWarning)
