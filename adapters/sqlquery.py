@@ -277,8 +277,8 @@ class SQLQueryAdapter(AdapterBase):
         except ValueError as exc:
             logger.error("%s: misconfigured query: %s", self.name, exc)
             raise PermanentFailure("misconfigured query") from None
-        except Exception:
-            logger.exception("%s: query failed for %s", self.name, quoted(username))
+        except Exception as exc:  # the driver's error: the database's state or the operator's SQL, not a bug here
+            log_failure(logger, logging.ERROR, "%s: query failed for %s", self.name, quoted(username), exc=exc)
             raise TemporaryFailure("database query failed") from None
         finally:
             self._close(conn)
@@ -447,8 +447,9 @@ class SQLQueryAdapter(AdapterBase):
             cur.executemany(self.delete_statement, params)
             conn.commit()
             logger.info("%s: deleted %d row(s) for %s", self.name, len(messages), quoted(username))
-        except Exception:
-            logger.exception("%s: delete failed for %s; rolled back", self.name, quoted(username))
+        except Exception as exc:
+            log_failure(logger, logging.ERROR, "%s: delete failed for %s; rolled back", self.name, quoted(username),
+                        exc=exc)
             try:
                 conn.rollback()
             except Exception:
