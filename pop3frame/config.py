@@ -113,6 +113,13 @@ class ServerConfig:
     #: cannot take every connection, and ten is room for a few people behind
     #: one NAT address (Dovecot's mail_max_userip_connections).
     max_connections_per_ip: int = 10
+    #: Log lines a minute about one client address outside
+    #: ``trusted_networks`` (its sessions' lines and summaries, refusals of
+    #: its connections); further ones are dropped and counted, and one line
+    #: says how many once the minute is over.  0 means no limit.  A real
+    #: session writes one line (a few with failed logins): room for dozens
+    #: of sessions a minute behind one NAT address.
+    max_log_lines_per_ip: int = 60
     #: Failed logins on one connection before it is closed.
     max_auth_failures: int = 3
     #: Other commands answered ``-ERR`` before login (unknown, invalid,
@@ -173,7 +180,7 @@ class ServerConfig:
                      "max_password_checks"):
             if getattr(self, name) < 1:
                 raise ValueError("%s must be at least 1" % name)
-        for name in ("max_connections_per_ip", "login_delay", "stack_size", "free_auth_failures", "thread_keepalive",
+        for name in ("max_connections_per_ip", "max_log_lines_per_ip", "login_delay", "stack_size", "free_auth_failures", "thread_keepalive",
                      "max_auth_failure_delay", "auth_lockout_failures", "auth_lockout_duration"):
             if getattr(self, name) < 0:
                 raise ValueError("%s must not be negative" % name)

@@ -10,7 +10,10 @@ first (:mod:`pop3frame.proxy`), and only from a trusted proxy's address; the
 real client address from it is what limits, the failed-login throttle,
 login delay and logs see.  Each session ends with one summary log line at
 INFO (peer, user, messages retrieved and deleted, octets sent, duration, how
-it ended, failed logins, TLS version); per-event lines are DEBUG.  With a
+it ended, failed logins, TLS version); per-event lines are DEBUG.  Lines
+about a client address outside the trusted networks, summaries and
+refusals included, are bounded per minute
+(:class:`~pop3frame.clientlog.LogBudget`).  With a
 :class:`~pop3frame.stats.Stats` the same
 numbers are counted.
 """
@@ -219,6 +222,8 @@ class SessionHandler(POP3Handler):
             stats.add("messages_deleted", deleted)
             stats.add("bytes_out", sent)
         host, port = self.client_address[:2]
+        if not self.server.context.log_budget.allow(host):
+            return
         failures = getattr(session, "_failures", 0)
         # The one INFO line of a session: what the DEBUG lines said one by
         # one (login, TLS, quit, how it ended), failed logins included.
@@ -540,7 +545,8 @@ class POP3Server(socketserver.ThreadingTCPServer):
                 signal.signal(signal.SIGINT, previous)
 
     def _refuse(self, request: socket.socket, ip: str, refusal: str) -> None:
-        logger.warning("refusing %s: %s", ip, refusal)
+        if self.context.log_budget.allow(ip):
+            logger.warning("refusing %s: %s", ip, refusal)
         if self.stats is not None:
             self.stats.add("refused")
         try:
@@ -551,7 +557,8 @@ class POP3Server(socketserver.ThreadingTCPServer):
 
     def process_request(self, request: socket.socket, client_address) -> None:
         if self.proxy_protocol and not in_networks(client_address[0], self.proxy_networks):
-            logger.warning("refusing %s port %s: not a trusted proxy; closed unread", *client_address[:2])
+            if self.context.log_budget.allow(client_address[0]):
+                logger.warning("refusing %s port %s: not a trusted proxy; closed unread", *client_address[:2])
             if self.stats is not None:
                 self.stats.add("refused")
             self.shutdown_request(request)
@@ -589,7 +596,8 @@ class POP3Server(socketserver.ThreadingTCPServer):
         try:
             header = read_header(request, self.proxy_timeout)
         except ProxyError as exc:
-            logger.warning("refusing %s port %s: bad PROXY header: %s", proxy_address[0], proxy_address[1], exc)
+            if self.context.log_budget.allow(proxy_address[0]):
+                logger.warning("refusing %s port %s: bad PROXY header: %s", proxy_address[0], proxy_address[1], exc)
             if self.stats is not None:
                 self.stats.add("refused")
             return None
@@ -599,6 +607,12 @@ class POP3Server(socketserver.ThreadingTCPServer):
             self._refuse(request, client_address[0], refusal)
             return None
         return client_address
+
+    def service_actions(self) -> None:
+        """Between connections (at least every ``poll_interval`` of serve()): the
+        log budget's summaries of addresses that went quiet."""
+        super().service_actions()
+        self.context.log_budget.sweep()
 
     def handle_error(self, request, client_address) -> None:
         logger.exception("error serving %s", client_address)

@@ -31,7 +31,7 @@ from .adapter import (
     TemporaryFailure,
 )
 from .auth import FailureThrottle, LoginDelayTracker, PasswordChecks
-from .clientlog import quoted
+from .clientlog import LogBudget, quoted
 from .config import ServerConfig, in_networks, parse_networks
 from .lifecycle import process_id
 from .locks import Lock, LockManager
@@ -123,6 +123,8 @@ class SessionContext:
         #: Places for password checks, shared by every session of the server.
         self.password_checks = PasswordChecks.for_config(self.config)
         self.trusted_networks = parse_networks(self.config.trusted_networks, "trusted_networks")
+        #: Log lines per client address (outside the trusted networks).
+        self.log_budget = LogBudget(self.config.max_log_lines_per_ip, self.config.clock, self.is_trusted)
         apop = self.config.apop
         if apop is None:
             apop = adapter.offers_apop()
@@ -154,10 +156,23 @@ UTF8_CREDENTIAL_COMMANDS = frozenset({"USER", "PASS", "APOP"})
 
 
 class SessionLog(logging.LoggerAdapter):
-    """Prefixes every record with the session id, so one grep finds a session."""
+    """Prefixes every record with the session id, so one grep finds a session.
+
+    A line is written only if ``allow()`` says so (the client address's
+    :class:`~pop3frame.clientlog.LogBudget`).
+    """
+
+    def __init__(self, logger: logging.Logger, session_id: str, allow: Callable[[], bool]) -> None:
+        super().__init__(logger, {"session": session_id})
+        self._allow = allow
 
     def process(self, msg, kwargs):
         return "[%s] %s" % (self.extra["session"], msg), kwargs
+
+    def log(self, level, msg, *args, **kwargs):
+        if self.isEnabledFor(level) and self._allow():
+            msg, kwargs = self.process(msg, kwargs)
+            self.logger.log(level, msg, *args, **kwargs)
 
 
 class Session:
@@ -184,7 +199,7 @@ class Session:
         self.peer = peer
         self.secure = secure
         self.id = session_id or "%x-%x" % (process_id(), next(_session_ids))
-        self.log = SessionLog(logger, {"session": self.id})
+        self.log = SessionLog(logger, self.id, lambda: context.log_budget.allow(self.peer[0]))
         self.state = State.AUTHORIZATION
         #: Set when the connection must close after the current reply.
         self.closing = False

@@ -19,7 +19,7 @@ import trustme
 
 from pop3frame.adapters.memory import MemoryAdapter
 from pop3frame.auth import FailureThrottle
-from pop3frame.clientlog import quoted
+from pop3frame.clientlog import LogBudget, quoted
 from pop3frame.server import ConnectionTracker
 from pop3frame.testing import Controller, ManualClock
 from tests.helpers import RawClient, tls_files
@@ -247,6 +247,68 @@ def test_client_text_in_log_lines_is_quoted_and_clipped(caplog):
     summary = next(r for r in caplog.records if "session end" in r.getMessage() and r.user)
     assert summary.user == "b" * 64 + "..."  # the JSON log's field, clipped too
     assert quoted("\udcff\x00\u202e" * 100) == repr("\udcff\x00\u202e" * 21 + "\udcff") + "..."
+
+
+def test_log_lines_per_address_are_bounded_and_summarized(caplog):
+    """One address outside the trusted networks once wrote 5,300 refusal lines and
+    2,900 session summaries a second.  With max_log_lines_per_ip = 5, it writes 5
+    lines a minute (on the injected clock), then one line saying how many were
+    dropped; a session in the next minute gets its summary again, and a trusted
+    address is never counted."""
+    caplog.set_level(logging.INFO, logger="pop3frame")
+    clock = ManualClock()
+    options = dict(clock=clock, poll_interval=0.01, max_connections_per_ip=1, max_log_lines_per_ip=5,
+                   trusted_networks=("127.0.0.1/32",))
+    with Controller(MemoryAdapter({"alice": "pw"}), host="0.0.0.0", **options) as server:
+        port = server.port
+
+        def lines_about(address):
+            return [r.getMessage() for r in caplog.records if address in r.getMessage()]
+
+        with RawClient(("127.0.0.2", port), source="127.0.0.2") as held:
+            assert held.greeting.startswith(b"+OK")
+            for _ in range(30):
+                with RawClient(("127.0.0.2", port), source="127.0.0.2") as refused:
+                    assert refused.greeting == b"-ERR [SYS/TEMP] too many connections from your address\r\n"
+        assert server.wait_for_connections(0)
+        for _ in range(30):
+            with RawClient(("127.0.0.2", port), source="127.0.0.2") as c:
+                assert c.cmd("QUIT").startswith(b"+OK")
+            assert server.wait_for_connections(0)
+        for _ in range(10):  # trusted: every line
+            with RawClient(("127.0.0.1", port), source="127.0.0.1") as c:
+                assert c.cmd("QUIT").startswith(b"+OK")
+            assert server.wait_for_connections(0)
+        assert len(lines_about("peer 127.0.0.1 ")) == 10
+        assert len(lines_about("127.0.0.2")) == 5  # 5 refusals, then nothing
+        clock.advance(60)  # the accepting thread reports the minute that is over
+        assert eventually(lambda: any("suppressed" in line for line in lines_about("127.0.0.2")))
+        assert lines_about("127.0.0.2")[5:] == ["56 more log lines about 127.0.0.2 suppressed in the last 60 s"
+                                                " (max_log_lines_per_ip)"]
+        with RawClient(("127.0.0.2", port), source="127.0.0.2") as c:
+            assert c.cmd("QUIT").startswith(b"+OK")
+        assert server.wait_for_connections(0)
+        assert "session end: peer 127.0.0.2" in lines_about("127.0.0.2")[-1]
+
+
+def test_log_budget_memory_and_windows_are_bounded(caplog):
+    """The budget keeps a window per address for a minute at most, and at most
+    max_addresses of them (the oldest ends early, its drops reported); an IPv6
+    client is its /64; no address (a session without a socket) is never counted."""
+    caplog.set_level(logging.INFO, logger="pop3frame")
+    clock = ManualClock()
+    budget = LogBudget(2, clock, exempt=lambda ip: ip == "192.0.2.99", max_addresses=100)
+    assert [budget.allow("2001:db8:0:1::%x" % i) for i in range(4)] == [True, True, False, False]
+    assert all(budget.allow("192.0.2.99") for _ in range(10)) and all(budget.allow("") for _ in range(10))
+    for i in range(5000):
+        budget.allow("198.51.%d.%d" % (i // 256, i % 256))
+        assert len(budget) <= 100
+    assert caplog.messages == ["2 more log lines about 2001:db8:0:1::/64 suppressed in the last 1 s"
+                               " (max_log_lines_per_ip)"]
+    clock.advance(60)
+    budget.sweep()
+    assert len(budget) == 0
+    assert budget.allow("2001:db8:0:1::1")
 
 
 TOO_MANY = b"-ERR too many invalid commands, closing connection\r\n"
