@@ -85,8 +85,11 @@ class LogWriter(logging.handlers.QueueHandler):
     cuts a gathering short); :meth:`close` (also run by :func:`logging.shutdown` at exit) writes the
     rest and ends the thread, so no line is lost at a normal exit or
     SIGTERM.  Memory stays bounded: with ``limit`` records waiting (a stream
-    that blocks, such as a pipe nobody reads), a thread that logs waits for
-    the writer, as it would have waited for the stream itself.  Fork-safe: a
+    that blocks, such as a pipe nobody reads), further records are dropped
+    and counted, and once the stream takes lines again one WARNING says how
+    many were lost.  A thread that logs never waits: a log sink that stalls
+    must not stop every connection thread (it did, once 10,000 records
+    waited), and a log that misses lines is the lesser harm.  Fork-safe: a
     child process (``--workers``) gets a fresh queue and writer thread of
     its own, and never a half-written line of the parent's (forks wait until
     a write in progress is done).
@@ -103,8 +106,9 @@ class LogWriter(logging.handlers.QueueHandler):
         self.limit = limit
         self.setLevel(target.level)
         self._writing = threading.Lock()
-        #: Where threads wait while ``limit`` records are queued.
-        self._room = threading.Condition(threading.Lock())
+        #: Records dropped since the last write, and the lock of that count.
+        self._dropped = 0
+        self._counting = threading.Lock()
         self._closed = False
         #: Set by flush() and close(): write what has gathered now.
         self._hurry = threading.Event()
@@ -161,6 +165,10 @@ class LogWriter(logging.handlers.QueueHandler):
                         lines.append(target.format(item) + target.terminator)
                 except Exception:
                     target.handleError(item)
+        if self._dropped:
+            with self._counting:
+                dropped, self._dropped = self._dropped, 0
+            lines.append(self._note_dropped(dropped))
         if lines:
             with self._writing:
                 try:
@@ -170,10 +178,15 @@ class LogWriter(logging.handlers.QueueHandler):
                     target.handleError(batch[0])
         for event in done:
             event.set()
-        if self.queue.qsize() < self.limit:
-            with self._room:
-                self._room.notify_all()
         return going
+
+    def _note_dropped(self, dropped: int) -> str:
+        """The line that says ``dropped`` records were lost."""
+        record = logging.LogRecord(
+            "pop3frame.lifecycle", logging.WARNING, __file__, 0,
+            "%d log records dropped: the log's stream did not take them (%d waiting at most)",
+            (dropped, self.limit), None)
+        return self.target.format(record) + self.target.terminator
 
     def flush(self, timeout: float = 10.0) -> None:
         """Wait until every record handed over so far is written (at most ``timeout`` s)."""
@@ -198,30 +211,27 @@ class LogWriter(logging.handlers.QueueHandler):
                 self.queue.put_nowait(None)
                 self._hurry.set()
                 thread.join(10.0)
-            with self._room:
-                self._room.notify_all()
         super().close()
 
     def handle(self, record: logging.LogRecord):
         """As Handler.handle, without the handler lock: the queue is thread-safe,
-        and connection threads must not queue up on a lock to log."""
+        and connection threads must not queue up on a lock to log.  With
+        ``limit`` records waiting, the record is counted instead (before
+        the cost of preparing it)."""
         rv = self.filter(record)
         if isinstance(rv, logging.LogRecord):  # Python 3.12: a filter may replace it
             record = rv
         if rv:
-            self.emit(record)
+            if self.queue.qsize() < self.limit:
+                self.emit(record)
+            else:
+                with self._counting:
+                    self._dropped += 1
         return rv
 
     def enqueue(self, record: logging.LogRecord) -> None:
-        if self._closed:
-            return
-        self.queue.put_nowait(record)
-        if self.queue.qsize() > self.limit:
-            with self._room:
-                # The writer notifies after each batch; the timeout only
-                # covers a notification that came just before the wait.
-                while self.queue.qsize() > self.limit and not self._closed:
-                    self._room.wait(0.1)
+        if not self._closed:
+            self.queue.put_nowait(record)
 
     # -- fork (pop3frame serve --workers) --------------------------------------
 
@@ -235,8 +245,9 @@ class LogWriter(logging.handlers.QueueHandler):
         # The writer thread did not survive the fork, and the queue holds the
         # parent's records, which the parent writes.
         self._writing = threading.Lock()
-        self._room = threading.Condition(threading.Lock())
         self._hurry = threading.Event()
+        self._counting = threading.Lock()
+        self._dropped = 0
         self.queue = queue.SimpleQueue()
         if not self._closed:
             self._start()
