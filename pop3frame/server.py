@@ -455,7 +455,7 @@ class POP3Server(socketserver.ThreadingTCPServer):
         ``poll_interval`` connections wait in blocking calls.  On the
         listening socket SO_RCVTIMEO also bounds accept(), which socketserver
         calls only once poll() saw a connection waiting.
-        :meth:`inherits_options` checks the first accepted connection.
+        :meth:`inherits_options` checks accepted connections until one inherited.
         """
         #: None until the first connection showed whether it inherited.
         self._inherited: Optional[bool] = None
@@ -478,18 +478,28 @@ class POP3Server(socketserver.ThreadingTCPServer):
     def inherits_options(self, sock: socket.socket) -> bool:
         """Whether connections accepted here come with TCP_NODELAY and the
         kernel timeouts (see :meth:`_pass_on_options`); if not, the handler
-        sets them on each.  Asked of the first connection only."""
+        sets them on it.  Asked until a connection inherited them.
+
+        A connection that was already queued when the listener got its
+        options (socket activation, a client early at start-up, or one
+        queued while ``serve --workers`` forked) did not inherit, but the
+        ones after it do: only a listener that could not take the options
+        settles the answer at no.  (A kernel that never passes them on
+        costs three getsockopt() per connection more; Linux and the BSDs do.)
+        """
         if self._inherited is None:
             passed_on = self._passed_on
             try:
-                self._inherited = passed_on is not None and bool(
+                inherited = passed_on is not None and bool(
                     sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)) and (
                     sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, len(passed_on[0])),
                     sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, len(passed_on[1]))) == passed_on
             except OSError:
-                self._inherited = False
-            logger.debug("listener %s port %s: accepted sockets %s its options", *self.server_address[:2],
-                         "inherit" if self._inherited else "do not inherit")
+                inherited = False
+            if inherited:
+                self._inherited = True
+                logger.debug("listener %s port %s: accepted sockets inherit its options", *self.server_address[:2])
+            return inherited
         return self._inherited
 
     def server_bind(self) -> None:
