@@ -55,6 +55,9 @@ def main() -> None:
     parser.add_argument("--servers", default=",".join(ORDER), help="comma-separated, from %s" % ", ".join(ORDER))
     parser.add_argument("--pop3frame-python", default=project_python())
     parser.add_argument("--twisted-python", default=sys.executable, help="a Python with Twisted installed")
+    parser.add_argument("--baseline-python", metavar="PYTHON",
+                        help="the Python of another pop3frame checkout (e.g. one made with 'git worktree add' at an"
+                             " older commit): a column 'baseline' measured like pop3frame, compared like a peer")
     parser.add_argument("--adapter", choices=("maildir", "memory"), default="maildir", help="pop3frame's adapter")
     parser.add_argument("--dovecot-idle", type=int, default=1000,
                         help="idle sessions for Dovecot (one process each; default 1000)")
@@ -72,7 +75,7 @@ def main() -> None:
     variants = {("pop3frame" if k == 0 else "pop3frame --workers %s" % w): w for k, w in enumerate(workers)}
     if "pop3frame" in servers:
         at = servers.index("pop3frame")
-        servers[at:at + 1] = list(variants)
+        servers[at:at + 1] = list(variants) + (["baseline"] if args.baseline_python else [])
     if "dovecot" in servers and not dovecot_pop3_installed():
         # dovecot-imapd alone brings the dovecot binary but not its POP3 service.
         print("Dovecot's POP3 server not installed (apt-get install dovecot-pop3d): skipping it")
@@ -86,7 +89,7 @@ def main() -> None:
     try:
         print("building Maildir (%d users) in %s ..." % (plan.users, d), flush=True)
         launch.build_maildir(d, plan.users)
-        python = {"pop3frame": args.pop3frame_python, "twisted": args.twisted_python}
+        python = {"pop3frame": args.pop3frame_python, "twisted": args.twisted_python, "baseline": args.baseline_python}
         idle = {"dovecot": (args.dovecot_idle // (10 if args.quick else 1),)}
         # Count the steps first, for the progress line.
         def steps(server: launch.Server):
@@ -102,12 +105,12 @@ def main() -> None:
             print("%s %s: %s ..." % (progress_bar(count[0], total), name, metric), end=" ", flush=True)
 
         for name in servers:
-            kind = "pop3frame" if name in variants else name
+            kind = "pop3frame" if name in variants or name == "baseline" else name
             # --workers 1 is the CLI's default: not passed, so the tools run
             # against a pop3frame without the option too.
             processes = variants.get(name)
             try:
-                with launch.start(kind, d, python=python.get(kind), adapter=args.adapter,
+                with launch.start(kind, d, python=python.get(name, python.get(kind)), adapter=args.adapter,
                                   workers=None if processes in (None, "1") else processes) as server:
                     server.name = name
                     rows = bench_core.run_steps(server, steps(server), progress)
@@ -130,7 +133,7 @@ def main() -> None:
         else:
             subprocess.run(["rm", "-rf", d], check=False)
 
-    names = [n for n in list(variants) + [o for o in ORDER if o not in variants] if n in results]
+    names = [n for n in list(variants) + ["baseline"] + [o for o in ORDER if o not in variants] if n in results]
     mine = [n for n in names if n in variants]
     peers = [n for n in names if n not in variants]
     pairs = [(m, p) for m in mine for p in peers]
