@@ -105,7 +105,7 @@ class Connection:
 
     def has_line(self) -> bool:
         """A complete line is already buffered (the client is pipelining)."""
-        return b"\n" in self._in
+        return self._in.find(b"\n") >= 0  # not ``in``: see protocol.Stuffer.feed
 
     def discard_input(self) -> None:
         """Forget everything received but not yet read (STLS, RFC 2595 section 4)."""
