@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import queue
 import signal
 import socket
 import socketserver
@@ -269,6 +268,18 @@ def bind_socket(address: Tuple[str, int], backlog: int = BACKLOG) -> socket.sock
     return sock
 
 
+class _Waiting:
+    """An idle connection thread's place in :class:`Workers`: the job handed
+    to it, and the lock it sleeps on (held while it waits; released to wake it)."""
+
+    __slots__ = ("job", "wake")
+
+    def __init__(self) -> None:
+        self.job: Optional[Callable[[], None]] = None
+        self.wake = threading.Lock()
+        self.wake.acquire()
+
+
 class Workers:
     """The connection threads of a server, kept for reuse.
 
@@ -276,16 +287,19 @@ class Workers:
     thread costs a clone(), a fresh stack and a hand-shake with the
     accepting thread, about a third of a short session's CPU time, so a
     thread whose connection ended waits ``keepalive`` seconds for the next
-    one before it ends (0: it ends at once).  Idle threads hold no socket,
-    lock or file; :meth:`close` ends them.
+    one before it ends (0: it ends at once).  The thread idle the shortest
+    gets the next connection (its stack is warm, and a surplus of threads
+    after a burst ends by itself); each idle thread sleeps on a lock of its
+    own, so handing over a connection wakes that one thread and no other.
+    Idle threads hold no socket, lock or file; :meth:`close` ends them.
     """
 
     def __init__(self, stack_size: int = 0, keepalive: float = 5.0) -> None:
         self.stack_size = stack_size
         self.keepalive = keepalive
-        self._jobs: "queue.SimpleQueue[Optional[Callable[[], None]]]" = queue.SimpleQueue()
+        #: The idle threads' places, the most recently idle last.
+        self._waiting: List[_Waiting] = []
         self._mutex = threading.Condition()
-        self._idle = 0
         self._closed = False
 
     @classmethod
@@ -295,9 +309,10 @@ class Workers:
     def submit(self, job: Callable[[], None], name: str) -> None:
         """Run ``job`` in an idle thread, or in a new one (OSError if none can start)."""
         with self._mutex:
-            if self._idle:
-                self._idle -= 1
-                self._jobs.put(job)
+            if self._waiting:
+                waiting = self._waiting.pop()
+                waiting.job = job
+                waiting.wake.release()
                 return
         thread = threading.Thread(target=self._run, args=(job,), name=name, daemon=True)
         if self.stack_size:
@@ -311,45 +326,47 @@ class Workers:
             thread.start()
 
     def _run(self, job: Optional[Callable[[], None]]) -> None:
+        waiting = _Waiting()
         while job is not None:
             job()
-            job = self._next()
+            job = self._next(waiting)
 
-    def _next(self) -> Optional[Callable[[], None]]:
+    def _next(self, waiting: _Waiting) -> Optional[Callable[[], None]]:
         with self._mutex:
             if self._closed or self.keepalive <= 0:
                 return None
-            self._idle += 1
+            waiting.job = None
+            self._waiting.append(waiting)
             self._mutex.notify_all()
-        try:
-            return self._jobs.get(timeout=self.keepalive)
-        except queue.Empty:
+        if not waiting.wake.acquire(timeout=self.keepalive):
             with self._mutex:
-                # submit() may have counted on this thread just as it gave up.
-                try:
-                    return self._jobs.get_nowait()
-                except queue.Empty:
-                    self._idle -= 1
+                if waiting in self._waiting:
+                    self._waiting.remove(waiting)
                     return None
+            # submit() or close() took this place just as the wait ran out:
+            # the lock is released already, the job set.
+            waiting.wake.acquire()
+        return waiting.job
 
     @property
     def idle(self) -> int:
         """Threads waiting for a connection."""
         with self._mutex:
-            return self._idle
+            return len(self._waiting)
 
     def wait_idle(self, count: int, timeout: float = 10.0) -> bool:
         """Wait until at least ``count`` threads wait for a connection (tests)."""
         with self._mutex:
-            return self._mutex.wait_for(lambda: self._idle >= count, timeout)
+            return self._mutex.wait_for(lambda: len(self._waiting) >= count, timeout)
 
     def close(self) -> None:
         """End the idle threads now; busy ones end when their connection does."""
         with self._mutex:
             self._closed = True
-            idle, self._idle = self._idle, 0
-        for _ in range(idle):
-            self._jobs.put(None)
+            waiting, self._waiting = self._waiting, []
+            for place in waiting:
+                place.job = None
+                place.wake.release()
 
 
 def listening(address, secure: bool, stls: bool, proxy_networks: Optional[Sequence] = None) -> str:

@@ -15,7 +15,7 @@ from pop3frame import ServerConfig
 from pop3frame.adapters.memory import MemoryAdapter
 from pop3frame.locks import FileLockManager, InProcessLockManager
 from pop3frame.handler import kernel_timeval
-from pop3frame.server import POP3Server, ServerGroup, SessionHandler, bind_socket
+from pop3frame.server import POP3Server, ServerGroup, SessionHandler, Workers, bind_socket
 from pop3frame.testing import Controller
 from tests.helpers import KEEP_THREADS, RawClient, open_fds, settled_workers
 
@@ -338,6 +338,40 @@ def test_connection_threads_are_reused_and_end_when_idle(adapter):
         client.quit()
         serving.join(10)
         assert not serving.is_alive() and server.group.workers.idle == 0
+
+
+def test_the_thread_idle_the_shortest_gets_the_next_job():
+    """Workers hands a job to the most recently idle thread (LIFO), so after a
+    burst the surplus threads stay idle and end after their keepalive;
+    close() ends the idle ones."""
+    workers = Workers(keepalive=KEEP_THREADS)
+    ran: "queue.Queue[threading.Thread]" = queue.Queue()
+    release = [threading.Event() for _ in range(3)]
+
+    def job(i):
+        def run():
+            ran.put(threading.current_thread())
+            assert release[i].wait(10)
+        return run
+
+    for i in range(3):
+        workers.submit(job(i), "job-%d" % i)
+    threads = [ran.get(timeout=10) for _ in range(3)]
+    assert len(set(threads)) == 3
+    order = []
+    for i in (2, 0, 1):  # idle in this order: the one of job 1 last
+        release[i].set()
+        assert workers.wait_idle(len(order) + 1)
+        order.append(i)
+    for _ in range(3):
+        workers.submit(lambda: ran.put(threading.current_thread()), "next")
+        assert ran.get(timeout=10) is threads[1]
+        assert workers.wait_idle(3)
+    workers.close()
+    for thread in threads:
+        thread.join(10)
+        assert not thread.is_alive()
+    assert workers.idle == 0
 
 
 # -- lock managers --------------------------------------------------------------------
