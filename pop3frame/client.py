@@ -518,6 +518,11 @@ def converse(conn: ClientConnection, commands: Union[Terminal, Lines], out: Outp
 # -- --check -----------------------------------------------------------------------
 
 
+#: A count or size in a reply: ASCII digits only, and few enough that int()
+#: takes them (Python refuses strings of over 4,300 digits) in no time.
+_NUMBER = re.compile(rb"[0-9]{1,18}")
+
+
 def _command(conn: ClientConnection, line: bytes, what: str) -> bytes:
     """Send ``line``; its ``+OK`` status line, or :class:`CheckFailed` naming ``what``."""
     conn.send(line)
@@ -596,7 +601,7 @@ def check(conn: ClientConnection, user: str, password: str, *, starttls: Optiona
         caps = _capabilities(conn)
     _login(conn, caps, user, password)
     stat = _command(conn, b"STAT", "STAT").split()
-    if len(stat) < 3 or not stat[1].isdigit() or not stat[2].isdigit():
+    if len(stat) < 3 or not _NUMBER.fullmatch(stat[1]) or not _NUMBER.fullmatch(stat[2]):
         raise CheckFailed("STAT reply is not '+OK count size' (RFC 1939 section 5): %s" % _text(b" ".join(stat)))
     count, size = int(stat[1]), int(stat[2])
     _command(conn, b"UIDL", "UIDL")

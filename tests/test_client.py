@@ -727,6 +727,16 @@ def test_check_catches_a_wrong_uidl_listing_rfc1939_section_7(uidl, reason):
     assert str(info.value) == reason
 
 
+@pytest.mark.parametrize("stat", [b"+OK " + b"1" * 5000 + b" 5\r\n", b"+OK 0 " + b"9" * 5000 + b"\r\n",
+                                  b"+OK -1 5\r\n", b"+OK 1\r\n"])
+def test_check_refuses_a_stat_reply_that_is_not_two_numbers_rfc1939_section_5(stat):
+    """Numbers of thousands of digits, beyond what int() takes, are a wrong reply (exit 1), not a traceback."""
+    capa = b"+OK\r\nUSER\r\n.\r\n"
+    with Peer(canned(capa, b"+OK\r\n", b"+OK\r\n", stat)) as peer:
+        with pytest.raises(CheckFailed, match=r"^STAT reply is not '\+OK count size' \(RFC 1939 section 5\)"):
+            run_check(peer.address)
+
+
 def test_check_a_server_without_capa_uses_user_and_pass_rfc2449_section_5():
     """CAPA answered -ERR (an RFC 1939-only server): USER/PASS, which RFC 1939 servers have."""
     with Peer(canned(b"-ERR unknown command\r\n", b"+OK\r\n", b"+OK\r\n", b"+OK 0 0\r\n", b"+OK\r\n.\r\n",
