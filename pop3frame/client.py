@@ -11,8 +11,9 @@ Standard output carries exactly the bytes the server sent -- greeting,
 replies, multi-line replies as they arrive, byte-stuffed as on the wire
 and with their final ``.`` -- because a person testing a server wants to
 see what it sent, stuffing included.  Only on a terminal are control
-characters shown as ``\\xNN``: a server must not drive the terminal.  The
-client's own notes go to standard error as ``* ...`` lines.
+characters and bytes that are not UTF-8 shown as ``\\xNN``: a server must
+not drive the terminal.  The client's own notes go to standard error as
+``* ...`` lines.
 
 ``--check USER`` is the smoke test after a deploy: CAPA, (STLS, CAPA,)
 login, STAT, UIDL, QUIT, then one line, ``OK: ...`` on standard output or
@@ -104,9 +105,8 @@ def _kind(status: bytes) -> str:
 
 def _text(line: bytes, limit: int = 200) -> str:
     """A server line for a one-line message: decoded, shortened, harmless."""
-    text = line.rstrip(b"\r\n").decode("utf-8", "replace")
-    text = text if len(text) <= limit else text[:limit] + "..."
-    return visible(text.encode("utf-8")).decode("utf-8")
+    text = visible(line.rstrip(b"\r\n")).decode("utf-8")
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _plural(n: int, noun: str) -> str:
@@ -350,14 +350,20 @@ class ClientConnection(Connection):
 
 # -- showing the conversation ------------------------------------------------------
 
-#: C0 controls but tab and line ends, DEL, a CR that ends no line, and the C1
-#: controls as UTF-8 (U+009B is a CSI to many terminals).
-_CONTROLS = re.compile(rb"[\x00-\x08\x0b-\x0c\x0e-\x1f\x7f]|\r(?!\n)|\xc2[\x80-\x9f]")
+#: What a server must not send to a terminal: the C0 controls but tab and line
+#: ends, a CR that ends no line, DEL, the C1 controls (U+009B is a CSI to many
+#: terminals), and the bidirectional controls of Unicode's UAX #9 (marks,
+#: embeddings, overrides, isolates), which reorder the text shown around them.
+_CONTROLS = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]"
+                       "|\r(?!\n)")
 
 
 def visible(data: bytes) -> bytes:
-    """``data`` made safe for a terminal: control characters as ``\\xNN``."""
-    return _CONTROLS.sub(lambda m: b"".join(b"\\x%02x" % c for c in m.group()), data)
+    """``data`` made safe for a terminal: the bytes of each control character,
+    and bytes that are not UTF-8 (a lone 0x9B is a CSI to an 8-bit terminal),
+    shown as ``\\xNN``."""
+    text = data.decode("utf-8", "backslashreplace")
+    return _CONTROLS.sub(lambda m: "".join("\\x%02x" % c for c in m.group().encode("utf-8")), text).encode("utf-8")
 
 
 class Output:
@@ -630,9 +636,10 @@ terminal: readline history in $XDG_STATE_HOME/pop3frame/client_history;
 PASS alone asks for the password) or read from standard input is sent as a
 command, and the reply shown as it arrives.  Standard output carries
 exactly what the server sent: multi-line replies byte-stuffed as on the
-wire, with their final "."; on a terminal, control characters are shown as
-\\xNN.  Notes on TLS and the certificate go to standard error.  Input that
-ends without QUIT closes the connection: the server deletes nothing.
+wire, with their final "."; on a terminal, control characters (bidi ones
+too) and bytes that are not UTF-8 are shown as \\xNN.  Notes on TLS and the
+certificate go to standard error.  Input that ends without QUIT closes the
+connection: the server deletes nothing.
 
 --check USER logs in (the password from $POP3_PASSWORD, else asked at the
 terminal, else the first line of standard input; never an argument), runs

@@ -538,6 +538,32 @@ def test_terminal_output_cannot_drive_the_terminal():
     assert client.visible("+OK grüße\r\n".encode()) == "+OK grüße\r\n".encode()
 
 
+@pytest.mark.parametrize("sent, shown", [
+    ("+OK \u202egnp.exe\r\n".encode(), b"+OK \\xe2\\x80\\xaegnp.exe\r\n"),  # a right-to-left override
+    ("+OK a\u2066b\u2069c\u200fd\u061c\r\n".encode(),
+     b"+OK a\\xe2\\x81\\xa6b\\xe2\\x81\\xa9c\\xe2\\x80\\x8fd\\xd8\\x9c\r\n"),  # isolates and marks
+    (b"+OK \x9b2J \x9d0;x\x9c\r\n", b"+OK \\x9b2J \\x9d0;x\\x9c\r\n"),  # 8-bit C1: CSI, OSC, ST
+    (b"+OK caf\xe9 \xff\xfe\r\n", b"+OK caf\\xe9 \\xff\\xfe\r\n"),  # not UTF-8
+    (b"+OK \xc2", b"+OK \\xc2"),  # a C1 control's first byte at the end of a piece of a long line
+    (b"\x08\x08\x00\x7f.\r\n", b"\\x08\\x08\\x00\\x7f.\r\n"),
+])
+def test_terminal_output_shows_bidi_controls_8bit_controls_and_non_utf8_bytes(sent, shown):
+    """Nothing a server sends reorders the text on a terminal or reaches an 8-bit terminal as a control."""
+    assert client.visible(sent) == shown
+    stdout = io.BytesIO()
+    Output(stdout, io.BytesIO(), terminal=True).server(sent)
+    assert stdout.getvalue() == shown
+
+
+def test_failure_lines_show_what_the_server_sent_escaped():
+    """A -ERR text quoted in a FAIL line reaches the terminal (standard error) escaped."""
+    capa = b"+OK\r\nUSER\r\n.\r\n"
+    with Peer(canned(capa, b"-ERR \x1b[31mred \xe2\x80\xae evil \x9b2J\r\n")) as peer:
+        with pytest.raises(CheckFailed) as info:
+            run_check(peer.address)
+    assert str(info.value) == "login as alice refused: -ERR \\x1b[31mred \\xe2\\x80\\xae evil \\x9b2J"
+
+
 # -- hostile servers ------------------------------------------------------------------
 
 
