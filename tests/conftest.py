@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import signal
 
 import pytest
 from freezegun import freeze_time
@@ -26,6 +27,16 @@ def adapter():
     a.deliver("alice", b"Subject: two\r\n\r\n.dotted\r\nsecond\r\n", uid="uid-two")
     a.deliver("alice", b"Subject: three\n\nthird\n", uid="uid-three")
     return a
+
+
+def pytest_configure(config):
+    # A shell that starts a command in the background without job control
+    # (`.ci/run &`, nohup in a script) hands it SIGINT ignored, and an
+    # ignored signal stays ignored across exec: every Python started by a
+    # test would then ignore the Ctrl-C the tests send it.  A handler (not
+    # SIG_IGN) is reset to the default at exec, where Python installs its own.
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 _skipped = []
