@@ -28,7 +28,7 @@ from pop3frame.testing import Controller
 from pop3frame.tls import TLSCertificates
 from tests.dovecot import Dovecot, require as require_dovecot
 from tests.helpers import RawClient, free_port
-from tests.processes import pop3frame
+from tests.processes import Daemon, Piped, pop3frame
 
 NOT_AFTER = datetime.datetime(2031, 5, 6, 7, 8, 9, tzinfo=datetime.timezone.utc)
 #: The client's wall clock in the tests: 31 days before the certificate expires.
@@ -691,6 +691,35 @@ def test_reply_without_crlf_then_close():
                 conn.reply_line()
 
 
+def test_multiline_reply_is_shown_as_it_arrives_in_a_pipeline():
+    """The first lines of a reply reach standard output (a pipe) while the
+    server still holds back the rest: a slow RETR or UIDL shows progress.
+    Python buffers a pipe's output unless told otherwise."""
+    shown = threading.Event()
+
+    def script(sock):
+        sock.sendall(b"+OK ready\r\n")
+        sock.recv(100)  # RETR 1
+        sock.sendall(b"+OK 2 lines\r\nfirst line\r\n")
+        shown.wait(30)  # the rest only once the client showed the first part
+        sock.sendall(b"second line\r\n.\r\n")
+        hold(sock)
+
+    with Peer(script) as peer:
+        # Unbuffered as a user's shell runs it: without PYTHONUNBUFFERED, which this environment may set.
+        command = "printf 'RETR 1\\n' | env -u PYTHONUNBUFFERED %s -m pop3frame client 127.0.0.1:%d 1>&2" % (
+            sys.executable, peer.address[1])
+        with Piped(["/bin/sh", "-c", command]) as p:
+            p.wait_for(r"^\+OK ready$")
+            p.wait_for(r"^\+OK 2 lines$")
+            p.wait_for(r"^first line$")
+            shown.set()
+            assert p.wait_for(r"^(\S+)").group(1) == "second"
+            assert p.wait_for(r"^(\S+)").group(1) == "."
+            assert p.proc.wait(30) == 0
+            assert p.rest() == ""
+
+
 def test_not_a_pop3_server():
     with Peer(lambda sock: sock.sendall(b"SSH-2.0-OpenSSH_9.2\r\n")) as peer:
         with pytest.raises(ClientError, match=r"not a POP3 reply \(neither \+OK nor -ERR\): SSH-2\.0"):
@@ -724,8 +753,9 @@ def test_data_injected_after_the_stls_reply_is_refused():
             converse(peer.address, b"CAPA\n", starttls=True)
 
 
-def canned(*replies):
-    """A server that answers each line it receives with the next reply."""
+def canned(*replies, heard=None):
+    """A server that answers each line it receives with the next reply; the
+    lines, without CRLF, are appended to ``heard`` when given."""
     def script(sock):
         sock.sendall(b"+OK ready\r\n")
         buffered = b""
@@ -735,9 +765,22 @@ def canned(*replies):
                 if not data:
                     return
                 buffered += data
-            buffered = buffered.split(b"\n", 1)[1]
+            line, buffered = buffered.split(b"\n", 1)
+            if heard is not None:
+                heard.append(line.rstrip(b"\r"))
             sock.sendall(reply)
     return script
+
+
+def test_check_runs_capa_login_stat_uidl_quit_in_this_order():
+    """The issue's smoke test, command by command: CAPA (RFC 2449 section 5),
+    USER/PASS (RFC 1939 section 7), STAT, UIDL, QUIT; nothing else is sent."""
+    heard = []
+    replies = (b"+OK\r\nUSER\r\nUIDL\r\n.\r\n", b"+OK\r\n", b"+OK\r\n", b"+OK 2 20\r\n",
+               b"+OK\r\n1 a\r\n2 b\r\n.\r\n", b"+OK bye\r\n")
+    with Peer(canned(*replies, heard=heard)) as peer:
+        assert run_check(peer.address) == "OK: logged in as alice, 2 messages, 20 octets, no TLS"
+    assert heard == [b"CAPA", b"USER alice", b"PASS alice-pw", b"STAT", b"UIDL", b"QUIT"]
 
 
 @pytest.mark.parametrize("uidl, reason", [
@@ -768,6 +811,31 @@ def test_check_a_server_without_capa_uses_user_and_pass_rfc2449_section_5():
     with Peer(canned(b"-ERR unknown command\r\n", b"+OK\r\n", b"+OK\r\n", b"+OK 0 0\r\n", b"+OK\r\n.\r\n",
                      b"+OK bye\r\n")) as peer:
         assert run_check(peer.address) == "OK: logged in as alice, 0 messages, 0 octets, no TLS"
+
+
+# -- against pop3frame serve -------------------------------------------------------
+
+
+def test_check_after_a_deploy_against_pop3frame_serve(pki):
+    """The operator's smoke test against a running ``pop3frame serve`` with
+    a certificate: --check over POP3S (RFC 8314) and over STLS on the plain
+    listener (RFC 2595), both verified against the CA; a wrong password is
+    exit 1 with the server's reason."""
+    with Daemon("--demo", "--listen", "127.0.0.1:0", "--tls-listen", "127.0.0.1:0", "--cert", pki["cert"],
+                "--key", pki["key"], listeners=2) as d:
+        plain, secure = d.ports
+        verdicts = [pop3frame("client", "--check", "demo", *options, "--cafile", pki["ca"], "127.0.0.1:%d" % port,
+                              env={"POP3_PASSWORD": "demo"}, input=b"")
+                    for options, port in ((["--tls"], secure), (["--starttls"], plain))]
+        for result in verdicts:
+            assert result.returncode == 0 and result.stderr == b"", result
+            assert re.fullmatch(r"OK: logged in as demo, 3 messages, 683 octets, TLS 1\.[23], "
+                                r"certificate expires 2031-05-06 \(in [\d,]+ days\)\n", result.stdout.decode())
+        wrong = pop3frame("client", "--check", "demo", "--tls", "--cafile", pki["ca"], "127.0.0.1:%d" % secure,
+                          env={"POP3_PASSWORD": "wrong"}, input=b"")
+        assert (wrong.returncode, wrong.stdout) == (1, b"")
+        assert wrong.stderr == b"FAIL: login as demo refused: -ERR [AUTH] invalid user name or password\n"
+        assert d.stop() == 0
 
 
 # -- against Dovecot ------------------------------------------------------------------

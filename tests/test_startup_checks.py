@@ -118,16 +118,23 @@ def test_passwd_file_the_dropped_user_cannot_read(shared, tmp_path):
 
 
 def test_malformed_passwd_lines_are_refused(tmp_path):
-    """Each malformed line is one line of the report, named by file and line."""
+    """Each malformed line is one line of the report, named by file and line,
+    from serve and from check-config (which used to say nothing of them)."""
     passwd = tmp_path / "passwd"
     passwd.write_text("# users\nalice:{PLAIN}pw\nthis line has no colon\n\n:{PLAIN}no-user\nbob:{PLAIN}pw\n")
     (tmp_path / "mail").mkdir()
     out = pop3frame("serve", "--maildir", str(tmp_path / "mail"), "--passwd", str(passwd),
                     "--listen", "127.0.0.1:0")
-    assert errors(out) == [
-        "pop3frame: --passwd: %s:3: malformed line (expected user:{SCHEME}hash)" % passwd,
-        "pop3frame: --passwd: %s:5: malformed line (expected user:{SCHEME}hash)" % passwd,
-    ]
+    malformed = ["%s:%d: malformed line (expected user:{SCHEME}hash)" % (passwd, n) for n in (3, 5)]
+    assert errors(out) == ["pop3frame: --passwd: " + line for line in malformed]
+    config = write_config(tmp_path, """
+        [adapter]
+        type = "maildir"
+        path = "%s"
+        passwd = "%s"
+    """ % (tmp_path / "mail", passwd))
+    out = pop3frame("check-config", config)
+    assert errors(out) == ["pop3frame: %s:5: adapter.passwd: %s" % (config, line) for line in malformed]
 
 
 @needs_root
