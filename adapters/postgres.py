@@ -136,6 +136,32 @@ def import_driver():
     return psycopg, psycopg_pool
 
 
+def _recording_connection_class(psycopg: Any) -> Any:
+    """A psycopg connection class that remembers how its latest connect ended.
+
+    The pool connects in its own threads and retries quietly; a session
+    that waits for a connection in vain sees only a PoolTimeout, which says
+    nothing of why.  ``last_failure`` (an exception, or None after a
+    success) tells an unreachable database apart from a pool whose
+    connections are all in use.
+    """
+
+    class RecordingConnection(psycopg.Connection):
+        last_failure: Optional[BaseException] = None
+
+        @classmethod
+        def connect(cls, *args: Any, **kwargs: Any) -> Any:
+            try:
+                conn = super().connect(*args, **kwargs)
+            except psycopg.OperationalError as exc:
+                cls.last_failure = exc
+                raise
+            cls.last_failure = None
+            return conn
+
+    return RecordingConnection
+
+
 def _with_defaults(conninfo: str, **defaults: Any) -> str:
     """``conninfo`` plus ``defaults`` for every key it does not set itself."""
     from psycopg.conninfo import conninfo_to_dict, make_conninfo
@@ -300,8 +326,10 @@ class PostgresStore(AdapterBase):
         # An unknown name costs what a wrong password costs: see PasswordCheck.
         self._passwords = PasswordCheck(sample=self._stored_passwords)
         self._store_id = self._prepare_schema(migrate)
+        self._connections = _recording_connection_class(psycopg)
         self._pool = psycopg_pool.ConnectionPool(
             self._conninfo,
+            connection_class=self._connections,
             min_size=min(self.pool_min_size, pool_size),
             max_size=pool_size,
             timeout=pool_timeout,
@@ -408,6 +436,10 @@ class PostgresStore(AdapterBase):
                 with self._pool.connection() as conn:
                     return work(conn)
             except self._pool_timeout_error:
+                failure = self._connections.last_failure
+                if failure is not None:  # the pool's latest attempt to connect failed: an outage
+                    logger.error("database unavailable: %s", _first_line(failure))
+                    raise TemporaryFailure("mail store unavailable, try again later") from None
                 logger.warning(
                     "no database connection free within %.1f s (pool_size=%d)", self.pool_timeout, self.pool_size
                 )

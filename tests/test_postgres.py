@@ -37,7 +37,7 @@ from pop3frame.adapters.postgres import (
 )
 from pop3frame.protocol import wire_size
 from pop3frame.testing import Controller
-from tests.helpers import RawClient, assert_new_mail_records_dot_lines, retr_lines_to_bytes
+from tests.helpers import RawClient, assert_new_mail_records_dot_lines, expected_failure_logged_once, retr_lines_to_bytes
 from tests.pg import ServerProcess, pg_db, pg_dsn, sql, wait_until_unlocked  # noqa: F401  (fixtures)
 
 LOGGER = "pop3frame.adapters.postgres"
@@ -358,6 +358,37 @@ def test_database_restart_and_outage(pg_db, pg_dsn, caplog):
         store.close()
     with PostgresStore(pg_db) as again:
         assert again.authenticate("alice", "pw-SECRET-1")
+
+
+def test_unreachable_database_is_one_line_with_the_cause(pg_db, pg_dsn, caplog):
+    """Issue 13, quiet logs: a database that refuses connections is an
+    expected failure.  Each login during the outage is -ERR [SYS/TEMP] "mail
+    store unavailable" and one ERROR line that names the database's reason.
+    It used to be "no database connection free within 2.0 s (pool_size=2)"
+    and "mail store busy": a full pool, the wrong cause and the wrong fix."""
+    store = PostgresStore(pg_db, pool_size=2, pool_min_size=2, pool_timeout=1)
+    store.add_user("alice", "pw", scheme="PLAIN")
+    name = dbname(pg_db)
+    try:
+        with caplog.at_level(logging.INFO), Controller(store) as server:
+            sql(pg_dsn, 'ALTER DATABASE "%s" ALLOW_CONNECTIONS false' % name)
+            try:
+                sql(pg_dsn, "SELECT pg_terminate_backend(pid, 30000) FROM pg_stat_activity WHERE datname = %s"
+                            " AND application_name = 'pop3frame'", (name,))
+                for attempt in range(2):  # the first finds the pool's dead connections
+                    caplog.clear()
+                    with RawClient(server.address, timeout=30) as client:
+                        assert client.cmd("USER alice").startswith(b"+OK")
+                        assert client.cmd("PASS pw") == b"-ERR [SYS/TEMP] mail store unavailable, try again later\r\n"
+                        client.cmd("QUIT")
+            finally:
+                sql(pg_dsn, 'ALTER DATABASE "%s" ALLOW_CONNECTIONS true' % name)
+        ours = [r for r in caplog.records if r.name.startswith("pop3frame")]
+        line = expected_failure_logged_once(ours, "is not currently accepting connections")
+        assert line.getMessage().startswith("database unavailable: connection failed: ")
+        assert [r.getMessage() for r in caplog.records if r.exc_info] == []  # psycopg.pool's lines too
+    finally:
+        store.close()
 
 
 def test_failed_update_leaves_every_message(pg_db):
