@@ -125,7 +125,6 @@ class Connection:
             if self.clock() >= deadline:
                 raise TimedOut()
             end_by = min(end_by, deadline)
-        tries = self.tries(end_by)
         discarded = 0
         while True:
             end = self._in.find(b"\n")
@@ -140,7 +139,7 @@ class Connection:
                 self._in = b""
                 if discarded > MAX_DISCARD:
                     raise LineTooLong(fatal=True)
-            wait = next(tries, None)
+            wait = self._wait(end_by)
             if wait is None:
                 raise TimedOut()
             self._set_timeout(wait)
@@ -278,22 +277,23 @@ class Connection:
         nothing the caller can see, and OpenSSL requires the same buffer on
         the retry, which is what the loop passes.
         """
-        view = memoryview(data)
-        tries = self._send_tries()
+        deadline = self.clock() + self.send_timeout
+        view = data
         while view:
-            next(tries)
+            self._send_try(deadline)
             try:
                 sent = self.sock.send(view, flags)
             except TIMEOUTS:
                 continue
-            view = view[sent:]
             self.bytes_out += sent
+            # A memoryview only for the rest of a partial send: most replies go whole.
+            view = memoryview(view)[sent:] if sent < len(view) else b""
 
     def _send_parts(self, parts: list, flags: int) -> None:
         """:meth:`_send` for several buffers, with sendmsg() on a plain socket."""
-        tries = self._send_tries()
+        deadline = self.clock() + self.send_timeout
         while parts:
-            next(tries)
+            self._send_try(deadline)
             try:
                 sent = self.sock.sendmsg(parts, (), flags)
             except TIMEOUTS:
@@ -337,9 +337,9 @@ class Connection:
                 if offset > span.offset and span.file.changed():
                     return  # the piece sent last may hold new bytes; no more
                 piece = min(end, offset + CHUNK_SIZE)
-                tries = self._send_tries()
+                deadline = self.clock() + self.send_timeout
                 while offset < piece:
-                    next(tries)
+                    self._send_try(deadline)
                     try:
                         sent = os.sendfile(out, fd, offset, piece - offset)
                     except TIMEOUTS:
@@ -351,24 +351,31 @@ class Connection:
         finally:
             span.sent = offset - span.offset
 
-    def _send_tries(self) -> Iterator[None]:
-        """The tries of one send that must finish within ``send_timeout``:
-        sets the socket's timeout for each, then raises ``socket.timeout``."""
-        for wait in self.tries(self.clock() + self.send_timeout):
-            self._set_timeout(wait)
-            yield
-        raise socket.timeout("send timed out: the client stopped reading")
+    def _send_try(self, deadline: float) -> None:
+        """Before each try of a send that must end by ``deadline`` (``send_timeout``
+        after it began): set the socket's timeout, or raise ``socket.timeout``."""
+        wait = self._wait(deadline)
+        if wait is None:
+            raise socket.timeout("send timed out: the client stopped reading")
+        self._set_timeout(wait)
 
-    def tries(self, deadline: float) -> Iterator[float]:
-        """Socket timeouts for the tries of a blocking call that must end by ``deadline``.
+    def _wait(self, deadline: float) -> Optional[float]:
+        """The socket timeout of the next try of a blocking call that must
+        end by ``deadline``: at most ``poll_interval``, so the (injectable)
+        clock is read again in between; None once the deadline passed.
 
-        Each try waits at most ``poll_interval``, so the (injectable) clock
-        is read again in between; the iteration ends once the deadline passed.
+        Not a generator in the paths every reply takes: one left suspended
+        costs a GeneratorExit thrown into it when it is freed.
         """
         remaining = deadline - self.clock()
-        while remaining > 0:
-            yield min(remaining, self.poll_interval)
-            remaining = deadline - self.clock()
+        return min(remaining, self.poll_interval) if remaining > 0 else None
+
+    def tries(self, deadline: float) -> Iterator[float]:
+        """The socket timeouts of :meth:`_wait`, one per try, until the deadline passed."""
+        wait = self._wait(deadline)
+        while wait is not None:
+            yield wait
+            wait = self._wait(deadline)
 
 
 class POP3Handler(socketserver.BaseRequestHandler):
