@@ -482,8 +482,10 @@ class Session:
         self._messages = messages
         self.state = State.TRANSACTION
         count, size = len(messages), sum(m.size for m in messages)
-        self.log.debug("login %s from %s: %s, %s", quoted(user), self.peer[0], protocol.plural(count, "message"),
-                       protocol.plural(size, "octet"))
+        # Its arguments cost more than the call: made only for a DEBUG log.
+        if self.log.isEnabledFor(logging.DEBUG):
+            self.log.debug("login %s from %s: %s, %s", quoted(user), self.peer[0], protocol.plural(count, "message"),
+                           protocol.plural(size, "octet"))
         # RFC 6856 section 2.1: outside UTF-8 mode no non-ASCII string may
         # reach the client, and a UTF-8 name may log in before UTF8 (2.2).
         whose = "%s's maildrop" % user if self.utf8 or user.isascii() else "maildrop"
@@ -782,7 +784,9 @@ class Session:
             left = len(self._messages) - len(doomed)
         finally:
             self.finish()
-        self.log.debug("quit %s: %d retrieved, %d deleted", quoted(self.user or ""), self.retrieved, self.deleted_count)
+        if self.log.isEnabledFor(logging.DEBUG):
+            self.log.debug("quit %s: %d retrieved, %d deleted", quoted(self.user or ""), self.retrieved,
+                           self.deleted_count)
         suffix = "maildrop empty" if left == 0 else "%s left" % protocol.plural(left, "message")
         return [protocol.ok("%s (%s)" % (signoff, suffix))]
 
