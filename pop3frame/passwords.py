@@ -65,13 +65,16 @@ class UnsupportedScheme(ValueError):
     """Unknown scheme, or its library is not installed."""
 
 
+_SCHEME_PREFIX = re.compile(r"\{([A-Za-z0-9.-]+)\}")
+
+
 def split_scheme(hashed: str) -> Tuple[str, str]:
     """``"{ARGON2ID}$argon2id$..."`` -> ``("ARGON2ID", "$argon2id$...")``.
 
     A value without a ``{SCHEME}`` prefix is treated as PLAIN, as Dovecot
     does with ``default_pass_scheme = PLAIN``.
     """
-    m = re.match(r"\{([A-Za-z0-9.-]+)\}", hashed)
+    m = _SCHEME_PREFIX.match(hashed)
     if not m:
         return "PLAIN", hashed
     return m.group(1).upper(), hashed[m.end():]
@@ -200,7 +203,6 @@ CRYPT_PREFIXES: Tuple[Tuple[str, str], ...] = (
 #: Any other "$id$..." is a crypt(3) hash of a kind not checked here
 #: (yescrypt "$y$", "$7$", "$argon2i$" ...): never a plaintext password.
 _CRYPT_LIKE = re.compile(r"\$[A-Za-z0-9_-]{1,32}\$")
-_SCHEME_PREFIX = re.compile(r"\{([A-Za-z0-9.-]+)\}")
 #: shadow(5): "x" stands for a password kept elsewhere; "!" (locked, "!!"
 #: never set) and "*" ("*LK*", "*NP*") start values no password matches.
 _PLACEHOLDER = "x"
@@ -286,10 +288,12 @@ class PasswordCheck:
                 if hashed is not None:
                     self._remember(hashed)
 
-    def _remember(self, hashed: str) -> None:
-        scheme = split_scheme(hashed)[0]
-        self._seen[scheme] += 1
-        self._latest[scheme] = hashed
+    def _remember(self, hashed: str) -> Tuple[str, str]:
+        """Count the scheme of ``hashed`` (under the mutex); returns its split_scheme()."""
+        split = split_scheme(hashed)
+        self._seen[split[0]] += 1
+        self._latest[split[0]] = hashed
+        return split
 
     def _dummy(self) -> str:
         with self._mutex:
@@ -310,8 +314,9 @@ class PasswordCheck:
             verify_password(self._dummy(), password)  # the time, not the answer
             return False
         with self._mutex:
-            self._remember(hashed)
-        return verify_password(hashed, password)
+            scheme, data = self._remember(hashed)
+        # ``hashed`` is normalised already: verify_password's work less the reading.
+        return SCHEMES[scheme][1](data, password)
 
 
 def preload() -> None:
