@@ -459,6 +459,11 @@ class POP3Server(socketserver.ThreadingTCPServer):
             self.socket = sock
             self.address_family = sock.family
             self.server_address = sock.getsockname()
+        listener = self.socket
+        #: What socket.accept() asks the listener for every connection, as
+        #: plain ints: its family and type properties are enum conversions,
+        #: thousands of instructions each in the thread all connections wait on.
+        self._accepted_as = (int(listener.family), int(listener.type), listener.proto)
         self._pass_on_options()
 
     def _pass_on_options(self) -> None:
@@ -518,6 +523,14 @@ class POP3Server(socketserver.ThreadingTCPServer):
                 logger.debug("listener %s port %s: accepted sockets inherit its options", *self.server_address[:2])
             return inherited
         return self._inherited
+
+    def get_request(self) -> Tuple[socket.socket, object]:
+        """socket.accept(), less its conversions of the listener's family and type."""
+        fd, address = self.socket._accept()
+        sock = socket.socket(*self._accepted_as, fileno=fd)
+        if socket.getdefaulttimeout() is None and self.socket.gettimeout():
+            sock.setblocking(True)
+        return sock, address
 
     def server_bind(self) -> None:
         if self.address_family == socket.AF_INET6:
