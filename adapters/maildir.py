@@ -24,7 +24,10 @@ Contract (what a POP3 client and the other programs sharing the Maildir see):
   after it last changed (so no later change can share its timestamp), is
   not read again: a login to an unchanged Maildir stats ``new/`` and
   ``cur/`` instead of listing them, as Dovecot's index does (on NFS this
-  needs the server's clock in step with the file server's).  With each
+  needs the server's clock in step with the file server's), and when both
+  are as the previous login found them, that login's index serves it: the
+  size cache is not looked at (a cache another program replaced is read
+  at the next login after a delivery or a move).  With each
   size the cache keeps whether any line starts with ".", so RETR can skip
   looking for lines to byte-stuff.  Dovecot's ``,W=<vsize>`` in the name
   saves reading the file: it counts LF as CRLF but nothing for a missing
@@ -80,7 +83,7 @@ import stat
 import tempfile
 import threading
 import time
-from typing import Any, BinaryIO, Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Set, Tuple
+from typing import Any, BinaryIO, Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Set, Tuple, Union
 
 from pop3frame import AdapterBase, MessageInfo, PermanentFailure, TemporaryFailure
 from pop3frame.failures import log_failure
@@ -271,6 +274,12 @@ class _Bounded:
             self._data.move_to_end(key)
             return hit[1]
 
+    def drop(self, key: str) -> None:
+        with self._mutex:
+            old = self._data.pop(key, None)
+            if old is not None:
+                self._held -= len(old[1])
+
     def put(self, key: str, version: Tuple[int, ...], items: Any) -> None:
         with self._mutex:
             old = self._data.pop(key, None)
@@ -279,6 +288,20 @@ class _Bounded:
             while self._held > self._limit and len(self._data) > 1:
                 _, (_, evicted) = self._data.popitem(last=False)
                 self._held -= len(evicted)
+
+
+class _Indexed:
+    """One mailbox as :meth:`MaildirAdapter._index` found it: its result, the
+    size cache's entries and where each message is (base name -> Where)."""
+
+    __slots__ = ("listed", "sizes", "where")
+
+    def __init__(self, listed: List[Tuple[str, str, str, int, int]], sizes: Dict[str, List[int]],
+                 where: Dict[str, Where]) -> None:
+        self.listed, self.sizes, self.where = listed, sizes, where
+
+    def __len__(self) -> int:
+        return 1 + len(self.listed)  # an empty mailbox counts too, for _Bounded
 
 
 #: Message sizes kept parsed in memory, over all mailboxes (the most
@@ -418,10 +441,14 @@ class MaildirAdapter(AdapterBase):
         #: Directories as last listed: path -> (version, [(name, inode)]),
         #: only those quiet for _QUIET_NS when listed.
         self._listings = _Bounded(_SIZES_IN_MEMORY)
-        #: Homes whose new/, cur/ and tmp/ this adapter has made or found:
-        #: three mkdir() calls per login are not free when threads queue
-        #: for the GIL after each.  A directory removed later reads as
-        #: empty, and delivery makes it again.
+        #: Mailboxes as last indexed: home -> (versions of new/ and cur/,
+        #: _Indexed), for listings that came from _listings.
+        self._indexes = _Bounded(_SIZES_IN_MEMORY)
+        #: Homes this adapter found, whose new/, cur/ and tmp/ it has made
+        #: or found unless read-only: three mkdir() calls per login are not
+        #: free when threads queue for the GIL after each, and the home's
+        #: owner matters only when the size cache is written.  A directory
+        #: removed later reads as empty, and delivery makes it again.
         self._prepared: Set[str] = set()
 
     # -- users ----------------------------------------------------------------
@@ -445,16 +472,19 @@ class MaildirAdapter(AdapterBase):
         box = _Box(home)
         listed = []
         try:
-            try:
-                owner = os.stat(home)
-            except FileNotFoundError:
-                owner = None  # no mail delivered yet; see the module docstring
-            if owner is not None:
-                if not self.read_only and home not in self._prepared:
-                    for sub in ("new", "cur", "tmp"):
-                        self._make_private_dir(os.path.join(home, sub), owner)
+            owner: Optional[os.stat_result] = None
+            if home not in self._prepared:
+                try:
+                    owner = os.stat(home)
+                except FileNotFoundError:
+                    pass  # no mail delivered yet; see the module docstring
+                else:
+                    if not self.read_only:
+                        for sub in ("new", "cur", "tmp"):
+                            self._make_private_dir(os.path.join(home, sub), owner)
                     with self._mutex:
                         self._prepared.add(home)
+            if home in self._prepared:
                 listed = self._index(home, owner, box)
         except OSError as exc:
             # Permissions or a failing disk: the operator's to fix, not a bug.
@@ -463,7 +493,7 @@ class MaildirAdapter(AdapterBase):
         with self._mutex:
             self._boxes[username] = box
         return [MessageInfo(_uid(base), size, key=(sub, name), dot_lines=_DOTS_OF[dots])
-                for _, base, sub, name, size, dots in listed]
+                for base, sub, name, size, dots in listed]
 
     @staticmethod
     def _make_private_dir(path: str, owner: os.stat_result) -> None:
@@ -474,14 +504,30 @@ class MaildirAdapter(AdapterBase):
         with _directory(path) as fd:
             _give(fd, owner, path)
 
-    def _index(self, home: str, owner: os.stat_result, box: _Box) -> List[Tuple[Any, str, str, str, int, int]]:
-        """(sort key, base, sub, name, size, dots) of every message, in delivery
-        order; fills ``box`` and brings the size cache up to date."""
+    def _index(self, home: str, owner: Optional[os.stat_result],
+               box: _Box) -> List[Tuple[str, str, str, int, int]]:
+        """(base, sub, name, size, dots) of every message, in delivery
+        order; fills ``box`` and brings the size cache up to date.
+
+        ``owner``: the home's stat(), if at hand; needed only to write the
+        size cache.  When new/ and cur/ are as they were at the last index
+        (the versions their cached listings have), that index is the
+        answer: no size cache to look at, nothing to sort.  A message
+        changed in place since (which no Maildir writer does) is noticed
+        when it is opened, as always, and that drops the index.
+        """
+        pending, versions = self._scan(home)
+        if versions is not None:
+            hit = self._indexes.get(home, versions)
+            if hit is not None:
+                box.where = dict(hit.where)
+                box.sizes = hit.sizes
+                return hit.listed
         cache_path = os.path.join(home, CACHE_NAME)
         cache = self._load_cache(cache_path)
         fresh: Dict[str, List[int]] = {}
         listed = []
-        pending = self._scan(home)
+        complete = True
         for _ in range(2):
             moved = set()
             for base, (sub, name, inode) in pending.items():
@@ -496,7 +542,9 @@ class MaildirAdapter(AdapterBase):
                         moved.add(base)
                         continue
                     except OSError as exc:
-                        # One unreadable file must not cost the user all the others.
+                        # One unreadable file must not cost the user all the
+                        # others (nor be forgotten by the next index).
+                        complete = False
                         logger.error("%s: skipping unreadable message %s/%s: %s",
                                      home, sub, name, exc.strerror or exc)
                         continue
@@ -508,12 +556,16 @@ class MaildirAdapter(AdapterBase):
                 break
             # Renamed (flag change, new/ -> cur/) between the listing and the
             # read: one fresh look finds it under its new name.
-            pending = {base: where for base, where in self._scan(home, cached=False).items() if base in moved}
+            complete = False
+            pending = {base: where for base, where in self._scan(home, cached=False)[0].items() if base in moved}
         listed.sort(key=lambda item: item[0])
+        ordered = [item[1:] for item in listed]  # the sort keys would only take memory
         if fresh != cache:
-            self._save_cache(cache_path, fresh, owner)
+            self._save_cache(cache_path, fresh, home if owner is None else owner)
         box.sizes = fresh
-        return listed
+        if versions is not None and complete:
+            self._indexes.put(home, versions, _Indexed(ordered, fresh, dict(box.where)))
+        return ordered
 
     @staticmethod
     def _upgrade(path: str, inode: int, entry: List[int]) -> Optional[List[int]]:
@@ -526,11 +578,18 @@ class MaildirAdapter(AdapterBase):
             return None
         return [inode, entry[0], entry[1], entry[2], _DOTS[None], st.st_ino]
 
-    def _scan(self, home: str, cached: bool = True) -> Dict[str, Tuple[str, str, int]]:
-        """base name -> (sub, name, inode) of every message in new/ and cur/."""
+    def _scan(self, home: str, cached: bool = True) -> Tuple[Dict[str, Tuple[str, str, int]],
+                                                             Optional[Tuple[Tuple[int, ...], ...]]]:
+        """base name -> (sub, name, inode) of every message in new/ and cur/,
+        and the versions of the two listings if both are ones kept in memory
+        (else None)."""
         found: Dict[str, Tuple[str, str, int]] = {}
+        versions: Optional[List[Tuple[int, ...]]] = []
         for sub in ("new", "cur"):
-            for name, inode in self._list(os.path.join(home, sub), cached):
+            names, version = self._list(os.path.join(home, sub), cached)
+            if versions is not None:
+                versions = None if version is None else versions + [version]
+            for name, inode in names:
                 base = _base(name)
                 other = found.get(base)
                 if other is not None and other[2] != inode:
@@ -538,10 +597,12 @@ class MaildirAdapter(AdapterBase):
                     # unique-id cannot name both; the other waits its turn.
                     logger.warning("%s: two messages named %r; serving %s/%r", home, base, sub, name)
                 found[base] = (sub, name, inode)
-        return found
+        return found, None if versions is None else tuple(versions)
 
-    def _list(self, path: str, cached: bool = True) -> Sequence[Tuple[str, int]]:
-        """(name, inode) of the regular files in directory ``path``, not starting with a dot.
+    def _list(self, path: str, cached: bool = True) -> Tuple[Sequence[Tuple[str, int]], Optional[Tuple[int, ...]]]:
+        """(name, inode) of the regular files in directory ``path``, not
+        starting with a dot, and the directory's version if that listing is
+        kept in memory (else None; ``()``: there is no such directory).
 
         From memory when the directory's version (device, inode, mtime) is
         the one listed, which costs one lstat(); a listing is kept only if
@@ -552,22 +613,24 @@ class MaildirAdapter(AdapterBase):
             try:
                 st = os.stat(path, follow_symlinks=False)
             except FileNotFoundError:
-                return ()
+                return (), ()
             if not stat.S_ISDIR(st.st_mode):
                 _not_a_directory(path)
-                return ()
-            names = self._listings.get(path, _directory_version(st))
+                return (), None
+            version = _directory_version(st)
+            names = self._listings.get(path, version)
             if names is not None:
-                return names
+                return names, version
         started = time.time_ns()
         listed = _read_directory(path)
         if listed is None:
-            return ()
+            return (), None
         version, entries = listed
         names = [(name, inode) for name, inode, regular in entries if regular]
         if started - version[2] > _QUIET_NS:
             self._listings.put(path, version, names)
-        return names
+            return names, version
+        return names, None
 
     def measure(self, path: str) -> Measured:
         """Wire size (and more) of one message file.
@@ -628,9 +691,12 @@ class MaildirAdapter(AdapterBase):
         self._caches.put(path, version, sizes)
         return sizes
 
-    def _save_cache(self, path: str, data: Dict[str, List[int]], owner: os.stat_result) -> None:
+    def _save_cache(self, path: str, data: Dict[str, List[int]], owner: Union[os.stat_result, str]) -> None:
+        """Write the size cache; ``owner``: the home's stat(), or the home to stat."""
         tmp = None
         try:
+            if isinstance(owner, str):
+                owner = os.stat(owner)
             fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".sizes-")
             _give(fd, owner, path)
             with os.fdopen(fd, "wb") as f:
@@ -695,6 +761,7 @@ class MaildirAdapter(AdapterBase):
                 # next login measures the file again.
                 logger.warning("%s: message %s changed since it was measured", box.home, base)
                 entry[0] = -1
+                self._indexes.drop(box.home)
                 message.dot_lines = None
             # Checked on every read from this version on: one written in
             # place while RETR reads it never ends in a terminator.

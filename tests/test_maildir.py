@@ -172,16 +172,23 @@ def test_only_new_or_replaced_files_are_read(maildir):
         assert adapter.measured == 7
 
 
-def test_file_changed_in_place_is_measured_again_once_opened(maildir):
+@pytest.mark.parametrize("quiet", [False, True])
+def test_file_changed_in_place_is_measured_again_once_opened(maildir, quiet):
     """Maildir files are written once, so a listing does not stat them; one
     changed in place anyway (same inode) is noticed when opened (its size and
-    mtime no longer match), and the next login measures it again."""
+    mtime no longer match), and the next login measures it again.  ``quiet``:
+    the directories are old, so the second login's listings and index come
+    from memory; opening the changed file drops that index."""
     root, adapter = maildir
     adapter = CountingMaildir(root, adapter.auth)
     names = [deliver_like_an_mda(root, "alice", b"Subject: %d\n\nx\n" % i) for i in range(2)]
     with Controller(adapter) as server:
-        login(server).quit()
-        assert server.wait_for_connections(0)
+        for sub in ("new", "cur") if quiet else ():
+            _set_mtime(os.path.join(root, "alice", sub), 1600000000)
+        for _ in range(2 if quiet else 1):
+            login(server).quit()
+            assert server.wait_for_connections(0)
+        assert adapter.measured == 2
         with open(os.path.join(root, "alice", "new", names[0]), "ab") as f:
             f.write(b"appended line\n")
         client = login(server)
@@ -223,6 +230,38 @@ def test_directory_unchanged_since_a_quiet_listing_is_not_read_again(maildir):
         client = login(server)
         assert uidl(client) == [first, hidden]
         client.quit()
+
+
+def test_login_to_an_unchanged_maildir_does_not_look_at_the_size_cache(maildir, caplog):
+    """When new/ and cur/ are as the last login found them (quiet listings from
+    memory), that login's index is the answer: the size cache is not even
+    looked at, so a cache replaced meanwhile (here by garbage) is not read;
+    once a directory changes, the next login reads it again."""
+    root, adapter = maildir
+    deliver_like_an_mda(root, "alice", b"Subject: a\n\nbody\n")
+    home = os.path.join(root, "alice")
+    cache = os.path.join(home, CACHE_NAME)
+    with Controller(adapter) as server, caplog.at_level(logging.WARNING, logger="pop3frame.adapters.maildir"):
+        for sub in ("new", "cur"):
+            _set_mtime(os.path.join(home, sub), 1600000000)  # long quiet
+        for _ in range(2):  # the first lists and writes the cache, the second is from memory
+            client = login(server)
+            assert client.stat() == (1, 20)
+            client.quit()
+            assert server.wait_for_connections(0)
+        _write(cache + ".new", b"{not json")
+        os.replace(cache + ".new", cache)
+        client = login(server)
+        assert client.stat() == (1, 20)
+        client.quit()
+        assert server.wait_for_connections(0)
+        assert "unreadable size cache" not in caplog.text  # not even opened
+        second = deliver_like_an_mda(root, "alice", b"Subject: b\n\nbody\n")
+        client = login(server)
+        assert client.stat() == (2, 40)
+        assert uidl(client)[1] == second
+        client.quit()
+        assert "ignoring unreadable size cache" in caplog.text
 
 
 def test_directory_changed_within_a_second_of_its_listing_is_read_every_time(maildir):
