@@ -30,6 +30,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 from pop3frame import TemporaryFailure
 from pop3frame.passwords import PasswordCheck, hash_password, stored_password
+from pop3frame.regularfile import read_regular
 from pop3frame.protocol import plural
 
 __all__ = ["PasswdFile", "set_password", "delete_user", "read_entries", "malformed_lines"]
@@ -69,8 +70,7 @@ def _parse(data: bytes, path: str) -> Dict[str, str]:
 
 def read_entries(path: str) -> Dict[str, str]:
     """``{user: password field}`` from a passwd-file, as written; malformed lines are skipped and logged."""
-    with open(path, "rb") as f:
-        return _parse(f.read(), path)
+    return _parse(read_regular(path), path)
 
 
 class PasswdFile:
@@ -104,8 +104,9 @@ class PasswdFile:
         with self._mutex:
             if stamp != self._stamp or racy:
                 try:
-                    with open(self.path, "rb") as f:
-                        raw = f.read()
+                    # Not open(): a FIFO put in the file's place would hold
+                    # this lock, and so every login, until someone wrote to it.
+                    raw = read_regular(self.path)
                 except OSError as exc:
                     logger.error("cannot read passwd-file %s: %s", self.path, exc.strerror or exc)
                     raise TemporaryFailure("user database unavailable") from None

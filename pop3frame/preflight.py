@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Callable, List, Optional, Tuple
 
 from .configfile import DEFAULT_DB, Settings
 from .failures import reason
+from .regularfile import read_regular
 
 if TYPE_CHECKING:
     from .tls import TLSCertificates
@@ -94,8 +95,7 @@ def _mbox(key: str, template: str) -> List[Problem]:
 def _read(key: str, path: str) -> Tuple[Optional[bytes], List[Problem]]:
     """The contents of a file the server reads, or the problem reading it."""
     try:
-        with open(path, "rb") as f:
-            return f.read(), []
+        return read_regular(path), []  # a FIFO or /dev/zero is refused, not read for ever
     except FileNotFoundError:
         return None, [(key, "no such file: %s" % path)]
     except OSError as exc:

@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import os
 import pathlib
+import threading
 
 import argon2
 import bcrypt
 import pytest
 from passlib.hash import sha512_crypt
 
+from pop3frame import TemporaryFailure
 from pop3frame.adapters.passwdfile import PasswdFile, delete_user, read_entries, set_password
 
 
@@ -200,3 +202,33 @@ def test_a_symlink_at_the_lock_name_is_not_followed(tmp_path):
     with pytest.raises(OSError):
         set_password(path, "alice", "pw", scheme="PLAIN")
     assert not target.exists() and not os.path.exists(path)
+
+
+def test_a_fifo_in_place_of_the_file_is_sys_temp_not_a_hang(passwd, tmp_path):
+    """The file replaced by a FIFO nobody writes to: the login that finds it fails at once
+    (-ERR [SYS/TEMP]); open() waited for a writer, holding the lock every login needs."""
+    write(passwd, "alice:{PLAIN}pw\n")
+    users = PasswdFile(passwd)
+    assert users.authenticate("alice", "pw")
+    fifo = str(tmp_path / "fifo")
+    os.mkfifo(fifo)
+    os.replace(fifo, passwd)
+    outcome = []
+
+    def login():
+        try:
+            outcome.append(users.authenticate("alice", "pw"))
+        except TemporaryFailure as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=login, daemon=True)
+    thread.start()
+    thread.join(10)
+    if thread.is_alive():  # the defect: let the waiting open() return, then fail
+        os.close(os.open(passwd, os.O_WRONLY))
+        thread.join(10)
+    assert [type(o) for o in outcome] == [TemporaryFailure]
+    assert not thread.is_alive()
+    os.unlink(passwd)
+    write(passwd, "alice:{PLAIN}pw\n")
+    assert users.authenticate("alice", "pw")

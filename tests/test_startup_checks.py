@@ -30,6 +30,11 @@ def errors(out) -> list:
     return lines
 
 
+def who() -> str:
+    """How the checks name the user they run as."""
+    return "user %s" % pwd.getpwuid(os.geteuid()).pw_name
+
+
 def one_error(out) -> str:
     (line,) = errors(out)
     return line
@@ -135,6 +140,33 @@ def test_malformed_passwd_lines_are_refused(tmp_path):
     """ % (tmp_path / "mail", passwd))
     out = pop3frame("check-config", config)
     assert errors(out) == ["pop3frame: %s:5: adapter.passwd: %s" % (config, line) for line in malformed]
+
+
+@pytest.mark.parametrize("special, kind", [("fifo", "a FIFO"), ("/dev/zero", "a character device"),
+                                           ("/dev/null", "a character device")])
+def test_passwd_file_certificate_and_key_must_be_regular_files(tmp_path, special, kind):
+    """A FIFO nobody writes to held serve and check-config in open() for ever, /dev/zero
+    in read() until memory ran out: each is one line now, and nothing waits."""
+    if special == "fifo":
+        special = str(tmp_path / "fifo")
+        os.mkfifo(special)
+    (tmp_path / "mail").mkdir()
+    mail = str(tmp_path / "mail")
+    out = pop3frame("serve", "--maildir", mail, "--passwd", special, "--listen", "127.0.0.1:0")
+    assert one_error(out) == "pop3frame: --passwd: cannot read %s as %s: %s, not a regular file" % (
+        special, who(), kind)
+    config = write_config(tmp_path, """
+        [adapter]
+        type = "maildir"
+        path = "%s"
+        passwd = "%s"
+        [tls]
+        cert = "%s"
+        key = "%s"
+    """ % (mail, special, special, special))
+    assert errors(pop3frame("check-config", config)) == [
+        "pop3frame: %s:%d: %s: cannot read %s as %s: %s, not a regular file" % (config, line, key, special, who(), kind)
+        for line, key in ((5, "adapter.passwd"), (7, "tls.cert"), (8, "tls.key"))]
 
 
 @needs_root
