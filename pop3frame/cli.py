@@ -22,7 +22,7 @@ from typing import Any, Callable, Dict, List, NoReturn, Optional, Sequence, Tupl
 from . import __version__
 from . import configfile, passwords, preflight
 from . import client
-from .config import ServerConfig, parse_networks
+from .config import ServerConfig, decimal, parse_networks
 from .configfile import DEFAULT_DB, ConfigError, Listener, Settings
 from .failures import reason
 from .protocol import plural, wire_size
@@ -59,7 +59,7 @@ def parse_option(text: str) -> Tuple[str, Any]:
     converted: Any = value
     if value in ("true", "false"):
         converted = value == "true"
-    elif value.lstrip("-").isdigit():
+    elif decimal(value.lstrip("-")):
         converted = int(value)
     return key.strip(), converted
 

@@ -9,13 +9,20 @@ import socket
 import time
 from typing import Callable, List, Optional, Sequence, Union
 
-__all__ = ["ServerConfig", "RFC1939_MIN_AUTOLOGOUT", "LOOPBACK", "parse_networks", "in_networks"]
+__all__ = ["ServerConfig", "RFC1939_MIN_AUTOLOGOUT", "LOOPBACK", "parse_networks", "in_networks", "decimal"]
 
 #: The networks trusted by default, for plaintext passwords and PROXY headers.
 LOOPBACK = ("127.0.0.0/8", "::1/128")
 
 Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
+
+
+def decimal(text: str) -> bool:
+    """Whether ``text`` is a number in ASCII digits.  ``str.isdigit()`` is not
+    the test: it takes "１１００" (fullwidth), which int() reads as 1100, and
+    "²", which int() refuses with a message about base 10."""
+    return text.isascii() and text.isdigit()
 
 
 def parse_networks(cidrs: Sequence[str], what: str) -> List[Network]:
@@ -190,7 +197,7 @@ class ServerConfig:
             # threading.stack_size() would refuse it only when the first
             # client connects, and then for every client.
             raise ValueError("stack_size must be 0 or at least %d bytes" % MIN_STACK_SIZE)
-        if self.expire != "NEVER" and not self.expire.isdigit():
+        if self.expire != "NEVER" and not decimal(self.expire):
             raise ValueError("expire must be NEVER or a number of days")
         parse_networks(self.trusted_networks, "trusted_networks")
         if self.server_name is None:

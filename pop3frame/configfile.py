@@ -24,7 +24,7 @@ import sys
 import typing
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
-from .config import LOOPBACK, ServerConfig, parse_networks
+from .config import LOOPBACK, ServerConfig, decimal, parse_networks
 from .extras import install_hint
 
 __all__ = [
@@ -139,7 +139,7 @@ def parse_address(text: str, key: str = "address") -> Tuple[str, int]:
             raise wrong("the host is empty; for all interfaces write 0.0.0.0:%s or [::]:%s" % (port, port))
         if not _HOSTNAME.match(host) or host.replace(".", "").isdigit() and not _is_ipv4(host):
             raise wrong("%r is not an IPv4 address or a host name" % host)
-    if not port.isdigit() or not 0 <= int(port) <= 65535:
+    if not decimal(port) or not 0 <= int(port) <= 65535:
         raise wrong("the port must be a number from 0 to 65535" if port else "the port is empty")
     return host, int(port)
 
@@ -226,7 +226,7 @@ def parse_workers(value: Any) -> Union[int, str]:
     """A ``workers`` setting: an integer >= 1 or "auto"; ValueError otherwise."""
     if value == "auto":
         return value
-    if isinstance(value, str) and value.isdigit():
+    if isinstance(value, str) and decimal(value):
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError("expected a number of processes >= 1, or \"auto\", got %r" % (value,))

@@ -22,6 +22,8 @@ import threading
 import weakref
 from typing import Callable, Dict, List, Optional, Tuple
 
+from .config import decimal
+
 __all__ = ["JSONFormatter", "LogWriter", "setup_logging", "process_id", "PidFile", "PidFileError", "drop_privileges",
            "SignalLoop", "connections_open_files_allow"]
 
@@ -426,18 +428,18 @@ def resolve_ids(user: Optional[str], group: Optional[str]):
     name = None
     if user:
         try:
-            entry = pwd.getpwuid(int(user)) if user.isdigit() else pwd.getpwnam(user)
+            entry = pwd.getpwuid(int(user)) if decimal(user) else pwd.getpwnam(user)
         except KeyError:
-            if not user.isdigit():
+            if not decimal(user):
                 raise ValueError("user: no such user %r" % user) from None
             uid = int(user)
         else:
             uid, gid, name = entry.pw_uid, entry.pw_gid, entry.pw_name
     if group:
         try:
-            gid = grp.getgrgid(int(group)).gr_gid if group.isdigit() else grp.getgrnam(group).gr_gid
+            gid = grp.getgrgid(int(group)).gr_gid if decimal(group) else grp.getgrnam(group).gr_gid
         except KeyError:
-            if not group.isdigit():
+            if not decimal(group):
                 raise ValueError("group: no such group %r" % group) from None
             gid = int(group)
     if uid is not None and gid is None:

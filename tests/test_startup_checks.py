@@ -209,6 +209,9 @@ def test_lock_directory_others_may_write_is_refused_at_start(tmp_path):
     ("300.1.1.1:110", "'300.1.1.1' is not an IPv4 address or a host name"),
     ("mail server:110", "'mail server' is not an IPv4 address or a host name"),
     ("host]:110", "a ']' without '['"),
+    # int() takes any Unicode digits: fullwidth zero was port 0, '²' an error about base 10.
+    ("127.0.0.1:\uff10", "the port must be a number from 0 to 65535"),
+    ("127.0.0.1:\u00b2", "the port must be a number from 0 to 65535"),
 ])
 def test_malformed_listen_addresses(tmp_path, address, why):
     """Every malformed address gets one clear line, on the command line and in
@@ -221,6 +224,22 @@ def test_malformed_listen_addresses(tmp_path, address, why):
         "pop3frame: %s:2: listener[0].address: %s" % (config, expected),
         "pop3frame: %s:4: stats.listen: %s" % (config, expected),
     ]
+
+
+def test_numbers_in_settings_are_ascii_digits():
+    """'２' workers, EXPIRE '１０' (which CAPA would have sent, RFC 2449 section 6.7 wants
+    digits), --user '０' (uid 0 by int()): each is refused as not a number."""
+    from pop3frame.config import ServerConfig
+    from pop3frame.configfile import parse_workers
+    from pop3frame.lifecycle import resolve_ids
+
+    with pytest.raises(ValueError, match="expected a number of processes"):
+        parse_workers("\uff12")
+    with pytest.raises(ValueError, match="expire must be NEVER or a number of days"):
+        ServerConfig(expire="\uff11\uff10")
+    with pytest.raises(ValueError, match="no such user"):
+        resolve_ids("\uff10", None)
+    assert parse_workers("2") == 2 and resolve_ids("0", None)[:2] == (0, 0)
 
 
 @pytest.mark.parametrize("address,bound", [("0.0.0.0:0", "0.0.0.0"), ("[::]:0", "::"), ("[::1]:0", "::1")])
