@@ -1,7 +1,7 @@
-"""A custom adapter from scratch: each line of a text file is a message; DELE removes the line."""
+"""A custom adapter from scratch: each line of a text file is a message; DELE removes the line.
+Run: .venv/bin/python examples/custom_adapter.py todo.txt [PORT]   # any user name, password "secret"; PORT 1100"""
 import email.header, email.utils, hashlib, hmac, os, sys  # noqa: E401
 from pop3frame import AdapterBase, MessageInfo, POP3Server, protocol
-
 class LinesAdapter(AdapterBase):
     def __init__(self, path, password):
         self.path, self.password = path, password
@@ -35,6 +35,6 @@ class LinesAdapter(AdapterBase):
         os.replace(self.path + ".tmp", self.path)
 
 build_adapter = LinesAdapter  # build_adapter(path, password): what the tests and __main__ call
-if __name__ == "__main__":  # .venv/bin/python examples/custom_adapter.py todo.txt [PORT]; any user, password "secret"
+if __name__ == "__main__":
     if len(sys.argv) < 2 or not os.path.isfile(sys.argv[1]): sys.exit("usage: custom_adapter.py FILE [PORT]: FILE, one message per line, must exist")  # noqa: E701
     POP3Server(("127.0.0.1", int(sys.argv[2]) if len(sys.argv) > 2 else 1100), build_adapter(sys.argv[1], "secret")).serve_forever()

@@ -91,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="run the POP3 server")
     serve.add_argument("--config", metavar="FILE", help="TOML config file (flags override it)")
     serve.add_argument("--listen", action="append", type=parse_address, metavar="HOST:PORT",
-                       help="plain POP3 listener (repeatable; default %s)" % DEFAULT_LISTEN)
+                       help="plain POP3 listener (repeatable; default %s while no listener of any kind is named)"
+                            % DEFAULT_LISTEN)
     serve.add_argument("--tls-listen", action="append", type=parse_address, metavar="HOST:PORT",
                        help="implicit-TLS (POP3S) listener (repeatable; needs --cert and --key)")
     serve.add_argument("--proxy-listen", action="append", type=parse_address, metavar="HOST:PORT",

@@ -185,3 +185,32 @@ def test_stats_from_python_as_shown():
     shown = re.search(r"stats\.snapshot\(\)\s+# (\{.*\})", code).group(1)
     keys = re.findall(r'"(\w+)": \d+', shown)
     assert keys and set(keys) <= set(names["stats"].snapshot())
+
+
+def test_serve_options_table_names_real_options_and_their_defaults():
+    """configuration.rst's ``serve`` options table: every option exists, and
+    a default it states for a ServerConfig field is that field's default
+    (``--max-connections-per-ip`` said "no limit" while it was 10)."""
+    from pop3frame.cli import build_parser
+    from pop3frame.config import ServerConfig
+
+    text = (ROOT / "docs" / "configuration.rst").read_text(encoding="utf-8")
+    table = text.split("``serve`` options", 1)[1].split("\n\n", 2)[1]
+    rows, option = {}, None
+    for line in table.splitlines():
+        if line.startswith("``"):
+            option = line.split("``")[1].split()[0]
+            rows[option] = line.split("  ", 1)[1].strip() if "  " in line else ""
+        elif option and line.strip() and not line.startswith("="):
+            rows[option] += " " + line.strip()
+    serve = build_parser()._subparsers._group_actions[0].choices["serve"]
+    assert set(rows) - {"--demo", "--directory"} <= set(serve._option_string_actions), rows.keys()
+    defaults = {name: ServerConfig.__dataclass_fields__[name].default for name in ServerConfig.__dataclass_fields__}
+    checked = 0
+    for option, says in rows.items():
+        stated = re.search(r"default (\d+)", says)
+        field = option[2:].replace("-", "_")
+        if stated and field in defaults:
+            assert int(stated.group(1)) == defaults[field], (option, says)
+            checked += 1
+    assert checked >= 2 and re.search(r"default \d+", rows["--max-connections-per-ip"]), rows

@@ -48,6 +48,9 @@ def test_every_example_has_a_builder_and_a_main_guard():
         text = (EXAMPLES / (name + ".py")).read_text()
         assert "build_adapter" in text and 'if __name__ == "__main__":' in text
     assert len((EXAMPLES / "custom_adapter.py").read_text().splitlines()) <= 40
+    for name in names:  # the docstring at the top says how to run it (custom_adapter's hid it in its last lines)
+        header = (EXAMPLES / (name + ".py")).read_text().split('"""')[1]
+        assert ".venv/bin/python examples/%s.py" % name in header, name
 
 
 def test_sql_logs_builder(tmp_path):

@@ -90,7 +90,10 @@ def test_testing_section_passes_with_every_warning_an_error(tmp_path):
     left for the garbage collector (a ResourceWarning would fail them)."""
     (tmp_path / "myserver.py").write_text(literal_block("# myserver.py"))
     (tmp_path / "test_myserver.py").write_text(literal_block("# test_myserver.py"))
-    assert ".venv/bin/python -m pytest test_myserver.py" in pathlib.Path(README).read_text(encoding="utf-8")
+    text = " ".join(pathlib.Path(README).read_text(encoding="utf-8").split())
+    assert ".venv/bin/python -m pytest test_myserver.py" in text
+    strict = re.search(r"``(\S+) -X dev -m pytest -W error test_myserver.py``", text)
+    assert strict and strict.group(1) == ".venv/bin/python", "the -X dev command as the README writes it"
     out = subprocess.run([sys.executable, "-X", "dev", "-m", "pytest", "-W", "error", "-p", "no:cacheprovider",
                           "-q", "test_myserver.py"], cwd=str(tmp_path), capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr
@@ -159,3 +162,43 @@ def test_testing_by_hand_commands_run_as_written():
     verdict = literal_block("$ .venv/bin/pop3frame client --check").strip().splitlines()[-1]
     assert re.fullmatch(r"OK: logged in as \w+, [\d,]+ messages?, [\d,]+ octets, TLS 1\.\d, "
                         r"certificate expires \d{4}-\d\d-\d\d \(in [\d,]+ days?\)", verdict)
+
+
+def test_every_python_command_runs_the_venvs_python():
+    """A machine with only python3 has no ``python`` command, and the
+    system's Python has neither pytest nor pop3frame: the README said
+    ``python -X dev -m pytest -W error``.  Every command in README.rst and
+    docs/*.rst runs ``.venv/bin/python`` (or ``python3`` to make the venv)."""
+    for document in [README, *sorted(pathlib.Path(README).parent.joinpath("docs").glob("*.rst"))]:
+        text = pathlib.Path(document).read_text(encoding="utf-8")
+        # (a Dockerfile's own pip, quoted as such, runs in the image)
+        bare = re.findall(r"(?:(?<!Dockerfile's )``|^ {4,}|\| )(?:python|pip)\b(?!3)[^`\n]*", text, re.M)
+        assert bare == [], (str(document), bare)
+
+
+def test_trying_tls_on_loopback_as_written(tmp_path):
+    """The TLS section's try: trustme's certificate, serve with both
+    listeners, the client with --starttls verifying against trustme's CA.
+    ``--tls-listen`` alone serves POP3S alone: the default plain listener
+    is there only while no listener is named, which the README now says
+    (it said "adds")."""
+    block = literal_block(".venv/bin/python -m trustme")
+    make, serve, client_line = [line.split("  #")[0] for line in block.splitlines() if line.strip()]
+    assert subprocess.run([sys.executable, *shlex.split(make)[1:]], cwd=str(tmp_path), capture_output=True,
+                          timeout=60).returncode == 0
+    args = shlex.split(serve)[2:]
+    assert args[:2] == ["--listen", "127.0.0.1:1100"] and args[2:4] == ["--tls-listen", "127.0.0.1:1995"]
+    args[1], args[3] = "127.0.0.1:0", "127.0.0.1:0"
+    with Daemon(*args, cwd=str(tmp_path), listeners=2) as d:
+        plain = d.ports[0]
+        words = shlex.split(client_line)[1:]
+        assert words[-1] == "127.0.0.1:1100"
+        out = pop3frame(*words[:-1], "127.0.0.1:%d" % plain, input=b"CAPA\nQUIT\n", cwd=str(tmp_path))
+        assert out.returncode == 0, out
+        assert b"+OK Begin TLS negotiation\r\n" in out.stdout
+        assert b"certificate verified for 127.0.0.1" in out.stderr
+        assert d.stop() == 0
+    with Daemon(*args[2:], cwd=str(tmp_path)) as d:  # --tls-listen without --listen
+        assert d.stop() == 0
+        logged = "".join(d.seen) + d.rest()
+    assert logged.count("listening on") == 1 and "(TLS)" in logged, logged

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import base64
 import os
+import pathlib
 import subprocess
 
 from pop3frame.adapters.maildir import MaildirAdapter
 from pop3frame.adapters.passwdfile import PasswdFile, set_password
 from pop3frame.testing import Controller
 from tests.harness_maildir import deliver_like_an_mda
-from tests.helpers import literal_block, require_program
+from tests.helpers import README, RawClient, literal_block, require_program
 from tests.processes import Daemon
 
 MESSAGES = [
@@ -123,7 +124,18 @@ def test_readme_fetchmail_needs_sslproto_off_against_a_plain_server(tmp_path):
         result = readme_fetchmail(tmp_path, d.port)
         assert result.returncode == 0, result.stderr
         assert "3 messages for demo at localhost (683 octets)." in result.stdout
+        # Read in order, the README's session has deleted message 1 by now.
+        with RawClient(("127.0.0.1", d.port)) as c:
+            assert c.login("demo", "demo").startswith(b"+OK")
+            assert c.cmd("DELE 1") == b"+OK message 1 deleted\r\n"
+            assert c.cmd("QUIT").startswith(b"+OK")
+        result = readme_fetchmail(tmp_path, d.port)
+        assert result.returncode == 0, result.stderr
+        assert "2 messages for demo at localhost (440 octets)." in result.stdout
         assert d.stop() == 0
+    text = " ".join(pathlib.Path(README).read_text(encoding="utf-8").split())
+    assert ("which prints ``2 messages for demo at localhost (440 octets).`` after the session above deleted "
+            "message 1 (``3 ... (683 octets)`` on a new store)") in text
 
 
 def test_fetchmail_defaults_with_a_certificate_stls_and_pop3s(tmp_path):

@@ -4,11 +4,12 @@
 #
 # Needs, on Debian or Ubuntu, as root:
 #     apt-get install postgresql haproxy curl
-#     pip install 'pop3frame[postgres]'          # or POP3FRAME=/path/to/venv/bin/pop3frame
+#     .venv/bin/pip install -e '.[postgres]'     # in the checkout, as the README installs pop3frame
 #     pg_ctlcluster 15 main start                # the packaged cluster, if not running
 #
-#     bash docs/compose/one-host.sh              # check, then serve on 127.0.0.1:1100 until Ctrl-C
-#     bash docs/compose/one-host.sh --check      # check, then stop everything
+# From the checkout (POP3FRAME: the pop3frame command; default: the one on the PATH):
+#     POP3FRAME=.venv/bin/pop3frame bash docs/compose/one-host.sh           # check, then serve on 127.0.0.1:1100 until Ctrl-C
+#     POP3FRAME=.venv/bin/pop3frame bash docs/compose/one-host.sh --check   # check, then stop everything
 #
 # The check: a user and two messages added with the CLI, LIST through
 # HAProxy, and the cross-instance lock: while one session holds alice's
