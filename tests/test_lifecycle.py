@@ -14,11 +14,12 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 
 from pop3frame import ServerConfig
-from pop3frame.lifecycle import JSONFormatter, PidFile, PidFileError, SignalLoop, setup_logging
+from pop3frame.lifecycle import TEXT_FORMAT, JSONFormatter, PidFile, PidFileError, SignalLoop, TextFormatter, setup_logging
 from pop3frame.server import ServerGroup
 from tests import reaper
 from tests.helpers import RawClient
@@ -211,6 +212,28 @@ def test_setup_logging_json_lines(root_logging):
     line = json.loads(stream.getvalue().splitlines()[-1])
     assert line["message"] == "hello there" and line["pid"] == os.getpid()
 
+
+def test_text_lines_are_the_standard_formatters(root_logging):
+    """TextFormatter makes each second's date and time once; its lines are
+    logging.Formatter(TEXT_FORMAT)'s, across second, day and year boundaries
+    and with time going back.  LogWriter's copy of a record for the writer
+    leaves the record other handlers see as it was."""
+    standard, ours = logging.Formatter(TEXT_FORMAT), TextFormatter()
+    base = time.mktime((2026, 12, 31, 23, 59, 58, 0, 0, -1))
+    for offset in (0, 0.001, 0.999, 1.0, 1.5, 2.0, 2.25, 0.5, 3600.125):
+        record = logging.LogRecord("pop3frame.t", logging.INFO, "(unknown file)", 0, "x %s", ("y",), None)
+        record.created = base + offset
+        record.msecs = (record.created - int(record.created)) * 1000
+        assert ours.format(record) == standard.format(record)
+    stream, seen = io.StringIO(), []
+    writer = setup_logging("INFO", stream=stream)
+    keeper = logging.Handler()
+    keeper.emit = seen.append
+    logging.getLogger().addHandler(keeper)
+    logging.getLogger("pop3frame.t").info("hello %s", "there")
+    writer.flush()
+    assert seen[0].msg == "hello %s" and seen[0].args == ("there",)
+    assert stream.getvalue().endswith(" INFO pop3frame.t hello there\n")
 
 class ThreadStream(io.StringIO):
     """A stream that records which thread wrote and how often."""
