@@ -19,7 +19,7 @@ import struct
 from typing import TYPE_CHECKING, Callable, Iterator, Optional
 
 from .protocol import CHUNK_SIZE, FileSpan
-from .session import Session
+from .session import Reply, Session
 
 if TYPE_CHECKING:
     from .server import POP3Server
@@ -431,7 +431,7 @@ class POP3Handler(socketserver.BaseRequestHandler):
                         self.ended = "client closed"
                         break
                     deadline = session.deadline
-                    reply = session.handle(line)
+                    reply = self.answer(line)
                     if session.closing:
                         self.ended = "quit" if line[:4].upper() == b"QUIT" else "closed by server"
                     if session.reply_not_before is not None and not self._withhold(session.reply_not_before,
@@ -481,6 +481,10 @@ class POP3Handler(socketserver.BaseRequestHandler):
             if conn.sock is not self.request:
                 conn.sock.close()
             log.debug("disconnect: %d octets sent", conn.bytes_out)
+
+    def answer(self, line: bytes) -> Reply:
+        """The session's reply to one command line (a subclass may count it)."""
+        return self.session.handle(line)
 
     def _start_tls(self) -> bool:
         """Handshake in this connection's thread, within the configured time.

@@ -36,7 +36,7 @@ from .config import LOOPBACK, ServerConfig, client_key, in_networks, parse_netwo
 from .handler import POP3Handler, kernel_timeval
 from .locks import LockManager
 from .proxy import ProxyError, read_header
-from .session import SessionContext, State
+from .session import Reply, SessionContext, State
 from .stats import Stats
 from .tls import TLSCertificates
 
@@ -189,25 +189,21 @@ class SessionHandler(POP3Handler):
     def setup(self) -> None:
         self.started = time.monotonic()
         super().setup()
-        stats = self.server.stats
-        if stats is not None:
-            stats.add("sessions")
-            self.session.handle = self._counting(self.session.handle, stats)
+        if self.server.stats is not None:
+            self.server.stats.add("sessions")
 
-    def _counting(self, handle, stats: Stats):
-        session = self.session
-
-        def counted(line: bytes):
-            before, failures = session.state, getattr(session, "_failures", 0)
-            reply = handle(line)
-            if before is State.AUTHORIZATION and session.state is State.TRANSACTION:
-                stats.add("logins_ok")
-            failed = getattr(session, "_failures", 0) - failures
-            if failed > 0:
-                stats.add("logins_failed", failed)
-            return reply
-
-        return counted
+    def answer(self, line: bytes) -> Reply:
+        stats, session = self.server.stats, self.session
+        if stats is None:
+            return session.handle(line)
+        before, failures = session.state, getattr(session, "_failures", 0)
+        reply = session.handle(line)
+        if before is State.AUTHORIZATION and session.state is State.TRANSACTION:
+            stats.add("logins_ok")
+        failed = getattr(session, "_failures", 0) - failures
+        if failed > 0:
+            stats.add("logins_failed", failed)
+        return reply
 
     def finish(self) -> None:
         session, conn = self.session, self.conn

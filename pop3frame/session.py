@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import enum
+import functools
 import io
 import itertools
 import logging
@@ -199,7 +200,9 @@ class Session:
         self.peer = peer
         self.secure = secure
         self.id = session_id or "%x-%x" % (process_id(), next(_session_ids))
-        self.log = SessionLog(logger, self.id, lambda: context.log_budget.allow(self.peer[0]))
+        # Not a lambda over self: a session that refers to itself lives on
+        # until the cyclic garbage collector finds it.
+        self.log = SessionLog(logger, self.id, functools.partial(context.log_budget.allow, peer[0]))
         self.state = State.AUTHORIZATION
         #: Set when the connection must close after the current reply.
         self.closing = False

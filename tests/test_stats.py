@@ -1,16 +1,19 @@
 """Counters from real sessions, the Prometheus text format and the HTTP endpoint."""
 from __future__ import annotations
 
+import gc
 import logging
 import socket
 import threading
 import urllib.error
 import urllib.request
+import weakref
 
 import pytest
 
 from pop3frame import ServerConfig
 from pop3frame.server import ServerGroup
+from pop3frame.session import Session, SessionContext
 from pop3frame.stats import MAX_REQUEST_HEAD, ErrorCounter, Stats, StatsServer, render_prometheus
 from pop3frame.testing import ManualClock
 from tests.helpers import RawClient
@@ -43,6 +46,37 @@ def test_counters_follow_sessions(adapter):
     assert snap["bytes_out"] > 100
     assert snap["sessions_active"] == 0
 
+
+
+def test_an_ended_session_is_freed_without_the_cycle_collector(adapter):
+    """No reference cycle through a session, its log or its counting (stats on):
+    an ended session's objects go when its thread drops them, not when the
+    cyclic garbage collector next runs (whose passes cost every thread time
+    under the GIL, and more the longer garbage waits)."""
+    class Watched(Session):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            sessions.append(weakref.ref(self))
+
+    sessions = []
+    gc.collect()
+    gc.disable()
+    try:
+        context = SessionContext(adapter, ServerConfig(hostname="localhost"), session_class=Watched)
+        group = ServerGroup(context, stats=Stats())
+        address = group.add_listener(("127.0.0.1", 0)).server_address[:2]
+        group.start(poll_interval=0.05)
+        try:
+            for _ in range(3):
+                with RawClient(address) as c:
+                    assert c.login("alice", "alice-pw").startswith(b"+OK")
+                    c.cmd("QUIT")
+                assert group.tracker.wait_until_at_most(0, 10)
+        finally:
+            group.shutdown()
+        assert len(sessions) == 3 and [ref() for ref in sessions] == [None] * 3
+    finally:
+        gc.enable()
 
 def test_summary_log_line_has_counts_and_no_secrets(adapter, caplog):
     caplog.set_level(logging.INFO)
