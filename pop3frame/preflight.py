@@ -2,9 +2,9 @@
 
 ``pop3frame serve`` runs :func:`problems` after it dropped privileges and
 before it opens the store, so every path is checked as the user that will
-serve: the mail root (Maildir, mbox, directory), the passwd-file (readable,
-no malformed line), and what the server creates (the SQLite store, the lock
-directory).  ``pop3frame check-config`` runs the same checks, as that user
+serve: pop3frame's own code, the mail root (Maildir, mbox, directory), the
+passwd-file (readable, no malformed line), and what the server creates (the
+SQLite store, the lock directory).  ``pop3frame check-config`` runs the same checks, as that user
 too (:func:`problems_as`, in a child process when it runs as root), and
 what ``serve`` reads or writes before the switch: the pid file's directory,
 the TLS certificate and key (:func:`load_tls`).
@@ -116,9 +116,25 @@ def _passwd(key: str, path: str) -> List[Problem]:
     return found
 
 
+def _own_code() -> List[Problem]:
+    """pop3frame imports more of itself while it serves (the demo mail, SASL,
+    a store's helpers): its packages must stay readable after the switch.  A
+    checkout or venv in root's home (mode 0700) is not, and each late import
+    failed at the first login that needed it, or at start with "sqlite:
+    cannot open pop3frame.db: No module named 'pop3frame.adapters.memory'"."""
+    from . import adapters
+
+    for package in (os.path.dirname(os.path.abspath(__file__)), os.path.dirname(os.path.abspath(adapters.__file__))):
+        if not os.access(os.path.join(package, "__init__.py"), os.R_OK) or not os.access(package, os.R_OK | os.X_OK):
+            return [("user", "%s cannot read pop3frame's code in %s, which it imports while serving: install "
+                             "pop3frame where that user can read it (a venv under /opt, as docs/pop3frame.service "
+                             "does)" % (_who(), package))]
+    return []
+
+
 def problems(settings: Settings) -> List[Problem]:
     """Every problem with the paths of ``settings``, checked as the current user."""
-    found: List[Problem] = []
+    found: List[Problem] = _own_code()
     spec = settings.adapter
     if spec.type == "sqlite":
         found += _sqlite("adapter.path", spec.path or DEFAULT_DB)

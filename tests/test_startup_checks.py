@@ -9,6 +9,8 @@ import pwd
 import re
 import shutil
 import socket
+import subprocess
+import sys
 
 import pytest
 
@@ -388,3 +390,33 @@ def test_certificate_and_key_are_checked_each_by_its_own_name(tmp_path):
     (line,) = errors(pop3frame("check-config", config, cwd=str(tmp_path)))
     assert line.startswith("pop3frame: %s:2: tls.cert: cannot load cert.pem with the key key.pem: not a PEM "
                            "certificate chain and its private key (OpenSSL: " % config), line
+
+
+@needs_root
+def test_code_the_dropped_user_cannot_read_is_refused(tmp_path, shared):
+    """pop3frame run from a checkout in a directory only root may enter (as
+    root's home, or a fresh clone under mktemp -d): with --user nobody it
+    started, then a late import failed ("sqlite: cannot open pop3frame.db:
+    No module named 'pop3frame.adapters.memory'"), or a login did.  Now one
+    line names the code's place, from serve and from check-config."""
+    code = tmp_path / "code"  # tmp_path: under root's 0700 directory
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    shutil.copytree(os.path.join(root, "pop3frame"), str(code / "pop3frame"),
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(os.path.join(root, "adapters"), str(code / "pop3frame" / "adapters"),
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    db = os.path.join(shared, "store", "pop3frame.db")
+    os.makedirs(os.path.dirname(db))
+    os.chown(os.path.dirname(db), *[getattr(pwd.getpwnam("nobody"), f) for f in ("pw_uid", "pw_gid")])
+    config = write_config(tmp_path, 'user = "nobody"\n[adapter]\ntype = "sqlite"\npath = "%s"\n' % db)
+    run = "import sys; sys.path.insert(0, %r); from pop3frame.cli import main; sys.exit(main())" % str(code)
+    expected = ("user nobody cannot read pop3frame's code in %s, which it imports while serving: install "
+                "pop3frame where that user can read it (a venv under /opt, as docs/pop3frame.service does)"
+                % (code / "pop3frame"))
+    for args, prefix in ((("serve", "--sqlite", db, "--user", "nobody", "--listen", "127.0.0.1:0"), "--user: "),
+                         (("check-config", config), "%s:1: user: " % config)):
+        # -S: no site-packages, so this copy is the pop3frame imported (the core needs the standard library only)
+        out = subprocess.run([sys.executable, "-S", "-c", run, *args], capture_output=True, timeout=60,
+                             cwd=str(tmp_path))
+        assert one_error(out) == "pop3frame: " + prefix + expected
+    assert not os.path.exists(db)
