@@ -20,7 +20,10 @@ def reason(exc: BaseException) -> str:
 
     A wrapper that carries the underlying error (``urllib.error.URLError``'s
     ``reason``) is looked through; an ``OSError`` gives its ``strerror``;
-    anything else the first line of its text, or its type's name.
+    anything else the first line of its text, or its type's name.  The text
+    may quote what a peer sent (a database echoes the value it refused, an
+    upstream server its own reply), so characters that are not printable
+    (ESC, NUL, bidirectional controls) come escaped as ``repr()`` does.
     """
     for _ in range(8):  # wrappers of wrappers, bounded
         inner = getattr(exc, "reason", None)
@@ -31,7 +34,10 @@ def reason(exc: BaseException) -> str:
         text = exc.strerror
     else:
         text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+    if not text:
+        return type(exc).__name__
+    line = text.splitlines()[0]
+    return line if line.isprintable() else repr(line)[1:-1]
 
 
 def log_failure(logger: logging.Logger, level: int, message: str, *args: Any, exc: BaseException) -> None:
