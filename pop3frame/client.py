@@ -168,10 +168,13 @@ class TLSInfo(NamedTuple):
         cert = self.certificate
         if cert is None:
             return out + ["certificate: not readable"]
-        out.append("subject: %s" % (cert.subject or "(empty)"))
+        # A certificate may carry thousands of names or a 60 KB subject: shown shortened.
+        out.append("subject: %s" % (_text(cert.subject.encode("utf-8")) or "(empty)"))
         if cert.names:
-            out.append("names: %s" % ", ".join(cert.names))
-        out.append("issuer: %s" % cert.issuer)
+            names = _text(", ".join(cert.names).encode("utf-8"))
+            cut = names.endswith("...") and len(cert.names) > 1
+            out.append("names: %s" % ("%s (%s)" % (names, _plural(len(cert.names), "name")) if cut else names))
+        out.append("issuer: %s" % _text(cert.issuer.encode("utf-8")))
         out.append("expires: %s" % self.expiry(now))
         return out
 

@@ -28,6 +28,9 @@ _ATTRIBUTES = {
     "1.2.840.113549.1.9.1": "emailAddress",
 }
 _SUBJECT_ALT_NAME = "2.5.29.17"
+#: Longer OIDs are refused: decoding one costs time quadratic in its length
+#: (1 MB took 100 s), and real ones (a UUID arc too) fit in 30 octets.
+_MAX_OID = 64
 
 
 class Certificate(NamedTuple):
@@ -71,6 +74,8 @@ def _expect(data: bytes, *tags: int) -> List[bytes]:
 
 
 def _oid(data: bytes) -> str:
+    if len(data) > _MAX_OID:
+        raise ValueError("OID longer than %d octets" % _MAX_OID)
     numbers = []
     value = 0
     for byte in data:

@@ -10,6 +10,7 @@ import re
 import select
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -19,7 +20,7 @@ import tracemalloc
 import pytest
 import trustme
 
-from pop3frame import client
+from pop3frame import client, x509
 from pop3frame.adapters.memory import MemoryAdapter
 from pop3frame.client import CheckFailed, ClientConnection, ClientError, Lines, Output
 from pop3frame.protocol import wire_size
@@ -189,6 +190,16 @@ def test_host_name_mismatch_is_refused_rfc7817(ca, tmp_path):
     with Controller(store(), tls=tls, secure=True) as server:
         with pytest.raises(ClientError, match="not accepted: .*(mismatch|match)"):
             ClientConnection(server.address, tls=client.tls_context(str(tmp_path / "ca.pem")))
+
+
+def test_certificate_notes_are_shortened(ca):
+    """A certificate with 3,000 names and a 60 KB organisation: each note is one short line."""
+    leaf = ca.issue_cert(*("h%d.example" % n for n in range(3000)), organization_name="O" * 60000)
+    der = ssl.PEM_cert_to_DER_cert(leaf.cert_chain_pems[0].bytes().decode("ascii"))
+    notes = client.TLSInfo("TLS 1.3", "X", True, x509.decode(der)).notes("h0.example", NOW)
+    assert notes[2] == "names: " + ", ".join("DNS:h%d.example" % n for n in range(15))[:200] + "... (3,000 names)"
+    assert notes[1].startswith("subject: O=OOO") and notes[1].endswith("...")
+    assert max(len(note) for note in notes) < 250, notes
 
 
 def test_starttls_continues_inside_tls_rfc2595_section_4(tls, pki):

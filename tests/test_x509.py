@@ -101,3 +101,21 @@ def test_truncated_certificate_is_a_value_error(cut):
     data = leaf_der()
     with pytest.raises(ValueError):
         x509.decode(data[:cut])
+
+
+def _der(tag: int, content: bytes) -> bytes:
+    """One DER element (X.690 section 8.1: the long length form when needed)."""
+    if len(content) < 0x80:
+        return bytes([tag, len(content)]) + content
+    size = (len(content).bit_length() + 7) // 8
+    return bytes([tag, 0x80 | size]) + len(content).to_bytes(size, "big") + content
+
+
+def test_a_huge_oid_is_refused_at_once():
+    """An attribute type of 200 KB of OID arcs (decoding was quadratic: 1 MB took 100 s, and
+    Python 3.11 then refused the arc's 4,300+ digits): ValueError, from the length alone."""
+    name = _der(0x30, _der(0x31, _der(0x30, _der(0x06, b"\xff" * 200_000 + b"\x01") + _der(0x0C, b"x"))))
+    validity = _der(0x30, _der(0x17, b"200101000000Z") + _der(0x17, b"350101000000Z"))
+    tbs = _der(0x30, _der(0x02, b"\x01") + _der(0x30, b"") + name + validity + name + _der(0x30, b""))
+    with pytest.raises(ValueError, match="OID longer than 64 octets"):
+        x509.decode(_der(0x30, tbs))
