@@ -573,13 +573,20 @@ def _server_error(reader: _Reader, message: str) -> ConfigError:
     return ConfigError(message, "server", None, reader.source)
 
 
+#: Larger is no config file (``/dev/zero`` would be read until memory ran out).
+MAX_CONFIG_SIZE = 1 << 20
+
+
 def text_of(path: str) -> str:
-    """A config file's text; ConfigError if it cannot be read or is not UTF-8."""
+    """A config file's text; ConfigError if it cannot be read, is larger than
+    :data:`MAX_CONFIG_SIZE` or is not UTF-8.  A pipe is fine (``<(...)``)."""
     try:
         with open(path, "rb") as f:
-            raw = f.read()
+            raw = f.read(MAX_CONFIG_SIZE + 1)
     except OSError as exc:
         raise ConfigError(exc.strerror or str(exc), "", None, path) from None
+    if len(raw) > MAX_CONFIG_SIZE:
+        raise ConfigError("larger than %d KiB: not a config file" % (MAX_CONFIG_SIZE >> 10), "", None, path)
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as exc:

@@ -171,6 +171,15 @@ def test_passwd_file_certificate_and_key_must_be_regular_files(tmp_path, special
         for line, key in ((5, "adapter.passwd"), (7, "tls.cert"), (8, "tls.key"))]
 
 
+def test_a_config_file_without_end_is_refused_bounded(tmp_path):
+    """check-config /dev/zero read until memory ran out; a pipe (bash's <(...)) still works."""
+    for args in (("check-config", "/dev/zero"), ("serve", "--config", "/dev/zero", "--listen", "127.0.0.1:0")):
+        assert one_error(pop3frame(*args)) == "pop3frame: /dev/zero: larger than 1024 KiB: not a config file"
+    out = subprocess.run(["bash", "-c", "%s -m pop3frame check-config <(printf 'workers = 2\\n')" % sys.executable],
+                         capture_output=True, timeout=60, cwd=str(tmp_path))
+    assert out.returncode == 0 and b"workers = 2" in out.stdout, out
+
+
 @needs_root
 def test_paths_the_dropped_user_cannot_create(shared):
     """The SQLite store and the lock directory are created after the switch:
