@@ -590,13 +590,14 @@ def _login(conn: ClientConnection, caps: Optional[Dict[str, List[str]]], user: s
 
 
 def check(conn: ClientConnection, user: str, password: str, *, starttls: Optional[ssl.SSLContext] = None,
-          clock: Callable[[], float] = time.time) -> str:
+          clock: Callable[[], float] = time.time, warn: Callable[[str], None] = lambda text: None) -> str:
     """Greeting, CAPA, (STLS and CAPA again,) login, STAT, UIDL, QUIT.
 
     Returns the verdict, ``OK: logged in as alice, 3 messages, 1,234
     octets, TLS 1.3, certificate expires 2027-01-01 (in 31 days)``; raises
     :class:`CheckFailed` (exit 1) or :class:`ClientError` (exit 2) with the
-    reason.  Nothing is deleted.
+    reason.  Nothing is deleted.  ``warn`` is told, before the login, when
+    the password goes unencrypted to a server that offers STLS.
     """
     greeting = conn.reply_line()
     if _kind(greeting) != "+OK":
@@ -608,6 +609,11 @@ def check(conn: ClientConnection, user: str, password: str, *, starttls: Optiona
         _starttls(conn, starttls, lambda status: None)
         # RFC 2595 section 4: what came before TLS may have been forged; ask again.
         caps = _capabilities(conn)
+    elif conn.tls is None and caps is not None and "STLS" in caps:
+        # Without TLS asked for, the password goes as the user said; but a
+        # forgotten --starttls must not pass unnoticed.
+        warn("warning: %s offers STLS, yet the password goes unencrypted (--starttls sends it inside TLS)"
+             % conn.name)
     _login(conn, caps, user, password)
     stat = _command(conn, b"STAT", "STAT").split()
     if len(stat) < 3 or not _NUMBER.fullmatch(stat[1]) or not _NUMBER.fullmatch(stat[2]):
@@ -647,6 +653,8 @@ connection: the server deletes nothing.
 --check USER logs in (the password from $POP3_PASSWORD, else asked at the
 terminal, else the first line of standard input; never an argument), runs
 CAPA, STAT, UIDL and QUIT, and prints one line: "OK: ..." or "FAIL: ...".
+Without --tls or --starttls the password goes unencrypted; if the server
+offers STLS, a warning on standard error says so first.
 
 exit status:
   0    every reply +OK (--check: the check passed)
@@ -710,7 +718,8 @@ def run(args: argparse.Namespace) -> int:
         if args.check:
             password = read_password(args.check)
             with ClientConnection(args.address, timeout=args.timeout, tls=context if args.tls else None) as conn:
-                print(check(conn, args.check, password, starttls=context if args.starttls else None))
+                print(check(conn, args.check, password, starttls=context if args.starttls else None,
+                            warn=out.note))
             return EXIT_OK
         commands = (Terminal(history_path(), PROMPT if terminal else "") if sys.stdin.isatty()
                     else Lines(sys.stdin.buffer))

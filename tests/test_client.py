@@ -236,10 +236,11 @@ def test_plain_port_with_tls_is_a_clear_error(tls):
 # -- --check --------------------------------------------------------------------
 
 
-def run_check(address, password="alice-pw", user="alice", **options):
+def run_check(address, password="alice-pw", user="alice", warnings=None, **options):
     starttls = options.pop("starttls", None)
     with ClientConnection(address, **options) as conn:
-        return client.check(conn, user, password, starttls=starttls, clock=lambda: NOW)
+        return client.check(conn, user, password, starttls=starttls, clock=lambda: NOW,
+                            warn=(warnings if warnings is not None else []).append)
 
 
 def test_check_plain():
@@ -260,6 +261,22 @@ def test_check_starttls_insecure(tls):
     with Controller(store(), tls=tls) as server:
         verdict = run_check(server.address, starttls=client.tls_context(insecure=True))
     assert verdict.endswith("certificate expires 2031-05-06 (in 31 days), certificate NOT verified (--insecure)")
+
+
+def test_check_warns_before_a_password_goes_unencrypted_to_a_server_offering_stls_rfc2595(tls):
+    """Without --starttls the check logs in as told, but says so first when STLS was there to use;
+    with it, or where no STLS is offered, it says nothing."""
+    for options, expected in (({}, ["warning: 127.0.0.1:%d offers STLS, yet the password goes unencrypted "
+                                    "(--starttls sends it inside TLS)"]),
+                              ({"starttls": client.tls_context(insecure=True)}, [])):
+        warnings = []
+        with Controller(store(), tls=tls, allow_plaintext_auth=True) as server:
+            assert run_check(server.address, warnings=warnings, **options).startswith("OK: logged in as alice")
+        assert warnings == [text % server.port for text in expected]
+    warnings = []
+    with Controller(store()) as server:
+        run_check(server.address, warnings=warnings)
+    assert warnings == []
 
 
 def test_check_starttls_not_offered_fails_before_any_password_rfc2595_section_4():
@@ -873,9 +890,12 @@ def dovecot_check(dovecot, *options, password="carol-pw"):
 
 
 def test_check_against_dovecot_plain(dovecot):
+    """Dovecot offers STLS: the password sent without it is said on standard error."""
     result = dovecot_check(dovecot)
     expected = "OK: logged in as carol, 2 messages, %d octets, no TLS\n" % (wire_size(MESSAGES[0]) + wire_size(MESSAGES[2]))
-    assert (result.returncode, result.stdout.decode(), result.stderr) == (0, expected, b""), dovecot.log
+    warning = "* warning: 127.0.0.1:%d offers STLS, yet the password goes unencrypted (--starttls sends it inside TLS)\n"
+    assert (result.returncode, result.stdout.decode(), result.stderr.decode()) == (0, expected, warning % dovecot.port), (
+        dovecot.log)
 
 
 def test_check_against_dovecot_with_stls_rfc2595(dovecot, pki):
@@ -888,7 +908,8 @@ def test_check_against_dovecot_with_stls_rfc2595(dovecot, pki):
 def test_check_against_dovecot_wrong_password(dovecot):
     result = dovecot_check(dovecot, password="wrong")
     assert result.returncode == 1
-    assert re.fullmatch(r"FAIL: login as carol refused: -ERR \[AUTH\] .+\n", result.stderr.decode())
+    assert re.fullmatch(r"\* warning: .* offers STLS, .*\nFAIL: login as carol refused: -ERR \[AUTH\] .+\n",
+                        result.stderr.decode())
 
 
 def test_line_client_against_dovecot_shows_multiline_replies(dovecot):
