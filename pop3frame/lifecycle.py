@@ -15,13 +15,14 @@ import os
 import queue
 import re
 import resource
+import select
 import signal
 import sys
 import tempfile
 import threading
 import time
 import weakref
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 from .config import decimal
 
@@ -96,7 +97,9 @@ class LogWriter(logging.handlers.QueueHandler):
 
     Connection threads never wait for the stream or its lock, nor make the
     ``write(2)`` themselves: each record goes into a queue, and the writer
-    thread writes whatever has gathered in one ``write``.  Woken by a
+    thread writes whatever has gathered, in as few ``write`` calls as
+    pieces of whole lines of at most ``PIPE_BUF`` octets take (the
+    processes of ``serve --workers`` share the stream; see :func:`_pieces`).  Woken by a
     record, the writer lets more gather for :attr:`GATHER` seconds before it
     writes (unless a batch was full), so a busy server writes one batch per
     interval and its connection threads hardly ever wake the writer: a
@@ -203,8 +206,9 @@ class LogWriter(logging.handlers.QueueHandler):
         if lines:
             with self._writing:
                 try:
-                    target.stream.write("".join(lines))
-                    target.stream.flush()
+                    for piece in _pieces(lines, PIPE_BUF):
+                        target.stream.write(piece)
+                        target.stream.flush()
                 except Exception:
                     target.handleError(batch[0])
         for event in done:
@@ -282,6 +286,32 @@ class LogWriter(logging.handlers.QueueHandler):
         self.queue = queue.SimpleQueue()
         if not self._closed:
             self._start()
+
+
+#: Octets a write(2) to a pipe puts in whole, never interleaved with another process's.
+PIPE_BUF = getattr(select, "PIPE_BUF", 512)
+
+
+def _pieces(lines: List[str], size: int) -> Iterator[str]:
+    """``lines`` joined into pieces of whole lines, each at most ``size`` octets
+    (UTF-8) unless a single line is longer.
+
+    The workers of ``serve --workers`` and their supervisor share one stderr:
+    a longer write to a pipe (journald's, a pager's) that finds it full goes
+    in part by part, and another process's write lands in the middle of its
+    lines.
+    """
+    piece: List[str] = []
+    octets = 0
+    for line in lines:
+        n = len(line) if line.isascii() else len(line.encode("utf-8", "surrogatepass"))
+        if piece and octets + n > size:
+            yield "".join(piece)
+            piece, octets = [], 0
+        piece.append(line)
+        octets += n
+    if piece:
+        yield "".join(piece)
 
 
 _writers: "weakref.WeakSet[LogWriter]" = weakref.WeakSet()

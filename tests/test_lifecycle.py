@@ -464,6 +464,52 @@ def test_forked_child_logs_through_a_writer_of_its_own(root_logging, tmp_path):
     assert lines[-1].endswith("parent after fork")
 
 
+def test_processes_sharing_a_log_pipe_never_split_each_others_lines(root_logging):
+    """serve --workers: every process writes to the same stderr.  A write(2) of
+    more than PIPE_BUF octets to a pipe is not atomic: two workers' batches
+    blocked on a full pipe (a slow reader: journald, a pager) went in page by
+    page, one's octets in the middle of the other's lines.  Each write is now
+    whole lines of at most PIPE_BUF octets."""
+    r, w = os.pipe()
+    children = []
+    for n in range(2):
+        pid = os.fork()
+        if pid == 0:  # never returns into pytest
+            try:
+                os.close(r)
+                with os.fdopen(w, "w") as stream:
+                    writer = setup_logging("INFO", stream=stream)
+                    writer.GATHER = 60.0  # one batch per flush(): each far beyond the pipe's 64 KiB
+                    log = logging.getLogger("pop3frame.t")
+                    for batch in range(4):
+                        for i in range(500):
+                            log.info("process %d batch %d line %d %s", n, batch, i, "x" * 200)
+                        writer.flush(60)
+                    writer.close()
+            finally:
+                os._exit(0)
+        children.append(pid)
+    os.close(w)
+    # Read only once both writers are blocked on the full pipe, so their writes overlap.
+    pause = threading.Event()
+    for pid in children:
+        for _ in range(2000):  # 20 s at most
+            if any("pipe_write" in pathlib.Path("/proc/%d/task/%s/wchan" % (pid, task)).read_text()
+                   for task in os.listdir("/proc/%d/task" % pid)):
+                break
+            pause.wait(0.01)
+        else:
+            pytest.fail("process %d never blocked on the full pipe" % pid)
+    with os.fdopen(r, "rb") as stream:
+        out = stream.read()
+    for pid in children:
+        assert os.waitpid(pid, 0)[1] == 0
+    lines = out.decode().splitlines()
+    assert len(lines) == 2 * 4 * 500
+    split = [line for line in lines if not re.fullmatch(r".* INFO pop3frame.t process [01] batch \d line \d+ x{200}", line)]
+    assert split == []
+
+
 def test_signal_loop_dispatches_reloads_and_stops():
     reloads = []
     loop = SignalLoop(lambda: reloads.append(1))
