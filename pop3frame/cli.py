@@ -442,11 +442,17 @@ def _serve(prepared: _Prepared, loop, host=None, worker=None) -> int:
     else:
         worker.ready(str(pool or ""))
     signum = loop.run()
+    grace = state["settings"].shutdown_grace
     if worker is None:
-        logger.info("signal %d: stopping; sessions get %g s to finish", signum, state["settings"].shutdown_grace)
+        logger.info("signal %d: stopping; sessions get %g s to finish", signum, grace)
+    elif signum == worker.ORPHANED:
+        # A server started in the supervisor's place does not see our
+        # mailbox locks (see pop3frame.prefork).
+        logger.warning("the supervisor is gone: stopping; open sessions are cut now, their deletions not applied")
+        grace = 0.0
     # The handlers stay installed: a second SIGTERM during the grace
     # period must not kill the process before the locks are released.
-    group.graceful_shutdown(state["settings"].shutdown_grace)
+    group.graceful_shutdown(grace)
     if stats_server is not None:
         stats_server.stop()
     context.locks.close()

@@ -21,8 +21,16 @@ Signals to the parent:
   start) is logged and forked again: at once the first time, then after
   1, 2, 4 ... seconds (``Backoff``) while it keeps dying young.
 
-Workers die with the parent (``PR_SET_PDEATHSIG``: SIGTERM, a graceful
-stop) so a killed supervisor leaves no orphan serving stale settings.
+Workers die with the parent (``PR_SET_PDEATHSIG``: :data:`ORPHANED`) so a
+killed supervisor leaves no orphan serving stale settings, and no orphan
+keeps a session either: it stops at once, cutting its sessions without
+applying their deletions, as the death of a single-process server would.
+A server started in the supervisor's place has a lock directory of its
+own and would hand out, again, the maildrops that sessions kept open for
+a grace period still hold (RFC 1939 section 8).  A signal of its own, as
+the parent's pid cannot tell: the kernel sends it when the supervisor's
+main thread dies, and hands the orphans to the supervisor's log-writer
+thread, same pid, until that thread is gone too.
 
 Listening sockets are bound once, by the parent, before it drops
 privileges (port 110 needs root at bind time, not after), and inherited
@@ -61,7 +69,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple, Type
 
 from .lifecycle import SignalLoop
 
-__all__ = ["Supervisor", "Worker", "Backoff", "StartFailed", "STOP_MARGIN"]
+__all__ = ["Supervisor", "Worker", "Backoff", "StartFailed", "STOP_MARGIN", "ORPHANED"]
 
 logger = logging.getLogger("pop3frame.prefork")
 
@@ -70,6 +78,8 @@ logger = logging.getLogger("pop3frame.prefork")
 STOP_MARGIN = 5.0
 _PR_SET_PDEATHSIG = 1
 _SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD)
+#: The signal a worker gets when the supervisor dies: stop now, no grace.
+ORPHANED = signal.SIGUSR2
 
 
 class StartFailed(Exception):
@@ -107,6 +117,9 @@ class Worker:
     ``signals`` is installed before the worker's code runs, so a SIGTERM or
     SIGHUP that comes while the store is still opening waits in it.
     """
+
+    #: What ``signals.run()`` returns when the supervisor died.
+    ORPHANED = ORPHANED
 
     def __init__(self, slot: int, signals: SignalLoop, report_fd: int) -> None:
         #: 0 .. N-1; a worker forked again takes the slot of the one it replaces.
@@ -450,6 +463,7 @@ class Supervisor:
             _die_with_parent(self._pid)
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
             loop = SignalLoop(lambda: None)
+            loop.STOP = SignalLoop.STOP + (ORPHANED,)
             loop.install()
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             worker = Worker(slot, loop, report)
@@ -490,10 +504,10 @@ def _describe(status: int) -> str:
 
 
 def _die_with_parent(parent: int) -> None:
-    """SIGTERM this process when the parent dies (Linux); exit now if it already has."""
+    """Send :data:`ORPHANED` to this process when the parent dies (Linux); exit now if it already has."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
-        if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+        if libc.prctl(_PR_SET_PDEATHSIG, ORPHANED, 0, 0, 0) != 0:
             raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
     except (OSError, AttributeError) as exc:
         logger.warning("workers will not notice the supervisor's death: %s", exc)

@@ -289,16 +289,26 @@ def test_a_worker_stopped_holding_the_shared_tables_does_not_stop_the_supervisor
             assert d.stop() == 0  # SIGTERM: the other worker stops, and so does the supervisor
 
 
-def test_workers_stop_when_the_supervisor_is_killed(tmp_path):
-    with serve(tmp_path, "--listen", "127.0.0.1:0", "--shutdown-grace", "0.2") as d:
+def test_workers_stop_when_the_supervisor_is_killed_and_cut_their_sessions_at_once(tmp_path):
+    """RFC 1939 section 8: a server started in a killed supervisor's place has a
+    lock directory of its own, so an orphaned worker must not keep a session
+    (for the grace period, 60 s here) that could still QUIT and delete while
+    the new server hands the same maildrop out again.  It is cut at once,
+    its DELE not applied, as if a single-process server had been killed."""
+    with serve(tmp_path, "--listen", "127.0.0.1:0", "--shutdown-grace", "60") as d:
         pids = workers(d)
         with RawClient(("127.0.0.1", d.port)) as c:
-            assert c.login("demo", "demo").startswith(b"+OK")
+            assert c.login("demo", "demo").startswith(b"+OK demo's maildrop has 3 messages")
+            assert c.cmd("DELE 1").startswith(b"+OK")
             os.kill(d.proc.pid, signal.SIGKILL)
-            assert c.read_all() == b""  # its worker stopped, cutting it after the grace
+            assert c.read_all() == b""  # within RawClient's 10 s, not the 60 s grace
         # Both log their stop, then close the log pipe for good: they exited.
         rest = [json.loads(line) for line in iter(lambda: d.lines.get(timeout=30), "")]
         assert {r["pid"] for r in rest if r["message"] == "stopped"} == set(pids)
+        assert {r["pid"] for r in rest if r["message"].startswith("the supervisor is gone")} == set(pids)
+    with serve(tmp_path, "--listen", "127.0.0.1:0") as d, RawClient(("127.0.0.1", d.port)) as c:
+        assert c.login("demo", "demo").startswith(b"+OK demo's maildrop has 3 messages")
+        assert d.stop() == 0
 
 
 def test_sigterm_stops_every_worker_and_a_session_in_retr_finishes_within_the_grace(tmp_path):
