@@ -301,7 +301,7 @@ def _reload(args: argparse.Namespace, state: Dict[str, Any]) -> None:
                 if k not in applied and old.server.get(k) != new.server.get(k)]
     state["settings"] = new
     logger.info("SIGHUP: configuration reloaded (log level %s, max_connections %d, max_connections_per_ip %d)",
-                new.log_level, config.max_connections, config.max_connections_per_ip)
+                new.log_level, group.tracker.max_total, config.max_connections_per_ip)
     if changed:
         logger.warning("SIGHUP: changed settings that need a restart: %s", ", ".join(changed))
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import hashlib
+import logging
 import mmap
 import os
 import shutil
@@ -44,6 +45,8 @@ from .stats import COUNTERS, Stats
 
 __all__ = ["HostState", "SharedMemory", "SharedTable", "SharedRecords", "SharedStats", "HostConnectionTracker",
            "HostPasswordChecks", "table_key", "private_directory"]
+
+logger = logging.getLogger("pop3frame.hostwide")
 
 #: Octets of a table key: the text itself up to KEY_SIZE - 1 octets, else its SHA-256.
 KEY_SIZE = 64
@@ -403,6 +406,20 @@ class HostConnectionTracker(ConnectionTracker):
         self._totals = totals
         self._slot = slot
 
+    def set_limits(self, max_total: int, max_per_ip: int) -> None:
+        """As in one process (SIGHUP), but ``max_total`` at most what the table holds.
+
+        The table's size was fixed before the first fork; a limit above it
+        would refuse the connections of new addresses once the table is full,
+        whatever the limit, so the limit is kept to it (and a WARNING says so)
+        until a restart.
+        """
+        if max_total > self._table.limit:
+            logger.warning("max_connections %d: the table the workers share holds %d connections until a restart; "
+                           "limiting to %d", max_total, self._table.limit, self._table.limit)
+            max_total = self._table.limit
+        super().set_limits(max_total, max_per_ip)
+
     def _count_in(self, ip: Optional[str], new: bool) -> Optional[str]:
         key = None if ip is None else table_key(client_key(ip))
         with self._table.lock:
@@ -513,8 +530,9 @@ class HostState:
     :meth:`tracker`, :meth:`share`.  :meth:`release` (in the supervisor)
     clears what a dead worker held; :meth:`close` removes the lock
     directory.  Sizes are fixed here: the connection table holds twice
-    the ``max_connections`` of the start-up configuration (a reload may not
-    raise the limit beyond that), the failure table :attr:`FAILURE_RECORDS`
+    the ``max_connections`` of the start-up configuration, at least (a
+    reload cannot raise the limit beyond that:
+    :meth:`HostConnectionTracker.set_limits`), the failure table :attr:`FAILURE_RECORDS`
     address keys, the LOGIN-DELAY table :attr:`LOGIN_RECORDS` mailboxes,
     and ``max_password_checks`` is the limit for all workers together.
     """

@@ -216,6 +216,29 @@ def test_connection_limits_count_every_worker_and_a_dead_workers_are_released():
             s.close()
 
 
+def test_a_reload_cannot_raise_the_total_beyond_what_the_table_holds(caplog):
+    """max_connections 4 at start: a table of 16 slots, 12 addresses.  A SIGHUP
+    that asks for 100 got 100 on paper and refused the 13th address anyway
+    ('too many connections', as the table was full); the limit is now 12, and
+    a WARNING says why."""
+    state = host(max_connections=4)
+    tracker = state.tracker(0, context(max_connections=4))
+    tracker.set_limits(100, 0)
+    assert tracker.max_total == state.connections.limit == 12
+    assert "max_connections 100: the table the workers share holds 12 connections until a restart" in caplog.text
+    sockets = [socket.socket() for _ in range(13)]
+    try:
+        assert [tracker.admit(s, "198.51.100.%d" % i, None) for i, s in enumerate(sockets)] == [None] * 12 + [
+            "too many connections"]
+        tracker.set_limits(8, 0)  # lower: taken as it is
+        assert tracker.max_total == 8
+    finally:
+        for s in sockets:
+            tracker.release(s)
+            s.close()
+    assert len(state.connections) == 0
+
+
 def test_proxy_connections_count_their_address_when_the_header_names_it():
     state = host(max_connections_per_ip=1)
     config = context(max_connections_per_ip=1)
