@@ -156,6 +156,13 @@ class SQLiteStore(AdapterBase):
         os.makedirs(parent, exist_ok=True)
         # SQLite opens <path>-wal and <path>-shm by name: nobody else may plant them.
         refuse_shared(parent)
+        # Before _connect(), whose journal_mode = WAL is written into the
+        # file: another program's database is refused as it was found.
+        probe = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None)
+        try:
+            self._refuse_foreign(probe)
+        finally:
+            probe.close()
         with self._connect() as conn:
             # Versions only go up, so a current store needs no write lock
             # (a CLI command must not wait for a big delivery to finish).
@@ -192,10 +199,7 @@ class SQLiteStore(AdapterBase):
             raise RuntimeError("%s has schema version %d; this pop3frame knows %d" % (
                 self.path, version, SCHEMA_VERSION))
         if version == 0:
-            if conn.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchone():
-                # Another program's database, or a store whose creation was
-                # cut short: nothing here says what it holds.
-                raise RuntimeError("%s has tables but no pop3frame schema version; not a pop3frame store" % self.path)
+            self._refuse_foreign(conn)  # again: another process may have written meanwhile
             for statement in _SCHEMA:
                 conn.execute(statement)
             store_id = secrets.token_hex(4)
@@ -222,6 +226,14 @@ class SQLiteStore(AdapterBase):
                     logger.info("%s: migrated from schema version %d to %d", self.path, start, start + 1)
                 version = start + 1
         conn.execute("PRAGMA user_version = %d" % SCHEMA_VERSION)
+
+    def _refuse_foreign(self, conn: sqlite3.Connection) -> None:
+        """RuntimeError for a database with tables but no schema version:
+        another program's, or a store whose creation was cut short -- nothing
+        there says what it holds."""
+        if (conn.execute("PRAGMA user_version").fetchone()[0] == 0
+                and conn.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchone()):
+            raise RuntimeError("%s has tables but no pop3frame schema version; not a pop3frame store" % self.path)
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None)

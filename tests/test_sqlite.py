@@ -457,10 +457,18 @@ def test_a_store_of_a_newer_version_or_another_programs_database_is_refused(tmp_
     other = str(tmp_path / "app.db")
     with sqlite3.connect(other) as conn:
         conn.execute("CREATE TABLE messages (id INTEGER PRIMARY KEY, text TEXT)")
+    conn.close()
+    with open(other, "rb") as f:
+        before = f.read()
     with pytest.raises(RuntimeError, match="not a pop3frame store"):
         SQLiteStore(other)
+    # Refused as found: its journal mode was switched to WAL first, for good (header bytes 18-19).
+    with open(other, "rb") as f:
+        assert f.read() == before
     with sqlite3.connect(other) as conn:
         assert [r[0] for r in conn.execute("SELECT name FROM sqlite_master")] == ["messages"]
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
+    conn.close()
 
 
 @pytest.mark.parametrize("mode", [0o1777, 0o775])
