@@ -250,8 +250,9 @@ class ClientConnection(Connection):
             raise ClientError("the certificate of %s is not accepted: %s (--cafile FILE trusts a private CA,"
                               " --insecure any certificate)" % (self.name, exc.verify_message)) from None
         except ssl.SSLError as exc:
+            # After STLS the server said +OK and then sent something else: no hint fits.
             hint = (" (no TLS on this port? a plain POP3 port takes --starttls)"
-                    if exc.reason == "WRONG_VERSION_NUMBER" else "")
+                    if exc.reason == "WRONG_VERSION_NUMBER" and not self._received else "")
             raise ClientError("TLS handshake with %s failed: %s%s" % (self.name, _reason(exc), hint)) from None
         except socket.timeout:
             raise ClientError("TLS handshake with %s did not finish within %g s" % (self.name, self.timeout)) from None

@@ -781,6 +781,23 @@ def test_data_injected_after_the_stls_reply_is_refused():
             converse(peer.address, b"CAPA\n", starttls=True)
 
 
+def test_plaintext_after_the_stls_reply_fails_the_handshake_without_a_wrong_hint():
+    """+OK to STLS, then clear text instead of a handshake (RFC 2595 section 4): the handshake
+    fails, nothing is read as a reply, and no '--starttls' hint is given to one who used it."""
+    def script(sock):
+        sock.sendall(b"+OK ready\r\n")
+        sock.recv(100)
+        sock.sendall(b"+OK Begin TLS\r\n")
+        sock.recv(1000)  # the ClientHello
+        sock.sendall(b"+OK Capability list follows\r\nUSER\r\n.\r\n")
+        sock.recv(100)
+
+    with Peer(script) as peer:
+        with pytest.raises(ClientError) as info:
+            converse(peer.address, b"CAPA\n", starttls=True)
+    assert re.fullmatch(r"TLS handshake with 127\.0\.0\.1:\d+ failed: WRONG_VERSION_NUMBER", str(info.value))
+
+
 def canned(*replies, heard=None):
     """A server that answers each line it receives with the next reply; the
     lines, without CRLF, are appended to ``heard`` when given."""
