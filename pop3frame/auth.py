@@ -68,7 +68,7 @@ class LoginDelayTracker:
     def __init__(self, delay: float, clock: Callable[[], float], records: Optional[Records] = None) -> None:
         self.delay = delay
         self._clock = clock
-        self._records = records or Records(10000, bounded=False)
+        self._records = records if records is not None else Records(10000, bounded=False)
 
     @classmethod
     def for_config(cls, config: "ServerConfig", records: Optional[Records] = None) -> "LoginDelayTracker":
@@ -144,7 +144,7 @@ class FailureThrottle:
         self.lockout_duration = lockout_duration
         self._clock = clock
         # address -> [failures, last failure, answer not before, locked until]
-        self._records = records or Records(max_records)
+        self._records = records if records is not None else Records(max_records)
 
     @classmethod
     def for_config(cls, config: "ServerConfig", records: Optional[Records] = None) -> "FailureThrottle":

@@ -347,6 +347,9 @@ class SharedRecords:
         #: The lock callers hold around every call (the table's).
         self.mutex = table.lock
 
+    def __len__(self) -> int:
+        return len(self._table)
+
     def get(self, key: str, now: float, expires: Expiry) -> Optional[List[float]]:
         k = table_key(key)
         values = self._table.get(k)

@@ -170,6 +170,7 @@ def test_failed_login_delay_and_lockout_count_across_processes():
     assert in_child(lambda: throttles().locked_for("192.0.2.7")) == 0.0
     assert in_child(lambda: throttles().failure("192.0.2.7")) == 5002.0  # 4th: 2 s, and locked out
     assert throttles().locked_for("192.0.2.7") == 100.0
+    assert len(throttles()) == 2  # addresses remembered, by every worker (a TypeError on shared records)
     clock.advance(100.0)
     assert in_child(lambda: throttles().locked_for("192.0.2.7")) == 0.0
 
