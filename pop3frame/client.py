@@ -307,10 +307,12 @@ class ClientConnection(Connection):
         Yields blocks of whole lines; a line longer than :data:`MAX_LINE` comes
         in pieces of about that size.
         """
-        at_line_start = True
+        # RFC 1939 section 3: lines end with CRLF, so a "." after a bare LF
+        # ends nothing, whether the bytes before it came in the same read.
+        passed = b"\r\n"  # the last two octets passed on (the status line's end)
         while True:
             data = self._in
-            end = 3 if at_line_start and data.startswith(b".\r\n") else -1
+            end = 3 if passed == b"\r\n" and data.startswith(b".\r\n") else -1
             if end < 0:
                 found = data.find(b"\r\n.\r\n")
                 end = found + 5 if found >= 0 else -1
@@ -324,7 +326,7 @@ class ClientConnection(Connection):
                 cut = len(data) - 4
             if cut:
                 self._in = data[cut:]
-                at_line_start = data[cut - 1:cut] == b"\n"
+                passed = (passed + data[max(cut - 2, 0):cut])[-2:]
                 yield data[:cut]
             self._fill()
 
@@ -720,7 +722,7 @@ def run(args: argparse.Namespace) -> int:
             password = read_password(args.check)
             with ClientConnection(args.address, timeout=args.timeout, tls=context if args.tls else None) as conn:
                 print(check(conn, args.check, password, starttls=context if args.starttls else None,
-                            warn=out.note))
+                            warn=out.note), flush=True)
             return EXIT_OK
         commands = (Terminal(history_path(), PROMPT if terminal else "") if sys.stdin.isatty()
                     else Lines(sys.stdin.buffer))
@@ -730,12 +732,20 @@ def run(args: argparse.Namespace) -> int:
         finally:
             commands.close()
     except ClientError as exc:
-        sys.stdout.flush()
+        with contextlib.suppress(OSError):
+            sys.stdout.flush()
         print(("FAIL: %s" if args.check else "pop3frame: client: %s") % exc, file=sys.stderr)
         return exc.exit_status
     except BrokenPipeError:
         # The reader went away (| head): no traceback, and none at exit either.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_FAILED
+    except OSError as exc:
+        # Not the server: this side's own input or output failed (a full
+        # disk, /dev/full, a terminal gone).  A traceback exited 1, which
+        # says the server refused.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        print("pop3frame: client: cannot go on: %s" % _reason(exc), file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:
         if terminal:

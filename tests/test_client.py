@@ -344,6 +344,17 @@ def test_check_subprocess_failures_are_one_line(password, status, reason):
     assert (result.returncode, result.stdout, result.stderr.decode()) == (status, b"", reason + "\n")
 
 
+@pytest.mark.parametrize("mode", [(), ("--check", "alice")])
+def test_standard_output_that_fails_is_exit_2_in_one_line(mode):
+    """Output to a full disk (/dev/full): exit 2 and one line, not a traceback that exits 1,
+    the status of a server that refused."""
+    with Controller(store()) as server, open("/dev/full", "wb") as full:
+        result = subprocess.run([sys.executable, "-m", "pop3frame", "client", *mode, "127.0.0.1:%d" % server.port],
+                                input=b"CAPA\nQUIT\n", stdout=full, stderr=subprocess.PIPE, timeout=60,
+                                env=dict(os.environ, POP3_PASSWORD="alice-pw"))
+    assert (result.returncode, result.stderr) == (2, b"pop3frame: client: cannot go on: No space left on device\n")
+
+
 def test_check_connection_refused_is_exit_2_without_traceback():
     result = pop3frame("client", "--check", "alice", "127.0.0.1:%d" % free_port(),
                        env={"POP3_PASSWORD": "x"}, input=b"")
@@ -746,6 +757,29 @@ def test_multiline_reply_is_shown_as_it_arrives_in_a_pipeline():
             assert p.wait_for(r"^(\S+)").group(1) == "."
             assert p.proc.wait(30) == 0
             assert p.rest() == ""
+
+
+def test_a_dot_after_a_bare_lf_ends_no_reply_however_it_arrives_rfc1939_section_3():
+    """"abc\\n" then ".\\r\\n" in a later read ended the reply there; in one read it did not."""
+    go = threading.Event()
+
+    def script(sock):
+        sock.sendall(b"+OK\r\n")
+        sock.recv(100)
+        sock.sendall(b"+OK\r\nabc\n")
+        go.wait(20)
+        sock.sendall(b".\r\nreal\r\n.\r\n")
+        sock.recv(100)
+
+    with Peer(script) as peer:
+        with ClientConnection(peer.address) as conn:
+            conn.reply_line()
+            conn.send(b"LIST")
+            conn.reply_line()
+            blocks = conn.body()
+            first = next(blocks)
+            go.set()
+            assert first + b"".join(blocks) == b"abc\n.\r\nreal\r\n.\r\n"
 
 
 def test_not_a_pop3_server():
