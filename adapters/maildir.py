@@ -52,7 +52,10 @@ Contract (what a POP3 client and the other programs sharing the Maildir see):
 - User names that could leave ROOT are refused.  An authenticated user with
   no directory gets an empty mailbox and nothing is created: the delivery
   agent makes the Maildir with the owner it needs, and one made by a server
-  running as root would lock that agent out.  Missing ``new``, ``cur`` or
+  running as root would lock that agent out.  But a mail root that is gone,
+  or empty once a Maildir was found in it (an unmounted volume), is
+  ``-ERR [SYS/TEMP]`` and an ERROR line, not an empty mailbox for everyone.
+  Missing ``new``, ``cur`` or
   ``tmp`` in an existing Maildir are made (0700), and like the size cache
   they get the owner and group of ``ROOT/<user>`` when running as root.
 - Symbolic links are not followed, neither inside ``new/`` and ``cur/`` nor
@@ -450,6 +453,8 @@ class MaildirAdapter(AdapterBase):
         #: owner matters only when the size cache is written.  A directory
         #: removed later reads as empty, and delivery makes it again.
         self._prepared: Set[str] = set()
+        #: Whether any home was found: from then on an empty root is an outage.
+        self._prepared_once = False
 
     # -- users ----------------------------------------------------------------
 
@@ -477,15 +482,23 @@ class MaildirAdapter(AdapterBase):
                 try:
                     owner = os.stat(home)
                 except FileNotFoundError:
-                    pass  # no mail delivered yet; see the module docstring
+                    # No mail delivered yet (see the module docstring), unless
+                    # the mail root itself is gone or unmounted: an outage.
+                    self._check_root()
                 else:
                     if not self.read_only:
                         for sub in ("new", "cur", "tmp"):
                             self._make_private_dir(os.path.join(home, sub), owner)
                     with self._mutex:
                         self._prepared.add(home)
+                    self._prepared_once = True
             if home in self._prepared:
                 listed = self._index(home, owner, box)
+                if not listed and not os.path.isdir(home):
+                    # Removed since it was found (or its volume unmounted).
+                    with self._mutex:
+                        self._prepared.discard(home)
+                    self._check_root()
         except OSError as exc:
             # Permissions or a failing disk: the operator's to fix, not a bug.
             log_failure(logger, logging.ERROR, "%s: cannot open the Maildir", home, exc=exc)
@@ -494,6 +507,17 @@ class MaildirAdapter(AdapterBase):
             self._boxes[username] = box
         return [MessageInfo(_uid(base), size, key=(sub, name), dot_lines=_DOTS_OF[dots])
                 for base, sub, name, size, dots in listed]
+
+    def _check_root(self) -> None:
+        """OSError if the mail root is missing, or empty after this adapter
+        found a Maildir in it: what a removed tree or an unmounted volume
+        looks like (every user would otherwise see an empty maildrop).  A
+        new root, where nothing was ever delivered, is empty by right.
+        Asked only for a user without a Maildir, and for one whose Maildir
+        vanished."""
+        with os.scandir(self.root) as entries:
+            if self._prepared_once and next(entries, None) is None:
+                raise FileNotFoundError(errno.ENOENT, "the mail root is empty (not mounted?)", self.root)
 
     @staticmethod
     def _make_private_dir(path: str, owner: os.stat_result) -> None:

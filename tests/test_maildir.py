@@ -947,3 +947,52 @@ def test_message_written_in_place_mid_retr_never_ends_cleanly(maildir, stored, n
         client = login(server)
         assert retr_lines_to_bytes(client.retr(1)[1]) == new.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
         client.quit()
+
+
+@pytest.mark.parametrize("how", ["root-removed", "volume-unmounted"])
+def test_a_mail_root_gone_after_start_is_sys_temp_not_an_empty_maildrop(tmp_path, caplog, how):
+    """The mail root removed, or its volume unmounted (the mount point left
+    empty), after the server started: every user would have seen an empty
+    maildrop, with no log line.  Now LIST is never reached: -ERR [SYS/TEMP]
+    at PASS (RFC 3206 section 4) and one ERROR line naming the root, both for
+    a user found at an earlier login and for one without a Maildir.  A new,
+    empty root (nothing delivered yet) stays an empty maildrop."""
+    mount = tmp_path / "mail"
+    root = mount / "vol" if how == "root-removed" else mount
+    deliver_like_an_mda(str(root), "alice", b"Subject: kept\n\nmail\n")
+    os.makedirs(str(root / "carol"))  # a user with no mail yet: empty, not an error
+    adapter = MaildirAdapter(str(root), lambda user, password: password == user + "-pw")
+    with Controller(MaildirAdapter(str(tmp_path / "new-root"), adapter.authenticate)) as server:
+        os.mkdir(str(tmp_path / "new-root"))
+        client = server.pop3()
+        client.user("bob")
+        client.pass_("bob-pw")
+        assert client.stat() == (0, 0)
+        client.quit()
+    with Controller(adapter) as server:
+        client = server.pop3()
+        client.user("alice")
+        client.pass_("alice-pw")
+        assert client.stat() == (1, len(b"Subject: kept\r\n\r\nmail\r\n"))
+        client.quit()
+        client = server.pop3()
+        client.user("carol")
+        client.pass_("carol-pw")
+        assert client.stat() == (0, 0)
+        client.quit()
+        if how == "root-removed":
+            shutil.rmtree(str(root))
+        else:
+            for entry in os.listdir(str(root)):
+                shutil.rmtree(str(root / entry))
+        caplog.clear()
+        for user in ("alice", "bob"):
+            client = server.pop3()
+            client.user(user)
+            with pytest.raises(poplib.error_proto, match=r"^b'-ERR \[SYS/TEMP\] "):
+                client.pass_(user + "-pw")
+            client.quit()
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 2 and all(e.startswith(str(root)) for e in errors), errors
+    cause = "No such file or directory" if how == "root-removed" else "the mail root is empty (not mounted?)"
+    assert all(e.endswith(cause) for e in errors) and not any(r.exc_info for r in caplog.records), errors
