@@ -16,6 +16,7 @@ import signal
 import socket
 import threading
 import time
+from typing import List
 
 import pytest
 
@@ -144,8 +145,21 @@ def test_failure_records_are_bounded_whatever_the_number_of_addresses():
     assert throttle.not_before("198.51.1.243") > clock()
 
 
+#: Every HostState a test made, closed after it: each holds a lock directory in /tmp.
+_made: List[HostState] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_host_states():
+    yield
+    while _made:
+        _made.pop().close()
+
+
 def host(**options) -> HostState:
-    return HostState(ServerConfig(**options), 2)
+    state = HostState(ServerConfig(**options), 2)
+    _made.append(state)
+    return state
 
 
 def context(**options) -> SessionContext:

@@ -13,6 +13,7 @@ import fcntl
 import json
 import os
 import re
+import shutil
 import signal
 import time
 import urllib.request
@@ -297,6 +298,7 @@ def test_workers_stop_when_the_supervisor_is_killed_and_cut_their_sessions_at_on
     its DELE not applied, as if a single-process server had been killed."""
     with serve(tmp_path, "--listen", "127.0.0.1:0", "--shutdown-grace", "60") as d:
         pids = workers(d)
+        lock_dir = record(d, r"mailbox locks in ")["message"].split(" in ", 1)[1]
         with RawClient(("127.0.0.1", d.port)) as c:
             assert c.login("demo", "demo").startswith(b"+OK demo's maildrop has 3 messages")
             assert c.cmd("DELE 1").startswith(b"+OK")
@@ -306,6 +308,8 @@ def test_workers_stop_when_the_supervisor_is_killed_and_cut_their_sessions_at_on
         rest = [json.loads(line) for line in iter(lambda: d.lines.get(timeout=30), "")]
         assert {r["pid"] for r in rest if r["message"] == "stopped"} == set(pids)
         assert {r["pid"] for r in rest if r["message"].startswith("the supervisor is gone")} == set(pids)
+    # Nobody was left to remove the killed supervisor's lock directory.
+    shutil.rmtree(lock_dir)
     with serve(tmp_path, "--listen", "127.0.0.1:0") as d, RawClient(("127.0.0.1", d.port)) as c:
         assert c.login("demo", "demo").startswith(b"+OK demo's maildrop has 3 messages")
         assert d.stop() == 0
