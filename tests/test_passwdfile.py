@@ -131,6 +131,7 @@ def test_missing_file_is_a_temporary_failure_on_the_wire(passwd, tmp_path):
     users = PasswdFile(passwd)
     with pytest.raises(TemporaryFailure):
         users.authenticate("alice", "pw")
+    (tmp_path / "mail").mkdir()  # a missing mail root is an outage of its own (SYS/TEMP too)
     with Controller(MaildirAdapter(str(tmp_path / "mail"), users)) as server, RawClient(server.address) as c:
         c.cmd("USER alice")
         # Not [AUTH]: the client must not conclude the password is wrong.
