@@ -19,6 +19,7 @@ import threading
 from typing import Callable, List, Tuple
 
 from .config import client_key
+from .protocol import plural
 
 __all__ = ["CLIP", "quoted", "clipped", "LogBudget"]
 
@@ -111,7 +112,7 @@ class LogBudget:
         return len(self._windows)
 
     def _expire(self, now: float) -> List[Tuple[str, int, float]]:
-        """End the windows that are over (mutex held); (key, dropped, seconds) of those that dropped lines."""
+        """End the windows that are over (mutex held); (key, dropped, seconds) of each."""
         ended = []
         windows = self._windows
         while windows:
@@ -119,7 +120,7 @@ class LogBudget:
             if now - window[0] < self.window:
                 break
             ended.append(self._end(key, now))
-        return [e for e in ended if e[1]]
+        return ended
 
     def _end(self, key: str, now: float) -> Tuple[str, int, float]:
         start, _, dropped = self._windows.pop(key)
@@ -129,5 +130,5 @@ class LogBudget:
     def _report(ended: List[Tuple[str, int, float]]) -> None:
         for key, dropped, seconds in ended:
             if dropped:
-                logger.warning("%d more log line%s about %s suppressed in the last %d s (max_log_lines_per_ip)",
-                               dropped, "" if dropped == 1 else "s", key, max(1, math.ceil(seconds)))
+                logger.warning("%s about %s suppressed in the last %d s (max_log_lines_per_ip)",
+                               plural(dropped, "more log line"), key, max(1, math.ceil(seconds)))

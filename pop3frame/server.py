@@ -225,7 +225,7 @@ class SessionHandler(POP3Handler):
         logger.info(
             "[%s] session end: peer %s port %s, user %s, %d retrieved, %d deleted, %d octets sent, %.3f s, %s%s%s",
             session.id, host, port, quoted(session.user) if session.user else "-", retrieved, deleted, sent,
-            duration, self.ended, ", %d failed login%s" % (failures, "" if failures == 1 else "s") if failures else "",
+            duration, self.ended, ", " + protocol.plural(failures, "failed login") if failures else "",
             ", " + self.tls_version if self.tls_version else "",
             extra={"session": session.id, "peer": host, "port": port,
                    "user": clipped(session.user) if session.user else None,
